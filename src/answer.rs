@@ -1,0 +1,106 @@
+//! Turning raw model output into a label: answer parsing for generation, argmax for
+//! log-likelihood. Parsing runs on cached raw text, so a parser change never re-runs a model.
+
+use crate::spec::ParseRule;
+
+/// The label a generated answer names, or `None` when it names none (an invalid answer).
+pub fn parse_answer(text: &str, labels: &[String], rule: ParseRule) -> Option<usize> {
+    let lower = text.to_lowercase();
+    match rule {
+        ParseRule::Exact => {
+            let trimmed =
+                lower.trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation());
+            labels.iter().position(|l| l.to_lowercase() == trimmed)
+        }
+        ParseRule::FirstLabel => labels
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| first_word_match(&lower, &l.to_lowercase()).map(|pos| (pos, i)))
+            .min()
+            .map(|(_, i)| i),
+    }
+}
+
+/// Byte offset of the first whole-word occurrence of `word` in `text`.
+fn first_word_match(text: &str, word: &str) -> Option<usize> {
+    if word.is_empty() {
+        return None;
+    }
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut from = 0;
+    while let Some(p) = text[from..].find(word) {
+        let start = from + p;
+        let end = start + word.len();
+        if !is_word(text[..start].chars().next_back()) && !is_word(text[end..].chars().next()) {
+            return Some(start);
+        }
+        from = start + word.chars().next().map_or(1, char::len_utf8);
+    }
+    None
+}
+
+/// Index of the largest log-probability (the first on ties); `None` if any is NaN.
+pub fn argmax(logprobs: &[f64]) -> Option<usize> {
+    if logprobs.is_empty() || logprobs.iter().any(|x| x.is_nan()) {
+        return None;
+    }
+    let mut best = 0;
+    for (i, &v) in logprobs.iter().enumerate() {
+        if v > logprobs[best] {
+            best = i;
+        }
+    }
+    Some(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Vec<String> {
+        vec!["negative".into(), "positive".into()]
+    }
+
+    #[test]
+    fn first_label_finds_whole_words_case_insensitively() {
+        let l = labels();
+        assert_eq!(
+            parse_answer("Positive.", &l, ParseRule::FirstLabel),
+            Some(1)
+        );
+        assert_eq!(
+            parse_answer("Sentiment: NEGATIVE", &l, ParseRule::FirstLabel),
+            Some(0)
+        );
+        assert_eq!(
+            parse_answer("positive, not negative", &l, ParseRule::FirstLabel),
+            Some(1)
+        );
+        assert_eq!(
+            parse_answer("it's nonpositive", &l, ParseRule::FirstLabel),
+            None
+        );
+        assert_eq!(
+            parse_answer("I cannot tell", &l, ParseRule::FirstLabel),
+            None
+        );
+        assert_eq!(parse_answer("", &l, ParseRule::FirstLabel), None);
+    }
+
+    #[test]
+    fn exact_needs_the_whole_answer() {
+        let l = labels();
+        assert_eq!(parse_answer(" positive!\n", &l, ParseRule::Exact), Some(1));
+        assert_eq!(
+            parse_answer("The answer is positive", &l, ParseRule::Exact),
+            None
+        );
+    }
+
+    #[test]
+    fn argmax_takes_first_on_ties_and_rejects_nan() {
+        assert_eq!(argmax(&[-1.0, -0.5, -0.5]), Some(1));
+        assert_eq!(argmax(&[-1.0, f64::NAN]), None);
+        assert_eq!(argmax(&[]), None);
+    }
+}

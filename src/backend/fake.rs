@@ -1,0 +1,197 @@
+//! A deterministic backend for tests: whitespace tokens, answers derived from a hash of the
+//! prompt and the sampler, an optional delay per prompt, and a call counter.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Backend, BackendError, Finish, ModelLoad, PromptOutput, Session, Task, TaskOutput};
+use crate::prompt::Messages;
+
+pub const ENGINE_VERSION: &str = "fake-engine 1";
+
+/// Counts what the fake backend was asked to do.
+#[derive(Debug, Default)]
+pub struct FakeCalls {
+    pub prompts: AtomicUsize,
+    pub tasks: AtomicUsize,
+    pub models_loaded: AtomicUsize,
+}
+
+pub struct FakeBackend {
+    pub calls: Arc<FakeCalls>,
+    /// Sleep this long per evaluated prompt (to test interruption).
+    pub delay: Duration,
+}
+
+impl FakeBackend {
+    pub fn new(calls: Arc<FakeCalls>) -> Self {
+        Self {
+            calls,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// `PIPELINE_FAKE_DELAY_MS` sets the delay per prompt.
+    pub fn from_env() -> Self {
+        let ms = std::env::var("PIPELINE_FAKE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Self {
+            calls: Arc::new(FakeCalls::default()),
+            delay: Duration::from_millis(ms),
+        }
+    }
+}
+
+impl Backend for FakeBackend {
+    fn engine_version(&self) -> String {
+        ENGINE_VERSION.to_string()
+    }
+
+    fn with_model(
+        &mut self,
+        model: &ModelLoad,
+        run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        let bytes = std::fs::read(&model.path).map_err(|e| BackendError::Load {
+            path: model.path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.calls.models_loaded.fetch_add(1, Ordering::SeqCst);
+        let mut s = FakeSession {
+            model_salt: *blake3::hash(&bytes).as_bytes(),
+            n_ctx: model.n_ctx,
+            calls: self.calls.clone(),
+            delay: self.delay,
+        };
+        run(&mut s)
+    }
+}
+
+struct FakeSession {
+    model_salt: [u8; 32],
+    n_ctx: u32,
+    calls: Arc<FakeCalls>,
+    delay: Duration,
+}
+
+impl FakeSession {
+    fn hash(&self, parts: &[&[u8]]) -> u64 {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.model_salt);
+        for p in parts {
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+}
+
+impl Session for FakeSession {
+    fn truncate(&self, text: &str, max_tokens: u32) -> String {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        if words.len() <= max_tokens as usize {
+            text.to_string()
+        } else {
+            words[..max_tokens as usize].join(" ")
+        }
+    }
+
+    fn format_chat(&self, m: &Messages) -> Result<String, BackendError> {
+        let mut s = String::new();
+        if let Some(sys) = &m.system {
+            s.push_str(&format!("<|system|>\n{sys}\n"));
+        }
+        s.push_str(&format!("<|user|>\n{}\n<|assistant|>\n", m.user));
+        Ok(s)
+    }
+
+    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+        let start = Instant::now();
+        self.calls.prompts.fetch_add(1, Ordering::SeqCst);
+        self.calls.tasks.fetch_add(tasks.len(), Ordering::SeqCst);
+        let prompt_tokens = prompt.split_whitespace().count();
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        let mut outs = Vec::new();
+        for t in tasks {
+            let out = match t {
+                Task::Generate {
+                    max_tokens,
+                    stop,
+                    sampler,
+                } => {
+                    let needed = prompt_tokens + *max_tokens as usize;
+                    if needed > self.n_ctx as usize {
+                        return Err(BackendError::ContextOverflow {
+                            needed,
+                            prompt: prompt_tokens,
+                            generate: *max_tokens as usize,
+                            n_ctx: self.n_ctx,
+                        });
+                    }
+                    let h = if sampler.temperature == 0.0 {
+                        self.hash(&[prompt.as_bytes(), b"greedy"])
+                    } else {
+                        self.hash(&[
+                            prompt.as_bytes(),
+                            &sampler.temperature.to_bits().to_le_bytes(),
+                            &sampler.top_p.to_bits().to_le_bytes(),
+                            &sampler.top_k.to_le_bytes(),
+                            &sampler.min_p.to_bits().to_le_bytes(),
+                            &sampler.seed.to_le_bytes(),
+                        ])
+                    };
+                    let answers = ["positive", "negative", "Positive.", "It is hard to say"];
+                    let mut text = answers[(h % answers.len() as u64) as usize].to_string();
+                    let mut finish = Finish::Eog;
+                    if let Some(i) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(i);
+                        finish = Finish::Stop;
+                    }
+                    let words = text.split_whitespace().count() as u32;
+                    if words > *max_tokens {
+                        text = text
+                            .split_whitespace()
+                            .take(*max_tokens as usize)
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        finish = Finish::Length;
+                    }
+                    TaskOutput {
+                        gen_tokens: words.min(*max_tokens),
+                        text: Some(text),
+                        logprobs: None,
+                        finish,
+                        decode_ms: 0.1,
+                    }
+                }
+                Task::Loglik { continuations } => TaskOutput {
+                    text: None,
+                    logprobs: Some(
+                        continuations
+                            .iter()
+                            .map(|c| {
+                                -((self.hash(&[prompt.as_bytes(), c.as_bytes()]) % 1000) as f64)
+                                    / 100.0
+                            })
+                            .collect(),
+                    ),
+                    gen_tokens: 0,
+                    finish: Finish::Scored,
+                    decode_ms: 0.1,
+                },
+            };
+            outs.push(out);
+        }
+        Ok(PromptOutput {
+            prompt_tokens: prompt_tokens as u32,
+            evaluated_tokens: prompt_tokens as u32,
+            prefill_ms: start.elapsed().as_secs_f64() * 1000.0,
+            tasks: outs,
+        })
+    }
+}

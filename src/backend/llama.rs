@@ -1,0 +1,393 @@
+//! llama.cpp in-process through `llama-cpp-2`.
+//!
+//! One session keeps a single sequence in the KV cache and remembers its tokens, so that
+//! consecutive prompts reuse their longest common prefix (chat header, system prompt,
+//! few-shot examples) and only the rest is evaluated. Every task of a prompt starts from the
+//! prompt's stored last-token logits, and the KV cache is cut back to the prompt after each
+//! task: a task's result does not depend on which other tasks ran beside it.
+
+use std::num::NonZeroU32;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+
+use super::{
+    Backend, BackendError, Finish, ModelLoad, PromptOutput, Sampler, Session, Task, TaskOutput,
+};
+use crate::prompt::Messages;
+
+/// Tokens per decode call while evaluating a prompt.
+const N_BATCH: usize = 512;
+
+/// Bump when the decoding procedure here changes in a way that can change outputs.
+const DECODE_REVISION: u32 = 1;
+
+pub fn engine_version() -> String {
+    let device = if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    format!(
+        "llama.cpp via llama-cpp-sys-2 {}; {device}; decode r{DECODE_REVISION}",
+        env!("PIPELINE_LLAMA_SYS_VERSION")
+    )
+}
+
+/// llama.cpp's global state, initialised once per process.
+fn llama_backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let mut b = LlamaBackend::init().expect("llama.cpp backend initialises once");
+        if std::env::var_os("PIPELINE_LLAMA_LOG").is_none() {
+            b.void_logs();
+        }
+        b
+    })
+}
+
+pub struct LlamaEngine;
+
+impl LlamaEngine {
+    pub fn new() -> Self {
+        llama_backend();
+        Self
+    }
+}
+
+impl Default for LlamaEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for LlamaEngine {
+    fn engine_version(&self) -> String {
+        engine_version()
+    }
+
+    fn with_model(
+        &mut self,
+        load: &ModelLoad,
+        run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        let backend = llama_backend();
+        let load_err = |reason: String| BackendError::Load {
+            path: load.path.clone(),
+            reason,
+        };
+        let mut params = LlamaModelParams::default();
+        if cfg!(feature = "cuda") {
+            params = params.with_n_gpu_layers(1000);
+        }
+        let model = LlamaModel::load_from_file(backend, &load.path, &params)
+            .map_err(|e| load_err(e.to_string()))?;
+        let threads = i32::try_from(load.threads.max(1)).unwrap_or(1);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(load.n_ctx))
+            .with_n_batch(N_BATCH as u32)
+            .with_n_ubatch(N_BATCH as u32)
+            .with_n_seq_max(1)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = model.new_context(backend, ctx_params).map_err(|e| {
+            load_err(format!(
+                "cannot create a context with n_ctx {}: {e}",
+                load.n_ctx
+            ))
+        })?;
+        let mut session = LlamaSession {
+            template: model.chat_template(None).ok(),
+            model: &model,
+            ctx,
+            kv_tokens: Vec::new(),
+            n_ctx: load.n_ctx,
+            batch: LlamaBatch::new(N_BATCH, 1),
+        };
+        run(&mut session)
+    }
+}
+
+struct LlamaSession<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    template: Option<LlamaChatTemplate>,
+    /// The tokens whose keys and values sit in the KV cache (sequence 0), in order.
+    kv_tokens: Vec<LlamaToken>,
+    n_ctx: u32,
+    batch: LlamaBatch<'static>,
+}
+
+fn decode_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Decode(e.to_string())
+}
+
+impl LlamaSession<'_> {
+    /// Drop every cached position from `pos` on.
+    fn truncate_kv(&mut self, pos: usize) -> Result<(), BackendError> {
+        if self.kv_tokens.len() > pos {
+            self.ctx
+                .clear_kv_cache_seq(Some(0), Some(pos as u32), None)
+                .map_err(decode_err)?;
+            self.kv_tokens.truncate(pos);
+        }
+        Ok(())
+    }
+
+    /// Append `tokens` at the end of the sequence; logits are kept for every token when
+    /// `all_logits`, else for the last one only. Returns the batch size of the last chunk.
+    fn append(&mut self, tokens: &[LlamaToken], all_logits: bool) -> Result<i32, BackendError> {
+        let mut last = 0;
+        let total = tokens.len();
+        for (c, chunk) in tokens.chunks(N_BATCH).enumerate() {
+            self.batch.clear();
+            for (j, &t) in chunk.iter().enumerate() {
+                let pos = self.kv_tokens.len() + j;
+                let is_last = c * N_BATCH + j + 1 == total;
+                self.batch
+                    .add(t, pos as i32, &[0], all_logits || is_last)
+                    .map_err(decode_err)?;
+            }
+            self.ctx.decode(&mut self.batch).map_err(decode_err)?;
+            self.kv_tokens.extend_from_slice(chunk);
+            last = chunk.len() as i32;
+        }
+        Ok(last)
+    }
+
+    fn generate(
+        &mut self,
+        prompt_len: usize,
+        prompt_logits: &[f32],
+        max_tokens: u32,
+        stop: &[String],
+        s: &Sampler,
+    ) -> Result<TaskOutput, BackendError> {
+        let start = Instant::now();
+        let vocab = self.model.vocab();
+        let mut chain = (s.temperature > 0.0).then(|| sampler_chain(s));
+        let mut logits = prompt_logits.to_vec();
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut gen_tokens = 0u32;
+        let mut finish = Finish::Length;
+        let mut text = String::new();
+        for step in 0..max_tokens {
+            let tok = match chain.as_mut() {
+                None => argmax(&logits),
+                Some(chain) => {
+                    let mut cand = LlamaTokenDataArray::from_iter(
+                        logits
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                        false,
+                    );
+                    cand.apply_sampler(chain);
+                    cand.selected_token()
+                        .ok_or_else(|| BackendError::Decode("sampler selected no token".into()))?
+                }
+            };
+            if vocab.is_eog(tok) {
+                finish = Finish::Eog;
+                break;
+            }
+            gen_tokens += 1;
+            bytes.extend(vocab.token_to_piece(tok, false, None));
+            text = String::from_utf8_lossy(&bytes).into_owned();
+            if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                finish = Finish::Stop;
+                break;
+            }
+            if step + 1 == max_tokens {
+                break;
+            }
+            self.append(&[tok], true)?;
+            logits.copy_from_slice(self.ctx.get_logits_ith(0));
+        }
+        self.truncate_kv(prompt_len)?;
+        Ok(TaskOutput {
+            text: Some(text),
+            logprobs: None,
+            gen_tokens,
+            finish,
+            decode_ms: start.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    fn loglik(
+        &mut self,
+        prompt_len: usize,
+        prompt_logits: &[f32],
+        continuations: &[String],
+    ) -> Result<TaskOutput, BackendError> {
+        let start = Instant::now();
+        let first_norm = log_sum_exp(prompt_logits);
+        let mut out = Vec::with_capacity(continuations.len());
+        for cont in continuations {
+            let toks = self.model.vocab().tokenize(cont.as_bytes(), false, false);
+            let Some(&first) = toks.first() else {
+                return Err(BackendError::Job(format!("label `{cont}` has no tokens")));
+            };
+            let mut lp = f64::from(prompt_logits[first.0 as usize]) - first_norm;
+            if toks.len() > 1 {
+                // Multi-token label: feed all but its last token, read each next-token logit.
+                self.append(&toks[..toks.len() - 1], true)?;
+                for (j, next) in toks[1..].iter().enumerate() {
+                    let l = self.ctx.get_logits_ith(j as i32);
+                    lp += f64::from(l[next.0 as usize]) - log_sum_exp(l);
+                }
+                self.truncate_kv(prompt_len)?;
+            }
+            out.push(lp);
+        }
+        Ok(TaskOutput {
+            text: None,
+            logprobs: Some(out),
+            gen_tokens: 0,
+            finish: Finish::Scored,
+            decode_ms: start.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+}
+
+impl Session for LlamaSession<'_> {
+    fn truncate(&self, text: &str, max_tokens: u32) -> String {
+        let vocab = self.model.vocab();
+        let toks = vocab.tokenize(text.as_bytes(), false, false);
+        if toks.len() <= max_tokens as usize {
+            return text.to_string();
+        }
+        let bytes = vocab.detokenize(&toks[..max_tokens as usize], false, false);
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\u{FFFD}')
+            .to_string()
+    }
+
+    fn format_chat(&self, m: &Messages) -> Result<String, BackendError> {
+        let Some(tmpl) = &self.template else {
+            return Err(BackendError::ChatTemplate(
+                "the model has no chat template in its GGUF metadata".into(),
+            ));
+        };
+        let mut msgs = Vec::new();
+        let bad = |e: &dyn std::fmt::Display| BackendError::ChatTemplate(e.to_string());
+        if let Some(sys) = &m.system {
+            msgs.push(LlamaChatMessage::new("system".into(), sys.clone()).map_err(|e| bad(&e))?);
+        }
+        msgs.push(LlamaChatMessage::new("user".into(), m.user.clone()).map_err(|e| bad(&e))?);
+        self.model
+            .apply_chat_template(tmpl, &msgs, true)
+            .map_err(|e| bad(&e))
+    }
+
+    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+        let start = Instant::now();
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(BackendError::Job("empty prompt".into()));
+        }
+        let to_generate = tasks
+            .iter()
+            .map(|t| match t {
+                Task::Generate { max_tokens, .. } => *max_tokens as usize,
+                Task::Loglik { continuations } => {
+                    continuations.iter().map(|c| c.len()).max().unwrap_or(0)
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        if tokens.len() + to_generate > self.n_ctx as usize {
+            return Err(BackendError::ContextOverflow {
+                needed: tokens.len() + to_generate,
+                prompt: tokens.len(),
+                generate: to_generate,
+                n_ctx: self.n_ctx,
+            });
+        }
+        // Reuse the longest common prefix, but always evaluate at least the last token so
+        // that its logits are fresh.
+        let common = self
+            .kv_tokens
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len() - 1);
+        self.truncate_kv(common)?;
+        let last = self.append(&tokens[common..], false)?;
+        let prompt_logits = self.ctx.get_logits_ith(last - 1).to_vec();
+        let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let n = tokens.len();
+        let mut outs = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let out = match task {
+                Task::Generate {
+                    max_tokens,
+                    stop,
+                    sampler,
+                } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler),
+                Task::Loglik { continuations } => self.loglik(n, &prompt_logits, continuations),
+            };
+            match out {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    // Leave the KV cache consistent with `kv_tokens` for the next prompt.
+                    self.kv_tokens.clear();
+                    self.ctx.clear_kv_cache();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(PromptOutput {
+            prompt_tokens: n as u32,
+            evaluated_tokens: (n - common) as u32,
+            prefill_ms,
+            tasks: outs,
+        })
+    }
+}
+
+/// The sampler chain in llama.cpp's usual order; `dist` draws with the task's own seed.
+fn sampler_chain(s: &Sampler) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if s.top_k > 0 {
+        chain.push(LlamaSampler::top_k(s.top_k));
+    }
+    if s.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(s.top_p as f32, 1));
+    }
+    if s.min_p > 0.0 {
+        chain.push(LlamaSampler::min_p(s.min_p as f32, 1));
+    }
+    chain.push(LlamaSampler::temp(s.temperature as f32));
+    chain.push(LlamaSampler::dist(s.seed as u32));
+    LlamaSampler::chain_simple(chain)
+}
+
+/// Index of the largest logit (the first one on ties).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken(best as i32)
+}
+
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+    max + sum.ln()
+}

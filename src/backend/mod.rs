@@ -1,0 +1,186 @@
+//! The inference backend, behind a small trait: the planner, cache and executor are tested
+//! with the deterministic [`fake`] backend; [`llama`] runs GGUF models in-process.
+//!
+//! A backend is created on the executor's worker thread and never leaves it (a llama.cpp
+//! context is not `Send`): [`Backend::with_model`] loads a model and lends a [`Session`] to
+//! a closure that runs every prompt of that model.
+
+pub mod fake;
+pub mod llama;
+
+use std::path::PathBuf;
+
+use crate::prompt::Messages;
+
+/// What the executor needs to load a model.
+#[derive(Debug, Clone)]
+pub struct ModelLoad {
+    pub id: String,
+    pub path: PathBuf,
+    pub n_ctx: u32,
+    pub threads: usize,
+}
+
+/// Sampler settings of one generation; `temperature == 0` is greedy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: i32,
+    pub min_p: f64,
+    /// Already mixed with the repeat index.
+    pub seed: u64,
+}
+
+/// One thing to compute from an evaluated prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Free generation until an end-of-generation token, a stop string or `max_tokens`.
+    Generate {
+        max_tokens: u32,
+        stop: Vec<String>,
+        sampler: Sampler,
+    },
+    /// The log-probability of each continuation right after the prompt.
+    Loglik { continuations: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// The model ended its turn.
+    Eog,
+    /// A stop string was generated (and cut off).
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// Log-likelihood scoring (no generation).
+    Scored,
+}
+
+impl Finish {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Finish::Eog => "eog",
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Scored => "scored",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "eog" => Finish::Eog,
+            "stop" => Finish::Stop,
+            "length" => Finish::Length,
+            "scored" => Finish::Scored,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOutput {
+    /// Generated text (generation only).
+    pub text: Option<String>,
+    /// Log-probability of each continuation (log-likelihood only).
+    pub logprobs: Option<Vec<f64>>,
+    pub gen_tokens: u32,
+    pub finish: Finish,
+    /// Time spent on this task after the prompt was evaluated.
+    pub decode_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptOutput {
+    pub prompt_tokens: u32,
+    /// Tokens actually evaluated: fewer than `prompt_tokens` when a prefix was reused.
+    pub evaluated_tokens: u32,
+    pub prefill_ms: f64,
+    pub tasks: Vec<TaskOutput>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error(
+        "prompt needs {needed} tokens of context ({prompt} prompt + {generate} to generate) but n_ctx is {n_ctx}; raise `n_ctx` or set `dataset.max_text_tokens`"
+    )]
+    ContextOverflow {
+        needed: usize,
+        prompt: usize,
+        generate: usize,
+        n_ctx: u32,
+    },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    /// The executor's own work inside a session failed; the message says why.
+    #[error("{0}")]
+    Job(String),
+}
+
+/// An inference engine that can load models one at a time.
+pub trait Backend {
+    /// Everything about the engine that can change an output; part of every row key.
+    fn engine_version(&self) -> String;
+
+    /// Load `model` and lend a session on it to `run`; the model is freed afterwards.
+    fn with_model(
+        &mut self,
+        model: &ModelLoad,
+        run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError>;
+}
+
+/// A loaded model.
+pub trait Session {
+    /// `text` cut to at most `max_tokens` tokens of this model's tokenizer.
+    fn truncate(&self, text: &str, max_tokens: u32) -> String;
+
+    /// The model's own chat template applied to `messages`, with the assistant turn opened.
+    fn format_chat(&self, messages: &Messages) -> Result<String, BackendError>;
+
+    /// Evaluate `prompt` once and compute every task from that state.
+    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError>;
+}
+
+/// Which backend a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// llama.cpp in-process.
+    Llama,
+    /// Deterministic stand-in for tests: no model is loaded.
+    Fake,
+}
+
+impl BackendKind {
+    pub fn engine_version(&self) -> String {
+        match self {
+            BackendKind::Llama => llama::engine_version(),
+            BackendKind::Fake => fake::ENGINE_VERSION.to_string(),
+        }
+    }
+
+    /// Create the backend; call this on the thread that will use it.
+    pub fn create(&self) -> Box<dyn Backend> {
+        match self {
+            BackendKind::Llama => Box::new(llama::LlamaEngine::new()),
+            BackendKind::Fake => Box::new(fake::FakeBackend::from_env()),
+        }
+    }
+}
+
+/// Seed for llama.cpp's `dist` sampler (u32), mixed from the grid seed and repeat index.
+/// `u32::MAX` means "random" to llama.cpp, so it is never returned.
+pub fn sampler_seed(seed: u64, repeat: u32) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"pipeline-sampler-seed");
+    h.update(&seed.to_le_bytes());
+    h.update(&repeat.to_le_bytes());
+    let b = h.finalize();
+    let s = u32::from_le_bytes(b.as_bytes()[..4].try_into().expect("4 bytes"));
+    u64::from(if s == u32::MAX { 0 } else { s })
+}

@@ -1,0 +1,419 @@
+//! Datasets: read Parquet, CSV or JSONL with Arrow, map labels to names, clean the text,
+//! and draw a seeded, stratified sample whose every prefix stays balanced.
+
+use std::fs::File;
+use std::path::Path;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+
+use crate::diag::Diagnostic;
+use crate::rng::SplitMix64;
+use crate::spec::{
+    CleanSpec, DatasetSpec, LabelSpec, Located, SampleSpec, ShotStrategy, ShotsSpec,
+};
+
+/// One dataset row after label mapping and clean-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Position in the source file.
+    pub index: usize,
+    pub id: String,
+    pub text: String,
+    /// Index into the spec's label list.
+    pub label: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// The sampled rows, in evaluation order.
+    pub rows: Vec<Row>,
+    /// Number of rows in the file before sampling.
+    pub source_rows: usize,
+    pub labels: Vec<LabelSpec>,
+}
+
+impl Dataset {
+    pub fn label_names(&self) -> Vec<String> {
+        self.labels.iter().map(|l| l.name.clone()).collect()
+    }
+}
+
+/// Load the evaluation rows named by the spec.
+pub fn load(spec: &DatasetSpec) -> Result<Dataset, Diagnostic> {
+    let all = read_labeled(&spec.path, spec)?;
+    let source_rows = all.len();
+    let mut rows = match &spec.sample {
+        Some(s) => sample(all, s, spec.labels.len()),
+        None => all,
+    };
+    // Clean only what is used: a sample is usually a small part of the file.
+    for r in &mut rows {
+        r.text = clean(&r.text, &spec.clean);
+    }
+    Ok(Dataset {
+        rows,
+        source_rows,
+        labels: spec.labels.clone(),
+    })
+}
+
+/// Draw the fixed few-shot examples of a prompt from its `shots.from` file.
+pub fn load_shots(
+    shots: &ShotsSpec,
+    spec: &DatasetSpec,
+    stream: &str,
+) -> Result<Vec<Row>, Diagnostic> {
+    let mut all = read_labeled(&shots.from, spec)?;
+    for r in &mut all {
+        r.text = clean(&r.text, &spec.clean);
+    }
+    if let Some(max) = shots.max_chars {
+        all.retain(|r| r.text.chars().count() <= max);
+    }
+    let mut rng = SplitMix64::for_stream(shots.seed, stream);
+    let picked = match shots.strategy {
+        ShotStrategy::Random => rng.choose(&all, shots.k),
+        ShotStrategy::Balanced => {
+            let n_labels = spec.labels.len();
+            let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
+            for r in all {
+                by_label[r.label].push(r);
+            }
+            // Round-robin over labels so that k examples alternate and stay balanced.
+            let per_label: Vec<Vec<Row>> = by_label
+                .iter()
+                .map(|rows| rng.choose(rows, shots.k.div_ceil(n_labels)))
+                .collect();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while out.len() < shots.k && per_label.iter().any(|v| v.len() > i) {
+                for v in &per_label {
+                    if out.len() < shots.k
+                        && let Some(r) = v.get(i)
+                    {
+                        out.push(r.clone());
+                    }
+                }
+                i += 1;
+            }
+            out
+        }
+    };
+    if picked.len() < shots.k {
+        return Err(shots.from.error(format!(
+            "asked for {} examples but only {} rows qualify{}",
+            shots.k,
+            picked.len(),
+            if shots.max_chars.is_some() {
+                " (check shots.max_chars)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(picked)
+}
+
+/// Read a file's id, text and label columns and map labels (text is not cleaned yet).
+fn read_labeled(
+    path: &Located<std::path::PathBuf>,
+    spec: &DatasetSpec,
+) -> Result<Vec<Row>, Diagnostic> {
+    let batches = read_table(&path.value).map_err(|e| path.error(e))?;
+    let schema_cols: Vec<String> = batches
+        .first()
+        .map(|b| {
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let column = |name: &Located<String>| -> Result<Vec<Option<String>>, Diagnostic> {
+        if !schema_cols.contains(&name.value) {
+            return Err(name.error(format!(
+                "column `{}` not found in {} (columns: {})",
+                name.value,
+                path.value.display(),
+                schema_cols.join(", ")
+            )));
+        }
+        let mut out = Vec::new();
+        for b in &batches {
+            let col = b.column_by_name(&name.value).expect("checked above");
+            out.extend(strings(col).map_err(|e| name.error(e))?);
+        }
+        Ok(out)
+    };
+    let texts = column(&spec.text)?;
+    let labels = column(&spec.label)?;
+    let ids = match &spec.id {
+        Some(id) => Some(column(id)?),
+        None => None,
+    };
+    let mut rows = Vec::with_capacity(texts.len());
+    for (i, (text, label)) in texts.into_iter().zip(labels).enumerate() {
+        let label = label.ok_or_else(|| spec.label.error(format!("row {i} has no label")))?;
+        let label_idx = spec
+            .labels
+            .iter()
+            .position(|l| l.value == label)
+            .ok_or_else(|| {
+                spec.labels_at.error(format!(
+                    "label value `{label}` (row {i} of {}) has no name here; known values: {}",
+                    path.value.display(),
+                    spec.labels
+                        .iter()
+                        .map(|l| l.value.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let id = match &ids {
+            Some(ids) => ids[i].clone().unwrap_or_else(|| i.to_string()),
+            None => i.to_string(),
+        };
+        rows.push(Row {
+            index: i,
+            id,
+            text: text.unwrap_or_default(),
+            label: label_idx,
+        });
+    }
+    Ok(rows)
+}
+
+/// Apply the spec's text clean-up.
+pub fn clean(text: &str, c: &CleanSpec) -> String {
+    let mut t = text.to_string();
+    for (from, to) in &c.replace {
+        if !from.is_empty() {
+            t = t.replace(from.as_str(), to);
+        }
+    }
+    if c.collapse_whitespace {
+        t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    }
+    t.trim().to_string()
+}
+
+/// Read a whole table; the format follows the file extension.
+pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, String> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    match ext.as_str() {
+        "parquet" | "pq" => {
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| bad(&e))?
+                    .build()
+                    .map_err(|e| bad(&e))?;
+            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
+        }
+        "csv" => {
+            let mut f = file;
+            let (schema, _) = arrow::csv::reader::Format::default()
+                .with_header(true)
+                .infer_schema(&mut f, Some(1000))
+                .map_err(|e| bad(&e))?;
+            let f = File::open(path).map_err(|e| bad(&e))?;
+            let reader = arrow::csv::ReaderBuilder::new(std::sync::Arc::new(schema))
+                .with_header(true)
+                .build(f)
+                .map_err(|e| bad(&e))?;
+            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
+        }
+        "jsonl" | "ndjson" | "json" => {
+            let mut buf = std::io::BufReader::new(file);
+            let (schema, _) =
+                arrow::json::reader::infer_json_schema_from_seekable(&mut buf, Some(1000))
+                    .map_err(|e| bad(&e))?;
+            let reader = arrow::json::ReaderBuilder::new(std::sync::Arc::new(schema))
+                .build(buf)
+                .map_err(|e| bad(&e))?;
+            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
+        }
+        other => Err(format!(
+            "{}: unknown table format `.{other}` (use .parquet, .csv or .jsonl)",
+            path.display()
+        )),
+    }
+}
+
+/// A column as optional strings; integers print without a fractional part.
+fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
+    let as_utf8 = match col.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => col.clone(),
+        DataType::Float32 | DataType::Float64 => {
+            let f = arrow::compute::cast(col, &DataType::Float64).map_err(|e| e.to_string())?;
+            let f = f.as_primitive::<arrow::datatypes::Float64Type>();
+            return Ok((0..f.len())
+                .map(|i| {
+                    (!f.is_null(i)).then(|| {
+                        let v = f.value(i);
+                        if v.fract() == 0.0 && v.abs() < 1e15 {
+                            format!("{}", v as i64)
+                        } else {
+                            v.to_string()
+                        }
+                    })
+                })
+                .collect());
+        }
+        _ => arrow::compute::cast(col, &DataType::Utf8)
+            .map_err(|e| format!("cannot read as text: {e}"))?,
+    };
+    let a = arrow::compute::cast(&as_utf8, &DataType::Utf8).map_err(|e| e.to_string())?;
+    let a = a.as_string::<i32>();
+    Ok((0..a.len())
+        .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+        .collect())
+}
+
+/// A seeded sample. Stratified: each label keeps its share (largest remainder); the
+/// order interleaves labels so that any prefix (`--limit`) stays balanced.
+pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
+    let mut rng = SplitMix64::for_stream(s.seed, "dataset.sample");
+    if !s.stratify {
+        return rng.choose(&rows, s.n);
+    }
+    let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
+    for r in rows {
+        by_label[r.label].push(r);
+    }
+    let total: usize = by_label.iter().map(Vec::len).sum();
+    let n = s.n.min(total);
+    // Largest-remainder quotas.
+    let exact: Vec<f64> = by_label
+        .iter()
+        .map(|v| n as f64 * v.len() as f64 / total.max(1) as f64)
+        .collect();
+    let mut quota: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut rest: Vec<usize> = (0..n_labels).collect();
+    rest.sort_by(|&a, &b| {
+        let ra = exact[a] - exact[a].floor();
+        let rb = exact[b] - exact[b].floor();
+        rb.partial_cmp(&ra)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let mut missing = n - quota.iter().sum::<usize>();
+    for &c in &rest {
+        if missing == 0 {
+            break;
+        }
+        if quota[c] < by_label[c].len() {
+            quota[c] += 1;
+            missing -= 1;
+        }
+    }
+    let picked: Vec<Vec<Row>> = by_label
+        .iter()
+        .zip(&quota)
+        .map(|(rows, &q)| rng.choose(rows, q))
+        .collect();
+    interleave(picked)
+}
+
+/// Merge lists so that each list's share of every prefix is as close as possible to its
+/// share of the whole (stride scheduling).
+fn interleave(lists: Vec<Vec<Row>>) -> Vec<Row> {
+    let total: usize = lists.iter().map(Vec::len).sum();
+    let mut taken = vec![0usize; lists.len()];
+    let mut out = Vec::with_capacity(total);
+    for _ in 0..total {
+        let next = (0..lists.len())
+            .filter(|&c| taken[c] < lists[c].len())
+            .min_by(|&a, &b| {
+                let pa = (taken[a] as f64 + 0.5) / lists[a].len() as f64;
+                let pb = (taken[b] as f64 + 0.5) / lists[b].len() as f64;
+                pa.partial_cmp(&pb)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b))
+            })
+            .expect("rows left");
+        out.push(lists[next][taken[next]].clone());
+        taken[next] += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(labels: &[usize]) -> Vec<Row> {
+        labels
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| Row {
+                index: i,
+                id: format!("r{i}"),
+                text: format!("text {i}"),
+                label: l,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stratified_sample_is_balanced_deterministic_and_prefix_balanced() {
+        // Sorted by label, like IMDB: 60 negatives then 40 positives.
+        let all = rows(&[vec![0; 60], vec![1; 40]].concat());
+        let spec = SampleSpec {
+            n: 20,
+            stratify: true,
+            seed: 7,
+        };
+        let a = sample(all.clone(), &spec, 2);
+        let b = sample(all.clone(), &spec, 2);
+        assert_eq!(a, b);
+        assert_eq!(a.iter().filter(|r| r.label == 0).count(), 12);
+        assert_eq!(a.iter().filter(|r| r.label == 1).count(), 8);
+        // Every prefix of 5 holds both labels.
+        assert!(a[..5].iter().any(|r| r.label == 0) && a[..5].iter().any(|r| r.label == 1));
+        let mut ids: Vec<_> = a.iter().map(|r| r.index).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 20);
+        let other = sample(
+            all,
+            &SampleSpec {
+                n: 20,
+                stratify: true,
+                seed: 8,
+            },
+            2,
+        );
+        assert_ne!(a, other, "another seed gives another sample");
+    }
+
+    #[test]
+    fn sample_larger_than_data_takes_everything() {
+        let all = rows(&[0, 1, 0, 1]);
+        let s = sample(
+            all,
+            &SampleSpec {
+                n: 10,
+                stratify: true,
+                seed: 1,
+            },
+            2,
+        );
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn clean_replaces_then_collapses() {
+        let c = CleanSpec {
+            replace: vec![("<br />".into(), " ".into())],
+            collapse_whitespace: true,
+        };
+        assert_eq!(clean(" a<br /><br />b  c ", &c), "a b c");
+    }
+}

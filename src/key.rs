@@ -1,0 +1,343 @@
+//! Row keys: a blake3 hash over a canonical, versioned encoding of everything that can
+//! change a row's output. Never over YAML text: reordering keys or editing comments leaves
+//! every key as it was.
+//!
+//! A key is built from six component digests (model, prompt, method, sampler, seed,
+//! engine) so that `plan --explain` can say which component changed.
+
+use std::fmt;
+
+use crate::prompt::Messages;
+use crate::spec::{MethodKind, MethodSpec, SamplerPoint};
+
+/// Bump when the encoding below changes meaning: every old key then misses.
+pub const KEY_SCHEMA: u64 = 1;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.short())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// Length-prefixed, tagged fields: no two different inputs share an encoding.
+pub struct KeyEncoder(blake3::Hasher);
+
+impl KeyEncoder {
+    pub fn new(domain: &str) -> Self {
+        let mut e = Self(blake3::Hasher::new());
+        e.bytes("domain", domain.as_bytes());
+        e.u64("schema", KEY_SCHEMA);
+        e
+    }
+
+    pub fn bytes(&mut self, tag: &str, v: &[u8]) -> &mut Self {
+        self.0.update(&(tag.len() as u64).to_le_bytes());
+        self.0.update(tag.as_bytes());
+        self.0.update(&(v.len() as u64).to_le_bytes());
+        self.0.update(v);
+        self
+    }
+
+    pub fn str(&mut self, tag: &str, v: &str) -> &mut Self {
+        self.bytes(tag, v.as_bytes())
+    }
+
+    pub fn u64(&mut self, tag: &str, v: u64) -> &mut Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+
+    pub fn i64(&mut self, tag: &str, v: i64) -> &mut Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+
+    /// Floats by bit pattern, with -0.0 folded into 0.0.
+    pub fn f64(&mut self, tag: &str, v: f64) -> &mut Self {
+        let v = if v == 0.0 { 0.0 } else { v };
+        self.bytes(tag, &v.to_bits().to_le_bytes())
+    }
+
+    pub fn opt_str(&mut self, tag: &str, v: Option<&str>) -> &mut Self {
+        match v {
+            Some(s) => self.u64(tag, 1).str(tag, s),
+            None => self.u64(tag, 0),
+        }
+    }
+
+    pub fn strs(&mut self, tag: &str, v: &[String]) -> &mut Self {
+        self.u64(tag, v.len() as u64);
+        for s in v {
+            self.str(tag, s);
+        }
+        self
+    }
+
+    pub fn digest(&mut self, tag: &str, d: &Digest) -> &mut Self {
+        self.bytes(tag, &d.0)
+    }
+
+    pub fn finish(&self) -> Digest {
+        Digest(*self.0.finalize().as_bytes())
+    }
+}
+
+/// Something that contributes to a cache key through an explicit, canonical encoding.
+pub trait CacheKey {
+    /// Separates the digests of different kinds of things.
+    const DOMAIN: &'static str;
+    fn encode(&self, e: &mut KeyEncoder);
+    fn digest(&self) -> Digest {
+        let mut e = KeyEncoder::new(Self::DOMAIN);
+        self.encode(&mut e);
+        e.finish()
+    }
+}
+
+/// The model file, by content.
+pub struct ModelPart<'a> {
+    pub sha256: &'a str,
+}
+
+impl CacheKey for ModelPart<'_> {
+    const DOMAIN: &'static str = "model";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.str("sha256", self.sha256);
+    }
+}
+
+/// The rendered messages (with the full text) and the budget that may truncate the text.
+pub struct PromptPart<'a> {
+    pub messages: &'a Messages,
+    pub max_text_tokens: Option<u32>,
+}
+
+impl CacheKey for PromptPart<'_> {
+    const DOMAIN: &'static str = "prompt";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.opt_str("system", self.messages.system.as_deref())
+            .str("user", &self.messages.user)
+            .u64("max_text_tokens", self.max_text_tokens.map_or(0, u64::from));
+    }
+}
+
+/// What is asked of the model. Generation: length and stop strings (answer parsing happens
+/// later, from the cached raw text, so it is not part of the key). Log-likelihood: the label
+/// continuations scored.
+pub struct MethodPart<'a> {
+    pub method: &'a MethodSpec,
+    pub labels: &'a [String],
+}
+
+impl CacheKey for MethodPart<'_> {
+    const DOMAIN: &'static str = "method";
+    fn encode(&self, e: &mut KeyEncoder) {
+        match self.method.kind {
+            MethodKind::Generate => {
+                e.str("kind", "generate")
+                    .u64("max_tokens", u64::from(self.method.max_tokens))
+                    .strs("stop", &self.method.stop);
+            }
+            MethodKind::Loglik => {
+                e.str("kind", "loglik").strs("labels", self.labels);
+            }
+        }
+    }
+}
+
+/// Sampler settings. Greedy decoding (temperature 0) ignores the other settings, so they
+/// are left out and greedy cells that differ only there share rows.
+pub struct SamplerPart<'a> {
+    pub point: Option<&'a SamplerPoint>,
+}
+
+impl CacheKey for SamplerPart<'_> {
+    const DOMAIN: &'static str = "sampler";
+    fn encode(&self, e: &mut KeyEncoder) {
+        match self.point {
+            None => {
+                e.str("sampler", "none");
+            }
+            Some(p) if p.temperature == 0.0 => {
+                e.str("sampler", "greedy");
+            }
+            Some(p) => {
+                e.str("sampler", "chain")
+                    .f64("temperature", p.temperature)
+                    .f64("top_p", p.top_p)
+                    .i64("top_k", i64::from(p.top_k))
+                    .f64("min_p", p.min_p);
+            }
+        }
+    }
+}
+
+/// Seed and repeat index; irrelevant (and left out) for greedy and log-likelihood.
+pub struct SeedPart<'a> {
+    pub point: Option<&'a SamplerPoint>,
+}
+
+impl CacheKey for SeedPart<'_> {
+    const DOMAIN: &'static str = "seed";
+    fn encode(&self, e: &mut KeyEncoder) {
+        match self.point {
+            Some(p) if p.temperature > 0.0 => {
+                e.u64("seed", p.seed).u64("repeat", u64::from(p.repeat));
+            }
+            _ => {
+                e.str("seed", "none");
+            }
+        }
+    }
+}
+
+/// The inference engine and the decoding algorithm around it.
+pub struct EnginePart<'a> {
+    pub version: &'a str,
+}
+
+impl CacheKey for EnginePart<'_> {
+    const DOMAIN: &'static str = "engine";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.str("version", self.version);
+    }
+}
+
+/// The component digests of one row; the row key is their digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Components {
+    pub model: Digest,
+    pub prompt: Digest,
+    pub method: Digest,
+    pub sampler: Digest,
+    pub seed: Digest,
+    pub engine: Digest,
+}
+
+impl Components {
+    pub const NAMES: [&'static str; 6] = ["model", "prompt", "method", "sampler", "seed", "engine"];
+
+    pub fn parts(&self) -> [Digest; 6] {
+        [
+            self.model,
+            self.prompt,
+            self.method,
+            self.sampler,
+            self.seed,
+            self.engine,
+        ]
+    }
+
+    pub fn from_parts(p: [Digest; 6]) -> Self {
+        Self {
+            model: p[0],
+            prompt: p[1],
+            method: p[2],
+            sampler: p[3],
+            seed: p[4],
+            engine: p[5],
+        }
+    }
+
+    pub fn row_key(&self) -> Digest {
+        let mut e = KeyEncoder::new("row");
+        for (name, d) in Self::NAMES.iter().zip(self.parts()) {
+            e.digest(name, &d);
+        }
+        e.finish()
+    }
+
+    /// Names of the components that differ from `other`.
+    pub fn differing(&self, other: &Components) -> Vec<&'static str> {
+        Self::NAMES
+            .iter()
+            .zip(self.parts().iter().zip(other.parts()))
+            .filter(|(_, (a, b))| *a != b)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t: f64, seed: u64) -> SamplerPoint {
+        SamplerPoint {
+            temperature: t,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            seed,
+            repeat: 0,
+        }
+    }
+
+    #[test]
+    fn encoding_is_unambiguous() {
+        let a = KeyEncoder::new("x").str("a", "bc").str("b", "").finish();
+        let b = KeyEncoder::new("x").str("a", "b").str("b", "c").finish();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn temperature_changes_sampler_only() {
+        let p1 = point(0.2, 1);
+        let p2 = point(0.8, 1);
+        assert_ne!(
+            SamplerPart { point: Some(&p1) }.digest(),
+            SamplerPart { point: Some(&p2) }.digest()
+        );
+        assert_eq!(
+            SeedPart { point: Some(&p1) }.digest(),
+            SeedPart { point: Some(&p2) }.digest()
+        );
+    }
+
+    #[test]
+    fn greedy_ignores_seed_and_other_settings() {
+        let a = point(0.0, 1);
+        let mut b = point(0.0, 2);
+        b.top_p = 0.5;
+        assert_eq!(
+            SamplerPart { point: Some(&a) }.digest(),
+            SamplerPart { point: Some(&b) }.digest()
+        );
+        assert_eq!(
+            SeedPart { point: Some(&a) }.digest(),
+            SeedPart { point: Some(&b) }.digest()
+        );
+    }
+
+    #[test]
+    fn differing_names_components() {
+        let d = |s: &str| KeyEncoder::new(s).finish();
+        let a = Components::from_parts([d("1"), d("2"), d("3"), d("4"), d("5"), d("6")]);
+        let mut b = a;
+        b.prompt = d("x");
+        assert_eq!(a.differing(&b), vec!["prompt"]);
+        assert_ne!(a.row_key(), b.row_key());
+    }
+}

@@ -1,0 +1,283 @@
+//! Model files: find them (path, `$PIPELINE_MODELS_DIR`, the Hugging Face cache, download),
+//! check that they are GGUF, and digest them with sha256, memoized by path, size and mtime.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::diag::Diagnostic;
+use crate::spec::{ModelSource, ModelSpec};
+
+/// A model ready to load: where its file is and what it contains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModel {
+    pub id: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub n_ctx: u32,
+    /// How it was found, for the report.
+    pub found_via: &'static str,
+}
+
+/// How to reach the Hugging Face hub; `None` fields fall back to hf-hub's own environment
+/// handling (`HF_ENDPOINT`, `HF_HUB_CACHE`/`HF_HOME`, `HF_TOKEN`).
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    pub endpoint: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub retries: Option<usize>,
+    pub show_progress: bool,
+}
+
+/// Where to look for models, and whether a download is allowed.
+#[derive(Debug, Clone, Default)]
+pub struct Resolver {
+    pub models_dir: Option<PathBuf>,
+    pub hub: HubOptions,
+    /// Folder of the sha256 memo (inside the cache).
+    pub digest_dir: PathBuf,
+}
+
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+impl Resolver {
+    /// The model's file if it is already on this machine (never downloads).
+    pub fn locate(&self, spec: &ModelSpec) -> Result<Option<(PathBuf, &'static str)>, Diagnostic> {
+        if let ModelSource::Path(p) = &spec.gguf.value
+            && p.is_file()
+        {
+            return Ok(Some((p.clone(), "path")));
+        }
+        if let (Some(dir), Some(name)) = (&self.models_dir, spec.gguf.value.file_name()) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(Some((p, "PIPELINE_MODELS_DIR")));
+            }
+        }
+        if let ModelSource::Hub { owner, repo, file } = &spec.gguf.value {
+            return match self.hub_fetch(owner, repo, file, true) {
+                Ok(p) => Ok(Some((p, "huggingface cache"))),
+                Err(HubLookup::NotCached) => Ok(None),
+                Err(HubLookup::Failed(msg)) => Err(spec.gguf.error(msg)),
+            };
+        }
+        Ok(None)
+    }
+
+    /// Find (or download) the model, check it is GGUF and that its sha256 is the expected one.
+    pub fn resolve(&self, spec: &ModelSpec) -> Result<ResolvedModel, Diagnostic> {
+        let (path, found_via, downloaded) = match self.locate(spec)? {
+            Some((p, via)) => (p, via, false),
+            None => match &spec.gguf.value {
+                ModelSource::Path(p) => {
+                    let mut msg = format!("model file not found: {}", p.display());
+                    if let Some(dir) = &self.models_dir {
+                        msg.push_str(&format!(" (nor in PIPELINE_MODELS_DIR={})", dir.display()));
+                    }
+                    return Err(spec.gguf.error(msg));
+                }
+                ModelSource::Hub { owner, repo, file } => match self
+                    .hub_fetch(owner, repo, file, false)
+                {
+                    Ok(p) => (p, "download", true),
+                    Err(HubLookup::NotCached) => unreachable!("a download never answers NotCached"),
+                    Err(HubLookup::Failed(msg)) => return Err(spec.gguf.error(msg)),
+                },
+            },
+        };
+        let checked = self.check(spec, &path);
+        if checked.is_err() && downloaded {
+            // A failed download must not stay in the cache looking like the model.
+            remove_hub_file(&path);
+        }
+        let (sha256, size) = checked?;
+        Ok(ResolvedModel {
+            id: spec.id.clone(),
+            path,
+            sha256,
+            size,
+            n_ctx: spec.n_ctx,
+            found_via,
+        })
+    }
+
+    fn check(&self, spec: &ModelSpec, path: &Path) -> Result<(String, u64), Diagnostic> {
+        check_gguf_magic(path).map_err(|m| spec.gguf.error(m))?;
+        let (sha, size) = self.sha256_memo(path).map_err(|e| {
+            spec.gguf
+                .error(format!("cannot read {}: {e}", path.display()))
+        })?;
+        if let Some(expected) = &spec.sha256
+            && expected.value != sha
+        {
+            return Err(expected.error(format!(
+                "wrong sha256 for {}: expected {}, the file has {sha}",
+                path.display(),
+                expected.value
+            )));
+        }
+        Ok((sha, size))
+    }
+
+    /// sha256 of a file, remembered by (absolute path, size, mtime) so a model is digested
+    /// once, not on every run.
+    pub fn sha256_memo(&self, path: &Path) -> std::io::Result<(String, u64)> {
+        let abs = std::path::absolute(path)?;
+        let meta = std::fs::metadata(&abs)?;
+        let mtime = meta
+            .modified()?
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let stamp = format!("{}\n{}\n{}\n", abs.display(), meta.len(), mtime);
+        let memo = self.digest_dir.join(format!(
+            "{}.sha256",
+            &blake3::hash(abs.to_string_lossy().as_bytes()).to_hex()[..32]
+        ));
+        if let Ok(text) = std::fs::read_to_string(&memo)
+            && let Some(rest) = text.strip_prefix(&stamp)
+        {
+            let sha = rest.trim();
+            if sha.len() == 64 {
+                return Ok((sha.to_string(), meta.len()));
+            }
+        }
+        let sha = sha256_file(&abs)?;
+        std::fs::create_dir_all(&self.digest_dir)?;
+        crate::cache::write_atomic(&memo, format!("{stamp}{sha}\n").as_bytes())?;
+        Ok((sha, meta.len()))
+    }
+
+    fn hub_fetch(
+        &self,
+        owner: &str,
+        repo: &str,
+        file: &str,
+        cache_only: bool,
+    ) -> Result<PathBuf, HubLookup> {
+        let fail =
+            |e: &dyn std::fmt::Display| HubLookup::Failed(format!("hf:{owner}/{repo}/{file}: {e}"));
+        let mut b = hf_hub::HFClient::builder();
+        if let Some(e) = &self.hub.endpoint {
+            b = b.endpoint(e.clone());
+        }
+        if let Some(d) = &self.hub.cache_dir {
+            b = b.cache_dir(d.clone());
+        }
+        if let Some(r) = self.hub.retries {
+            b = b.retry_max_attempts(r);
+        }
+        let client = b.build_sync().map_err(|e| fail(&e))?;
+        let handle = client.model(owner, repo);
+        if cache_only {
+            return match handle
+                .download_file()
+                .filename(file)
+                .local_files_only(true)
+                .send()
+            {
+                Ok(p) => Ok(p),
+                Err(hf_hub::HFError::LocalEntryNotFound { .. }) => Err(HubLookup::NotCached),
+                Err(e) => Err(fail(&e)),
+            };
+        }
+        let req = handle.download_file().filename(file);
+        let result = if self.hub.show_progress {
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_message(format!("downloading {file}"));
+            req.progress(DownloadBar(bar)).send()
+        } else {
+            req.send()
+        };
+        result.map_err(|e| fail(&e))
+    }
+}
+
+enum HubLookup {
+    NotCached,
+    Failed(String),
+}
+
+struct DownloadBar(indicatif::ProgressBar);
+
+impl hf_hub::progress::ProgressHandler for DownloadBar {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent, ProgressEvent};
+        match event {
+            ProgressEvent::Download(DownloadEvent::Start { total_bytes, .. }) => {
+                self.0.set_length(*total_bytes)
+            }
+            ProgressEvent::Download(DownloadEvent::Progress { files }) => {
+                let done: u64 = files.iter().map(|f| f.bytes_completed).sum();
+                self.0.set_position(done);
+            }
+            ProgressEvent::Download(DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            }) => {
+                self.0.set_length(*total_bytes);
+                self.0.set_position(*bytes_completed);
+            }
+            ProgressEvent::Download(DownloadEvent::Complete) => self.0.finish_and_clear(),
+            _ => {}
+        }
+    }
+}
+
+/// Remove a file from the hub cache: the snapshot link and the blob it points to.
+fn remove_hub_file(path: &Path) {
+    if let Ok(target) = std::fs::canonicalize(path)
+        && target != path
+    {
+        let _ = std::fs::remove_file(target);
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// Fail unless the file starts with the GGUF magic.
+pub fn check_gguf_magic(path: &Path) -> Result<(), String> {
+    let mut head = [0u8; 4];
+    let mut f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let n = f
+        .read(&mut head)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if n < 4 || &head != GGUF_MAGIC {
+        return Err(format!(
+            "{} is not a GGUF file (it starts with {:?}, expected \"GGUF\")",
+            path.display(),
+            String::from_utf8_lossy(&head[..n])
+        ));
+    }
+    Ok(())
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Write a tiny stand-in GGUF file (magic + payload), for tests and examples.
+pub fn write_fake_gguf(path: &Path, payload: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(GGUF_MAGIC)?;
+    f.write_all(payload)
+}

@@ -1,0 +1,229 @@
+//! `predictions.parquet` and `metrics.parquet`.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Float64Array, Float64Builder, ListBuilder, RecordBatch, StringArray,
+    StringBuilder, UInt32Array, UInt64Array,
+};
+use arrow::datatypes::{Field, Schema};
+use parquet::arrow::ArrowWriter;
+
+use crate::metrics::{CellMetrics, Prediction};
+use crate::plan::Plan;
+
+fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .build();
+    let mut w =
+        ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
+    w.write(batch).map_err(|e| e.to_string())?;
+    w.close().map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+fn batch(cols: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, String> {
+    let fields: Vec<Field> = cols
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        cols.into_iter().map(|(_, a)| a).collect(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn strs<I: IntoIterator<Item = Option<String>>>(it: I) -> ArrayRef {
+    Arc::new(StringArray::from_iter(it))
+}
+
+fn f64s<I: IntoIterator<Item = Option<f64>>>(it: I) -> ArrayRef {
+    Arc::new(Float64Array::from_iter(it))
+}
+
+fn u64s<I: IntoIterator<Item = u64>>(it: I) -> ArrayRef {
+    Arc::new(UInt64Array::from_iter_values(it))
+}
+
+/// One row per dataset row × cell.
+pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<Vec<u8>, String> {
+    let labels = plan.dataset.label_names();
+    let cell = |p: &Prediction| &plan.cells[p.cell];
+    let mut cols: Vec<(&str, ArrayRef)> = vec![
+        ("cell", strs(preds.iter().map(|p| Some(cell(p).id.clone())))),
+        (
+            "model",
+            strs(
+                preds
+                    .iter()
+                    .map(|p| Some(plan.models[cell(p).model].id.clone())),
+            ),
+        ),
+        (
+            "prompt",
+            strs(
+                preds
+                    .iter()
+                    .map(|p| Some(plan.prompts.id(cell(p).prompt).to_string())),
+            ),
+        ),
+        (
+            "method",
+            strs(
+                preds
+                    .iter()
+                    .map(|p| Some(plan.spec.methods[cell(p).method].id.clone())),
+            ),
+        ),
+        (
+            "temperature",
+            f64s(preds.iter().map(|p| cell(p).point.map(|x| x.temperature))),
+        ),
+        (
+            "seed",
+            Arc::new(UInt64Array::from_iter(
+                preds.iter().map(|p| cell(p).point.map(|x| x.seed)),
+            )),
+        ),
+        (
+            "row_id",
+            strs(
+                preds
+                    .iter()
+                    .map(|p| Some(plan.dataset.rows[p.row].id.clone())),
+            ),
+        ),
+        (
+            "row_index",
+            u64s(preds.iter().map(|p| plan.dataset.rows[p.row].index as u64)),
+        ),
+        (
+            "gold",
+            strs(preds.iter().map(|p| Some(labels[p.gold].clone()))),
+        ),
+        (
+            "prediction",
+            strs(preds.iter().map(|p| p.predicted.map(|i| labels[i].clone()))),
+        ),
+        (
+            "valid",
+            Arc::new(BooleanArray::from_iter(
+                preds.iter().map(|p| Some(p.predicted.is_some())),
+            )),
+        ),
+        (
+            "correct",
+            Arc::new(BooleanArray::from_iter(
+                preds.iter().map(|p| Some(p.correct())),
+            )),
+        ),
+        ("raw_answer", strs(preds.iter().map(|p| p.raw.clone()))),
+    ];
+    let mut lp = ListBuilder::new(Float64Builder::new());
+    for p in preds {
+        match &p.logprobs {
+            Some(v) => {
+                lp.values().append_slice(v);
+                lp.append(true);
+            }
+            None => lp.append(false),
+        }
+    }
+    cols.push(("label_logprobs", Arc::new(lp.finish())));
+    let logprob_cols: Vec<(String, ArrayRef)> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            (
+                format!("logprob_{l}"),
+                f64s(
+                    preds
+                        .iter()
+                        .map(|p| p.logprobs.as_ref().and_then(|v| v.get(i).copied())),
+                ),
+            )
+        })
+        .collect();
+    for (name, arr) in &logprob_cols {
+        cols.push((name.as_str(), arr.clone()));
+    }
+    let u32s = |f: &dyn Fn(&Prediction) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(preds.iter().map(f)))
+    };
+    let mut finish = StringBuilder::new();
+    for p in preds {
+        finish.append_value(p.finish.as_str());
+    }
+    cols.extend([
+        ("prompt_tokens", u32s(&|p| p.prompt_tokens)),
+        ("evaluated_tokens", u32s(&|p| p.evaluated_tokens)),
+        ("generated_tokens", u32s(&|p| p.gen_tokens)),
+        ("finish", Arc::new(finish.finish()) as ArrayRef),
+        ("latency_ms", f64s(preds.iter().map(|p| Some(p.latency_ms)))),
+        (
+            "shared_latency_ms",
+            f64s(preds.iter().map(|p| Some(p.shared_latency_ms))),
+        ),
+        ("prefill_ms", f64s(preds.iter().map(|p| Some(p.prefill_ms)))),
+        ("decode_ms", f64s(preds.iter().map(|p| Some(p.decode_ms)))),
+        ("prefill_shared_by", u32s(&|p| p.shared_by)),
+        (
+            "from_cache",
+            Arc::new(BooleanArray::from_iter(
+                preds.iter().map(|p| Some(p.from_cache)),
+            )),
+        ),
+    ]);
+    to_parquet(&batch(cols)?)
+}
+
+/// One row per cell.
+pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<Vec<u8>, String> {
+    let s = |f: &dyn Fn(&CellMetrics) -> String| strs(m.iter().map(|x| Some(f(x))));
+    let f = |g: &dyn Fn(&CellMetrics) -> f64| f64s(m.iter().map(|x| Some(g(x))));
+    let u = |g: &dyn Fn(&CellMetrics) -> u64| u64s(m.iter().map(g));
+    let mut cols: Vec<(String, ArrayRef)> = vec![
+        ("cell".into(), s(&|x| x.cell.clone())),
+        ("model".into(), s(&|x| x.model.clone())),
+        ("prompt".into(), s(&|x| x.prompt.clone())),
+        ("method".into(), s(&|x| x.method.clone())),
+        ("kind".into(), s(&|x| x.kind.clone())),
+        ("temperature".into(), f64s(m.iter().map(|x| x.temperature))),
+        (
+            "seed".into(),
+            Arc::new(UInt64Array::from_iter(m.iter().map(|x| x.seed))),
+        ),
+        ("planned_rows".into(), u(&|x| x.planned)),
+        ("n".into(), u(&|x| x.n)),
+        ("correct".into(), u(&|x| x.correct)),
+        ("accuracy".into(), f(&|x| x.accuracy)),
+        ("accuracy_ci95_lo".into(), f(&|x| x.accuracy_lo)),
+        ("accuracy_ci95_hi".into(), f(&|x| x.accuracy_hi)),
+        ("macro_f1".into(), f(&|x| x.macro_f1)),
+        ("invalid".into(), u(&|x| x.invalid)),
+    ];
+    for (i, l) in labels.iter().enumerate() {
+        cols.push((format!("precision_{l}"), f(&|x| x.classes[i].precision)));
+        cols.push((format!("recall_{l}"), f(&|x| x.classes[i].recall)));
+        cols.push((format!("f1_{l}"), f(&|x| x.classes[i].f1)));
+    }
+    cols.extend([
+        ("latency_p50_ms".into(), f(&|x| x.latency_p50_ms)),
+        ("latency_p95_ms".into(), f(&|x| x.latency_p95_ms)),
+        ("compute_s".into(), f(&|x| x.compute_s)),
+        ("reviews_per_s".into(), f(&|x| x.reviews_per_s)),
+        (
+            "reviews_per_s_shared".into(),
+            f(&|x| x.reviews_per_s_shared),
+        ),
+        ("prompt_tokens_per_s".into(), f(&|x| x.prompt_tokens_per_s)),
+        ("generated_tokens_per_s".into(), f(&|x| x.gen_tokens_per_s)),
+        ("cached_rows".into(), u(&|x| x.cached)),
+        ("computed_rows".into(), u(&|x| x.computed)),
+    ]);
+    let refs: Vec<(&str, ArrayRef)> = cols.iter().map(|(n, a)| (n.as_str(), a.clone())).collect();
+    to_parquet(&batch(refs)?)
+}

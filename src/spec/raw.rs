@@ -1,0 +1,289 @@
+//! The spec file as written: serde types that mirror the YAML one to one.
+//! Every field a later check may complain about is `Spanned`, so errors can point at it.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpec {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub dataset: RawDataset,
+    pub models: Spanned<Vec<RawModel>>,
+    pub prompts: Spanned<Vec<RawPrompt>>,
+    pub methods: Spanned<Vec<RawMethod>>,
+    #[serde(default)]
+    pub sampling: Option<RawSampling>,
+    #[serde(default)]
+    pub report: Option<RawReport>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    pub path: Spanned<String>,
+    pub text: Spanned<String>,
+    pub label: Spanned<String>,
+    #[serde(default)]
+    pub id: Option<Spanned<String>>,
+    pub labels: Spanned<OrderedMap<String>>,
+    #[serde(default)]
+    pub sample: Option<RawSample>,
+    #[serde(default)]
+    pub clean: Option<RawClean>,
+    #[serde(default)]
+    pub max_text_tokens: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSample {
+    pub n: Spanned<usize>,
+    #[serde(default = "yes")]
+    pub stratify: bool,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClean {
+    #[serde(default)]
+    pub replace: OrderedMap<String>,
+    #[serde(default)]
+    pub collapse_whitespace: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub id: Spanned<String>,
+    pub gguf: Spanned<String>,
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    pub n_ctx: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrompt {
+    pub id: Spanned<String>,
+    #[serde(default)]
+    pub system: Option<Spanned<TemplateRef>>,
+    pub user: Spanned<TemplateRef>,
+    #[serde(default)]
+    pub shots: Option<Spanned<RawShots>>,
+}
+
+/// A template given inline (a string) or by file (`{file: path}`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TemplateRef {
+    Inline(String),
+    File(String),
+}
+
+impl<'de> Deserialize<'de> for TemplateRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TemplateRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an inline template string or a map `{file: PATH}`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TemplateRef, E> {
+                Ok(TemplateRef::Inline(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TemplateRef, A::Error> {
+                let mut file = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "file" if file.is_none() => file = Some(map.next_value::<String>()?),
+                        "file" => return Err(de::Error::duplicate_field("file")),
+                        other => return Err(de::Error::unknown_field(other, &["file"])),
+                    }
+                }
+                file.map(TemplateRef::File)
+                    .ok_or_else(|| de::Error::missing_field("file"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShots {
+    pub k: Spanned<usize>,
+    #[serde(default)]
+    pub strategy: ShotStrategy,
+    #[serde(default)]
+    pub seed: u64,
+    pub from: Spanned<String>,
+    #[serde(default)]
+    pub max_chars: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShotStrategy {
+    #[default]
+    Balanced,
+    Random,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMethod {
+    pub id: Spanned<String>,
+    pub kind: Spanned<MethodKind>,
+    #[serde(default)]
+    pub max_tokens: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub stop: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub parse: Option<Spanned<ParseRule>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    Generate,
+    Loglik,
+}
+
+/// How a generated answer is mapped to a label.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParseRule {
+    /// The label name that occurs first, as a whole word, case-insensitively.
+    #[default]
+    FirstLabel,
+    /// The whole answer, trimmed of spaces and punctuation, equals a label name.
+    Exact,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSampling {
+    #[serde(default)]
+    pub temperature: Option<Spanned<OneOrMany<f64>>>,
+    #[serde(default)]
+    pub top_p: Option<Spanned<OneOrMany<f64>>>,
+    #[serde(default)]
+    pub top_k: Option<Spanned<OneOrMany<i32>>>,
+    #[serde(default)]
+    pub min_p: Option<Spanned<OneOrMany<f64>>>,
+    #[serde(default)]
+    pub seed: Option<Spanned<OneOrMany<u64>>>,
+    #[serde(default)]
+    pub repeats: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// A value or a list of values (`temperature: 0.2` or `temperature: [0.2, 0.8]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OneOrMany<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::I64Deserializer::new(v)).map(|x| OneOrMany(vec![x]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::U64Deserializer::new(v)).map(|x| OneOrMany(vec![x]))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::F64Deserializer::new(v)).map(|x| OneOrMany(vec![x]))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                T::deserialize(de::value::StrDeserializer::new(v)).map(|x| OneOrMany(vec![x]))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// A YAML mapping whose keys may be any scalar (e.g. `0: negative`), kept in file order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OrderedMap<V>(pub Vec<(String, V)>);
+
+/// A scalar key read as text: `0`, `yes`, `"pos"` all become strings.
+struct ScalarKey(String);
+
+impl<'de> Deserialize<'de> for ScalarKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ScalarKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a scalar key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarKey, E> {
+                Ok(ScalarKey(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ScalarKey, E> {
+                Ok(ScalarKey(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarKey, E> {
+                Ok(ScalarKey(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarKey, E> {
+                Ok(ScalarKey(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Vis<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Vis<V> {
+            type Value = OrderedMap<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, V)> = Vec::new();
+                while let Some(ScalarKey(k)) = map.next_key()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    out.push((k, map.next_value()?));
+                }
+                Ok(OrderedMap(out))
+            }
+        }
+        d.deserialize_map(Vis(PhantomData))
+    }
+}

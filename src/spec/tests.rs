@@ -1,0 +1,142 @@
+use super::*;
+
+const GOOD: &str = r#"
+name: demo
+dataset:
+  path: data/reviews.csv
+  text: text
+  label: label
+  labels: {0: negative, 1: positive}
+  sample: {n: 4, seed: 3}
+models:
+  - id: tiny
+    gguf: models/tiny.gguf
+prompts:
+  - id: zero
+    user: "Review: {{ text }}\nAnswer with one of {{ labels | join(', ') }}."
+methods:
+  - id: gen
+    kind: generate
+    max_tokens: 4
+  - id: ll
+    kind: loglik
+sampling:
+  temperature: [0.2, 0.8]
+  seed: 1
+"#;
+
+fn parse_at(src: &str) -> Result<Spec, Diagnostic> {
+    parse(Path::new("/work/exp/spec.yaml"), src)
+}
+
+#[test]
+fn good_spec_parses_and_resolves_paths_against_its_folder() {
+    let s = parse_at(GOOD).unwrap();
+    assert_eq!(s.name, "demo");
+    assert_eq!(
+        s.dataset.path.value,
+        PathBuf::from("/work/exp/data/reviews.csv")
+    );
+    assert_eq!(
+        s.models[0].gguf.value,
+        ModelSource::Path(PathBuf::from("/work/exp/models/tiny.gguf"))
+    );
+    assert_eq!(
+        s.dataset.labels[1],
+        LabelSpec {
+            value: "1".into(),
+            name: "positive".into()
+        }
+    );
+    assert_eq!(s.sampling.temperature, vec![0.2, 0.8]);
+    assert_eq!(s.sampling.seed, vec![1]);
+    assert_eq!(s.sampling.points().len(), 2);
+    assert_eq!(s.methods[1].kind, MethodKind::Loglik);
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let src = GOOD.replace(
+        "    max_tokens: 4\n",
+        "    max_tokens: 4\n    temprature: 3\n",
+    );
+    let e = parse_at(&src).unwrap_err();
+    let line = src.lines().position(|l| l.contains("temprature")).unwrap() as u64 + 1;
+    assert_eq!(e.loc.line, line, "{e}");
+    assert!(e.loc.column > 0, "{e}");
+    assert!(e.to_string().contains("temprature"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("/work/exp/spec.yaml:{line}:")),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_key_is_an_error() {
+    let src = GOOD.replace("name: demo\n", "name: demo\nname: again\n");
+    let e = parse_at(&src).unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("duplicate"), "{e}");
+    assert_eq!(e.loc.line, 3, "{e}");
+}
+
+#[test]
+fn wrong_type_names_the_line() {
+    let src = GOOD.replace("max_tokens: 4", "max_tokens: lots");
+    let e = parse_at(&src).unwrap_err();
+    let line = src.lines().position(|l| l.contains("lots")).unwrap() as u64 + 1;
+    assert_eq!(e.loc.line, line, "{e}");
+}
+
+#[test]
+fn out_of_range_value_names_field() {
+    let src = GOOD.replace("temperature: [0.2, 0.8]", "temperature: [0.2, -1]");
+    let e = parse_at(&src).unwrap_err();
+    assert_eq!(e.field, "sampling.temperature");
+    let line = src.lines().position(|l| l.contains("-1]")).unwrap() as u64 + 1;
+    assert_eq!(e.loc.line, line, "{e}");
+}
+
+#[test]
+fn missing_template_file_names_field_and_line() {
+    let src = GOOD.replace(
+        "    user: \"Review: {{ text }}\\nAnswer with one of {{ labels | join(', ') }}.\"",
+        "    user: {file: ../prompts/nope.j2}",
+    );
+    let e = parse_at(&src).unwrap_err();
+    assert_eq!(e.field, "prompts[0].user");
+    let line = src.lines().position(|l| l.contains("nope.j2")).unwrap() as u64 + 1;
+    assert_eq!(e.loc.line, line, "{e}");
+    assert!(e.message.contains("nope.j2"), "{e}");
+}
+
+#[test]
+fn generate_only_options_on_loglik_are_rejected() {
+    let src = GOOD.replace(
+        "    kind: loglik\n",
+        "    kind: loglik\n    max_tokens: 3\n",
+    );
+    let e = parse_at(&src).unwrap_err();
+    assert_eq!(e.field, "methods[1].max_tokens");
+}
+
+#[test]
+fn hub_model_ids_parse() {
+    let src = GOOD.replace(
+        "gguf: models/tiny.gguf",
+        "gguf: hf:Org/Repo-GGUF/sub/m-Q4.gguf",
+    );
+    let s = parse_at(&src).unwrap();
+    assert_eq!(
+        s.models[0].gguf.value,
+        ModelSource::Hub {
+            owner: "Org".into(),
+            repo: "Repo-GGUF".into(),
+            file: "sub/m-Q4.gguf".into()
+        }
+    );
+    assert_eq!(
+        s.models[0].gguf.value.file_name().as_deref(),
+        Some("m-Q4.gguf")
+    );
+}

@@ -1,0 +1,255 @@
+//! Acceptance for the row cache, with the deterministic fake backend: what reruns after an
+//! edit, what does not, resuming after SIGKILL, and corrupt cache files.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Project, misses, predictions};
+
+#[test]
+fn rerun_computes_nothing() {
+    let p = Project::new();
+    let first = p.run();
+    // 2 models? no: 1 model × 2 prompts × (2 temperatures + loglik) = 6 cells × 12 rows.
+    assert_eq!(first["computed_rows"], 72);
+    assert_eq!(first["cached_rows"], 0);
+    // One prompt evaluation per (prompt, row) serves all three cells that share it.
+    assert_eq!(first["prompts_evaluated"], 24);
+    let second = p.run();
+    assert_eq!(second["computed_rows"], 0);
+    assert_eq!(second["cached_rows"], 72);
+    assert_eq!(second["prompts_evaluated"], 0);
+    for f in ["index.html", "predictions.parquet", "metrics.parquet"] {
+        assert!(p.path("reports/t").join(f).is_file(), "{f}");
+    }
+}
+
+#[test]
+fn editing_one_template_reruns_only_that_prompts_cells() {
+    let p = Project::new();
+    p.run();
+    let before = predictions(&p.path("reports/t/predictions.parquet"));
+    p.write(
+        "prompts/p2.j2",
+        "Text: {{ text }}\nIs it {{ labels | join(' or ') }}?!\n",
+    );
+    let m = misses(&p.plan());
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert!(
+        m.iter()
+            .all(|(id, n)| id.starts_with("fake-a/p2/") && *n == 12),
+        "{m:?}"
+    );
+    // --explain names the component that changed.
+    let out = p.run_ok(&[
+        "plan",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--explain",
+        "fake-a/p2/ll",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("12 rows to run: prompt differs"), "{text}");
+    let run = p.run();
+    assert_eq!(run["computed_rows"], 36);
+    assert_eq!(run["cached_rows"], 36);
+    assert_eq!(run["prompts_evaluated"], 12);
+    let after = predictions(&p.path("reports/t/predictions.parquet"));
+    let unchanged = |v: &Vec<String>| {
+        v.iter()
+            .filter(|l| l.contains("/p1/"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(unchanged(&before), unchanged(&after));
+}
+
+#[test]
+fn reordering_keys_and_comments_change_nothing() {
+    let p = Project::new();
+    p.run();
+    let reordered = r#"# the same spec, written differently
+methods:
+  - kind: loglik      # scored, not generated
+    id: ll
+  - max_tokens: 4
+    kind: generate
+    id: gen
+sampling: {seed: [3], temperature: [0.2, 0.8]}
+name: t
+prompts:
+  - user: {file: prompts/p1.j2}
+    id: p1
+  - user: {file: prompts/p2.j2}
+    system: "You judge reviews."
+    id: p2
+models:
+  - n_ctx: 512
+    gguf: models/a.gguf
+    id: fake-a
+dataset:
+  labels: {0: negative, 1: positive}
+  sample: {seed: 5, n: 12, stratify: true}
+  label: label
+  text: text
+  id: id
+  path: data/reviews.jsonl
+"#;
+    p.write("spec.yaml", reordered);
+    assert_eq!(misses(&p.plan()), vec![]);
+}
+
+#[test]
+fn changing_a_temperature_misses_only_its_cells() {
+    let p = Project::new();
+    p.run();
+    p.write(
+        "spec.yaml",
+        &common::SPEC.replace("temperature: [0.2, 0.8]", "temperature: [0.2, 0.7]"),
+    );
+    let m = misses(&p.plan());
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(
+        m.iter().all(|(id, n)| id.ends_with("@t=0.7") && *n == 12),
+        "{m:?}"
+    );
+    let out = p.run_ok(&[
+        "plan",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--explain",
+        "fake-a/p1/gen@t=0.7",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sampler differs"));
+    let run = p.run();
+    assert_eq!(run["computed_rows"], 24);
+}
+
+#[test]
+fn changing_the_model_file_misses_everything() {
+    let p = Project::new();
+    p.run();
+    pipeline::model::write_fake_gguf(&p.path("models/a.gguf"), b"fake model a, retrained").unwrap();
+    let m = misses(&p.plan());
+    assert_eq!(m.len(), 6);
+    let out = p.run_ok(&[
+        "plan",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--explain",
+        "fake-a/p1/ll",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("model differs"));
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_matches_an_uninterrupted_run() {
+    // Reference: an uninterrupted run in another folder.
+    let reference = Project::new();
+    reference.run();
+    let want = predictions(&reference.path("reports/t/predictions.parquet"));
+
+    let p = Project::new();
+    let mut child = p
+        .cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
+        .env("PIPELINE_FAKE_DELAY_MS", "150")
+        .spawn()
+        .unwrap();
+    // Wait until at least one batch is committed, then kill without warning.
+    let rows_dir = p.path("cache/v1/rows");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let segs = std::fs::read_dir(&rows_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if segs > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no segment committed in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !p.path("reports/t/run.json").exists(),
+        "the run was killed before the end"
+    );
+
+    let plan = p.plan();
+    let done: u64 = plan["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cached"].as_u64().unwrap())
+        .sum();
+    assert!(done > 0 && done < 72, "{done} rows survived the kill");
+    let run = p.run();
+    assert_eq!(run["cached_rows"].as_u64().unwrap(), done);
+    assert_eq!(
+        run["computed_rows"].as_u64().unwrap(),
+        72 - done,
+        "finished rows are not recomputed"
+    );
+    assert_eq!(predictions(&p.path("reports/t/predictions.parquet")), want);
+}
+
+#[test]
+fn corrupt_cache_file_is_reported_and_recomputed() {
+    let p = Project::new();
+    p.run();
+    let want = predictions(&p.path("reports/t/predictions.parquet"));
+    let seg = std::fs::read_dir(p.path("cache/v1/rows"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&seg, bytes).unwrap();
+    let out = p.run_ok(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("corrupt"), "{stderr}");
+    let run = p.run_json();
+    assert!(
+        run["computed_rows"].as_u64().unwrap() > 0,
+        "damaged rows are recomputed"
+    );
+    assert_eq!(predictions(&p.path("reports/t/predictions.parquet")), want);
+    assert!(
+        std::fs::read_dir(p.path("cache/v1/quarantine"))
+            .unwrap()
+            .count()
+            >= 1
+    );
+}
+
+#[test]
+fn limit_runs_a_prefix_whose_rows_count_later() {
+    let p = Project::new();
+    p.run_ok(&[
+        "run",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--quiet",
+        "--limit",
+        "4",
+    ]);
+    assert_eq!(p.run_json()["computed_rows"], 24);
+    let run = p.run();
+    assert_eq!(run["cached_rows"], 24);
+    assert_eq!(run["computed_rows"], 48);
+}

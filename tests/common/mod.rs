@@ -1,0 +1,181 @@
+//! Helpers for end-to-end tests: a throw-away project folder with a dataset, templates, a
+//! stand-in model file and a spec, and a way to run the `pipeline` binary on it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+pub const SPEC: &str = r#"# test spec
+name: t
+dataset:
+  path: data/reviews.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {0: negative, 1: positive}
+  sample: {n: 12, stratify: true, seed: 5}
+models:
+  - id: fake-a
+    gguf: models/a.gguf
+    n_ctx: 512
+prompts:
+  - id: p1
+    user: {file: prompts/p1.j2}
+  - id: p2
+    system: "You judge reviews."
+    user: {file: prompts/p2.j2}
+methods:
+  - id: gen
+    kind: generate
+    max_tokens: 4
+  - id: ll
+    kind: loglik
+sampling:
+  temperature: [0.2, 0.8]
+  seed: 3
+"#;
+
+impl Project {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Self { dir };
+        std::fs::create_dir_all(p.path("data")).unwrap();
+        std::fs::create_dir_all(p.path("prompts")).unwrap();
+        std::fs::create_dir_all(p.path("models")).unwrap();
+        let mut jsonl = String::new();
+        for i in 0..30 {
+            let label = i % 2;
+            let word = if label == 1 { "wonderful" } else { "dreadful" };
+            jsonl.push_str(&format!(
+                "{{\"id\": \"r{i}\", \"text\": \"Review number {i}: a {word} film, truly {word}.\", \"label\": {label}}}\n"
+            ));
+        }
+        p.write("data/reviews.jsonl", &jsonl);
+        p.write(
+            "prompts/p1.j2",
+            "Review: {{ text }}\nAnswer {{ labels | join(' or ') }}.\n",
+        );
+        p.write(
+            "prompts/p2.j2",
+            "Text: {{ text }}\nIs it {{ labels | join(' or ') }}?\n",
+        );
+        pipeline::model::write_fake_gguf(&p.path("models/a.gguf"), b"fake model a").unwrap();
+        p.write("spec.yaml", SPEC);
+        p
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        std::fs::write(self.path(rel), text).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("PIPELINE_CACHE_DIR", self.path("cache"))
+            .env("PIPELINE_REPORTS_DIR", self.path("reports"))
+            .env_remove("PIPELINE_MODELS_DIR")
+            .env_remove("PIPELINE_FAKE_DELAY_MS");
+        c
+    }
+
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pipeline {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `plan --json`, parsed.
+    pub fn plan(&self) -> serde_json::Value {
+        let out = self.run_ok(&["plan", "spec.yaml", "--json", "--backend", "fake"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `run --backend fake`, returning `run.json`'s run counts.
+    pub fn run(&self) -> serde_json::Value {
+        self.run_ok(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+        self.run_json()
+    }
+
+    pub fn run_json(&self) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.read("reports/t/run.json")).unwrap();
+        v["run"].clone()
+    }
+}
+
+/// Cells of `plan --json` with rows still to run: (id, to_run).
+pub fn misses(plan: &serde_json::Value) -> Vec<(String, u64)> {
+    plan["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["to_run"].as_u64().unwrap() > 0)
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                c["to_run"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The prediction table as sorted text lines (cell, row, raw answer, log-probs), to compare runs.
+pub fn predictions(path: &Path) -> Vec<String> {
+    use arrow::array::AsArray;
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let (cell, row, raw, pred) = (s("cell"), s("row_id"), s("raw_answer"), s("prediction"));
+        let lp = b
+            .column_by_name("label_logprobs")
+            .unwrap()
+            .as_list::<i32>()
+            .clone();
+        for i in 0..b.num_rows() {
+            let lps = if lp.is_null(i) {
+                String::new()
+            } else {
+                format!(
+                    "{:?}",
+                    lp.value(i)
+                        .as_primitive::<arrow::datatypes::Float64Type>()
+                        .values()
+                )
+            };
+            use arrow::array::Array;
+            out.push(format!(
+                "{} | {} | {:?} | {:?} | {}",
+                cell.value(i),
+                row.value(i),
+                (!raw.is_null(i)).then(|| raw.value(i)),
+                (!pred.is_null(i)).then(|| pred.value(i)),
+                lps
+            ));
+        }
+    }
+    out.sort();
+    out
+}
