@@ -253,3 +253,64 @@ fn limit_runs_a_prefix_whose_rows_count_later() {
     assert_eq!(run["cached_rows"], 24);
     assert_eq!(run["computed_rows"], 48);
 }
+
+/// The same acceptance in-process, counting what the fake backend itself was asked to do.
+#[test]
+fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use pipeline::backend::fake::{FakeBackend, FakeCalls};
+    use pipeline::backend::{Backend, BackendKind};
+    use pipeline::cache::Cache;
+    use pipeline::exec::{ExecOptions, execute};
+    use pipeline::model::Resolver;
+    use pipeline::plan::{PlanOptions, build};
+
+    let p = Project::new();
+    let resolver = Resolver {
+        digest_dir: p.path("cache/v1/digests"),
+        ..Default::default()
+    };
+    let run_once = || -> (usize, usize, usize) {
+        let spec = pipeline::spec::load(&p.path("spec.yaml")).unwrap();
+        let plan = build(
+            spec,
+            &PlanOptions {
+                resolver: &resolver,
+                engine_version: BackendKind::Fake.engine_version(),
+                fetch_models: true,
+                limit: None,
+            },
+        )
+        .unwrap();
+        let mut cache = Cache::open(&p.path("cache")).unwrap();
+        let calls = Arc::new(FakeCalls::default());
+        let c = calls.clone();
+        let make = Box::new(move || Box::new(FakeBackend::new(c)) as Box<dyn Backend>);
+        execute(
+            &plan,
+            &mut cache,
+            make,
+            &ExecOptions::default(),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        (
+            calls.prompts.load(Ordering::SeqCst),
+            calls.tasks.load(Ordering::SeqCst),
+            calls.models_loaded.load(Ordering::SeqCst),
+        )
+    };
+    assert_eq!(run_once(), (24, 72, 1));
+    assert_eq!(
+        run_once(),
+        (0, 0, 0),
+        "nothing to do: the model is not even loaded"
+    );
+    p.write(
+        "prompts/p1.j2",
+        "Review: {{ text }}\nAnswer {{ labels | join(' or ') }}!\n",
+    );
+    assert_eq!(run_once(), (12, 36, 1));
+}
