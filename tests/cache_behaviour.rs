@@ -314,3 +314,57 @@ fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
     );
     assert_eq!(run_once(), (12, 36, 1));
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_keeps_finished_rows() {
+    let p = Project::new();
+    let mut child = p
+        .cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
+        .env("PIPELINE_FAKE_DELAY_MS", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped = p.run_json();
+    assert_eq!(stopped["interrupted"], true);
+    let done = stopped["computed_rows"].as_u64().unwrap();
+    assert!(done > 0 && done < 72, "{done}");
+    // The partial report exists and the next run continues where this one stopped.
+    assert!(p.path("reports/t/index.html").is_file());
+    let rest = p.run();
+    assert_eq!(rest["cached_rows"].as_u64().unwrap(), done);
+    assert_eq!(rest["computed_rows"].as_u64().unwrap(), 72 - done);
+}
+
+#[test]
+fn two_concurrent_runs_share_one_cache_safely() {
+    let p = Project::new();
+    let spawn = || {
+        p.cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
+            .env("PIPELINE_FAKE_DELAY_MS", "10")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let out = p.run_ok(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("corrupt"));
+    let run = p.run_json();
+    assert_eq!(run["computed_rows"], 0);
+    assert_eq!(run["cached_rows"], 72);
+}

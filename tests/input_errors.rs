@@ -37,6 +37,7 @@ fn unknown_key() {
     let e = plan_error(&p);
     let at = format!("spec.yaml:{}:", line_of(&spec, "max_token: 5"));
     assert!(e.contains(&at) && e.contains("max_token"), "{e}");
+    assert!(e.contains("methods[0].max_token:"), "{e}");
 }
 
 #[test]
@@ -49,6 +50,7 @@ fn wrong_type() {
         e.contains(&format!("spec.yaml:{}:", line_of(&spec, "n_ctx: large"))),
         "{e}"
     );
+    assert!(e.contains("models[0].n_ctx"), "{e}");
 }
 
 #[test]

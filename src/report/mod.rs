@@ -67,7 +67,7 @@ impl Provenance {
     pub fn new(plan: &Plan, threads: usize, run: Option<ExecStats>) -> Self {
         let spec_text = std::fs::read(&plan.spec.path).unwrap_or_default();
         Self {
-            spec: plan.spec.path.display().to_string(),
+            spec: shown_path(&plan.spec.path),
             spec_blake3: blake3::hash(&spec_text).to_hex().to_string(),
             engine: plan.engine_version.clone(),
             threads,
@@ -81,13 +81,13 @@ impl Provenance {
                     file: m
                         .resolved
                         .as_ref()
-                        .map(|r| r.path.display().to_string())
+                        .map(|r| shown_path(&r.path))
                         .unwrap_or_default(),
                     sha256: m.sha256.clone().unwrap_or_default(),
                     size_bytes: m.resolved.as_ref().map_or(0, |r| r.size),
                 })
                 .collect(),
-            dataset: plan.spec.dataset.path.value.display().to_string(),
+            dataset: shown_path(&plan.spec.dataset.path.value),
             dataset_rows: plan.dataset.source_rows,
             sampled_rows: plan.dataset.rows.len(),
             run,
@@ -282,6 +282,18 @@ fn provenance_table(p: &Provenance) -> String {
         ]);
     }
     html::table(&["what", "value"], &rows, &[0, 1])
+}
+
+/// A path relative to the current folder when it lies inside it, so that published reports
+/// do not carry one machine's absolute paths.
+fn shown_path(p: &Path) -> String {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| abs.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or(abs)
+        .display()
+        .to_string()
 }
 
 fn machine_description() -> String {

@@ -253,8 +253,16 @@ pub fn load(path: &Path) -> Result<Spec, Diagnostic> {
 pub fn parse(path: &Path, source: &str) -> Result<Spec, Diagnostic> {
     let mut options = serde_saphyr::Options::default();
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
-    let raw: RawSpec = serde_saphyr::from_str_with_options(source, options)
-        .map_err(|e| yaml_error(path, source, &e))?;
+    // serde_path_to_error records the field path of a failure (`methods[0].max_tokens`).
+    let mut field = String::new();
+    let raw: RawSpec =
+        serde_saphyr::with_deserializer_from_str_with_options(source, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                field = e.path().to_string();
+                e.into_inner()
+            })
+        })
+        .map_err(|e| yaml_error(path, source, &e, &field))?;
     let base = path
         .parent()
         .map(|p| {
@@ -274,7 +282,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Spec, Diagnostic> {
     .spec(raw)
 }
 
-fn yaml_error(path: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic {
+fn yaml_error(path: &Path, source: &str, e: &serde_saphyr::Error, field: &str) -> Diagnostic {
     let loc = e
         .location()
         .map(|l| SourceLoc::from_saphyr(path, &l))
@@ -282,7 +290,15 @@ fn yaml_error(path: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic 
     let message = e.without_snippet().to_string();
     // saphyr prefixes its own location; we print ours in front, so drop the duplicate.
     let message = strip_location_suffix(&message);
-    Diagnostic::new(loc, "", message).with_source(source)
+    // The path ends at the offending key for unknown fields; `.` alone means the top level.
+    // `Spanned` wrappers show up as `.value` segments; no spec field is called `value`.
+    let field = field.replace(".value", "");
+    let field = if field == "." || field == "?" {
+        ""
+    } else {
+        field.as_str()
+    };
+    Diagnostic::new(loc, field, message).with_source(source)
 }
 
 fn strip_location_suffix(msg: &str) -> String {
