@@ -318,7 +318,7 @@ fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
 #[test]
 fn ctrl_c_stops_cleanly_and_keeps_finished_rows() {
     let p = Project::new();
-    let mut child = p
+    let child = p
         .cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
         .env("PIPELINE_FAKE_DELAY_MS", "100")
         .stdout(std::process::Stdio::piped())
