@@ -86,6 +86,19 @@ enum Command {
         #[arg(long, value_enum, default_value = "llama")]
         backend: BackendKind,
     },
+    /// Write the report's tables as CSV (predictions, metrics, comparisons).
+    Export {
+        spec: PathBuf,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+        /// Output folder (default: the report folder, REPORTS_DIR/<spec name>/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value = "llama", hide = true)]
+        backend: BackendKind,
+    },
     /// Rebuild the report from the cache alone (no model is loaded).
     Report {
         spec: PathBuf,
@@ -96,6 +109,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "llama", hide = true)]
         backend: BackendKind,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Csv,
 }
 
 fn main() -> ExitCode {
@@ -253,6 +271,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Export {
+            spec,
+            format: ExportFormat::Csv,
+            out,
+            limit,
+            backend,
+        } => {
+            let cfg = config(&cli, None, *backend);
+            let cache = open_cache(&cfg)?;
+            let plan = build_plan(spec, &cfg, false, *limit)?;
+            let dir = out
+                .clone()
+                .unwrap_or_else(|| cfg.reports_dir.join(&plan.spec.name));
+            for p in report::export_csv(&plan, &cache, &dir)? {
+                println!("{}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report {
             spec,

@@ -193,6 +193,20 @@ pub fn build(spec: Spec, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
             }
         }
     }
+    let known = |id: &crate::spec::Located<String>| -> Result<(), Diagnostic> {
+        if cells.iter().any(|c| c.id == id.value) {
+            return Ok(());
+        }
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        Err(id.error(format!("no cell `{}`; cells: {}", id.value, ids.join(", "))))
+    };
+    if let Some(b) = &spec.compare.baseline {
+        known(b)?;
+    }
+    for (a, b) in &spec.compare.pairs {
+        known(a)?;
+        known(b)?;
+    }
     Ok(Plan {
         spec,
         dataset,

@@ -127,7 +127,15 @@ pub struct CellMetrics {
     pub gen_tokens_per_s: f64,
     pub cached: u64,
     pub computed: u64,
+    /// Log-likelihood cells: probabilities are the label log-probs normalised over the labels.
+    pub roc_auc: Option<f64>,
+    pub brier: Option<f64>,
+    pub ece: Option<f64>,
+    pub reliability: Vec<stats::ReliabilityBin>,
 }
+
+/// Calibration bins of the reliability diagrams.
+pub const RELIABILITY_BINS: usize = 10;
 
 pub fn compute(plan: &Plan, preds: &[Prediction]) -> Vec<CellMetrics> {
     let labels = plan.dataset.label_names();
@@ -178,6 +186,38 @@ pub fn compute(plan: &Plan, preds: &[Prediction]) -> Vec<CellMetrics> {
             let gen_tokens: f64 = rows.iter().map(|p| f64::from(p.gen_tokens)).sum();
             let per_s = |x: f64, s: f64| if s > 0.0 { x / s } else { 0.0 };
             let method = &plan.spec.methods[cell.method];
+            let scored: Vec<(Vec<f64>, usize, bool)> = rows
+                .iter()
+                .filter_map(|p| {
+                    p.logprobs
+                        .as_ref()
+                        .map(|lp| (stats::label_probs(lp), p.gold, p.correct()))
+                })
+                .collect();
+            let (roc_auc, brier, ece, reliability) = if method.kind == MethodKind::Loglik
+                && !scored.is_empty()
+            {
+                // Macro one-vs-rest AUC (for two labels, the usual AUC).
+                let aucs: Vec<f64> = (0..k)
+                    .filter_map(|c| {
+                        let s: Vec<f64> = scored.iter().map(|(p, _, _)| p[c]).collect();
+                        let y: Vec<bool> = scored.iter().map(|(_, g, _)| *g == c).collect();
+                        stats::roc_auc(&s, &y)
+                    })
+                    .collect();
+                let auc = (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64);
+                let probs: Vec<Vec<f64>> = scored.iter().map(|(p, _, _)| p.clone()).collect();
+                let gold: Vec<usize> = scored.iter().map(|(_, g, _)| *g).collect();
+                let conf: Vec<f64> = probs
+                    .iter()
+                    .map(|p| p.iter().copied().fold(0.0, f64::max))
+                    .collect();
+                let ok: Vec<bool> = scored.iter().map(|(_, _, c)| *c).collect();
+                let (bins, ece) = stats::calibration(&conf, &ok, RELIABILITY_BINS);
+                (auc, Some(stats::brier(&probs, &gold)), Some(ece), bins)
+            } else {
+                (None, None, None, Vec::new())
+            };
             CellMetrics {
                 cell: cell.id.clone(),
                 model: plan.models[cell.model].id.clone(),
@@ -212,6 +252,185 @@ pub fn compute(plan: &Plan, preds: &[Prediction]) -> Vec<CellMetrics> {
                 gen_tokens_per_s: per_s(gen_tokens, decode_s),
                 cached: rows.iter().filter(|p| p.from_cache).count() as u64,
                 computed: rows.iter().filter(|p| !p.from_cache).count() as u64,
+                roc_auc,
+                brier,
+                ece,
+                reliability,
+            }
+        })
+        .collect()
+}
+
+/// Cells that differ only by seed or repeat: one sampling setting run several times.
+#[derive(Debug, Clone, Serialize)]
+pub struct SettingGroup {
+    pub setting: String,
+    pub cells: Vec<String>,
+    pub runs: usize,
+    pub mean_accuracy: f64,
+    pub std_accuracy: f64,
+    /// Accuracy of the per-row majority vote over the runs (rows present in every run).
+    pub majority_accuracy: f64,
+    pub majority_rows: u64,
+}
+
+pub fn setting_groups(
+    plan: &Plan,
+    preds: &[Prediction],
+    metrics: &[CellMetrics],
+) -> Vec<SettingGroup> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (ci, cell) in plan.cells.iter().enumerate() {
+        let Some(p) = &cell.point else { continue };
+        let setting = format!(
+            "{}/{}/{}@t={},top_p={},top_k={},min_p={}",
+            plan.models[cell.model].id,
+            plan.prompts.id(cell.prompt),
+            plan.spec.methods[cell.method].id,
+            p.temperature,
+            p.top_p,
+            p.top_k,
+            p.min_p
+        );
+        match groups.iter_mut().find(|(s, _)| *s == setting) {
+            Some((_, v)) => v.push(ci),
+            None => groups.push((setting, vec![ci])),
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|(_, cells)| cells.len() > 1)
+        .map(|(setting, cells)| {
+            let accs: Vec<f64> = cells
+                .iter()
+                .filter(|&&c| metrics[c].n > 0)
+                .map(|&c| metrics[c].accuracy)
+                .collect();
+            let (mean, std) = stats::mean_std(&accs);
+            let mut votes: std::collections::BTreeMap<usize, (usize, Vec<Option<usize>>)> =
+                Default::default();
+            for p in preds.iter().filter(|p| cells.contains(&p.cell)) {
+                let e = votes.entry(p.row).or_insert((p.gold, Vec::new()));
+                e.1.push(p.predicted);
+            }
+            let complete: Vec<&(usize, Vec<Option<usize>>)> = votes
+                .values()
+                .filter(|(_, v)| v.len() == cells.len())
+                .collect();
+            let right = complete
+                .iter()
+                .filter(|(g, v)| stats::majority(v) == Some(*g))
+                .count();
+            SettingGroup {
+                setting,
+                cells: cells.iter().map(|&c| plan.cells[c].id.clone()).collect(),
+                runs: cells.len(),
+                mean_accuracy: mean,
+                std_accuracy: std,
+                majority_accuracy: if complete.is_empty() {
+                    0.0
+                } else {
+                    right as f64 / complete.len() as f64
+                },
+                majority_rows: complete.len() as u64,
+            }
+        })
+        .collect()
+}
+
+/// A paired comparison of two cells on the rows both have.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub cell: String,
+    pub reference: String,
+    pub n: u64,
+    pub accuracy: f64,
+    pub reference_accuracy: f64,
+    /// `accuracy - reference_accuracy`.
+    pub difference: f64,
+    pub ci_lo: f64,
+    pub ci_hi: f64,
+    /// Rows only the cell got right, and rows only the reference got right.
+    pub cell_only: u64,
+    pub reference_only: u64,
+    /// Exact McNemar test.
+    pub p_value: f64,
+}
+
+/// The pairs to compare: the spec's `compare:` section, or every cell against the best one.
+pub fn comparison_pairs(plan: &Plan, metrics: &[CellMetrics]) -> Vec<(usize, usize)> {
+    let idx = |id: &str| {
+        plan.cell_by_id(id)
+            .expect("compare ids are checked by the plan")
+    };
+    let c = &plan.spec.compare;
+    let mut pairs = Vec::new();
+    let reference = match &c.baseline {
+        Some(b) => Some(idx(&b.value)),
+        None if c.pairs.is_empty() => metrics
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.n > 0)
+            .max_by(|a, b| a.1.accuracy.total_cmp(&b.1.accuracy).then(b.0.cmp(&a.0)))
+            .map(|(i, _)| i),
+        None => None,
+    };
+    if let Some(r) = reference {
+        pairs.extend(
+            (0..plan.cells.len())
+                .filter(|&i| i != r && metrics[i].n > 0)
+                .map(|i| (i, r)),
+        );
+    }
+    for (a, b) in &c.pairs {
+        pairs.push((idx(&a.value), idx(&b.value)));
+    }
+    pairs
+}
+
+pub fn compare(plan: &Plan, preds: &[Prediction], pairs: &[(usize, usize)]) -> Vec<Comparison> {
+    let n_rows = plan.dataset.rows.len();
+    let mut by_cell: Vec<Vec<Option<bool>>> = vec![vec![None; n_rows]; plan.cells.len()];
+    for p in preds {
+        by_cell[p.cell][p.row] = Some(p.correct());
+    }
+    pairs
+        .iter()
+        .map(|&(a, b)| {
+            let (x, y): (Vec<bool>, Vec<bool>) = by_cell[a]
+                .iter()
+                .zip(&by_cell[b])
+                .filter_map(|(x, y)| Some(((*x)?, (*y)?)))
+                .unzip();
+            let n = x.len() as u64;
+            let acc = |v: &[bool]| {
+                if v.is_empty() {
+                    0.0
+                } else {
+                    v.iter().filter(|&&t| t).count() as f64 / v.len() as f64
+                }
+            };
+            let cell_only = x.iter().zip(&y).filter(|(p, q)| **p && !**q).count() as u64;
+            let reference_only = x.iter().zip(&y).filter(|(p, q)| !**p && **q).count() as u64;
+            let (lo, hi) = stats::paired_bootstrap(
+                &x,
+                &y,
+                plan.spec.compare.resamples,
+                plan.spec.compare.seed,
+                0.95,
+            );
+            Comparison {
+                cell: plan.cells[a].id.clone(),
+                reference: plan.cells[b].id.clone(),
+                n,
+                accuracy: acc(&x),
+                reference_accuracy: acc(&y),
+                difference: acc(&x) - acc(&y),
+                ci_lo: lo,
+                ci_hi: hi,
+                cell_only,
+                reference_only,
+                p_value: stats::mcnemar_exact(cell_only, reference_only),
             }
         })
         .collect()

@@ -50,6 +50,199 @@ pub fn prf(tp: u64, fp: u64, fn_: u64) -> (f64, f64, f64) {
     (p, r, f)
 }
 
+/// Exact McNemar test (two-sided): with `b` and `c` the discordant pairs (A right and B
+/// wrong, and the reverse), the p-value of a binomial test of `min(b, c)` in `b + c` at 1/2.
+pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // Sum the binomial pmf in log space: n can be in the thousands.
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let mut ln_choose = 0.0; // ln C(n, 0)
+    let mut tail = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_choose + ln_half_n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// Percentile bootstrap interval of `mean(a) - mean(b)` over paired 0/1 outcomes: rows are
+/// resampled with replacement `resamples` times with a seeded generator.
+pub fn paired_bootstrap(
+    a: &[bool],
+    b: &[bool],
+    resamples: usize,
+    seed: u64,
+    level: f64,
+) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "paired outcomes");
+    let n = a.len();
+    if n == 0 || resamples == 0 {
+        return (0.0, 0.0);
+    }
+    let d: Vec<i8> = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| i8::from(x) - i8::from(y))
+        .collect();
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let mut diffs = Vec::with_capacity(resamples);
+    for _ in 0..resamples {
+        let mut sum = 0i64;
+        for _ in 0..n {
+            sum += i64::from(d[rng.below(n as u64) as usize]);
+        }
+        diffs.push(sum as f64 / n as f64);
+    }
+    let alpha = (1.0 - level) / 2.0;
+    (
+        quantile(&diffs, alpha).unwrap_or(0.0),
+        quantile(&diffs, 1.0 - alpha).unwrap_or(0.0),
+    )
+}
+
+/// Area under the ROC curve of `scores` for the positive class (`labels[i]` true), by the
+/// rank-sum (Mann-Whitney) formula with average ranks for ties. `None` with one class only.
+pub fn roc_auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    let n_pos = labels.iter().filter(|&&l| l).count();
+    let n_neg = labels.len() - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&i, &j| scores[i].total_cmp(&scores[j]));
+    let mut ranks = vec![0.0; scores.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            ranks[k] = avg;
+        }
+        i = j + 1;
+    }
+    let rank_sum: f64 = (0..labels.len())
+        .filter(|&k| labels[k])
+        .map(|k| ranks[k])
+        .sum();
+    let u = rank_sum - (n_pos * (n_pos + 1)) as f64 / 2.0;
+    Some(u / (n_pos * n_neg) as f64)
+}
+
+/// Brier score: the mean over rows of the squared error of the probability vector against the
+/// one-hot gold label, halved so that the binary case equals sklearn's `brier_score_loss`.
+pub fn brier(probs: &[Vec<f64>], gold: &[usize]) -> f64 {
+    if probs.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = probs
+        .iter()
+        .zip(gold)
+        .map(|(p, &g)| {
+            p.iter()
+                .enumerate()
+                .map(|(k, &x)| {
+                    let y = if k == g { 1.0 } else { 0.0 };
+                    (x - y) * (x - y)
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    total / probs.len() as f64 / 2.0
+}
+
+/// One bin of a reliability diagram.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReliabilityBin {
+    pub lo: f64,
+    pub hi: f64,
+    pub count: u64,
+    pub mean_confidence: f64,
+    pub accuracy: f64,
+}
+
+/// Reliability bins of top-label confidence (`bins` equal-width bins on [0, 1]; the last bin
+/// includes 1) and the expected calibration error, sum over bins of
+/// `count / n * |accuracy - mean confidence|` (Guo et al. 2017).
+pub fn calibration(
+    confidence: &[f64],
+    correct: &[bool],
+    bins: usize,
+) -> (Vec<ReliabilityBin>, f64) {
+    let n = confidence.len();
+    let mut out: Vec<ReliabilityBin> = (0..bins)
+        .map(|b| ReliabilityBin {
+            lo: b as f64 / bins as f64,
+            hi: (b + 1) as f64 / bins as f64,
+            count: 0,
+            mean_confidence: 0.0,
+            accuracy: 0.0,
+        })
+        .collect();
+    for (&c, &ok) in confidence.iter().zip(correct) {
+        let b = ((c * bins as f64).floor() as usize).min(bins - 1);
+        out[b].count += 1;
+        out[b].mean_confidence += c;
+        out[b].accuracy += f64::from(u8::from(ok));
+    }
+    let mut ece = 0.0;
+    for b in &mut out {
+        if b.count > 0 {
+            b.mean_confidence /= b.count as f64;
+            b.accuracy /= b.count as f64;
+            ece += b.count as f64 / n.max(1) as f64 * (b.accuracy - b.mean_confidence).abs();
+        }
+    }
+    (out, ece)
+}
+
+/// Probabilities over the labels from their log-probabilities (a softmax restricted to them).
+pub fn label_probs(logprobs: &[f64]) -> Vec<f64> {
+    let max = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logprobs.iter().map(|&l| (l - max).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.iter().map(|x| x / z).collect()
+}
+
+/// Mean and sample standard deviation (n - 1); the deviation is 0 for fewer than two values.
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// The most frequent valid vote; ties go to the label voted first; `None` if all are invalid.
+pub fn majority(votes: &[Option<usize>]) -> Option<usize> {
+    let mut counts: Vec<(usize, usize, usize)> = Vec::new(); // (label, count, first position)
+    for (pos, v) in votes.iter().enumerate() {
+        if let Some(l) = v {
+            match counts.iter_mut().find(|(x, _, _)| x == l) {
+                Some(e) => e.1 += 1,
+                None => counts.push((*l, 1, pos)),
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
+        .map(|(l, _, _)| l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +287,77 @@ mod tests {
             close(p, 2.0 / 3.0, 1e-12) && close(r, 2.0 / 3.0, 1e-12) && close(f, 2.0 / 3.0, 1e-12)
         );
         assert_eq!(prf(0, 0, 3), (0.0, 0.0, 0.0));
+    }
+    #[test]
+    fn mcnemar_matches_scipy_binomtest() {
+        // scipy.stats.binomtest(3, 15, 0.5).pvalue = 0.03515625
+        // (= statsmodels mcnemar([[10, 12], [3, 5]], exact=True).pvalue)
+        assert!(close(mcnemar_exact(12, 3), 0.035_156_25, 1e-12));
+        assert!(close(mcnemar_exact(3, 12), 0.035_156_25, 1e-12));
+        // scipy.stats.binomtest(40, 100, 0.5).pvalue = 0.05688793364098089
+        assert!(close(
+            mcnemar_exact(60, 40),
+            0.056_887_933_640_980_89,
+            1e-10
+        ));
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+    }
+
+    #[test]
+    fn roc_auc_and_brier_match_sklearn() {
+        let y = [false, false, true, true, true, false, true, false];
+        let s = [0.1, 0.4, 0.35, 0.8, 0.7, 0.4, 0.4, 0.2];
+        // sklearn.metrics.roc_auc_score(y, s) = 0.8125 (ties at 0.4 count one half)
+        assert!(close(roc_auc(&s, &y).unwrap(), 0.8125, 1e-12));
+        assert_eq!(roc_auc(&s, &[true; 8]), None);
+        // sklearn.metrics.brier_score_loss(y, s) = 0.16031250000000002
+        let probs: Vec<Vec<f64>> = s.iter().map(|&p| vec![1.0 - p, p]).collect();
+        let gold: Vec<usize> = y.iter().map(|&t| usize::from(t)).collect();
+        assert!(close(brier(&probs, &gold), 0.160_312_5, 1e-12));
+    }
+
+    #[test]
+    fn ece_matches_a_hand_computed_example() {
+        // Bins of width 0.1: [0.9, 1] holds 0.92 (right) and 0.97 (wrong): |0.5 - 0.945| * 2/5;
+        // [0.6, 0.7) holds 0.61, 0.68 (right) and 0.64 (wrong): |2/3 - 0.643333| * 3/5.
+        // ECE = 0.178 + 0.014 = 0.192 (numpy re-computation: 0.19199999999999998).
+        let (bins, ece) = calibration(
+            &[0.92, 0.97, 0.61, 0.68, 0.64],
+            &[true, false, true, true, false],
+            10,
+        );
+        assert!(close(ece, 0.192, 1e-12), "{ece}");
+        assert_eq!(bins[9].count, 2);
+        assert_eq!(bins[6].count, 3);
+        assert!(close(bins[6].accuracy, 2.0 / 3.0, 1e-12));
+    }
+
+    #[test]
+    fn paired_bootstrap_matches_a_reference_implementation() {
+        // The same procedure in Python (SplitMix64 seeded 42, rejection sampling for the
+        // index, numpy.quantile of 1000 resampled differences) gives [-0.2, 0.6].
+        let a = [
+            true, true, false, true, false, true, true, false, true, true,
+        ];
+        let b = [
+            true, false, false, true, true, false, true, false, false, true,
+        ];
+        let (lo, hi) = paired_bootstrap(&a, &b, 1000, 42, 0.95);
+        assert!(close(lo, -0.2, 1e-12) && close(hi, 0.6, 1e-12), "{lo} {hi}");
+        // Identical cells: the difference is exactly 0 in every resample.
+        assert_eq!(paired_bootstrap(&a, &a, 200, 1, 0.95), (0.0, 0.0));
+    }
+
+    #[test]
+    fn mean_std_matches_numpy_ddof1_and_majority_breaks_ties_by_first_vote() {
+        // numpy: mean([0.8, 0.7, 0.75]) = 0.75, std(..., ddof=1) = 0.05
+        let (m, s) = mean_std(&[0.8, 0.7, 0.75]);
+        assert!(close(m, 0.75, 1e-12) && close(s, 0.05, 1e-12));
+        assert_eq!(majority(&[Some(1), None, Some(0), Some(1)]), Some(1));
+        assert_eq!(majority(&[Some(0), Some(1)]), Some(0));
+        assert_eq!(majority(&[None, None]), None);
+        let p = label_probs(&[(0.25f64).ln(), (0.75f64).ln()]);
+        assert!(close(p[0], 0.25, 1e-12) && close(p[1], 0.75, 1e-12));
     }
 }

@@ -2,10 +2,11 @@
 
 use serde_json::Value;
 use vega_lite_4::{
-    AnyMark, Aria, Axis, ColorClass, DomainElement, DomainUnion, EncodingTooltip, Field,
-    HeightUnion, LayerElement, LayerEncoding, LegendText, Mark, RemovableValue, Scale, SortUnion,
-    StandardType, StringFieldDef, Type, UrlData, UrlDataInlineDataset, Vegalite, X2Class, XClass,
-    YClass,
+    Aggregate, AnyMark, Aria, Axis, ColorClass, DomainElement, DomainUnion, EdEncoding,
+    EncodingTooltip, FacetEncodingFieldDef, Field, HeightUnion, LayerElement, LayerEncoding,
+    LegendText, Mark, MarkPropDefStringNullTypeForShape, NonArgAggregateOp, RemovableValue, Scale,
+    ScaleType, Scheme, SizeClass, SortUnion, StandardType, StringFieldDef, TitleUnion, Type,
+    UrlData, UrlDataInlineDataset, Vegalite, X2Class, XClass, YClass,
 };
 
 use crate::metrics::CellMetrics;
@@ -135,4 +136,280 @@ pub fn accuracy(metrics: &[CellMetrics]) -> Vegalite {
         ]),
         ..Default::default()
     }
+}
+
+fn chart_title(t: &str) -> Option<TitleUnion> {
+    Some(TitleUnion::String(t.to_string()))
+}
+
+fn color(f: &str, t: &str) -> Option<ColorClass> {
+    Some(ColorClass {
+        field: field(f),
+        mark_prop_def_gradient_string_null_type: Some(Type::Nominal),
+        title: title(t),
+        ..Default::default()
+    })
+}
+
+fn quant_x(f: &str, t: &str, scale: RemovableValue<Scale>) -> XClass {
+    XClass {
+        field: field(f),
+        position_def_type: Some(Type::Quantitative),
+        title: title(t),
+        scale,
+        ..Default::default()
+    }
+}
+
+fn quant_y(f: &str, t: &str, scale: RemovableValue<Scale>) -> YClass {
+    YClass {
+        field: field(f),
+        position_def_type: Some(Type::Quantitative),
+        title: title(t),
+        scale,
+        ..Default::default()
+    }
+}
+
+/// Accuracy against temperature, one line per model · prompt · method (mean over seeds).
+pub fn accuracy_vs_temperature(metrics: &[CellMetrics]) -> Option<Vegalite> {
+    let values: Vec<Value> = metrics
+        .iter()
+        .filter(|m| m.n > 0)
+        .filter_map(|m| {
+            m.temperature.map(|t| {
+                serde_json::json!({
+                    "series": format!("{} · {} · {}", m.model, m.prompt, m.method),
+                    "temperature": t, "accuracy": m.accuracy, "cell": m.cell,
+                })
+            })
+        })
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    let enc = |mark: Mark| LayerElement {
+        mark: Some(AnyMark::Enum(mark)),
+        encoding: Some(LayerEncoding {
+            x: Some(quant_x(
+                "temperature",
+                "temperature",
+                RemovableValue::Default,
+            )),
+            y: Some(YClass {
+                aggregate: Some(Aggregate::Enum(NonArgAggregateOp::Mean)),
+                ..quant_y("accuracy", "accuracy (mean over seeds)", unit_scale())
+            }),
+            color: color("series", "model · prompt · method"),
+            tooltip: tooltip(&[
+                ("series", StandardType::Nominal, "setting"),
+                ("temperature", StandardType::Quantitative, "temperature"),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(Vegalite {
+        title: chart_title("Accuracy vs temperature"),
+        data: inline(values),
+        width: Some(HeightUnion::Double(420.0)),
+        layer: Some(vec![enc(Mark::Line), enc(Mark::Point)]),
+        ..Default::default()
+    })
+}
+
+/// The cost/quality frontier: accuracy against reviews per second (each cell on its own).
+pub fn cost_quality(metrics: &[CellMetrics]) -> Vegalite {
+    let values: Vec<Value> = metrics
+        .iter()
+        .filter(|m| m.n > 0 && m.reviews_per_s > 0.0)
+        .map(|m| {
+            serde_json::json!({
+                "cell": m.cell, "model": m.model, "prompt": m.prompt, "method": m.method,
+                "accuracy": m.accuracy, "reviews_per_s": m.reviews_per_s,
+            })
+        })
+        .collect();
+    Vegalite {
+        title: chart_title("Accuracy vs speed (reviews/s, each cell on its own)"),
+        data: inline(values),
+        width: Some(HeightUnion::Double(420.0)),
+        mark: Some(AnyMark::Enum(Mark::Point)),
+        encoding: Some(Box::new(EdEncoding {
+            x: Some(quant_x(
+                "reviews_per_s",
+                "reviews per second (log scale)",
+                RemovableValue::Specified(Scale {
+                    scale_type: Some(ScaleType::Log),
+                    ..Default::default()
+                }),
+            )),
+            y: Some(quant_y("accuracy", "accuracy", unit_scale())),
+            color: color("model", "model"),
+            shape: Some(MarkPropDefStringNullTypeForShape {
+                field: field("prompt"),
+                mark_prop_def_string_null_type_for_shape_type: Some(Type::Nominal),
+                title: title("prompt"),
+                ..Default::default()
+            }),
+            size: Some(SizeClass {
+                value: Some(vega_lite_4::CornerRadiusUnion::Double(90.0)),
+                ..Default::default()
+            }),
+            tooltip: tooltip(&[
+                ("cell", StandardType::Nominal, "cell"),
+                ("accuracy", StandardType::Quantitative, "accuracy"),
+                ("reviews_per_s", StandardType::Quantitative, "reviews/s"),
+            ]),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Confusion matrices, one panel per cell; the last predicted column counts invalid answers.
+pub fn confusion(metrics: &[CellMetrics], labels: &[String]) -> Vegalite {
+    let mut values = Vec::new();
+    for m in metrics.iter().filter(|m| m.n > 0) {
+        for (g, row) in m.confusion.iter().enumerate() {
+            for (p, &count) in row.iter().enumerate() {
+                let predicted = labels.get(p).cloned().unwrap_or_else(|| "(invalid)".into());
+                values.push(serde_json::json!({
+                    "cell": m.cell, "gold": labels[g], "predicted": predicted, "count": count,
+                }));
+            }
+        }
+    }
+    let mut order: Vec<vega_lite_4::SelectionInitInterval> = labels
+        .iter()
+        .map(|l| vega_lite_4::SelectionInitInterval::String(l.clone()))
+        .collect();
+    order.push(vega_lite_4::SelectionInitInterval::String(
+        "(invalid)".into(),
+    ));
+    Vegalite {
+        title: chart_title("Confusion matrices (rows: gold, columns: predicted)"),
+        data: inline(values),
+        mark: Some(AnyMark::Enum(Mark::Rect)),
+        encoding: Some(Box::new(EdEncoding {
+            facet: Some(FacetEncodingFieldDef {
+                field: field("cell"),
+                facet_encoding_field_def_type: Some(StandardType::Nominal),
+                columns: Some(3.0),
+                title: RemovableValue::Remove,
+                ..Default::default()
+            }),
+            x: Some(XClass {
+                field: field("predicted"),
+                position_def_type: Some(Type::Nominal),
+                sort: RemovableValue::Specified(SortUnion::UnionArray(order.clone())),
+                title: title("predicted"),
+                ..Default::default()
+            }),
+            y: Some(YClass {
+                field: field("gold"),
+                position_def_type: Some(Type::Nominal),
+                sort: RemovableValue::Specified(SortUnion::UnionArray(order)),
+                title: title("gold"),
+                ..Default::default()
+            }),
+            color: Some(ColorClass {
+                field: field("count"),
+                mark_prop_def_gradient_string_null_type: Some(Type::Quantitative),
+                scale: RemovableValue::Specified(Scale {
+                    scheme: Some(Scheme::String("blues".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            tooltip: tooltip(&[
+                ("cell", StandardType::Nominal, "cell"),
+                ("gold", StandardType::Nominal, "gold"),
+                ("predicted", StandardType::Nominal, "predicted"),
+                ("count", StandardType::Quantitative, "rows"),
+            ]),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Reliability diagram of the log-likelihood cells: accuracy against mean confidence per bin.
+pub fn calibration(metrics: &[CellMetrics]) -> Option<Vegalite> {
+    let mut values = Vec::new();
+    for m in metrics.iter().filter(|m| !m.reliability.is_empty()) {
+        for b in m.reliability.iter().filter(|b| b.count > 0) {
+            values.push(serde_json::json!({
+                "cell": m.cell, "confidence": b.mean_confidence, "accuracy": b.accuracy,
+                "rows": b.count, "bin": format!("{:.1}–{:.1}", b.lo, b.hi),
+            }));
+        }
+    }
+    if values.is_empty() {
+        return None;
+    }
+    let diagonal = LayerElement {
+        data: inline(vec![
+            serde_json::json!({"confidence": 0.0, "accuracy": 0.0}),
+            serde_json::json!({"confidence": 1.0, "accuracy": 1.0}),
+        ]),
+        mark: Some(AnyMark::Enum(Mark::Line)),
+        encoding: Some(LayerEncoding {
+            x: Some(XClass {
+                title: RemovableValue::Remove,
+                ..quant_x("confidence", "", unit_scale())
+            }),
+            y: Some(YClass {
+                title: RemovableValue::Remove,
+                ..quant_y("accuracy", "", unit_scale())
+            }),
+            color: Some(ColorClass {
+                value: Some(
+                    vega_lite_4::ConditionalValueDefGradientStringNullExprRefValue::String(
+                        "#bbbbbb".into(),
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let bins = |mark: Mark, sized: bool| LayerElement {
+        mark: Some(AnyMark::Enum(mark)),
+        encoding: Some(LayerEncoding {
+            x: Some(quant_x(
+                "confidence",
+                "mean confidence of the predicted label",
+                unit_scale(),
+            )),
+            y: Some(quant_y("accuracy", "accuracy", unit_scale())),
+            color: color("cell", "cell"),
+            size: sized.then(|| SizeClass {
+                field: field("rows"),
+                mark_prop_def_number_type: Some(Type::Quantitative),
+                ..Default::default()
+            }),
+            tooltip: tooltip(&[
+                ("cell", StandardType::Nominal, "cell"),
+                ("bin", StandardType::Nominal, "confidence bin"),
+                ("rows", StandardType::Quantitative, "rows"),
+                ("accuracy", StandardType::Quantitative, "accuracy"),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(Vegalite {
+        title: chart_title("Calibration of log-likelihood cells (reliability diagram)"),
+        data: inline(values),
+        width: Some(HeightUnion::Double(360.0)),
+        height: Some(HeightUnion::Double(360.0)),
+        layer: Some(vec![
+            diagonal,
+            bins(Mark::Line, false),
+            bins(Mark::Point, true),
+        ]),
+        ..Default::default()
+    })
 }

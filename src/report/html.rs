@@ -119,7 +119,8 @@ th, td {{ padding: .25rem .6rem; border-bottom: 1px solid #eceef3; text-align: r
 th {{ background: #f5f6fa; position: sticky; top: 0; }} td.l, th.l {{ text-align: left; }}
 .chart {{ margin: 1rem 0; }} .note {{ color: #5b6275; }} .warn {{ color: #a33b00; }}
 code {{ background: #f3f4f8; padding: 0 .2rem; border-radius: 3px; }}
-td.text {{ max-width: 40rem; text-align: left; white-space: pre-wrap; font-size: 12px; }}
+div.text {{ max-width: 44rem; max-height: 10rem; overflow: auto; white-space: pre-wrap; font-size: 12px; }}
+details {{ margin: .4rem 0; }} .scroll {{ overflow-x: auto; }} td code {{ white-space: nowrap; }} summary {{ cursor: pointer; }}
 </style>
 {libs}
 </head>
@@ -153,7 +154,7 @@ td.text {{ max-width: 40rem; text-align: left; white-space: pre-wrap; font-size:
 
 /// An HTML table; `cells` are already-escaped HTML, `left` marks left-aligned columns.
 pub fn table(head: &[&str], rows: &[Vec<String>], left: &[usize]) -> String {
-    let mut s = String::from("<table><thead><tr>");
+    let mut s = String::from("<div class=\"scroll\"><table><thead><tr>");
     for (i, h) in head.iter().enumerate() {
         let class = if left.contains(&i) {
             " class=\"l\""
@@ -175,7 +176,7 @@ pub fn table(head: &[&str], rows: &[Vec<String>], left: &[usize]) -> String {
         }
         s.push_str("</tr>\n");
     }
-    s.push_str("</tbody></table>");
+    s.push_str("</tbody></table></div>");
     s
 }
 

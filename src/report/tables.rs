@@ -9,10 +9,10 @@ use arrow::array::{
 use arrow::datatypes::{Field, Schema};
 use parquet::arrow::ArrowWriter;
 
-use crate::metrics::{CellMetrics, Prediction};
+use crate::metrics::{CellMetrics, Comparison, Prediction};
 use crate::plan::Plan;
 
-fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
@@ -21,6 +21,27 @@ fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
         ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
     w.write(batch).map_err(|e| e.to_string())?;
     w.close().map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// CSV of a table; list columns are left out (their values also have columns of their own).
+pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+    let keep: Vec<usize> = (0..batch.num_columns())
+        .filter(|&i| {
+            !matches!(
+                batch.schema().field(i).data_type(),
+                arrow::datatypes::DataType::List(_)
+            )
+        })
+        .collect();
+    let flat = batch.project(&keep).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut buf);
+        w.write(&flat).map_err(|e| e.to_string())?;
+    }
     Ok(buf)
 }
 
@@ -49,7 +70,7 @@ fn u64s<I: IntoIterator<Item = u64>>(it: I) -> ArrayRef {
 }
 
 /// One row per dataset row × cell.
-pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<Vec<u8>, String> {
+pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, String> {
     let labels = plan.dataset.label_names();
     let cell = |p: &Prediction| &plan.cells[p.cell];
     let mut cols: Vec<(&str, ArrayRef)> = vec![
@@ -177,11 +198,11 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<Vec<u8>, String>
             )),
         ),
     ]);
-    to_parquet(&batch(cols)?)
+    batch(cols)
 }
 
 /// One row per cell.
-pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<Vec<u8>, String> {
+pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, String> {
     let s = |f: &dyn Fn(&CellMetrics) -> String| strs(m.iter().map(|x| Some(f(x))));
     let f = |g: &dyn Fn(&CellMetrics) -> f64| f64s(m.iter().map(|x| Some(g(x))));
     let u = |g: &dyn Fn(&CellMetrics) -> u64| u64s(m.iter().map(g));
@@ -223,7 +244,30 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<Vec<u8>, String> 
         ("generated_tokens_per_s".into(), f(&|x| x.gen_tokens_per_s)),
         ("cached_rows".into(), u(&|x| x.cached)),
         ("computed_rows".into(), u(&|x| x.computed)),
+        ("roc_auc".into(), f64s(m.iter().map(|x| x.roc_auc))),
+        ("brier".into(), f64s(m.iter().map(|x| x.brier))),
+        ("ece".into(), f64s(m.iter().map(|x| x.ece))),
     ]);
     let refs: Vec<(&str, ArrayRef)> = cols.iter().map(|(n, a)| (n.as_str(), a.clone())).collect();
-    to_parquet(&batch(refs)?)
+    batch(refs)
+}
+
+/// One row per paired comparison.
+pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, String> {
+    let s = |f: &dyn Fn(&Comparison) -> String| strs(c.iter().map(|x| Some(f(x))));
+    let f = |g: &dyn Fn(&Comparison) -> f64| f64s(c.iter().map(|x| Some(g(x))));
+    let u = |g: &dyn Fn(&Comparison) -> u64| u64s(c.iter().map(g));
+    batch(vec![
+        ("cell", s(&|x| x.cell.clone())),
+        ("reference", s(&|x| x.reference.clone())),
+        ("n", u(&|x| x.n)),
+        ("accuracy", f(&|x| x.accuracy)),
+        ("reference_accuracy", f(&|x| x.reference_accuracy)),
+        ("difference", f(&|x| x.difference)),
+        ("difference_ci95_lo", f(&|x| x.ci_lo)),
+        ("difference_ci95_hi", f(&|x| x.ci_hi)),
+        ("cell_only_correct", u(&|x| x.cell_only)),
+        ("reference_only_correct", u(&|x| x.reference_only)),
+        ("mcnemar_exact_p", f(&|x| x.p_value)),
+    ])
 }

@@ -36,6 +36,28 @@ pub struct Spec {
     pub methods: Vec<MethodSpec>,
     pub sampling: SamplingGrid,
     pub report: ReportSpec,
+    pub compare: CompareSpec,
+}
+
+/// Paired comparisons between cells; with neither `baseline` nor `pairs`, every cell is
+/// compared with the most accurate one.
+#[derive(Debug, Clone)]
+pub struct CompareSpec {
+    pub baseline: Option<Located<String>>,
+    pub pairs: Vec<(Located<String>, Located<String>)>,
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+impl Default for CompareSpec {
+    fn default() -> Self {
+        Self {
+            baseline: None,
+            pairs: Vec::new(),
+            resamples: 2000,
+            seed: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +413,45 @@ impl Validator<'_> {
         let report = ReportSpec {
             title: raw.report.and_then(|r| r.title),
         };
+        let compare = match raw.compare {
+            None => CompareSpec::default(),
+            Some(c) => {
+                let (resamples, seed) = match &c.bootstrap {
+                    Some(b) if b.resamples.value < 100 => {
+                        return Err(self.err(
+                            &b.resamples,
+                            "compare.bootstrap.resamples",
+                            "use at least 100 resamples",
+                        ));
+                    }
+                    Some(b) => (b.resamples.value, b.seed),
+                    None => (2000, 0),
+                };
+                let pairs = match &c.pairs {
+                    Some(p) => p
+                        .value
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (a, b))| {
+                            (
+                                self.located(p, format!("compare.pairs[{i}][0]"), a.clone()),
+                                self.located(p, format!("compare.pairs[{i}][1]"), b.clone()),
+                            )
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                CompareSpec {
+                    baseline: c
+                        .baseline
+                        .as_ref()
+                        .map(|b| self.located(b, "compare.baseline", b.value.clone())),
+                    pairs,
+                    resamples,
+                    seed,
+                }
+            }
+        };
         Ok(Spec {
             path: self.file.clone(),
             name,
@@ -401,6 +462,7 @@ impl Validator<'_> {
             methods,
             sampling,
             report,
+            compare,
         })
     }
 

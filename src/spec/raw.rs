@@ -22,6 +22,39 @@ pub struct RawSpec {
     pub sampling: Option<RawSampling>,
     #[serde(default)]
     pub report: Option<RawReport>,
+    #[serde(default)]
+    pub compare: Option<RawCompare>,
+}
+
+/// Which cells to compare on paired rows.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompare {
+    /// Compare every other cell with this one.
+    #[serde(default)]
+    pub baseline: Option<Spanned<String>>,
+    /// Explicit pairs `[cell, reference]`.
+    #[serde(default)]
+    pub pairs: Option<Spanned<Vec<(String, String)>>>,
+    #[serde(default)]
+    pub bootstrap: Option<RawBootstrap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBootstrap {
+    #[serde(default = "default_resamples")]
+    pub resamples: Spanned<usize>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_resamples() -> Spanned<usize> {
+    Spanned::new(
+        2000,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
 }
 
 #[derive(Debug, Deserialize)]
