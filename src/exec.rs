@@ -22,6 +22,8 @@ use crate::spec::MethodKind;
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
     pub threads: usize,
+    /// Generations of one prompt decoded side by side (see `DEFAULT_BATCH_SEQS`).
+    pub batch_seqs: usize,
     /// Commit after this many finished rows...
     pub commit_rows: usize,
     /// ...or after this long, whichever comes first.
@@ -33,12 +35,16 @@ impl Default for ExecOptions {
     fn default() -> Self {
         Self {
             threads: default_threads(),
+            batch_seqs: DEFAULT_BATCH_SEQS,
             commit_rows: 32,
             commit_interval: Duration::from_secs(3),
             progress: false,
         }
     }
 }
+
+/// Generations decoded side by side by default; chosen from `scripts/bench` on 2 CPU cores.
+pub const DEFAULT_BATCH_SEQS: usize = 1;
 
 /// Physical cores: llama.cpp gains nothing from hyper-threads.
 pub fn default_threads() -> usize {
@@ -59,6 +65,8 @@ pub struct ExecStats {
     pub models_loaded: usize,
     pub wall_s: f64,
     pub interrupted: bool,
+    /// Peak resident memory of the process (VmHWM), where the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
     /// Keys computed by this run (the rest of the report's rows came from the cache).
     #[serde(skip)]
     pub computed: HashSet<Digest>,
@@ -213,6 +221,7 @@ pub fn execute(
                 path: r.path.clone(),
                 n_ctx: r.n_ctx,
                 threads: opts.threads,
+                batch_seqs: opts.batch_seqs,
             }
         })
         .collect();
@@ -308,6 +317,7 @@ pub fn execute(
     stats.computed = keys_done;
     stats.interrupted = cancel.load(Ordering::SeqCst);
     stats.wall_s = start.elapsed().as_secs_f64();
+    stats.peak_rss_bytes = peak_rss_bytes();
     match failure {
         Some(e) => Err(e),
         None => Ok(stats),
@@ -444,4 +454,12 @@ impl Progress {
         }
         self.total.finish_and_clear();
     }
+}
+
+/// Peak resident set size of this process, from `/proc/self/status` (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -82,9 +82,21 @@ enum Command {
         /// Link the Vega libraries from a CDN instead of inlining them.
         #[arg(long)]
         cdn: bool,
+        /// Generations of one prompt decoded side by side in one batch.
+        #[arg(long, default_value_t = exec::DEFAULT_BATCH_SEQS)]
+        batch_seqs: usize,
         /// Inference backend (`fake` is a deterministic stand-in for tests).
         #[arg(long, value_enum, default_value = "llama")]
         backend: BackendKind,
+    },
+    /// llama.cpp's raw pp512 / tg32 speed on a model, through this build (for benchmarks).
+    #[command(hide = true)]
+    EngineBench {
+        model: PathBuf,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// Write the report's tables as CSV (predictions, metrics, comparisons).
     Export {
@@ -207,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             threads,
             cdn,
+            batch_seqs,
             backend,
         } => {
             let cfg = config(&cli, *threads, *backend);
@@ -225,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             let opts = ExecOptions {
                 threads: cfg.threads,
+                batch_seqs: (*batch_seqs).max(1),
                 progress: cfg.progress,
                 ..Default::default()
             };
@@ -271,6 +285,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::EngineBench {
+            model,
+            threads,
+            reps,
+        } => {
+            let threads = threads.unwrap_or_else(exec::default_threads);
+            let (pp, tg) = pipeline::backend::llama::raw_throughput(model, threads, *reps)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "threads": threads,
+                    "engine": pipeline::backend::llama::engine_version(),
+                    "pp512_tok_s": pp,
+                    "tg32_tok_s": tg,
+                })
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Export {
             spec,

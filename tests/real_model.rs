@@ -176,6 +176,7 @@ fn answers_do_not_depend_on_grouping_order_or_prefix_reuse() {
         path: model,
         n_ctx: 1024,
         threads: 2,
+        batch_seqs: 1,
     };
     let mut engine = LlamaEngine::new();
     let all = tasks();
@@ -214,6 +215,21 @@ fn answers_do_not_depend_on_grouping_order_or_prefix_reuse() {
         })
         .unwrap();
     fresh.sort_by_key(|(i, _)| *i);
+    // Generations decoded side by side, three sequences per batch.
+    let mut batched = Vec::new();
+    let side_by_side = ModelLoad {
+        batch_seqs: 3,
+        ..load.clone()
+    };
+    engine
+        .with_model(&side_by_side, &mut |s| {
+            for i in 0..3 {
+                let prompt = s.format_chat(&messages(i))?;
+                batched.push(s.run(&prompt, &all)?);
+            }
+            Ok(())
+        })
+        .unwrap();
     assert!(
         together[1].evaluated_tokens < together[1].prompt_tokens,
         "the shared prefix was reused"
@@ -223,7 +239,8 @@ fn answers_do_not_depend_on_grouping_order_or_prefix_reuse() {
             let a = &alone[i][j].tasks[0];
             let r = &reversed[i].tasks[all.len() - 1 - j];
             let f = &fresh[i].1.tasks[j];
-            for other in [a, r, f] {
+            let b = &batched[i].tasks[j];
+            for other in [a, r, f, b] {
                 assert_eq!(t.text, other.text, "prompt {i} task {j}");
                 match (&t.logprobs, &other.logprobs) {
                     (Some(x), Some(y)) => {

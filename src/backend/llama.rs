@@ -97,7 +97,8 @@ impl Backend for LlamaEngine {
             .with_n_ctx(NonZeroU32::new(load.n_ctx))
             .with_n_batch(N_BATCH as u32)
             .with_n_ubatch(N_BATCH as u32)
-            .with_n_seq_max(1)
+            .with_n_seq_max(load.batch_seqs.max(1) as u32 + 1)
+            .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let ctx = model.new_context(backend, ctx_params).map_err(|e| {
@@ -113,6 +114,7 @@ impl Backend for LlamaEngine {
             kv_tokens: Vec::new(),
             n_ctx: load.n_ctx,
             batch: LlamaBatch::new(N_BATCH, 1),
+            batch_seqs: load.batch_seqs.max(1),
         };
         run(&mut session)
     }
@@ -126,6 +128,8 @@ struct LlamaSession<'m> {
     kv_tokens: Vec<LlamaToken>,
     n_ctx: u32,
     batch: LlamaBatch<'static>,
+    /// Generations decoded side by side.
+    batch_seqs: usize,
 }
 
 fn decode_err(e: impl std::fmt::Display) -> BackendError {
@@ -165,6 +169,7 @@ impl LlamaSession<'_> {
         Ok(last)
     }
 
+    /// One generation after another, each in sequence 0 after the prompt.
     fn generate(
         &mut self,
         prompt_len: usize,
@@ -175,54 +180,79 @@ impl LlamaSession<'_> {
     ) -> Result<TaskOutput, BackendError> {
         let start = Instant::now();
         let vocab = self.model.vocab();
-        let mut chain = (s.temperature > 0.0).then(|| sampler_chain(s));
-        let mut logits = prompt_logits.to_vec();
-        let mut bytes: Vec<u8> = Vec::new();
-        let mut gen_tokens = 0u32;
-        let mut finish = Finish::Length;
-        let mut text = String::new();
-        for step in 0..max_tokens {
-            let tok = match chain.as_mut() {
-                None => argmax(&logits),
-                Some(chain) => {
-                    let mut cand = LlamaTokenDataArray::from_iter(
-                        logits
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
-                        false,
-                    );
-                    cand.apply_sampler(chain);
-                    cand.selected_token()
-                        .ok_or_else(|| BackendError::Decode("sampler selected no token".into()))?
-                }
-            };
-            if vocab.is_eog(tok) {
-                finish = Finish::Eog;
-                break;
-            }
-            gen_tokens += 1;
-            bytes.extend(vocab.token_to_piece(tok, false, None));
-            text = String::from_utf8_lossy(&bytes).into_owned();
-            if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                finish = Finish::Stop;
-                break;
-            }
-            if step + 1 == max_tokens {
-                break;
-            }
+        let mut g = Generation::new(max_tokens, stop, s);
+        let mut next = g.step(&vocab, prompt_logits)?;
+        while let Some(tok) = next {
             self.append(&[tok], true)?;
-            logits.copy_from_slice(self.ctx.get_logits_ith(0));
+            let logits = self.ctx.get_logits_ith(0).to_vec();
+            next = g.step(&vocab, &logits)?;
         }
         self.truncate_kv(prompt_len)?;
-        Ok(TaskOutput {
-            text: Some(text),
-            logprobs: None,
-            gen_tokens,
-            finish,
-            decode_ms: start.elapsed().as_secs_f64() * 1000.0,
-        })
+        g.decode_ms = start.elapsed().as_secs_f64() * 1000.0;
+        Ok(g.into_output())
+    }
+
+    /// Several generations side by side: each gets its own sequence, forked from the
+    /// prompt in sequence 0 (the unified KV cache shares the prompt's cells), and every
+    /// decode call advances all unfinished ones by a token.
+    fn generate_batched(
+        &mut self,
+        prompt_len: usize,
+        prompt_logits: &[f32],
+        tasks: &[GenSpec],
+    ) -> Result<Vec<TaskOutput>, BackendError> {
+        let vocab = self.model.vocab();
+        let mut gens: Vec<Generation> = tasks
+            .iter()
+            .map(|(m, stop, s)| Generation::new(*m, stop, s))
+            .collect();
+        let mut pending: Vec<(usize, LlamaToken)> = Vec::new();
+        for (j, g) in gens.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            if let Some(tok) = g.step(&vocab, prompt_logits)? {
+                pending.push((j, tok));
+            }
+            g.decode_ms += t0.elapsed().as_secs_f64() * 1000.0;
+        }
+        for &(j, _) in &pending {
+            self.ctx
+                .copy_kv_cache_seq(0, j as i32 + 1, Some(0), Some(prompt_len as u32))
+                .map_err(decode_err)?;
+        }
+        let result = (|| -> Result<(), BackendError> {
+            while !pending.is_empty() {
+                let t0 = Instant::now();
+                self.batch.clear();
+                for &(j, tok) in &pending {
+                    let pos = prompt_len + gens[j].gen_tokens as usize - 1;
+                    self.batch
+                        .add(tok, pos as i32, &[j as i32 + 1], true)
+                        .map_err(decode_err)?;
+                }
+                self.ctx.decode(&mut self.batch).map_err(decode_err)?;
+                let mut next = Vec::with_capacity(pending.len());
+                for (k, &(j, _)) in pending.iter().enumerate() {
+                    let logits = self.ctx.get_logits_ith(k as i32).to_vec();
+                    if let Some(tok) = gens[j].step(&vocab, &logits)? {
+                        next.push((j, tok));
+                    }
+                }
+                // The decode served every pending sequence: each pays its share.
+                let share = t0.elapsed().as_secs_f64() * 1000.0 / pending.len() as f64;
+                for &(j, _) in &pending {
+                    gens[j].decode_ms += share;
+                }
+                pending = next;
+            }
+            Ok(())
+        })();
+        for j in 0..gens.len() {
+            self.ctx
+                .clear_kv_cache_seq(Some(j as u32 + 1), None, None)
+                .map_err(decode_err)?;
+        }
+        result?;
+        Ok(gens.into_iter().map(Generation::into_output).collect())
     }
 
     fn loglik(
@@ -297,16 +327,23 @@ impl Session for LlamaSession<'_> {
         if tokens.is_empty() {
             return Err(BackendError::Job("empty prompt".into()));
         }
-        let to_generate = tasks
+        // Cells needed past the prompt: generations side by side each need their own.
+        let longest =
+            |f: &dyn Fn(&Task) -> Option<usize>| tasks.iter().filter_map(f).max().unwrap_or(0);
+        let gen_len = longest(&|t| match t {
+            Task::Generate { max_tokens, .. } => Some(*max_tokens as usize),
+            Task::Loglik { .. } => None,
+        });
+        let label_len = longest(&|t| match t {
+            Task::Loglik { continuations } => continuations.iter().map(|c| c.len()).max(),
+            Task::Generate { .. } => None,
+        });
+        let side_by_side = tasks
             .iter()
-            .map(|t| match t {
-                Task::Generate { max_tokens, .. } => *max_tokens as usize,
-                Task::Loglik { continuations } => {
-                    continuations.iter().map(|c| c.len()).max().unwrap_or(0)
-                }
-            })
-            .max()
-            .unwrap_or(0);
+            .filter(|t| matches!(t, Task::Generate { .. }))
+            .count()
+            .clamp(1, self.batch_seqs);
+        let to_generate = (gen_len * side_by_side).max(label_len);
         if tokens.len() + to_generate > self.n_ctx as usize {
             return Err(BackendError::ContextOverflow {
                 needed: tokens.len() + to_generate,
@@ -329,32 +366,157 @@ impl Session for LlamaSession<'_> {
         let prompt_logits = self.ctx.get_logits_ith(last - 1).to_vec();
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let n = tokens.len();
-        let mut outs = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let out = match task {
-                Task::Generate {
-                    max_tokens,
-                    stop,
-                    sampler,
-                } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler),
-                Task::Loglik { continuations } => self.loglik(n, &prompt_logits, continuations),
-            };
-            match out {
-                Ok(o) => outs.push(o),
-                Err(e) => {
-                    // Leave the KV cache consistent with `kv_tokens` for the next prompt.
-                    self.kv_tokens.clear();
-                    self.ctx.clear_kv_cache();
-                    return Err(e);
-                }
+        let outs = match self.run_tasks(n, &prompt_logits, tasks) {
+            Ok(o) => o,
+            Err(e) => {
+                // Leave the KV cache consistent with `kv_tokens` for the next prompt.
+                self.kv_tokens.clear();
+                self.ctx.clear_kv_cache();
+                return Err(e);
             }
-        }
+        };
         Ok(PromptOutput {
             prompt_tokens: n as u32,
             evaluated_tokens: (n - common) as u32,
             prefill_ms,
             tasks: outs,
         })
+    }
+}
+
+impl LlamaSession<'_> {
+    /// Every task from the evaluated prompt, results in task order. Generations run
+    /// `batch_seqs` at a time when that is more than one.
+    fn run_tasks(
+        &mut self,
+        n: usize,
+        prompt_logits: &[f32],
+        tasks: &[Task],
+    ) -> Result<Vec<TaskOutput>, BackendError> {
+        let mut outs: Vec<Option<TaskOutput>> = vec![None; tasks.len()];
+        let gens: Vec<(usize, GenSpec)> = tasks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                Task::Generate {
+                    max_tokens,
+                    stop,
+                    sampler,
+                } => Some((i, (*max_tokens, stop.as_slice(), *sampler))),
+                Task::Loglik { .. } => None,
+            })
+            .collect();
+        if self.batch_seqs > 1 {
+            for chunk in gens.chunks(self.batch_seqs) {
+                let specs: Vec<GenSpec> = chunk.iter().map(|(_, g)| *g).collect();
+                for ((i, _), o) in
+                    chunk
+                        .iter()
+                        .zip(self.generate_batched(n, prompt_logits, &specs)?)
+                {
+                    outs[*i] = Some(o);
+                }
+            }
+        } else {
+            for (i, (max_tokens, stop, sampler)) in &gens {
+                outs[*i] = Some(self.generate(n, prompt_logits, *max_tokens, stop, sampler)?);
+            }
+        }
+        for (i, t) in tasks.iter().enumerate() {
+            if let Task::Loglik { continuations } = t {
+                outs[i] = Some(self.loglik(n, prompt_logits, continuations)?);
+            }
+        }
+        Ok(outs
+            .into_iter()
+            .map(|o| o.expect("every task ran"))
+            .collect())
+    }
+}
+
+/// A generation task: `max_tokens`, stop strings, sampler.
+type GenSpec<'a> = (u32, &'a [String], Sampler);
+
+/// The state of one generation: its sampler, what it produced, and why it stopped.
+struct Generation<'a> {
+    chain: Option<LlamaSampler>,
+    max_tokens: u32,
+    stop: &'a [String],
+    bytes: Vec<u8>,
+    text: String,
+    gen_tokens: u32,
+    finish: Finish,
+    decode_ms: f64,
+}
+
+impl<'a> Generation<'a> {
+    fn new(max_tokens: u32, stop: &'a [String], s: &Sampler) -> Self {
+        Self {
+            chain: (s.temperature > 0.0).then(|| sampler_chain(s)),
+            max_tokens,
+            stop,
+            bytes: Vec::new(),
+            text: String::new(),
+            gen_tokens: 0,
+            finish: Finish::Length,
+            decode_ms: 0.0,
+        }
+    }
+
+    /// Choose the next token from `logits` and record it; `Some(token)` when the generation
+    /// goes on and that token must be fed to the model.
+    fn step(
+        &mut self,
+        vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+        logits: &[f32],
+    ) -> Result<Option<LlamaToken>, BackendError> {
+        let tok = match self.chain.as_mut() {
+            None => argmax(logits),
+            Some(chain) => {
+                let mut cand = LlamaTokenDataArray::from_iter(
+                    logits
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                    false,
+                );
+                cand.apply_sampler(chain);
+                cand.selected_token()
+                    .ok_or_else(|| BackendError::Decode("sampler selected no token".into()))?
+            }
+        };
+        if vocab.is_eog(tok) {
+            self.finish = Finish::Eog;
+            return Ok(None);
+        }
+        self.gen_tokens += 1;
+        self.bytes.extend(vocab.token_to_piece(tok, false, None));
+        self.text = String::from_utf8_lossy(&self.bytes).into_owned();
+        if let Some(cut) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(cut);
+            self.finish = Finish::Stop;
+            return Ok(None);
+        }
+        if self.gen_tokens == self.max_tokens {
+            self.finish = Finish::Length;
+            return Ok(None);
+        }
+        Ok(Some(tok))
+    }
+
+    fn into_output(self) -> TaskOutput {
+        TaskOutput {
+            text: Some(self.text),
+            logprobs: None,
+            gen_tokens: self.gen_tokens,
+            finish: self.finish,
+            decode_ms: self.decode_ms,
+        }
     }
 }
 
@@ -390,4 +552,64 @@ fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
     max + sum.ln()
+}
+
+/// llama.cpp's raw speed through this binding, as `llama-bench` measures it: `pp512` is one
+/// 512-token batch evaluated from an empty KV cache, `tg32` is 32 single-token decodes from
+/// position 0. One warm-up and `reps` timed repetitions; medians in tokens per second.
+pub fn raw_throughput(
+    path: &std::path::Path,
+    threads: usize,
+    reps: usize,
+) -> Result<(f64, f64), BackendError> {
+    let backend = llama_backend();
+    let err = |e: &dyn std::fmt::Display| BackendError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        .map_err(|e| err(&e))?;
+    let t = i32::try_from(threads.max(1)).unwrap_or(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(4096))
+        .with_n_batch(N_BATCH as u32)
+        .with_n_ubatch(N_BATCH as u32)
+        .with_n_threads(t)
+        .with_n_threads_batch(t);
+    let mut ctx = model.new_context(backend, params).map_err(|e| err(&e))?;
+    let nv = model.n_vocab() as usize;
+    let toks: Vec<LlamaToken> = (0..512)
+        .map(|i| LlamaToken(((i * 7919 + 13) % nv) as i32))
+        .collect();
+    let mut batch = LlamaBatch::new(N_BATCH, 1);
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        ctx.clear_kv_cache();
+        batch.clear();
+        for (i, &tok) in toks.iter().enumerate() {
+            batch
+                .add(tok, i as i32, &[0], i + 1 == toks.len())
+                .map_err(decode_err)?;
+        }
+        let start = Instant::now();
+        ctx.decode(&mut batch).map_err(decode_err)?;
+        let pp_s = start.elapsed().as_secs_f64();
+        ctx.clear_kv_cache();
+        let start = Instant::now();
+        for (i, &tok) in toks[..32].iter().enumerate() {
+            batch.clear();
+            batch.add(tok, i as i32, &[0], true).map_err(decode_err)?;
+            ctx.decode(&mut batch).map_err(decode_err)?;
+        }
+        let tg_s = start.elapsed().as_secs_f64();
+        if rep > 0 {
+            pp.push(512.0 / pp_s);
+            tg.push(32.0 / tg_s);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(&mut pp), median(&mut tg)))
 }

@@ -19,6 +19,8 @@ pub struct ModelLoad {
     pub path: PathBuf,
     pub n_ctx: u32,
     pub threads: usize,
+    /// Generations of one prompt decoded side by side (1: one after another).
+    pub batch_seqs: usize,
 }
 
 /// Sampler settings of one generation; `temperature == 0` is greedy.

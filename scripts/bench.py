@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""pipeline vs the llama-cpp-python peer, side by side on one machine (see scripts/bench).
+
+Every figure comes from this one invocation: the peer script from ../shared/bench on the same
+sample, model and threads; pipeline runs on fresh caches; llama.cpp's raw pp512 through both
+bindings. Ratios, not absolute times, are what carry over between machines.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MODELS = {
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+}
+
+# The peer's prompt, word for word (see peer_llamacpp_python.py: SYSTEM, USER).
+SYSTEM = "You are a sentiment classifier for movie reviews. Answer with exactly one word: positive or negative."
+USER = "Review:\n{{ text }}\n\nIs the sentiment of this review positive or negative? Answer with exactly one word."
+FEW_SHOT = (
+    "Here are labelled examples of movie reviews.\n"
+    "{% for ex in examples %}\nReview:\n{{ ex.text }}\nSentiment: {{ ex.label }}\n{% endfor %}\n"
+    "Now classify this review.\n\n" + USER
+)
+
+
+def spec(name, model_path, data, user, methods, sampling, shots=None, n_ctx=4096):
+    prompt = {"id": "p", "system": SYSTEM, "user": user}
+    if shots:
+        prompt["shots"] = shots
+    return {
+        "name": name,
+        "dataset": {
+            "path": str(data),
+            "id": "id",
+            "text": "text",
+            "label": "label",
+            "labels": {0: "negative", 1: "positive"},
+        },
+        "models": [{"id": "m", "gguf": str(model_path), "n_ctx": n_ctx}],
+        "prompts": [prompt],
+        "methods": methods,
+        "sampling": sampling,
+    }
+
+
+GREEDY = [{"id": "gen", "kind": "generate", "max_tokens": 4}]
+
+
+def run_pipeline(args, work, name, spec_dict, extra=()):
+    """A full `pipeline run` on a fresh cache; returns run.json, metrics and predictions."""
+    d = work / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    # JSON is YAML: no YAML writer needed.
+    (d / "spec.yaml").write_text(json.dumps(spec_dict, indent=1))
+    cmd = [
+        str(args.pipeline), "run", str(d / "spec.yaml"), "--quiet", "--threads", str(args.threads),
+        "--cache-dir", str(d / "cache"), "--reports-dir", str(d / "reports"), *extra,
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    rep = d / "reports" / spec_dict["name"]
+    run = json.loads((rep / "run.json").read_text())["run"]
+    preds = pq.read_table(rep / "predictions.parquet").to_pylist()
+    metrics = pq.read_table(rep / "metrics.parquet").to_pylist()
+    # Each prompt once (the first cell's rows) for prompt-processing figures.
+    first = [p for p in preds if p["cell"] == metrics[0]["cell"]]
+    prefill_s = sum(p["prefill_ms"] for p in first) / 1000
+    evaluated = sum(p["evaluated_tokens"] for p in first)
+    prompt_tokens = sum(p["prompt_tokens"] for p in first)
+    out = {
+        "process_wall_s": wall,
+        "run_wall_s": run["wall_s"],
+        "rows": len(first),
+        "cells": len(metrics),
+        "reviews_per_s": len(first) / run["wall_s"],
+        "prompt_tokens": prompt_tokens,
+        "evaluated_tokens": evaluated,
+        "prefill_s": prefill_s,
+        "evaluated_tok_per_s": evaluated / prefill_s if prefill_s else 0.0,
+        "peak_rss_bytes": run.get("peak_rss_bytes"),
+        "accuracy": {m["cell"]: m["accuracy"] for m in metrics},
+        "invalid": {m["cell"]: m["invalid"] for m in metrics},
+    }
+    print(f"  {name}: {out['rows']} rows × {out['cells']} cells in {run['wall_s']:.1f} s "
+          f"({out['reviews_per_s']:.3f} reviews/s, {out['evaluated_tok_per_s']:.1f} evaluated tok/s)", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default="../shared")
+    ap.add_argument("--pipeline", default="target/release/pipeline")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(MODELS))
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench")
+    ap.add_argument("--skip-rss", action="store_true", help="skip the 1.5B peak-memory run")
+    args = ap.parse_args()
+    args.pipeline = Path(args.pipeline).resolve()
+    shared = Path(args.shared).resolve()
+    models_dir = Path(os.environ.get("PIPELINE_MODELS_DIR", Path.home() / ".cache/pipeline-models"))
+    model = models_dir / MODELS[args.model]
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    data = shared / "datasets/imdb/test.parquet"
+
+    # The peer's own sampling code, so both sides see exactly the same reviews, in order.
+    spec_ = importlib.util.spec_from_file_location("peer", shared / "bench/peer_llamacpp_python.py")
+    peer_mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(peer_mod)
+    sample = peer_mod.load_sample(str(data), args.n, args.seed)
+    sample_path = (work / "sample.parquet").resolve()
+    pq.write_table(
+        pa.table({"id": [s[0] for s in sample], "text": [s[1] for s in sample], "label": [s[2] for s in sample]}),
+        sample_path,
+    )
+    train = (Path("experiments/data/imdb/train.parquet")).resolve()
+    results = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": platform.processor() or platform.machine(),
+        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), ""),
+        "threads": args.threads,
+        "model": model.name,
+        "n": args.n,
+        "seed": args.seed,
+    }
+    print(f"bench: {model.name}, {args.n} reviews, {args.threads} threads", flush=True)
+
+    # 1. llama.cpp's raw limits, through both bindings.
+    pp_peer = json.loads(subprocess.run(
+        [sys.executable, str(shared / "bench/llamacpp_python_ppbench.py"), str(model), str(args.threads)],
+        check=True, capture_output=True, text=True).stdout)
+    pp_ours = json.loads(subprocess.run(
+        [str(args.pipeline), "engine-bench", str(model), "--threads", str(args.threads)],
+        check=True, capture_output=True, text=True).stdout)
+    results["pp512"] = {"llama_cpp_python": pp_peer, "pipeline_binding": pp_ours}
+    print(f"  pp512: {pp_peer['pp512_tok_s']:.1f} tok/s (llama-cpp-python), "
+          f"{pp_ours['pp512_tok_s']:.1f} tok/s (pipeline's binding)", flush=True)
+
+    # 2. The peer: one greedy generate pass.
+    peer_out = work / "peer_generate.json"
+    subprocess.run(
+        [sys.executable, str(shared / "bench/peer_llamacpp_python.py"), "--model", str(model), "--data", str(data),
+         "--n", str(args.n), "--seed", str(args.seed), "--threads", str(args.threads), "--mode", "generate",
+         "--temperature", "0", "--out", str(peer_out)],
+        check=True, stdout=subprocess.DEVNULL)
+    peer = json.loads(peer_out.read_text())
+    pr = peer["runs"][0]
+    results["peer_generate_greedy"] = {k: pr[k] for k in ("accuracy", "invalid", "wall_s", "reviews_per_s", "prompt_tokens", "prompt_tok_per_s")}
+    results["peer_generate_greedy"]["loop_s"] = peer["loop_s"]
+    print(f"  peer greedy: {pr['reviews_per_s']:.3f} reviews/s, accuracy {pr['accuracy']:.3f}", flush=True)
+
+    # 3. pipeline: one greedy cell; the 7-cell seed grid (and its batch sizes); 4-shot.
+    greedy_sampling = {"temperature": 0}
+    grid_sampling = {"temperature": [0.2, 0.8], "seed": [1, 2, 3], "top_p": 0.95, "top_k": 40}
+    grid_methods = GREEDY + [{"id": "ll", "kind": "loglik"}]
+    shots = {"k": 4, "strategy": "balanced", "seed": 11, "from": str(train), "max_chars": 600}
+    results["pipeline_greedy"] = run_pipeline(args, work, "greedy", spec("greedy", model, sample_path, USER, GREEDY, greedy_sampling))
+    grid = {}
+    for b in (1, 3, 6):
+        grid[b] = run_pipeline(args, work, f"grid_b{b}", spec(f"grid_b{b}", model, sample_path, USER, grid_methods, grid_sampling), ["--batch-seqs", str(b)])
+    results["pipeline_grid"] = {str(b): g for b, g in grid.items()}
+    results["pipeline_four_shot"] = run_pipeline(
+        args, work, "fewshot", spec("fewshot", model, sample_path, FEW_SHOT, GREEDY, greedy_sampling, shots=shots))
+
+    # 4. Peak memory with the 1.5B model at n_ctx 4096.
+    if not args.skip_rss:
+        big = models_dir / MODELS["qwen2.5-coder-1.5b"]
+        rss = run_pipeline(args, work, "rss_1p5b", spec("rss_1p5b", big, sample_path, USER, GREEDY, greedy_sampling), ["--limit", "10"])
+        results["rss_1p5b"] = {"peak_rss_bytes": rss["peak_rss_bytes"], "gguf_bytes": big.stat().st_size}
+
+    # Ratios.
+    g = results["pipeline_greedy"]
+    best_b = min(grid, key=lambda b: grid[b]["run_wall_s"])
+    ratios = {
+        "t1_greedy_reviews_per_s_vs_peer": g["reviews_per_s"] / pr["reviews_per_s"],
+        "t2_seed_grid_wall_vs_one_greedy_cell": {str(b): grid[b]["run_wall_s"] / g["run_wall_s"] for b in grid},
+        "t2_best_batch_seqs": best_b,
+        "t2_peer_estimate_wall_vs_one_greedy_cell": 7.0,
+        "t3_four_shot_per_row_vs_zero_shot": results["pipeline_four_shot"]["run_wall_s"] / g["run_wall_s"],
+        "t3_four_shot_prompt_tokens_vs_zero_shot": results["pipeline_four_shot"]["prompt_tokens"] / g["prompt_tokens"],
+        "t4_evaluated_tok_per_s_vs_pp512_same_binding": g["evaluated_tok_per_s"] / pp_ours["pp512_tok_s"],
+        "t4_evaluated_tok_per_s_vs_pp512_llama_cpp_python": g["evaluated_tok_per_s"] / pp_peer["pp512_tok_s"],
+        "peer_prompt_tok_per_s_vs_pp512_llama_cpp_python": pr["prompt_tok_per_s"] / pp_peer["pp512_tok_s"],
+        "binding_pp512_vs_llama_cpp_python": pp_ours["pp512_tok_s"] / pp_peer["pp512_tok_s"],
+    }
+    if "rss_1p5b" in results:
+        r = results["rss_1p5b"]
+        ratios["t5_peak_rss_minus_gguf_gib"] = (r["peak_rss_bytes"] - r["gguf_bytes"]) / 2**30
+    results["ratios"] = ratios
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "RESULTS.md").write_text(markdown(results))
+    print((out / "RESULTS.md").read_text())
+
+
+def markdown(r):
+    x = r["ratios"]
+    g = r["pipeline_greedy"]
+    p = r["peer_generate_greedy"]
+    grid = r["pipeline_grid"]
+    f = r["pipeline_four_shot"]
+    pp = r["pp512"]
+    lines = [
+        f"# Benchmark: pipeline vs llama-cpp-python ({r['model']}, {r['n']} reviews, {r['threads']} threads)",
+        "",
+        f"Measured {r['date_utc']} UTC on {r['cpu'] or r['machine']}, all in one `scripts/bench` invocation.",
+        "The peer is `../shared/bench/peer_llamacpp_python.py` (llama-cpp-python 0.3.36) on the same",
+        "reviews (its own sampler, seed 7) with the same prompt; pipeline runs start from an empty cache.",
+        "",
+        "| target | pipeline | reference | ratio | goal |",
+        "|---|---|---|---|---|",
+        f"| 1. one greedy generate cell, reviews/s | {g['reviews_per_s']:.3f} | peer {p['reviews_per_s']:.3f} | **{x['t1_greedy_reviews_per_s_vs_peer']:.2f}×** | ≥ 0.95× |",
+    ]
+    for b, ratio in x["t2_seed_grid_wall_vs_one_greedy_cell"].items():
+        lines.append(
+            f"| 2. seed grid, 7 cells (t 0.2/0.8 × seed 1/2/3 + loglik), wall, `--batch-seqs {b}` | {grid[b]['run_wall_s']:.0f} s | one greedy cell {g['run_wall_s']:.0f} s | **{ratio:.2f}×** | ≤ 1.5× (peer ≈ 7×) |")
+    lines += [
+        f"| 3. 4-shot fixed examples, per-row time | {f['run_wall_s'] / f['rows']:.2f} s | zero-shot {g['run_wall_s'] / g['rows']:.2f} s | **{x['t3_four_shot_per_row_vs_zero_shot']:.2f}×** | ≤ 1.25× (prompt is {x['t3_four_shot_prompt_tokens_vs_zero_shot']:.1f}× the tokens) |",
+        f"| 4. prompt tokens evaluated per second | {g['evaluated_tok_per_s']:.1f} | pp512 {pp['pipeline_binding']['pp512_tok_s']:.1f} (same binding) | **{x['t4_evaluated_tok_per_s_vs_pp512_same_binding']:.2f}×** | ≥ 0.90× |",
+        f"| 4b. same, against llama-cpp-python's pp512 | {g['evaluated_tok_per_s']:.1f} | pp512 {pp['llama_cpp_python']['pp512_tok_s']:.1f} | {x['t4_evaluated_tok_per_s_vs_pp512_llama_cpp_python']:.2f}× | |",
+    ]
+    if "rss_1p5b" in r:
+        rs = r["rss_1p5b"]
+        lines.append(
+            f"| 5. peak RSS, 1.5B at n_ctx 4096 | {rs['peak_rss_bytes'] / 2**30:.2f} GiB | GGUF {rs['gguf_bytes'] / 2**30:.2f} GiB | GGUF + **{x['t5_peak_rss_minus_gguf_gib']:.2f} GiB** | ≤ GGUF + 1 GiB |")
+    lines += [
+        "",
+        f"Accuracy on the same rows: pipeline greedy {list(g['accuracy'].values())[0]:.3f}, peer greedy {p['accuracy']:.3f}.",
+        f"Prompt tokens: pipeline evaluated {g['evaluated_tokens']} of {g['prompt_tokens']} (the shared system-prompt prefix is evaluated once); the peer evaluated {p['prompt_tokens']}.",
+        f"Peer prompt tokens/s vs its pp512: {x['peer_prompt_tok_per_s_vs_pp512_llama_cpp_python']:.2f}×; pipeline's binding pp512 vs llama-cpp-python's: {x['binding_pp512_vs_llama_cpp_python']:.2f}×.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
