@@ -184,6 +184,20 @@ fn build_plan(
     )?)
 }
 
+/// Config, cache and plan for the commands that only read (`plan`, `report`, `export`):
+/// models are located but never downloaded or loaded.
+fn read_only(
+    cli: &Cli,
+    spec: &std::path::Path,
+    limit: Option<usize>,
+    backend: BackendKind,
+) -> anyhow::Result<(Config, Cache, Plan)> {
+    let cfg = config(cli, None, backend);
+    let cache = open_cache(&cfg)?;
+    let plan = build_plan(spec, &cfg, false, limit)?;
+    Ok((cfg, cache, plan))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Plan {
@@ -193,9 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             backend,
         } => {
-            let cfg = config(&cli, None, *backend);
-            let cache = open_cache(&cfg)?;
-            let plan = build_plan(spec, &cfg, false, *limit)?;
+            let (_, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
             if let Some(cell) = explain {
                 let Some(ci) = plan.cell_by_id(cell) else {
                     let ids: Vec<&str> = plan.cells.iter().map(|c| c.id.as_str()).collect();
@@ -312,9 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             backend,
         } => {
-            let cfg = config(&cli, None, *backend);
-            let cache = open_cache(&cfg)?;
-            let plan = build_plan(spec, &cfg, false, *limit)?;
+            let (cfg, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
             let dir = out
                 .clone()
                 .unwrap_or_else(|| cfg.reports_dir.join(&plan.spec.name));
@@ -329,9 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cdn,
             backend,
         } => {
-            let cfg = config(&cli, None, *backend);
-            let cache = open_cache(&cfg)?;
-            let plan = build_plan(spec, &cfg, false, *limit)?;
+            let (cfg, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
             let prov = Provenance::new(&plan, cfg.threads, None);
             let scripts = if *cdn { Scripts::Cdn } else { Scripts::Inline };
             let written = report::write(

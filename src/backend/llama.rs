@@ -39,9 +39,35 @@ pub fn engine_version() -> String {
         "cpu"
     };
     format!(
-        "llama.cpp via llama-cpp-sys-2 {}; {device}; decode r{DECODE_REVISION}",
-        env!("PIPELINE_LLAMA_SYS_VERSION")
+        "llama.cpp via llama-cpp-sys-2 {}; {device} {}; decode r{DECODE_REVISION}",
+        env!("PIPELINE_LLAMA_SYS_VERSION"),
+        cpu_features()
     )
+}
+
+/// The SIMD features llama.cpp was compiled with: its kernels, and so its exact numbers,
+/// depend on them.
+fn cpu_features() -> String {
+    let features = [
+        ("sse4.2", cfg!(target_feature = "sse4.2")),
+        ("avx", cfg!(target_feature = "avx")),
+        ("avx2", cfg!(target_feature = "avx2")),
+        ("fma", cfg!(target_feature = "fma")),
+        ("f16c", cfg!(target_feature = "f16c")),
+        ("avx512f", cfg!(target_feature = "avx512f")),
+        ("avx512vnni", cfg!(target_feature = "avx512vnni")),
+        ("neon", cfg!(target_feature = "neon")),
+    ];
+    let on: Vec<&str> = features
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    if on.is_empty() {
+        "baseline".into()
+    } else {
+        on.join("+")
+    }
 }
 
 /// llama.cpp's global state, initialised once per process.
