@@ -253,7 +253,9 @@ def markdown(r):
         "and the default stays 1 (one generation after another).",
         "",
         "Not measured here: the peer on the 4-shot prompt (its script has no few-shot mode), and GPU speed (no GPU on "
-        "this machine; `--features cuda` builds llama.cpp with CUDA).",
+        "this machine; `--features cuda` builds llama.cpp with CUDA). Prompts of several rows in one decode call are "
+        "not offered: with llama-cpp-sys-2 0.1.160 a unified-KV decode mixing sequences with 32+ tokens gives wrong "
+        "logits (ggml-org/llama.cpp#24962, reproduced here).",
     ]
     lines += [
         "",

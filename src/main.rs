@@ -82,9 +82,9 @@ enum Command {
         /// Link the Vega libraries from a CDN instead of inlining them.
         #[arg(long)]
         cdn: bool,
-        /// Generations of one prompt decoded side by side in one batch.
-        #[arg(long, default_value_t = exec::DEFAULT_BATCH_SEQS)]
-        batch_seqs: usize,
+        /// Generations of one prompt decoded side by side in one batch (1 to 16).
+        #[arg(long, default_value_t = exec::DEFAULT_BATCH_SEQS as u64, value_parser = clap::value_parser!(u64).range(1..=16))]
+        batch_seqs: u64,
         /// Inference backend (`fake` is a deterministic stand-in for tests).
         #[arg(long, value_enum, default_value = "llama")]
         backend: BackendKind,
@@ -250,7 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             let opts = ExecOptions {
                 threads: cfg.threads,
-                batch_seqs: (*batch_seqs).max(1),
+                batch_seqs: *batch_seqs as usize,
                 progress: cfg.progress,
                 ..Default::default()
             };

@@ -29,6 +29,11 @@ use crate::prompt::Messages;
 /// Tokens per decode call while evaluating a prompt.
 const N_BATCH: usize = 512;
 
+/// Most generations decoded side by side. llama.cpp (ggml-org/llama.cpp#24962) gives wrong
+/// logits when one decode call with a unified KV cache holds tokens of several sequences and
+/// 32 or more tokens in all; a batch of one token per generation stays well below that.
+pub const MAX_SIDE_BY_SIDE: usize = 16;
+
 /// Bump when the decoding procedure here changes in a way that can change outputs.
 const DECODE_REVISION: u32 = 1;
 
@@ -123,7 +128,7 @@ impl Backend for LlamaEngine {
             .with_n_ctx(NonZeroU32::new(load.n_ctx))
             .with_n_batch(N_BATCH as u32)
             .with_n_ubatch(N_BATCH as u32)
-            .with_n_seq_max(load.batch_seqs.max(1) as u32 + 1)
+            .with_n_seq_max(load.batch_seqs.clamp(1, MAX_SIDE_BY_SIDE) as u32 + 1)
             .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
@@ -140,7 +145,7 @@ impl Backend for LlamaEngine {
             kv_tokens: Vec::new(),
             n_ctx: load.n_ctx,
             batch: LlamaBatch::new(N_BATCH, 1),
-            batch_seqs: load.batch_seqs.max(1),
+            batch_seqs: load.batch_seqs.clamp(1, MAX_SIDE_BY_SIDE),
         };
         run(&mut session)
     }
