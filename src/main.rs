@@ -15,10 +15,11 @@ use pipeline::cache::Cache;
 use pipeline::config::Config;
 use pipeline::diag::Diagnostic;
 use pipeline::exec::{self, ExecOptions};
+use pipeline::metrics::CellMetrics;
 use pipeline::model::HubOptions;
 use pipeline::plan::{self, Plan, PlanOptions};
 use pipeline::report::{self, Provenance, html::Scripts};
-use pipeline::{metrics, spec};
+use pipeline::spec;
 
 #[derive(Parser)]
 #[command(
@@ -276,7 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let scripts = if *cdn { Scripts::Cdn } else { Scripts::Inline };
             let written =
                 report::write(&plan, &cache, &computed, &prov, &cfg.reports_dir, scripts)?;
-            print_summary(&plan, &cache, &computed);
+            print_summary(&written.analysis.metrics);
             println!(
                 "{} rows from cache, {} computed in {:.1} s ({} prompts, {} of {} prompt tokens evaluated){}",
                 stats.cached_rows,
@@ -350,7 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &cfg.reports_dir,
                 scripts,
             )?;
-            print_summary(&plan, &cache, &HashSet::new());
+            print_summary(&written.analysis.metrics);
             println!("report: {}", written.index.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -389,9 +390,7 @@ fn print_plan(plan: &Plan, cache: &Cache) {
     }
 }
 
-fn print_summary(plan: &Plan, cache: &Cache, computed: &HashSet<pipeline::key::Digest>) {
-    let preds = metrics::collect(plan, cache, computed);
-    let m = metrics::compute(plan, &preds);
+fn print_summary(m: &[CellMetrics]) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec![
@@ -404,7 +403,7 @@ fn print_summary(plan: &Plan, cache: &Cache, computed: &HashSet<pipeline::key::D
         "cached",
         "computed",
     ]);
-    for c in &m {
+    for c in m {
         t.add_row(vec![
             c.cell.clone(),
             format!("{}/{}", c.n, c.planned),

@@ -20,12 +20,13 @@ use arrow::array::RecordBatch;
 use html::{Block, Scripts, Section, escape};
 
 /// Where the report files went.
-#[derive(Debug, Clone)]
 pub struct Written {
     pub dir: PathBuf,
     pub index: PathBuf,
     pub predictions: PathBuf,
     pub metrics: PathBuf,
+    /// What the report shows, for a summary on the terminal.
+    pub analysis: Analysis,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +192,7 @@ pub fn write(
         index,
         predictions: paths[0].clone(),
         metrics: paths[1].clone(),
+        analysis: a,
     })
 }
 
