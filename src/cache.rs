@@ -3,19 +3,23 @@
 //! Layout (versioned; a new layout gets a new folder and never misreads an old one):
 //!
 //! ```text
-//! cache/v1/rows/seg-<time>-<pid>-<n>.parquet   committed rows, immutable once renamed
-//! cache/v1/quarantine/                         segments that failed to read or verify
-//! cache/v1/digests/                            sha256 memo of model files
+//! cache/v2/rows/seg-<time>-<pid>-<n>.parquet   committed rows, immutable once renamed
+//! cache/v2/quarantine/                         segments that failed to read or verify
+//! cache/v2/digests/                            sha256 memo of model files
 //! ```
 //!
 //! A segment is written to a hidden temporary file, synced, then renamed into place, so a
 //! reader sees a whole segment or none. Every row carries a checksum over its content; a row
 //! that fails it is never trusted. Concurrent runs write distinct segment names and need no
-//! lock; a duplicate row (two runs computing the same key) is harmless.
+//! lock; a duplicate row (two runs computing the same key) is harmless. A row that could not
+//! be computed is stored with its error so that reports can show it, but it is never a hit:
+//! the next run tries it again.
+//!
+//! [`Cache::open`] may repair (quarantine a damaged segment, rewrite its good rows);
+//! [`Cache::open_read_only`] never writes anything, for `plan`, `report` and `export`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,15 +33,17 @@ use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt32Ty
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::backend::Finish;
+use crate::fs::{tree_size, write_atomic};
 use crate::key::{Components, Digest, KeyEncoder};
+use crate::row::{Finish, RowError};
 
-pub const LAYOUT: &str = "v1";
+pub const LAYOUT: &str = "v2";
 
 /// Segments beyond this many are merged into one at the end of a run.
 pub const COMPACT_AFTER_SEGMENTS: usize = 16;
 
-/// One computed row: the raw output of one task on one prompt, with its key.
+/// One computed row: the raw output of one task on one prompt, with its key; or, when
+/// `error` is set (and `finish` is `Failed`), why it could not be computed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedRow {
     pub key: Digest,
@@ -57,12 +63,17 @@ pub struct CachedRow {
     pub shared_by: u32,
     pub decode_ms: f64,
     pub created_unix_ms: i64,
+    pub error: Option<RowError>,
 }
 
 impl CachedRow {
     /// Time attributed to this row: its share of the prompt plus its own decoding.
     pub fn latency_ms(&self) -> f64 {
         self.prefill_ms / f64::from(self.shared_by.max(1)) + self.decode_ms
+    }
+
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
     }
 
     /// Checksum over every stored field; a row whose checksum fails is discarded.
@@ -94,7 +105,9 @@ impl CachedRow {
             .bytes("prefill_ms", &self.prefill_ms.to_bits().to_le_bytes())
             .u64("shared_by", self.shared_by.into())
             .bytes("decode_ms", &self.decode_ms.to_bits().to_le_bytes())
-            .i64("created", self.created_unix_ms);
+            .i64("created", self.created_unix_ms)
+            .opt_str("error_kind", self.error.as_ref().map(|e| e.kind.as_str()))
+            .opt_str("error", self.error.as_ref().map(|e| e.message.as_str()));
         e.finish()
     }
 }
@@ -109,6 +122,8 @@ pub enum CacheError {
     },
     #[error("cache segment {path}: {message}")]
     Segment { path: PathBuf, message: String },
+    #[error("cache {path} was opened read-only")]
+    ReadOnly { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
@@ -122,9 +137,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
     pub segments: usize,
+    /// Distinct successful rows, and rows recorded as failed (with no success since).
     pub rows: usize,
-    /// Segments moved to quarantine, with the reason.
+    pub failures: usize,
+    /// Segments moved to quarantine (read-write open), with the reason.
     pub quarantined: Vec<(PathBuf, String)>,
+    /// Damaged segments left where they are (read-only open), with the reason.
+    pub untrusted: Vec<(PathBuf, String)>,
     /// Rows dropped because their checksum failed.
     pub corrupt_rows: usize,
 }
@@ -141,6 +160,12 @@ impl LoadReport {
                 )
             })
             .collect();
+        out.extend(self.untrusted.iter().map(|(p, why)| {
+            format!(
+                "corrupt cache segment {} is not trusted: {why} (`pipeline cache verify` quarantines it)",
+                p.display()
+            )
+        }));
         if self.corrupt_rows > 0 {
             out.push(format!(
                 "{} cached rows failed their checksum and will be recomputed",
@@ -151,23 +176,45 @@ impl LoadReport {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
 pub struct Cache {
     root: PathBuf,
+    access: Access,
     rows: HashMap<Digest, CachedRow>,
+    /// The latest failure of each key that has no successful row.
+    failures: HashMap<Digest, CachedRow>,
     pub report: LoadReport,
 }
 
 impl Cache {
-    /// Open (creating if needed) the cache under `dir` and load every committed row.
+    /// Open (creating if needed) the cache under `dir` and load every committed row;
+    /// damaged segments are quarantined and their verified rows rewritten.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
         let root = dir.join(LAYOUT);
         for sub in ["rows", "quarantine", "digests"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
+        Self::load_from(root, Access::ReadWrite)
+    }
+
+    /// Open the cache under `dir` without writing anything: a missing cache is empty, a
+    /// damaged segment is reported and skipped but left in place.
+    pub fn open_read_only(dir: &Path) -> Result<Self, CacheError> {
+        Self::load_from(dir.join(LAYOUT), Access::ReadOnly)
+    }
+
+    fn load_from(root: PathBuf, access: Access) -> Result<Self, CacheError> {
         let mut cache = Self {
             root,
+            access,
             rows: HashMap::new(),
+            failures: HashMap::new(),
             report: LoadReport::default(),
         };
         cache.load()?;
@@ -194,24 +241,40 @@ impl Cache {
         self.rows.is_empty()
     }
 
+    /// The successful row with this key.
     pub fn get(&self, key: &Digest) -> Option<&CachedRow> {
         self.rows.get(key)
     }
 
+    /// The latest recorded failure of this key, when no run has computed it since.
+    pub fn failure(&self, key: &Digest) -> Option<&CachedRow> {
+        self.failures.get(key)
+    }
+
+    /// Every successful row.
     pub fn rows(&self) -> impl Iterator<Item = &CachedRow> {
         self.rows.values()
     }
 
     fn segment_paths(&self) -> Result<Vec<PathBuf>, CacheError> {
         let dir = self.rows_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && self.access == Access::ReadOnly =>
+            {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+        for entry in entries {
             let entry = entry.map_err(io_err(&dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             if name.starts_with('.') {
                 // A temporary file left by a killed writer: never read, removed once stale.
-                if is_stale(&path) {
+                if self.access == Access::ReadWrite && is_stale(&path) {
                     let _ = fs::remove_file(&path);
                 }
                 continue;
@@ -230,7 +293,7 @@ impl Cache {
                 Ok(rows) => rows,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // compacted meanwhile
                 Err(e) => {
-                    self.quarantine(&path, &e.to_string())?;
+                    self.distrust(&path, &e.to_string())?;
                     continue;
                 }
             };
@@ -239,25 +302,51 @@ impl Cache {
             let good: Vec<CachedRow> = rows.into_iter().filter_map(Result::ok).collect();
             let bad = total - good.len();
             if bad > 0 {
-                // Keep what verifies, in a fresh segment; the damaged file goes to quarantine.
                 self.report.corrupt_rows += bad;
-                self.quarantine(
+                self.distrust(
                     &path,
                     &format!("{bad} of {total} rows failed their checksum"),
                 )?;
-                if !good.is_empty() {
+                if self.access == Access::ReadWrite && !good.is_empty() {
+                    // Keep what verifies, in a fresh segment.
                     self.write_segment(&good)?;
                 }
             }
             for r in good {
-                self.rows.entry(r.key).or_insert(r);
+                self.insert(r);
             }
         }
         self.report.rows = self.rows.len();
+        self.report.failures = self.failures.len();
         Ok(())
     }
 
-    fn quarantine(&mut self, path: &Path, why: &str) -> Result<(), CacheError> {
+    fn insert(&mut self, r: CachedRow) {
+        if r.failed() {
+            if self.rows.contains_key(&r.key) {
+                return;
+            }
+            match self.failures.get(&r.key) {
+                Some(old) if old.created_unix_ms >= r.created_unix_ms => {}
+                _ => {
+                    self.failures.insert(r.key, r);
+                }
+            }
+        } else {
+            self.failures.remove(&r.key);
+            self.rows.entry(r.key).or_insert(r);
+        }
+    }
+
+    /// A segment that cannot be trusted: quarantined when writing is allowed, else only
+    /// reported.
+    fn distrust(&mut self, path: &Path, why: &str) -> Result<(), CacheError> {
+        if self.access == Access::ReadOnly {
+            self.report
+                .untrusted
+                .push((path.to_path_buf(), why.to_string()));
+            return Ok(());
+        }
         let dest = self
             .root
             .join("quarantine")
@@ -271,14 +360,24 @@ impl Cache {
         Ok(())
     }
 
-    /// Durably add rows: one new segment, written then renamed.
+    fn writable(&self) -> Result<(), CacheError> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(CacheError::ReadOnly {
+                path: self.root.clone(),
+            }),
+        }
+    }
+
+    /// Durably add rows (successes and failures): one new segment, written then renamed.
     pub fn commit(&mut self, rows: Vec<CachedRow>) -> Result<(), CacheError> {
+        self.writable()?;
         if rows.is_empty() {
             return Ok(());
         }
         self.write_segment(&rows)?;
         for r in rows {
-            self.rows.entry(r.key).or_insert(r);
+            self.insert(r);
         }
         Ok(())
     }
@@ -296,37 +395,201 @@ impl Cache {
     /// Merge all segments into one when there are many. Another run compacting at the same
     /// time is kept out by a lock; a run merely reading sees either the old or new files.
     pub fn compact_if_needed(&mut self) -> Result<bool, CacheError> {
-        let segments = self.segment_paths()?;
-        if segments.len() <= COMPACT_AFTER_SEGMENTS {
+        self.writable()?;
+        if self.segment_paths()?.len() <= COMPACT_AFTER_SEGMENTS {
             return Ok(false);
         }
-        let lock_path = self.root.join("compact.lock");
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        if lock.try_lock().is_err() {
+        let Some(_lock) = self.lock(false)? else {
             return Ok(false);
-        }
-        let mut merged: HashMap<Digest, CachedRow> = HashMap::new();
-        let mut merged_paths = Vec::new();
-        for p in &segments {
-            match read_segment(p) {
-                Ok(rows) if rows.iter().all(Result::is_ok) => {
-                    for r in rows.into_iter().flatten() {
-                        merged.entry(r.key).or_insert(r);
-                    }
-                    merged_paths.push(p.clone());
-                }
-                // Damaged or vanished segments are left for `load` to deal with.
-                _ => {}
-            }
-        }
-        let mut rows: Vec<CachedRow> = merged.into_values().collect();
-        rows.sort_by_key(|r| r.key);
-        self.write_segment(&rows)?;
-        for p in merged_paths {
-            let _ = fs::remove_file(p);
-        }
+        };
+        self.rewrite(&|_| true)?;
         Ok(true)
     }
+
+    /// The compaction lock; `None` when another process holds it and `wait` is false.
+    fn lock(&self, wait: bool) -> Result<Option<File>, CacheError> {
+        let path = self.root.join("compact.lock");
+        let lock = File::create(&path).map_err(io_err(&path))?;
+        if wait {
+            lock.lock().map_err(io_err(&path))?;
+        } else if lock.try_lock().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(lock))
+    }
+
+    /// Replace every fully readable segment by one holding the rows `keep` accepts (the
+    /// latest failure of a key without a success included). Damaged or vanished segments
+    /// are left for `load` to deal with. Returns (rows kept, rows dropped, segments merged).
+    fn rewrite(&self, keep: &dyn Fn(&Digest) -> bool) -> Result<(usize, usize, usize), CacheError> {
+        let mut merged: HashMap<Digest, CachedRow> = HashMap::new();
+        let mut failed: HashMap<Digest, CachedRow> = HashMap::new();
+        let mut merged_paths = Vec::new();
+        let mut seen: HashSet<Digest> = HashSet::new();
+        for p in &self.segment_paths()? {
+            if let Ok(rows) = read_segment(p)
+                && rows.iter().all(Result::is_ok)
+            {
+                for r in rows.into_iter().flatten() {
+                    seen.insert(r.key);
+                    if r.failed() {
+                        match failed.get(&r.key) {
+                            Some(old) if old.created_unix_ms >= r.created_unix_ms => {}
+                            _ => {
+                                failed.insert(r.key, r);
+                            }
+                        }
+                    } else {
+                        merged.entry(r.key).or_insert(r);
+                    }
+                }
+                merged_paths.push(p.clone());
+            }
+        }
+        failed.retain(|k, _| !merged.contains_key(k));
+        let mut rows: Vec<CachedRow> = merged
+            .into_values()
+            .chain(failed.into_values())
+            .filter(|r| keep(&r.key))
+            .collect();
+        rows.sort_by_key(|r| r.key);
+        let kept = rows.len();
+        if !rows.is_empty() {
+            self.write_segment(&rows)?;
+        }
+        for p in &merged_paths {
+            let _ = fs::remove_file(p);
+        }
+        Ok((kept, seen.len() - kept, merged_paths.len()))
+    }
+
+    /// What the cache folder holds.
+    pub fn status(&self, cache_dir: &Path) -> CacheStatus {
+        let (segment_bytes, _) = tree_size(&self.rows_dir());
+        let (quarantine_bytes, quarantine_files) = tree_size(&self.root.join("quarantine"));
+        let temp_files = fs::read_dir(self.rows_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0);
+        CacheStatus {
+            root: self.root.clone(),
+            segments: self.report.segments,
+            segment_bytes,
+            rows: self.rows.len(),
+            failures: self.failures.len(),
+            quarantine_files,
+            quarantine_bytes,
+            temp_files,
+            other_layouts: other_layouts(cache_dir),
+        }
+    }
+
+    /// Keep only the rows whose key `needed` holds: one new segment replaces the old ones;
+    /// quarantined segments, stale temporary files and folders of older layouts are removed.
+    /// With `dry_run`, count what would go and change nothing.
+    pub fn gc(
+        &mut self,
+        cache_dir: &Path,
+        needed: &HashSet<Digest>,
+        dry_run: bool,
+    ) -> Result<GcReport, CacheError> {
+        let before = self.status(cache_dir);
+        let keep_rows = self.rows.keys().filter(|k| needed.contains(k)).count();
+        let keep_failures = self.failures.keys().filter(|k| needed.contains(k)).count();
+        let mut report = GcReport {
+            dry_run,
+            rows_kept: keep_rows,
+            rows_removed: self.rows.len() - keep_rows,
+            failures_kept: keep_failures,
+            failures_removed: self.failures.len() - keep_failures,
+            segments_before: before.segments,
+            bytes_before: before.segment_bytes,
+            bytes_after: before.segment_bytes,
+            quarantine_files_removed: before.quarantine_files,
+            layouts_removed: before
+                .other_layouts
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect(),
+        };
+        if dry_run {
+            return Ok(report);
+        }
+        self.writable()?;
+        let _lock = self.lock(true)?;
+        self.rewrite(&|k| needed.contains(k))?;
+        let q = self.root.join("quarantine");
+        if q.is_dir() {
+            fs::remove_dir_all(&q).map_err(io_err(&q))?;
+            fs::create_dir_all(&q).map_err(io_err(&q))?;
+        }
+        for (name, _) in &before.other_layouts {
+            let p = cache_dir.join(name);
+            fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        }
+        self.rows.retain(|k, _| needed.contains(k));
+        self.failures.retain(|k, _| needed.contains(k));
+        report.bytes_after = tree_size(&self.rows_dir()).0;
+        Ok(report)
+    }
+}
+
+/// `pipeline cache status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStatus {
+    pub root: PathBuf,
+    pub segments: usize,
+    pub segment_bytes: u64,
+    pub rows: usize,
+    pub failures: usize,
+    pub quarantine_files: usize,
+    pub quarantine_bytes: u64,
+    pub temp_files: usize,
+    /// Folders of other cache layouts beside this one (no version of `pipeline` reads
+    /// them once it moved on), with their size.
+    pub other_layouts: Vec<(String, u64)>,
+}
+
+/// `pipeline cache gc`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub rows_kept: usize,
+    pub rows_removed: usize,
+    pub failures_kept: usize,
+    pub failures_removed: usize,
+    pub segments_before: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub quarantine_files_removed: usize,
+    pub layouts_removed: Vec<String>,
+}
+
+/// Sibling folders named like a cache layout (`v1`, `v3`, ...) other than this one.
+fn other_layouts(cache_dir: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = fs::read_dir(cache_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n != LAYOUT
+                && n.len() > 1
+                && n.starts_with('v')
+                && n[1..].chars().all(|c| c.is_ascii_digit())
+        })
+        .map(|n| {
+            let size = tree_size(&cache_dir.join(&n)).0;
+            (n, size)
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn is_stale(path: &Path) -> bool {
@@ -345,27 +608,6 @@ fn new_segment_name() -> String {
         .as_micros();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("seg-{now:017}-{}-{n:05}.parquet", std::process::id())
-}
-
-/// Write `bytes` to `path` so that readers see the old file or the whole new one: a hidden
-/// temporary file in the same folder, synced, then renamed, then the folder synced.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 fn schema() -> Arc<Schema> {
@@ -391,6 +633,8 @@ fn schema() -> Arc<Schema> {
         Field::new("shared_by", DataType::UInt32, false),
         Field::new("decode_ms", DataType::Float64, false),
         Field::new("created_unix_ms", DataType::Int64, false),
+        Field::new("error_kind", DataType::Utf8, true),
+        Field::new("error", DataType::Utf8, true),
         Field::new("checksum", DataType::Utf8, false),
     ]);
     Arc::new(Schema::new(fields))
@@ -398,6 +642,9 @@ fn schema() -> Arc<Schema> {
 
 fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
     let strs = |f: &dyn Fn(&CachedRow) -> String| -> ArrayRef {
+        Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
+    };
+    let opt_strs = |f: &dyn Fn(&CachedRow) -> Option<String>| -> ArrayRef {
         Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
     };
     let u32s = |f: &dyn Fn(&CachedRow) -> u32| -> ArrayRef {
@@ -424,9 +671,7 @@ fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
         strs(&|r| r.row_id.clone()),
         strs(&|r| r.cell_id.clone()),
         strs(&|r| r.kind.clone()),
-        Arc::new(StringArray::from(
-            rows.iter().map(|r| r.text.clone()).collect::<Vec<_>>(),
-        )) as ArrayRef,
+        opt_strs(&|r| r.text.clone()),
         Arc::new(lp.finish()) as ArrayRef,
         u32s(&|r| r.prompt_tokens),
         u32s(&|r| r.evaluated_tokens),
@@ -438,6 +683,8 @@ fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
         Arc::new(Int64Array::from(
             rows.iter().map(|r| r.created_unix_ms).collect::<Vec<_>>(),
         )) as ArrayRef,
+        opt_strs(&|r| r.error.as_ref().map(|e| e.kind.clone())),
+        opt_strs(&|r| r.error.as_ref().map(|e| e.message.clone())),
         strs(&|r| r.checksum().hex()),
     ]);
     let batch = RecordBatch::try_new(schema(), cols).map_err(|e| e.to_string())?;
@@ -449,93 +696,116 @@ fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
 }
 
 /// Read a segment. The outer error means the file is unreadable as a whole; each row is
-/// `Err` when it fails verification.
-fn read_segment(path: &Path) -> std::io::Result<Vec<Result<CachedRow, String>>> {
+/// `Err` when it fails verification. Never panics: a reader panic on a damaged file (the
+/// Parquet decoder is not hardened against every corruption) is an unreadable segment.
+pub fn read_segment(path: &Path) -> std::io::Result<Vec<Result<CachedRow, String>>> {
     let file = File::open(path)?;
-    let invalid = |e: &dyn std::fmt::Display| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+    let bytes = {
+        use std::io::Read;
+        let mut b = Vec::new();
+        (&file).read_to_end(&mut b)?;
+        bytes::Bytes::from(b)
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| invalid(&e))?
-        .build()
-        .map_err(|e| invalid(&e))?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| invalid(&e))?;
-        if batch.schema().fields().len() != schema().fields().len() {
-            return Err(invalid(&"unexpected columns"));
-        }
-        out.extend(decode_batch(&batch).map_err(|e| invalid(&e))?);
-    }
-    Ok(out)
+    decode_segment(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-fn decode_batch(b: &RecordBatch) -> Result<Vec<Result<CachedRow, String>>, String> {
-    let col = |name: &str| {
-        b.column_by_name(name)
-            .ok_or_else(|| format!("missing column {name}"))
-    };
-    let s = |name: &str| -> Result<StringArray, String> {
-        col(name)?
-            .as_string_opt::<i32>()
-            .cloned()
-            .ok_or_else(|| format!("column {name} is not text"))
-    };
-    let u = |name: &str| -> Result<UInt32Array, String> {
-        col(name)?
-            .as_primitive_opt::<UInt32Type>()
-            .cloned()
-            .ok_or_else(|| format!("column {name} is not u32"))
-    };
-    let f = |name: &str| -> Result<Float64Array, String> {
-        col(name)?
-            .as_primitive_opt::<Float64Type>()
-            .cloned()
-            .ok_or_else(|| format!("column {name} is not f64"))
-    };
-    let key = s("key")?;
-    let comps: Vec<StringArray> = Components::NAMES
-        .iter()
-        .map(|n| s(n))
-        .collect::<Result<_, _>>()?;
+/// Decode a segment's bytes; `Err` when the file as a whole cannot be trusted.
+pub fn decode_segment(bytes: bytes::Bytes) -> Result<Vec<Result<CachedRow, String>>, String> {
+    crate::guard::catch(move || {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| e.to_string())?;
+            check_schema(&batch)?;
+            out.extend(decode_batch(&batch));
+        }
+        Ok(out)
+    })
+    .unwrap_or_else(|| Err("the Parquet reader failed on this file".into()))
+}
+
+/// Every expected column, with exactly the expected type, before any value is read.
+fn check_schema(b: &RecordBatch) -> Result<(), String> {
+    let want = schema();
+    if b.schema().fields().len() != want.fields().len() {
+        return Err(format!(
+            "{} columns, expected {}",
+            b.schema().fields().len(),
+            want.fields().len()
+        ));
+    }
+    for f in want.fields() {
+        let Some(col) = b.column_by_name(f.name()) else {
+            return Err(format!("missing column {}", f.name()));
+        };
+        let ok = match (f.data_type(), col.data_type()) {
+            (DataType::List(_), DataType::List(item)) => item.data_type() == &DataType::Float64,
+            (a, b) => a == b,
+        };
+        if !ok {
+            return Err(format!(
+                "column {} is {}, expected {}",
+                f.name(),
+                col.data_type(),
+                f.data_type()
+            ));
+        }
+        if !f.is_nullable() && col.null_count() > 0 {
+            return Err(format!("column {} has missing values", f.name()));
+        }
+    }
+    Ok(())
+}
+
+/// The rows of a batch whose schema [`check_schema`] accepted.
+fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
+    let col = |name: &str| b.column_by_name(name).expect("schema checked");
+    let s = |name: &str| col(name).as_string::<i32>().clone();
+    let u = |name: &str| col(name).as_primitive::<UInt32Type>().clone();
+    let f = |name: &str| col(name).as_primitive::<Float64Type>().clone();
+    let key = s("key");
+    let comps: Vec<StringArray> = Components::NAMES.iter().map(|n| s(n)).collect();
     let (row_id, cell_id, kind, text, finish, checksum) = (
-        s("row_id")?,
-        s("cell_id")?,
-        s("kind")?,
-        s("text")?,
-        s("finish")?,
-        s("checksum")?,
+        s("row_id"),
+        s("cell_id"),
+        s("kind"),
+        s("text"),
+        s("finish"),
+        s("checksum"),
     );
+    let (error_kind, error) = (s("error_kind"), s("error"));
     let (pt, et, gt, shared) = (
-        u("prompt_tokens")?,
-        u("evaluated_tokens")?,
-        u("gen_tokens")?,
-        u("shared_by")?,
+        u("prompt_tokens"),
+        u("evaluated_tokens"),
+        u("gen_tokens"),
+        u("shared_by"),
     );
-    let (prefill, decode) = (f("prefill_ms")?, f("decode_ms")?);
-    let created = col("created_unix_ms")?
-        .as_primitive_opt::<Int64Type>()
-        .cloned()
-        .ok_or("created_unix_ms is not i64")?;
-    let lp = col("logprobs")?
-        .as_list_opt::<i32>()
-        .cloned()
-        .ok_or("logprobs is not a list")?;
-    let mut out = Vec::with_capacity(b.num_rows());
-    for i in 0..b.num_rows() {
-        let row = (|| -> Result<CachedRow, String> {
+    let (prefill, decode) = (f("prefill_ms"), f("decode_ms"));
+    let created = col("created_unix_ms").as_primitive::<Int64Type>().clone();
+    let lp = col("logprobs").as_list::<i32>().clone();
+    let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
+    (0..b.num_rows())
+        .map(|i| {
             let d = |a: &StringArray| Digest::from_hex(a.value(i)).ok_or("bad digest");
             let mut parts = [Digest([0; 32]); 6];
             for (p, a) in parts.iter_mut().zip(&comps) {
                 *p = d(a)?;
             }
+            let error = match (opt(&error_kind, i), opt(&error, i)) {
+                (Some(kind), Some(message)) => Some(RowError { kind, message }),
+                (None, None) => None,
+                _ => return Err("error kind without message".into()),
+            };
             let row = CachedRow {
                 key: d(&key)?,
                 components: Components::from_parts(parts),
                 row_id: row_id.value(i).to_string(),
                 cell_id: cell_id.value(i).to_string(),
                 kind: kind.value(i).to_string(),
-                text: (!text.is_null(i)).then(|| text.value(i).to_string()),
+                text: opt(&text, i),
                 logprobs: (!lp.is_null(i))
                     .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
                 prompt_tokens: pt.value(i),
@@ -546,6 +816,7 @@ fn decode_batch(b: &RecordBatch) -> Result<Vec<Result<CachedRow, String>>, Strin
                 shared_by: shared.value(i),
                 decode_ms: decode.value(i),
                 created_unix_ms: created.value(i),
+                error,
             };
             if row.checksum().hex() != checksum.value(i) {
                 return Err("checksum mismatch".into());
@@ -553,11 +824,12 @@ fn decode_batch(b: &RecordBatch) -> Result<Vec<Result<CachedRow, String>>, Strin
             if row.components.row_key() != row.key {
                 return Err("key does not match its components".into());
             }
+            if row.failed() != (row.finish == Finish::Failed) {
+                return Err("failed row without an error".into());
+            }
             Ok(row)
-        })();
-        out.push(row);
-    }
-    Ok(out)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -587,6 +859,7 @@ mod tests {
             shared_by: 3,
             decode_ms: 1.25,
             created_unix_ms: 1_700_000_000_000,
+            error: None,
         }
     }
 

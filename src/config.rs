@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::backend::BackendKind;
 use crate::model::{HubOptions, Resolver};
+use crate::progress::ProgressMode;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -12,16 +13,32 @@ pub struct Config {
     pub models_dir: Option<PathBuf>,
     pub threads: usize,
     pub backend: BackendKind,
-    pub progress: bool,
+    pub progress: ProgressMode,
     pub hub: HubOptions,
 }
 
 impl Config {
-    pub fn resolver(&self) -> Resolver {
+    /// Defaults for everything but the folders (for tests and embedding).
+    pub fn new(cache_dir: impl Into<PathBuf>, reports_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            reports_dir: reports_dir.into(),
+            models_dir: None,
+            threads: crate::exec::default_threads(),
+            backend: BackendKind::Llama,
+            progress: ProgressMode::Off,
+            hub: HubOptions::default(),
+        }
+    }
+
+    /// Where models are found. `read_only`: the sha256 memo in the cache is read, never
+    /// written.
+    pub fn resolver(&self, read_only: bool) -> Resolver {
         Resolver {
             models_dir: self.models_dir.clone(),
             hub: self.hub.clone(),
             digest_dir: self.cache_dir.join(crate::cache::LAYOUT).join("digests"),
+            memo_read_only: read_only,
         }
     }
 }

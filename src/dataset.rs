@@ -121,6 +121,9 @@ fn read_labeled(
     spec: &DatasetSpec,
 ) -> Result<Vec<Row>, Diagnostic> {
     let batches = read_table(&path.value).map_err(|e| path.error(e))?;
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Err(path.error(format!("{} holds no rows", path.value.display())));
+    }
     let schema_cols: Vec<String> = batches
         .first()
         .map(|b| {
@@ -209,40 +212,122 @@ pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, String> {
     let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
     match ext.as_str() {
         "parquet" | "pq" => {
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| bad(&e))?
-                    .build()
-                    .map_err(|e| bad(&e))?;
-            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
+            // The Parquet decoder is not hardened against every damaged file: a panic in it
+            // is an unreadable file, not a crash.
+            crate::guard::catch(move || {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                        .map_err(|e| bad(&e))?
+                        .build()
+                        .map_err(|e| bad(&e))?;
+                reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
+            })
+            .unwrap_or_else(|| Err(bad(&"the Parquet reader failed on this file")))
         }
-        "csv" => {
-            let mut f = file;
-            let (schema, _) = arrow::csv::reader::Format::default()
-                .with_header(true)
-                .infer_schema(&mut f, Some(1000))
-                .map_err(|e| bad(&e))?;
-            let f = File::open(path).map_err(|e| bad(&e))?;
-            let reader = arrow::csv::ReaderBuilder::new(std::sync::Arc::new(schema))
-                .with_header(true)
-                .build(f)
-                .map_err(|e| bad(&e))?;
-            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
-        }
-        "jsonl" | "ndjson" | "json" => {
-            let mut buf = std::io::BufReader::new(file);
-            let (schema, _) =
-                arrow::json::reader::infer_json_schema_from_seekable(&mut buf, Some(1000))
-                    .map_err(|e| bad(&e))?;
-            let reader = arrow::json::ReaderBuilder::new(std::sync::Arc::new(schema))
-                .build(buf)
-                .map_err(|e| bad(&e))?;
-            reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))
-        }
+        "csv" => read_csv(path),
+        "jsonl" | "ndjson" | "json" => read_jsonl(path),
         other => Err(format!(
             "{}: unknown table format `.{other}` (use .parquet, .csv or .jsonl)",
             path.display()
         )),
+    }
+}
+
+/// A CSV file with every column read as text, so that an id `007` stays `007` and a
+/// column's type never depends on its first rows.
+fn read_csv(path: &Path) -> Result<Vec<RecordBatch>, String> {
+    use arrow::datatypes::{Field, Schema};
+    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let mut f = File::open(path).map_err(|e| bad(&e))?;
+    let (header, _) = arrow::csv::reader::Format::default()
+        .with_header(true)
+        .infer_schema(&mut f, Some(0))
+        .map_err(|e| bad(&e))?;
+    let schema = Schema::new(
+        header
+            .fields()
+            .iter()
+            .map(|h| Field::new(h.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    );
+    let f = File::open(path).map_err(|e| bad(&e))?;
+    arrow::csv::ReaderBuilder::new(std::sync::Arc::new(schema))
+        .with_header(true)
+        .build(f)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))
+}
+
+/// A JSON-lines file, one object per line, every value read as text (numbers as written,
+/// nested values as JSON). A line that is not a JSON object is an error naming the line.
+fn read_jsonl(path: &Path) -> Result<Vec<RecordBatch>, String> {
+    use arrow::array::{ArrayRef, StringBuilder};
+    use arrow::datatypes::{Field, Schema};
+    use std::io::BufRead;
+    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let file = File::open(path).map_err(|e| bad(&e))?;
+    let mut names: Vec<String> = Vec::new();
+    let mut rows: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| bad(&e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |what: String| format!("{}:{}: {what}", path.display(), i + 1);
+        let obj = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(o)) => o,
+            Ok(_) => return Err(at("expected a JSON object on each line".into())),
+            Err(e) => return Err(at(format!("invalid JSON: {e}"))),
+        };
+        for k in obj.keys() {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+        rows.push(obj);
+    }
+    let columns: Vec<ArrayRef> = names
+        .iter()
+        .map(|n| {
+            let mut b = StringBuilder::new();
+            for r in &rows {
+                b.append_option(r.get(n).and_then(json_text));
+            }
+            std::sync::Arc::new(b.finish()) as ArrayRef
+        })
+        .collect();
+    let schema = Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    );
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    RecordBatch::try_new(std::sync::Arc::new(schema), columns)
+        .map(|b| vec![b])
+        .map_err(|e| bad(&e))
+}
+
+/// A JSON value as dataset text: strings as they are, numbers as written (a float with no
+/// fractional part as an integer, as for Parquet), `null` as missing.
+fn json_text(v: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_f64() => n.as_f64().map(float_text),
+        other => Some(other.to_string()),
+    }
+}
+
+fn float_text(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        v.to_string()
     }
 }
 
@@ -254,16 +339,7 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
             let f = arrow::compute::cast(col, &DataType::Float64).map_err(|e| e.to_string())?;
             let f = f.as_primitive::<arrow::datatypes::Float64Type>();
             return Ok((0..f.len())
-                .map(|i| {
-                    (!f.is_null(i)).then(|| {
-                        let v = f.value(i);
-                        if v.fract() == 0.0 && v.abs() < 1e15 {
-                            format!("{}", v as i64)
-                        } else {
-                            v.to_string()
-                        }
-                    })
-                })
+                .map(|i| (!f.is_null(i)).then(|| float_text(f.value(i))))
                 .collect());
         }
         _ => arrow::compute::cast(col, &DataType::Utf8)
@@ -415,5 +491,60 @@ mod tests {
             collapse_whitespace: true,
         };
         assert_eq!(clean(" a<br /><br />b  c ", &c), "a b c");
+    }
+
+    fn column(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
+        batches
+            .iter()
+            .flat_map(|b| strings(b.column_by_name(name).unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn csv_columns_are_text_whatever_their_first_rows_look_like() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        let mut csv = String::from("id,text,label\n");
+        // 1500 numeric-looking texts, then a real one; ids with leading zeros.
+        for i in 0..1500 {
+            csv.push_str(&format!("{i:04},{i},1\n"));
+        }
+        csv.push_str("007,\"a review, with a comma\",0\n");
+        std::fs::write(&path, csv).unwrap();
+        let batches = read_table(&path).unwrap();
+        let ids = column(&batches, "id");
+        let texts = column(&batches, "text");
+        assert_eq!(ids[0].as_deref(), Some("0000"));
+        assert_eq!(ids[1500].as_deref(), Some("007"));
+        assert_eq!(texts[1500].as_deref(), Some("a review, with a comma"));
+        assert_eq!(column(&batches, "label")[1500].as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn jsonl_values_are_text_and_a_bad_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            "{\"id\": \"007\", \"text\": 12, \"label\": 1}\n\n{\"id\": 8, \"text\": \"ok\", \"label\": 0.0, \"x\": [1]}\n",
+        )
+        .unwrap();
+        let batches = read_table(&path).unwrap();
+        assert_eq!(
+            column(&batches, "id"),
+            vec![Some("007".into()), Some("8".into())]
+        );
+        assert_eq!(column(&batches, "text")[0].as_deref(), Some("12"));
+        assert_eq!(
+            column(&batches, "label"),
+            vec![Some("1".into()), Some("0".into())]
+        );
+        assert_eq!(column(&batches, "x"), vec![None, Some("[1]".into())]);
+        std::fs::write(&path, "{\"id\": 1}\n{\"id\": 2,\n").unwrap();
+        let e = read_table(&path).unwrap_err();
+        assert!(e.contains("d.jsonl:2: invalid JSON"), "{e}");
+        std::fs::write(&path, "[1, 2]\n").unwrap();
+        let e = read_table(&path).unwrap_err();
+        assert!(e.contains("d.jsonl:1: expected a JSON object"), "{e}");
     }
 }

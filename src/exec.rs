@@ -2,7 +2,10 @@
 //! owns the backend, and commits finished rows in small batches as they arrive.
 //!
 //! Rows are grouped by (model, prompt, dataset row): the prompt is evaluated once and every
-//! cell that shares it (grid points, seeds, log-likelihood) is served from that state.
+//! cell that shares it (grid points, seeds, log-likelihood) is served from that state. A row
+//! that cannot be computed (a prompt over the context, a decode error) is recorded with its
+//! error and the run goes on; only a failure of the machinery (a model that does not load,
+//! the cache, the worker) is an error of the run, and even then every finished row is kept.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -10,41 +13,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-
 use crate::backend::{Backend, BackendError, ModelLoad, PromptOutput, Sampler, Task, sampler_seed};
 use crate::cache::{Cache, CacheError, CachedRow};
 use crate::key::{Components, Digest};
 use crate::plan::Plan;
+use crate::progress::{Progress, ProgressMode};
 use crate::prompt::{Messages, Prompts};
+use crate::row::Finish;
 use crate::spec::MethodKind;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
     pub threads: usize,
-    /// Generations of one prompt decoded side by side (see `DEFAULT_BATCH_SEQS`).
-    pub batch_seqs: usize,
     /// Commit after this many finished rows...
     pub commit_rows: usize,
     /// ...or after this long, whichever comes first.
     pub commit_interval: Duration,
-    pub progress: bool,
+    pub progress: ProgressMode,
+    /// Stop at the first row that cannot be computed.
+    pub fail_fast: bool,
 }
 
 impl Default for ExecOptions {
     fn default() -> Self {
         Self {
             threads: default_threads(),
-            batch_seqs: DEFAULT_BATCH_SEQS,
             commit_rows: 32,
             commit_interval: Duration::from_secs(3),
-            progress: false,
+            progress: ProgressMode::Off,
+            fail_fast: false,
         }
     }
 }
-
-/// Generations decoded side by side by default; chosen from `scripts/bench` on 2 CPU cores.
-pub const DEFAULT_BATCH_SEQS: usize = 1;
 
 /// Physical cores: llama.cpp gains nothing from hyper-threads.
 pub fn default_threads() -> usize {
@@ -59,6 +59,10 @@ pub struct ExecStats {
     pub computed_rows: usize,
     /// Distinct rows (keys) computed; equal to `computed_rows` unless cells share keys.
     pub computed_keys: usize,
+    /// Cell rows that could not be computed in this run (recorded with their error).
+    pub failed_rows: usize,
+    /// Failed cell rows by error kind.
+    pub failed_by_kind: BTreeMap<String, usize>,
     pub prompts_evaluated: usize,
     pub prompt_tokens: u64,
     pub evaluated_tokens: u64,
@@ -84,6 +88,21 @@ pub enum ExecError {
     Cache(#[from] CacheError),
     #[error("the worker thread stopped unexpectedly")]
     WorkerDied,
+    #[error("row `{row}` of cell `{cell}` failed ({source}); stopped there (--fail-fast)")]
+    RowFailed {
+        cell: String,
+        row: String,
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// What a run did, and the error that stopped it early, if any: finished rows are in the
+/// cache either way.
+#[derive(Debug)]
+pub struct ExecOutcome {
+    pub stats: ExecStats,
+    pub error: Option<ExecError>,
 }
 
 /// A task of one cell on one prompt.
@@ -95,27 +114,62 @@ struct PendingTask {
 }
 
 /// One prompt (model × prompt × dataset row) and every task to compute from it.
-struct Job {
+pub(crate) struct Job {
+    pub(crate) model: usize,
+    pub(crate) prompt: usize,
+    row: usize,
+    tasks: Vec<PendingTask>,
+}
+
+impl Job {
+    pub(crate) fn cells(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tasks.iter().map(|t| t.cell)
+    }
+}
+
+/// What the worker thread needs of a job, owned.
+struct WorkerJob {
     model: usize,
     prompt: usize,
-    row: usize,
     text: String,
     messages: Messages,
-    tasks: Vec<PendingTask>,
+    tasks: Vec<Task>,
 }
 
 enum Msg {
     Done { job: usize, out: PromptOutput },
+    RowFailed { job: usize, error: BackendError },
     ModelLoaded,
-    Failed { model: String, error: BackendError },
+    ModelFailed { model: String, error: BackendError },
 }
 
-/// Cell rows that some other cell with the same key already schedules.
+/// The work a plan leaves to do.
 struct Work {
     jobs: Vec<Job>,
     /// Cells whose row shares a key computed by another cell's task: (cell, key).
     followers: Vec<(usize, Digest)>,
     cached: usize,
+}
+
+fn task_for(plan: &Plan, cell: usize) -> Task {
+    let cell = &plan.cells[cell];
+    let method = &plan.spec.methods[cell.method];
+    match (method.kind, &cell.point) {
+        (MethodKind::Generate, Some(p)) => Task::Generate {
+            max_tokens: method.max_tokens,
+            stop: method.stop.clone(),
+            sampler: Sampler {
+                temperature: p.temperature,
+                top_p: p.top_p,
+                top_k: p.top_k,
+                min_p: p.min_p,
+                seed: sampler_seed(p.seed, p.repeat),
+            },
+        },
+        _ => Task::Loglik {
+            continuations: plan.dataset.label_names(),
+        },
+    }
 }
 
 fn collect_work(plan: &Plan, cache: &Cache) -> Work {
@@ -124,7 +178,6 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
     let mut followers = Vec::new();
     let mut cached = 0;
     for (ci, cell) in plan.cells.iter().enumerate() {
-        let method = &plan.spec.methods[cell.method];
         for (ri, comps) in cell.rows.iter().enumerate() {
             let comps = comps.expect("run plans know every model digest");
             let key = comps.row_key();
@@ -136,29 +189,11 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
                 followers.push((ci, key));
                 continue;
             }
-            let task = match (method.kind, &cell.point) {
-                (MethodKind::Generate, Some(p)) => Task::Generate {
-                    max_tokens: method.max_tokens,
-                    stop: method.stop.clone(),
-                    sampler: Sampler {
-                        temperature: p.temperature,
-                        top_p: p.top_p,
-                        top_k: p.top_k,
-                        min_p: p.min_p,
-                        seed: sampler_seed(p.seed, p.repeat),
-                    },
-                },
-                _ => Task::Loglik {
-                    continuations: plan.dataset.label_names(),
-                },
-            };
             jobs.entry((cell.model, cell.prompt, ri))
                 .or_insert_with(|| Job {
                     model: cell.model,
                     prompt: cell.prompt,
                     row: ri,
-                    text: plan.dataset.rows[ri].text.clone(),
-                    messages: plan.messages[cell.prompt][ri].clone(),
                     tasks: Vec::new(),
                 })
                 .tasks
@@ -166,7 +201,7 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
                     cell: ci,
                     key,
                     components: comps,
-                    task,
+                    task: task_for(plan, ci),
                 });
         }
     }
@@ -177,6 +212,13 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
     }
 }
 
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Run everything the cache lacks. `make_backend` is called on the worker thread.
 pub fn execute(
     plan: &Plan,
@@ -184,100 +226,74 @@ pub fn execute(
     make_backend: Box<dyn FnOnce() -> Box<dyn Backend> + Send>,
     opts: &ExecOptions,
     cancel: Arc<AtomicBool>,
-) -> Result<ExecStats, ExecError> {
+) -> ExecOutcome {
     let start = Instant::now();
     let work = collect_work(plan, cache);
     let mut stats = ExecStats {
         cached_rows: work.cached,
         ..Default::default()
     };
-    let total_tasks: usize = work.jobs.iter().map(|j| j.tasks.len()).sum();
-    if total_tasks == 0 {
+    if work.jobs.is_empty() {
         stats.wall_s = start.elapsed().as_secs_f64();
-        return Ok(stats);
+        return ExecOutcome { stats, error: None };
     }
 
-    // What the worker needs, owned: jobs without their keys, and the model list.
-    let worker_jobs: Vec<(usize, usize, String, Messages, Vec<Task>)> = work
+    let worker_jobs: Vec<WorkerJob> = work
         .jobs
         .iter()
-        .map(|j| {
-            (
-                j.model,
-                j.prompt,
-                j.text.clone(),
-                j.messages.clone(),
-                j.tasks.iter().map(|t| t.task.clone()).collect(),
-            )
+        .map(|j| WorkerJob {
+            model: j.model,
+            prompt: j.prompt,
+            text: plan.dataset.rows[j.row].text.clone(),
+            messages: plan.messages[j.prompt][j.row].clone(),
+            tasks: j.tasks.iter().map(|t| t.task.clone()).collect(),
         })
         .collect();
     let loads: Vec<ModelLoad> = plan
         .models
         .iter()
         .map(|m| {
-            let r = m.resolved.as_ref().expect("run plans resolve every model");
+            let r = m.file.as_ref().expect("run plans resolve every model");
             ModelLoad {
                 id: m.id.clone(),
                 path: r.path.clone(),
                 n_ctx: r.n_ctx,
                 threads: opts.threads,
-                batch_seqs: opts.batch_seqs,
             }
         })
         .collect();
-    let prompts = plan.prompts.clone();
-    let budget = plan.spec.dataset.max_text_tokens;
+    let context = WorkerContext {
+        prompts: plan.prompts.clone(),
+        budget: plan.spec.dataset.max_text_tokens,
+        cancel: cancel.clone(),
+        fail_fast: opts.fail_fast,
+    };
     let (tx, rx) = mpsc::channel::<Msg>();
-    let worker_cancel = cancel.clone();
     let worker = std::thread::Builder::new()
         .name("pipeline-backend".into())
-        .spawn(move || {
-            worker(
-                make_backend,
-                loads,
-                worker_jobs,
-                prompts,
-                budget,
-                worker_cancel,
-                tx,
-            )
-        })
+        .spawn(move || worker(make_backend, loads, worker_jobs, context, tx))
         .expect("spawn worker thread");
 
-    let progress = Progress::new(plan, &work.jobs, opts.progress);
+    let progress = Progress::new(plan, &work.jobs, &opts.progress);
     let mut buffer: Vec<CachedRow> = Vec::new();
     let mut last_commit = Instant::now();
-    let mut failure = None;
+    let mut error = None;
     let mut keys_done: HashSet<Digest> = HashSet::new();
+    let mut keys_failed: HashSet<Digest> = HashSet::new();
     for msg in rx {
         match msg {
             Msg::ModelLoaded => stats.models_loaded += 1,
-            Msg::Failed { model, error } => {
-                failure = Some(ExecError::Backend {
-                    model,
-                    source: error,
-                });
+            Msg::ModelFailed { model, error: e } => {
+                error.get_or_insert(ExecError::Backend { model, source: e });
             }
             Msg::Done { job, out } => {
                 let j = &work.jobs[job];
                 stats.prompts_evaluated += 1;
                 stats.prompt_tokens += u64::from(out.prompt_tokens);
                 stats.evaluated_tokens += u64::from(out.evaluated_tokens);
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                let shared_by = j.tasks.len() as u32;
+                let now_ms = now_unix_ms();
                 for (t, o) in j.tasks.iter().zip(out.tasks) {
                     buffer.push(CachedRow {
-                        key: t.key,
-                        components: t.components,
-                        row_id: plan.dataset.rows[j.row].id.clone(),
-                        cell_id: plan.cells[t.cell].id.clone(),
-                        kind: match t.task {
-                            Task::Generate { .. } => "generate".into(),
-                            Task::Loglik { .. } => "loglik".into(),
-                        },
                         text: o.text,
                         logprobs: o.logprobs,
                         prompt_tokens: out.prompt_tokens,
@@ -285,174 +301,183 @@ pub fn execute(
                         gen_tokens: o.gen_tokens,
                         finish: o.finish,
                         prefill_ms: out.prefill_ms,
-                        shared_by,
                         decode_ms: o.decode_ms,
-                        created_unix_ms: now_ms,
+                        ..row_of(plan, j, t, now_ms)
                     });
                     keys_done.insert(t.key);
                     stats.computed_rows += 1;
-                    progress.row_done(t.cell);
                 }
                 progress.job_done(plan, j);
-                if buffer.len() >= opts.commit_rows || last_commit.elapsed() >= opts.commit_interval
-                {
-                    cache.commit(std::mem::take(&mut buffer))?;
-                    last_commit = Instant::now();
+            }
+            Msg::RowFailed { job, error: e } => {
+                let j = &work.jobs[job];
+                let now_ms = now_unix_ms();
+                let failure = e.to_row_error();
+                for t in &j.tasks {
+                    buffer.push(CachedRow {
+                        finish: Finish::Failed,
+                        error: Some(failure.clone()),
+                        ..row_of(plan, j, t, now_ms)
+                    });
+                    keys_failed.insert(t.key);
+                    stats.failed_rows += 1;
+                    *stats
+                        .failed_by_kind
+                        .entry(failure.kind.clone())
+                        .or_default() += 1;
+                }
+                progress.job_done(plan, j);
+                if opts.fail_fast && error.is_none() {
+                    error = Some(ExecError::RowFailed {
+                        cell: plan.cells[j.tasks[0].cell].id.clone(),
+                        row: plan.dataset.rows[j.row].id.clone(),
+                        source: e,
+                    });
                 }
             }
         }
+        if !buffer.is_empty()
+            && (buffer.len() >= opts.commit_rows || last_commit.elapsed() >= opts.commit_interval)
+        {
+            if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
+                // Without a cache nothing more can be kept: stop the worker.
+                cancel.store(true, Ordering::SeqCst);
+                error.get_or_insert(e.into());
+            }
+            last_commit = Instant::now();
+        }
     }
-    cache.commit(std::mem::take(&mut buffer))?;
-    if worker.join().is_err() && failure.is_none() {
-        failure = Some(ExecError::WorkerDied);
+    if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
+        error.get_or_insert(e.into());
+    }
+    if worker.join().is_err() {
+        error.get_or_insert(ExecError::WorkerDied);
     }
     progress.finish();
-    // Cells that share a key with a computed row are done too.
-    stats.computed_rows += work
-        .followers
-        .iter()
-        .filter(|(_, k)| keys_done.contains(k))
-        .count();
+    // Cells that share a key with a computed (or failed) row are done (or failed) too.
+    for (_, k) in &work.followers {
+        if keys_done.contains(k) {
+            stats.computed_rows += 1;
+        } else if keys_failed.contains(k) {
+            stats.failed_rows += 1;
+            if let Some(f) = cache.failure(k).and_then(|r| r.error.as_ref()) {
+                *stats.failed_by_kind.entry(f.kind.clone()).or_default() += 1;
+            }
+        }
+    }
     stats.computed_keys = keys_done.len();
     stats.computed = keys_done;
-    stats.interrupted = cancel.load(Ordering::SeqCst);
+    stats.interrupted = cancel.load(Ordering::SeqCst) && error.is_none();
     stats.wall_s = start.elapsed().as_secs_f64();
     stats.peak_rss_bytes = peak_rss_bytes();
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(stats),
+    ExecOutcome { stats, error }
+}
+
+/// The cache row of one task of a job, with its identity and nothing computed yet.
+fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64) -> CachedRow {
+    CachedRow {
+        key: t.key,
+        components: t.components,
+        row_id: plan.dataset.rows[j.row].id.clone(),
+        cell_id: plan.cells[t.cell].id.clone(),
+        kind: task_kind(&t.task).into(),
+        text: None,
+        logprobs: None,
+        prompt_tokens: 0,
+        evaluated_tokens: 0,
+        gen_tokens: 0,
+        finish: Finish::Scored,
+        prefill_ms: 0.0,
+        shared_by: j.tasks.len() as u32,
+        decode_ms: 0.0,
+        created_unix_ms: now_ms,
+        error: None,
     }
 }
 
-type WorkerJob = (usize, usize, String, Messages, Vec<Task>);
+fn task_kind(t: &Task) -> &'static str {
+    match t {
+        Task::Generate { .. } => "generate",
+        Task::Loglik { .. } => "loglik",
+    }
+}
+
+/// What the worker needs besides its jobs.
+struct WorkerContext {
+    prompts: Arc<Prompts>,
+    /// `dataset.max_text_tokens`.
+    budget: Option<u32>,
+    cancel: Arc<AtomicBool>,
+    fail_fast: bool,
+}
+
+/// One job on a loaded model: the text cut to the budget (re-rendered when cut), the chat
+/// template, then every task from one evaluation of the prompt.
+fn run_job(
+    session: &mut dyn crate::backend::Session,
+    job: &WorkerJob,
+    ctx: &WorkerContext,
+) -> Result<PromptOutput, BackendError> {
+    let truncated = ctx.budget.map(|b| session.truncate(&job.text, b));
+    let messages = match truncated {
+        Some(t) if t != job.text => ctx
+            .prompts
+            .render(job.prompt, &t)
+            .map_err(|d| BackendError::Job(d.to_string()))?,
+        _ => job.messages.clone(),
+    };
+    let chat = session.format_chat(&messages)?;
+    session.run(&chat, &job.tasks)
+}
 
 fn worker(
     make_backend: Box<dyn FnOnce() -> Box<dyn Backend> + Send>,
     loads: Vec<ModelLoad>,
     jobs: Vec<WorkerJob>,
-    prompts: Arc<Prompts>,
-    budget: Option<u32>,
-    cancel: Arc<AtomicBool>,
+    ctx: WorkerContext,
     tx: mpsc::Sender<Msg>,
 ) {
     let mut backend = make_backend();
+    let stop = |ctx: &WorkerContext| ctx.cancel.load(Ordering::SeqCst);
+    let mut stopped = false;
     // Jobs are sorted model-major, so each model is loaded once.
     let mut start = 0;
-    while start < jobs.len() {
-        if cancel.load(Ordering::SeqCst) {
-            return;
-        }
-        let model = jobs[start].0;
-        let end = start + jobs[start..].iter().take_while(|j| j.0 == model).count();
+    while start < jobs.len() && !stopped && !stop(&ctx) {
+        let model = jobs[start].model;
+        let end = start
+            + jobs[start..]
+                .iter()
+                .take_while(|j| j.model == model)
+                .count();
         let load = &loads[model];
-        let range = start..end;
         let result = backend.with_model(load, &mut |session| {
             let _ = tx.send(Msg::ModelLoaded);
-            for idx in range.clone() {
-                if cancel.load(Ordering::SeqCst) {
+            for (idx, job) in jobs.iter().enumerate().take(end).skip(start) {
+                if stop(&ctx) {
                     return Ok(());
                 }
-                let (_, prompt, text, messages, tasks) = &jobs[idx];
-                let truncated = budget.map(|b| session.truncate(text, b));
-                let messages = match truncated {
-                    Some(t) if t != *text => prompts
-                        .render(*prompt, &t)
-                        .map_err(|d| BackendError::Job(d.to_string()))?,
-                    _ => messages.clone(),
+                let msg = match run_job(session, job, &ctx) {
+                    Ok(out) => Msg::Done { job: idx, out },
+                    Err(error) if error.is_row_error() => {
+                        stopped = ctx.fail_fast;
+                        Msg::RowFailed { job: idx, error }
+                    }
+                    Err(error) => return Err(error),
                 };
-                let chat = session.format_chat(&messages)?;
-                let out = session.run(&chat, tasks)?;
-                if tx.send(Msg::Done { job: idx, out }).is_err() {
+                if tx.send(msg).is_err() || stopped {
                     return Ok(());
                 }
             }
             Ok(())
         });
         if let Err(error) = result {
-            let _ = tx.send(Msg::Failed {
+            // This model's remaining rows stay to do; the other models still run.
+            let _ = tx.send(Msg::ModelFailed {
                 model: load.id.clone(),
                 error,
             });
-            return;
         }
         start = end;
-    }
-}
-
-/// Progress bars: the whole run, and one per cell while it has rows left.
-struct Progress {
-    multi: MultiProgress,
-    total: ProgressBar,
-    cells: Vec<Option<ProgressBar>>,
-}
-
-impl Progress {
-    fn new(plan: &Plan, jobs: &[Job], enabled: bool) -> Self {
-        let target = if enabled {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let multi = MultiProgress::with_draw_target(target);
-        let mut per_cell = vec![0u64; plan.cells.len()];
-        for j in jobs {
-            for t in &j.tasks {
-                per_cell[t.cell] += 1;
-            }
-        }
-        let total_rows: u64 = per_cell.iter().sum();
-        let style = |tmpl: &str| ProgressStyle::with_template(tmpl).expect("valid template");
-        let total = multi.add(ProgressBar::new(total_rows));
-        total.set_style(style(
-            "{spinner} {msg:40!} {bar:30} {pos}/{len} rows  {per_sec:>10}  eta {eta}",
-        ));
-        total.set_message("starting");
-        total.enable_steady_tick(Duration::from_millis(200));
-        let cells = per_cell
-            .iter()
-            .enumerate()
-            .map(|(ci, &n)| {
-                (n > 0).then(|| {
-                    let b = multi.add(ProgressBar::new(n));
-                    b.set_style(style(
-                        "  {msg:40!} {bar:30} {pos}/{len}  {per_sec:>10}  eta {eta}",
-                    ));
-                    b.set_message(plan.cells[ci].id.clone());
-                    b
-                })
-            })
-            .collect();
-        Self {
-            multi,
-            total,
-            cells,
-        }
-    }
-
-    fn row_done(&self, cell: usize) {
-        self.total.inc(1);
-        if let Some(b) = &self.cells[cell] {
-            b.inc(1);
-            if b.position() == b.length().unwrap_or(0) {
-                b.finish_and_clear();
-                self.multi.remove(b);
-            }
-        }
-    }
-
-    fn job_done(&self, plan: &Plan, j: &Job) {
-        self.total.set_message(format!(
-            "{} · {}",
-            plan.models[j.model].id,
-            plan.prompts.id(j.prompt)
-        ));
-    }
-
-    fn finish(&self) {
-        for b in self.cells.iter().flatten() {
-            b.finish_and_clear();
-        }
-        self.total.finish_and_clear();
     }
 }
 

@@ -11,7 +11,8 @@ use crate::prompt::Messages;
 use crate::spec::{MethodKind, MethodSpec, SamplerPoint};
 
 /// Bump when the encoding below changes meaning: every old key then misses.
-pub const KEY_SCHEMA: u64 = 1;
+/// 2: the prompt component records the messages' fixed part.
+pub const KEY_SCHEMA: u64 = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
@@ -128,7 +129,9 @@ impl CacheKey for ModelPart<'_> {
     }
 }
 
-/// The rendered messages (with the full text) and the budget that may truncate the text.
+/// The rendered messages (with the full text), the part of them every row of the prompt
+/// shares (it decides which earlier evaluation the row may reuse), and the budget that may
+/// truncate the text.
 pub struct PromptPart<'a> {
     pub messages: &'a Messages,
     pub max_text_tokens: Option<u32>,
@@ -139,6 +142,8 @@ impl CacheKey for PromptPart<'_> {
     fn encode(&self, e: &mut KeyEncoder) {
         e.opt_str("system", self.messages.system.as_deref())
             .str("user", &self.messages.user)
+            .u64("fixed_system", self.messages.fixed.system as u64)
+            .u64("fixed_user", self.messages.fixed.user as u64)
             .u64("max_text_tokens", self.max_text_tokens.map_or(0, u64::from));
     }
 }
@@ -339,5 +344,60 @@ mod tests {
         b.prompt = d("x");
         assert_eq!(a.differing(&b), vec!["prompt"]);
         assert_ne!(a.row_key(), b.row_key());
+    }
+
+    /// The encoding of keys is pinned: a change that is not a deliberate `KEY_SCHEMA` bump
+    /// would silently orphan every user's cache, so it must fail here first.
+    #[test]
+    fn golden_keys_are_stable() {
+        use crate::prompt::{FixedPart, Messages};
+        let messages = Messages {
+            system: Some("You classify movie reviews.".into()),
+            user: "Review: A fine film.\nAnswer negative or positive.".into(),
+            fixed: FixedPart {
+                system: 27,
+                user: 8,
+            },
+        };
+        let prompt = PromptPart {
+            messages: &messages,
+            max_text_tokens: Some(768),
+        }
+        .digest();
+        assert_eq!(
+            prompt.hex(),
+            "ee9d3a12d545ed20c8653dc7830171b198d7b0053f4f563d828264fc2adb3000"
+        );
+        let method = MethodSpec {
+            id: "gen".into(),
+            kind: MethodKind::Generate,
+            max_tokens: 4,
+            stop: vec!["\n".into()],
+            parse: Default::default(),
+        };
+        let labels = ["negative".to_string(), "positive".to_string()];
+        let p = point(0.8, 2);
+        let components = Components {
+            model: ModelPart {
+                sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            }
+            .digest(),
+            prompt,
+            method: MethodPart {
+                method: &method,
+                labels: &labels,
+            }
+            .digest(),
+            sampler: SamplerPart { point: Some(&p) }.digest(),
+            seed: SeedPart { point: Some(&p) }.digest(),
+            engine: EnginePart {
+                version: "llama.cpp via llama-cpp-sys-2 0.1.160; cpu avx2; decode r2",
+            }
+            .digest(),
+        };
+        assert_eq!(
+            components.row_key().hex(),
+            "bd8e6e1f8f4ccb036658db5f3c14c8085a2ac13dd72def6b243134c12fe0cad4"
+        );
     }
 }

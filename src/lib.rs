@@ -3,20 +3,28 @@
 //! The modules follow the data flow: a [`spec`] is parsed and validated, expanded into a
 //! [`plan`] of cells whose rows carry content keys ([`key`]); the [`cache`] says which rows are
 //! done; [`exec`] runs the rest through a [`backend`]; [`metrics`] and [`report`] turn
-//! predictions into tables and an HTML page. The CLI in `main.rs` is a thin layer on top.
+//! predictions into tables and an HTML page. [`app`] holds the commands as functions over a
+//! settled [`config::Config`]; the CLI in `main.rs` is a thin layer on top.
 
 pub mod answer;
+pub mod app;
 pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod dataset;
 pub mod diag;
 pub mod exec;
+pub mod fs;
+pub mod guard;
 pub mod key;
+#[cfg(test)]
+mod lockfile;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod progress;
 pub mod prompt;
 pub mod report;
 pub mod rng;
+pub mod row;
 pub mod spec;

@@ -1,25 +1,24 @@
 //! `pipeline`: the command line. Arguments are parsed once into a [`Config`]; each command
-//! then calls into the library (spec → plan → cache → exec → metrics → report).
+//! calls one function of [`pipeline::app`] and prints what it returns.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
+use pipeline::app::{self, AppError, RunOptions};
 use pipeline::backend::BackendKind;
-use pipeline::cache::Cache;
 use pipeline::config::Config;
-use pipeline::diag::Diagnostic;
-use pipeline::exec::{self, ExecOptions};
+use pipeline::exec;
 use pipeline::metrics::CellMetrics;
 use pipeline::model::HubOptions;
-use pipeline::plan::{self, Plan, PlanOptions};
-use pipeline::report::{self, Provenance, html::Scripts};
-use pipeline::spec;
+use pipeline::plan::CellStatus;
+use pipeline::progress::ProgressMode;
+use pipeline::report::html::Scripts;
 
 #[derive(Parser)]
 #[command(
@@ -49,9 +48,15 @@ struct Cli {
     /// Folder searched for model files by name.
     #[arg(long, global = true, env = "PIPELINE_MODELS_DIR")]
     models_dir: Option<PathBuf>,
-    /// No progress bars.
+    /// No progress output.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, global = true, default_value_t = 5.0, hide = true)]
+    progress_interval: f64,
+    /// Inference backend (`fake` is a deterministic stand-in for tests).
+    #[arg(long, global = true, value_enum, default_value = "llama", hide = true)]
+    backend: BackendKind,
 }
 
 #[derive(Subcommand)]
@@ -68,8 +73,6 @@ enum Command {
         /// Only the first N sampled rows.
         #[arg(long)]
         limit: Option<usize>,
-        #[arg(long, value_enum, default_value = "llama", hide = true)]
-        backend: BackendKind,
     },
     /// Run every row the cache lacks, then write the report.
     Run {
@@ -83,12 +86,10 @@ enum Command {
         /// Link the Vega libraries from a CDN instead of inlining them.
         #[arg(long)]
         cdn: bool,
-        /// Generations of one prompt decoded side by side in one batch (1 to 16).
-        #[arg(long, default_value_t = exec::DEFAULT_BATCH_SEQS as u64, value_parser = clap::value_parser!(u64).range(1..=16))]
-        batch_seqs: u64,
-        /// Inference backend (`fake` is a deterministic stand-in for tests).
-        #[arg(long, value_enum, default_value = "llama")]
-        backend: BackendKind,
+        /// Stop at the first row that cannot be computed (by default such a row is recorded
+        /// with its error and the run goes on).
+        #[arg(long)]
+        fail_fast: bool,
     },
     /// llama.cpp's raw pp512 / tg32 speed on a model, through this build (for benchmarks).
     #[command(hide = true)]
@@ -109,8 +110,6 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long)]
         limit: Option<usize>,
-        #[arg(long, value_enum, default_value = "llama", hide = true)]
-        backend: BackendKind,
     },
     /// Rebuild the report from the cache alone (no model is loaded).
     Report {
@@ -119,9 +118,31 @@ enum Command {
         limit: Option<usize>,
         #[arg(long)]
         cdn: bool,
-        #[arg(long, value_enum, default_value = "llama", hide = true)]
-        backend: BackendKind,
     },
+    /// Inspect, check and prune the row cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Size, rows and segments; with specs, how many of each spec's rows are cached.
+    Status {
+        specs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every cached row that none of the listed specs needs.
+    Gc {
+        /// Specs whose rows are kept (all their rows, as without --limit).
+        #[arg(long, num_args = 1.., required = true)]
+        keep: Vec<PathBuf>,
+        /// Say what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check every row's checksum; quarantine damaged segments, keeping their good rows.
+    Verify,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -131,26 +152,26 @@ enum ExportFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            match e.downcast_ref::<Diagnostic>() {
-                Some(d) => eprintln!("error: {d}"),
-                None => eprintln!("error: {e:#}"),
-            }
-            ExitCode::from(if e.is::<Diagnostic>() { 2 } else { 1 })
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn config(cli: &Cli, threads: Option<usize>, backend: BackendKind) -> Config {
+fn config(cli: &Cli, threads: Option<usize>) -> Config {
     Config {
         cache_dir: cli.cache_dir.clone(),
         reports_dir: cli.reports_dir.clone(),
         models_dir: cli.models_dir.clone(),
         threads: threads.unwrap_or_else(exec::default_threads),
-        backend,
-        progress: !cli.quiet,
+        backend: cli.backend,
+        progress: ProgressMode::detect(
+            cli.quiet,
+            Duration::from_secs_f64(cli.progress_interval.max(0.0)),
+        ),
         hub: HubOptions {
             show_progress: !cli.quiet,
             ..Default::default()
@@ -158,72 +179,37 @@ fn config(cli: &Cli, threads: Option<usize>, backend: BackendKind) -> Config {
     }
 }
 
-fn open_cache(cfg: &Config) -> anyhow::Result<Cache> {
-    let cache = Cache::open(&cfg.cache_dir)?;
-    for p in cache.report.problems() {
-        eprintln!("warning: {p}");
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
-    Ok(cache)
 }
 
-fn build_plan(
-    spec_path: &std::path::Path,
-    cfg: &Config,
-    fetch: bool,
-    limit: Option<usize>,
-) -> anyhow::Result<Plan> {
-    let spec = spec::load(spec_path)?;
-    let resolver = cfg.resolver();
-    Ok(plan::build(
-        spec,
-        &PlanOptions {
-            resolver: &resolver,
-            engine_version: cfg.backend.engine_version(),
-            fetch_models: fetch,
-            limit,
-        },
-    )?)
+fn scripts(cdn: bool) -> Scripts {
+    if cdn { Scripts::Cdn } else { Scripts::Inline }
 }
 
-/// Config, cache and plan for the commands that only read (`plan`, `report`, `export`):
-/// models are located but never downloaded or loaded.
-fn read_only(
-    cli: &Cli,
-    spec: &std::path::Path,
-    limit: Option<usize>,
-    backend: BackendKind,
-) -> anyhow::Result<(Config, Cache, Plan)> {
-    let cfg = config(cli, None, backend);
-    let cache = open_cache(&cfg)?;
-    let plan = build_plan(spec, &cfg, false, limit)?;
-    Ok((cfg, cache, plan))
-}
-
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
     match &cli.command {
         Command::Plan {
             spec,
             json,
             explain,
             limit,
-            backend,
         } => {
-            let (_, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
+            let planned = app::plan(&config(&cli, None), spec, *limit)?;
+            warn(&planned.warnings());
             if let Some(cell) = explain {
-                let Some(ci) = plan.cell_by_id(cell) else {
-                    let ids: Vec<&str> = plan.cells.iter().map(|c| c.id.as_str()).collect();
-                    anyhow::bail!("no cell `{cell}` in this plan; cells: {}", ids.join(", "));
-                };
-                let ex = plan.explain(ci, &cache);
+                let ex = planned.explain(cell)?;
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(&ex)?);
+                    println!("{}", to_json(&ex));
                 } else {
                     print!("{ex}");
                 }
             } else if *json {
-                println!("{}", serde_json::to_string_pretty(&plan.to_json(&cache))?);
+                println!("{}", to_json(&planned.plan.to_json(&planned.cache)));
             } else {
-                print_plan(&plan, &cache);
+                print_plan(&planned);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -232,12 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             threads,
             cdn,
-            batch_seqs,
-            backend,
+            fail_fast,
         } => {
-            let cfg = config(&cli, *threads, *backend);
-            let mut cache = open_cache(&cfg)?;
-            let plan = build_plan(spec, &cfg, true, *limit)?;
+            let cfg = config(&cli, *threads);
             let cancel = Arc::new(AtomicBool::new(false));
             let handler_cancel = cancel.clone();
             ctrlc::set_handler(move || {
@@ -248,51 +231,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "\nstopping after the current prompt; finished rows are kept (Ctrl-C again to quit at once)"
                 );
-            })?;
-            let opts = ExecOptions {
-                threads: cfg.threads,
-                batch_seqs: *batch_seqs as usize,
-                progress: cfg.progress,
-                ..Default::default()
+            })
+            .expect("the Ctrl-C handler is installed once");
+            let opts = RunOptions {
+                limit: *limit,
+                scripts: scripts(*cdn),
+                fail_fast: *fail_fast,
             };
-            let kind = cfg.backend;
-            let result = exec::execute(
-                &plan,
-                &mut cache,
-                Box::new(move || kind.create()),
-                &opts,
-                cancel,
-            );
-            let stats = match result {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    eprintln!("finished rows are in the cache; run again to continue");
-                    return Ok(ExitCode::from(1));
-                }
-            };
-            let _ = cache.compact_if_needed();
-            let computed = stats.computed.clone();
-            let prov = Provenance::new(&plan, cfg.threads, Some(stats.clone()));
-            let scripts = if *cdn { Scripts::Cdn } else { Scripts::Inline };
-            let written =
-                report::write(&plan, &cache, &computed, &prov, &cfg.reports_dir, scripts)?;
-            print_summary(&written.analysis.metrics);
+            let outcome = app::run(&cfg, spec, &opts, cancel)?;
+            warn(&outcome.warnings);
+            let stats = &outcome.stats;
+            if let Some(w) = &outcome.written {
+                print_summary(&w.analysis.metrics);
+            }
             println!(
-                "{} rows from cache, {} computed in {:.1} s ({} prompts, {} of {} prompt tokens evaluated){}",
+                "{} rows from cache, {} computed in {:.1} s ({} prompts, {} of {} prompt tokens evaluated){}{}",
                 stats.cached_rows,
                 stats.computed_rows,
                 stats.wall_s,
                 stats.prompts_evaluated,
                 stats.evaluated_tokens,
                 stats.prompt_tokens,
+                if stats.failed_rows > 0 {
+                    let kinds: Vec<String> = stats
+                        .failed_by_kind
+                        .iter()
+                        .map(|(k, n)| format!("{n} {k}"))
+                        .collect();
+                    format!(
+                        "; {} rows failed ({}), see the report; they run again next time",
+                        stats.failed_rows,
+                        kinds.join(", ")
+                    )
+                } else {
+                    String::new()
+                },
                 if stats.interrupted {
                     "; interrupted"
                 } else {
                     ""
                 }
             );
-            println!("report: {}", written.index.display());
+            if let Some(w) = &outcome.written {
+                println!("report: {}", w.index.display());
+            }
+            if let Some(e) = outcome.error {
+                eprintln!("error: {e}");
+                eprintln!("finished rows are in the cache; run again to continue");
+                return Ok(ExitCode::from(1));
+            }
             Ok(if stats.interrupted {
                 ExitCode::from(130)
             } else {
@@ -305,7 +292,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reps,
         } => {
             let threads = threads.unwrap_or_else(exec::default_threads);
-            let (pp, tg) = pipeline::backend::llama::raw_throughput(model, threads, *reps)?;
+            let (pp, tg) = pipeline::backend::llama::raw_throughput(model, threads, *reps)
+                .map_err(|e| {
+                    AppError::Run(exec::ExecError::Backend {
+                        model: model.display().to_string(),
+                        source: e,
+                    })
+                })?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -323,65 +316,164 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format: ExportFormat::Csv,
             out,
             limit,
-            backend,
         } => {
-            let (cfg, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
-            let dir = out
-                .clone()
-                .unwrap_or_else(|| cfg.reports_dir.join(&plan.spec.name));
-            for p in report::export_csv(&plan, &cache, &dir)? {
+            let (paths, warnings) = app::export(&config(&cli, None), spec, *limit, out.as_deref())?;
+            warn(&warnings);
+            for p in paths {
                 println!("{}", p.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report {
-            spec,
-            limit,
-            cdn,
-            backend,
-        } => {
-            let (cfg, cache, plan) = read_only(&cli, spec, *limit, *backend)?;
-            let prov = Provenance::new(&plan, cfg.threads, None);
-            let scripts = if *cdn { Scripts::Cdn } else { Scripts::Inline };
-            let written = report::write(
-                &plan,
-                &cache,
-                &HashSet::new(),
-                &prov,
-                &cfg.reports_dir,
-                scripts,
-            )?;
+        Command::Report { spec, limit, cdn } => {
+            let (written, warnings) =
+                app::report(&config(&cli, None), spec, *limit, scripts(*cdn))?;
+            warn(&warnings);
             print_summary(&written.analysis.metrics);
             println!("report: {}", written.index.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cache(c) => cache_command(&config(&cli, None), c),
     }
 }
 
-fn print_plan(plan: &Plan, cache: &Cache) {
+fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
+    match c {
+        CacheCommand::Status { specs, json } => {
+            let r = app::cache_status(cfg, specs)?;
+            warn(&r.load.problems());
+            let s = &r.status;
+            if *json {
+                let specs: Vec<serde_json::Value> = r
+                    .specs
+                    .iter()
+                    .map(|(name, st)| {
+                        serde_json::json!({"spec": name, "rows": st.rows, "cached": st.cached,
+                            "failed": st.failed, "to_run": st.to_run()})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    to_json(&serde_json::json!({"cache": s, "specs": specs}))
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("cache {}", s.root.display());
+            println!(
+                "  {} rows, {} failed rows, in {} segments ({})",
+                s.rows,
+                s.failures,
+                s.segments,
+                human_bytes(s.segment_bytes)
+            );
+            if s.quarantine_files > 0 {
+                println!(
+                    "  quarantine: {} files ({})",
+                    s.quarantine_files,
+                    human_bytes(s.quarantine_bytes)
+                );
+            }
+            if s.temp_files > 0 {
+                println!("  {} temporary files of unfinished writes", s.temp_files);
+            }
+            for (name, size) in &s.other_layouts {
+                println!(
+                    "  older layout {name}/ ({}) is no longer read; `pipeline cache gc` removes it",
+                    human_bytes(*size)
+                );
+            }
+            for (name, st) in &r.specs {
+                println!(
+                    "  spec {name}: {} rows, {} cached, {} failed, {} to run",
+                    st.rows,
+                    st.cached,
+                    st.failed,
+                    st.to_run()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Gc { keep, dry_run } => {
+            let r = app::cache_gc(cfg, keep, *dry_run)?;
+            let verb = if r.dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} rows and {} failed rows; kept {} rows and {} failed rows",
+                r.rows_removed, r.failures_removed, r.rows_kept, r.failures_kept
+            );
+            if !r.dry_run {
+                println!(
+                    "segments: {} ({}) → {}",
+                    r.segments_before,
+                    human_bytes(r.bytes_before),
+                    human_bytes(r.bytes_after)
+                );
+            }
+            if r.quarantine_files_removed > 0 {
+                println!("{verb} {} quarantined files", r.quarantine_files_removed);
+            }
+            for l in &r.layouts_removed {
+                println!("{verb} the older layout {l}/");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Verify => {
+            let r = app::cache_verify(cfg)?;
+            println!(
+                "{} segments, {} rows, {} failed rows checked",
+                r.segments, r.rows, r.failures
+            );
+            let problems = r.problems();
+            warn(&problems);
+            Ok(if problems.is_empty() {
+                println!("every row verifies");
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("plain data serializes")
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+fn print_plan(planned: &app::Planned) {
+    let plan = &planned.plan;
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["cell", "rows", "cached", "to run"]);
-    let mut totals = (0, 0);
-    for (c, st) in plan.cells.iter().zip(plan.status(cache)) {
+    t.set_header(vec!["cell", "rows", "cached", "failed", "to run"]);
+    let mut total = CellStatus::default();
+    for (c, st) in plan.cells.iter().zip(planned.status()) {
         t.add_row(vec![
             c.id.clone(),
             st.rows.to_string(),
             st.cached.to_string(),
+            st.failed.to_string(),
             st.to_run().to_string(),
         ]);
-        totals.0 += st.rows;
-        totals.1 += st.cached;
+        total.rows += st.rows;
+        total.cached += st.cached;
+        total.failed += st.failed;
     }
     t.add_row(vec![
         "total".to_string(),
-        totals.0.to_string(),
-        totals.1.to_string(),
-        (totals.0 - totals.1).to_string(),
+        total.rows.to_string(),
+        total.cached.to_string(),
+        total.failed.to_string(),
+        total.to_run().to_string(),
     ]);
     println!("{t}");
     for m in &plan.models {
-        if m.resolved.is_none() {
+        if m.file.is_none() {
             println!(
                 "note: model `{}` is not on this machine yet; `run` will fetch it",
                 m.id
@@ -399,6 +491,7 @@ fn print_summary(m: &[CellMetrics]) {
         "accuracy (95% CI)",
         "macro-F1",
         "invalid",
+        "failed",
         "reviews/s",
         "cached",
         "computed",
@@ -413,6 +506,7 @@ fn print_summary(m: &[CellMetrics]) {
             ),
             format!("{:.3}", c.macro_f1),
             c.invalid.to_string(),
+            c.failed.to_string(),
             format!("{:.2}", c.reviews_per_s),
             c.cached.to_string(),
             c.computed.to_string(),

@@ -40,6 +40,18 @@ pub struct Resolver {
     pub hub: HubOptions,
     /// Folder of the sha256 memo (inside the cache).
     pub digest_dir: PathBuf,
+    /// Read the memo but never write it (commands that must leave the cache untouched).
+    pub memo_read_only: bool,
+}
+
+/// A model as far as this machine knows it.
+#[derive(Debug, Clone)]
+pub struct KnownModel {
+    pub id: String,
+    /// The file, when it is on this machine.
+    pub file: Option<ResolvedModel>,
+    /// sha256 of the file (from the file, or from the spec when the file is not here yet).
+    pub sha256: Option<String>,
 }
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -70,9 +82,54 @@ impl Resolver {
 
     /// Find (or download) the model, check it is GGUF and that its sha256 is the expected one.
     pub fn resolve(&self, spec: &ModelSpec) -> Result<ResolvedModel, Diagnostic> {
+        Ok(self
+            .resolve_if_available(spec, true)?
+            .expect("with downloads allowed a model is found or an error is returned"))
+    }
+
+    /// Every model of a spec: found (and downloaded when `download`), checked and digested.
+    /// A local path must exist; without `download` a hub model may not be here yet.
+    pub fn known_models(
+        &self,
+        specs: &[ModelSpec],
+        download: bool,
+    ) -> Result<Vec<KnownModel>, Diagnostic> {
+        specs
+            .iter()
+            .map(|m| {
+                let file = self.resolve_if_available(m, download)?;
+                let sha256 = file
+                    .as_ref()
+                    .map(|r| r.sha256.clone())
+                    .or_else(|| m.sha256.as_ref().map(|s| s.value.clone()));
+                Ok(KnownModel {
+                    id: m.id.clone(),
+                    file,
+                    sha256,
+                })
+            })
+            .collect()
+    }
+
+    /// As `resolve`; without `download`, a hub model that is not on this machine yet is
+    /// `None` (a local path that does not exist is still an error).
+    pub fn resolve_if_available(
+        &self,
+        spec: &ModelSpec,
+        download: bool,
+    ) -> Result<Option<ResolvedModel>, Diagnostic> {
         let (path, found_via, downloaded) = match self.locate(spec)? {
             Some((p, via)) => (p, via, false),
+            None if !download && matches!(spec.gguf.value, ModelSource::Hub { .. }) => {
+                return Ok(None);
+            }
             None => match &spec.gguf.value {
+                ModelSource::Path(p) if p.is_dir() => {
+                    return Err(spec.gguf.error(format!(
+                        "{} is a folder; name the model's .gguf file",
+                        p.display()
+                    )));
+                }
                 ModelSource::Path(p) => {
                     let mut msg = format!("model file not found: {}", p.display());
                     if let Some(dir) = &self.models_dir {
@@ -95,14 +152,14 @@ impl Resolver {
             remove_hub_file(&path);
         }
         let (sha256, size) = checked?;
-        Ok(ResolvedModel {
+        Ok(Some(ResolvedModel {
             id: spec.id.clone(),
             path,
             sha256,
             size,
             n_ctx: spec.n_ctx,
             found_via,
-        })
+        }))
     }
 
     fn check(&self, spec: &ModelSpec, path: &Path) -> Result<(String, u64), Diagnostic> {
@@ -147,8 +204,10 @@ impl Resolver {
             }
         }
         let sha = sha256_file(&abs)?;
-        std::fs::create_dir_all(&self.digest_dir)?;
-        crate::cache::write_atomic(&memo, format!("{stamp}{sha}\n").as_bytes())?;
+        if !self.memo_read_only {
+            std::fs::create_dir_all(&self.digest_dir)?;
+            crate::fs::write_atomic(&memo, format!("{stamp}{sha}\n").as_bytes())?;
+        }
         Ok((sha, meta.len()))
     }
 

@@ -13,19 +13,9 @@ use crate::key::{
     CacheKey, Components, Digest, EnginePart, MethodPart, ModelPart, PromptPart, SamplerPart,
     SeedPart,
 };
-use crate::model::{ResolvedModel, Resolver};
+use crate::model::KnownModel;
 use crate::prompt::{Messages, Prompts};
 use crate::spec::{MethodKind, SamplerPoint, Spec};
-
-/// A model as far as the plan knows it.
-#[derive(Debug, Clone)]
-pub struct PlannedModel {
-    pub id: String,
-    /// The file, when it is on this machine.
-    pub resolved: Option<ResolvedModel>,
-    /// sha256 of the file (from the file, or from the spec when the file is not here yet).
-    pub sha256: Option<String>,
-}
 
 #[derive(Debug, Clone)]
 pub struct Cell {
@@ -43,7 +33,7 @@ pub struct Plan {
     pub spec: Spec,
     pub dataset: Dataset,
     pub prompts: Arc<Prompts>,
-    pub models: Vec<PlannedModel>,
+    pub models: Vec<KnownModel>,
     pub engine_version: String,
     /// Rendered messages, `[prompt][row]`, with the full (untruncated) text.
     pub messages: Vec<Vec<Messages>>,
@@ -51,11 +41,8 @@ pub struct Plan {
 }
 
 /// How to build a plan.
-pub struct PlanOptions<'a> {
-    pub resolver: &'a Resolver,
+pub struct PlanOptions {
     pub engine_version: String,
-    /// Download missing hub models (run) or leave them unresolved (plan).
-    pub fetch_models: bool,
     /// Keep only the first N sampled rows.
     pub limit: Option<usize>,
 }
@@ -64,6 +51,8 @@ pub struct PlanOptions<'a> {
 pub struct CellStatus {
     pub rows: usize,
     pub cached: usize,
+    /// Rows whose last attempt failed (they run again).
+    pub failed: usize,
 }
 
 impl CellStatus {
@@ -72,11 +61,46 @@ impl CellStatus {
     }
 }
 
-pub fn build(spec: Spec, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
+/// Expand a spec into cells over its sampled rows. `models` are the spec's models as this
+/// machine knows them (see [`crate::model::Resolver::known_models`]); nothing is downloaded
+/// or loaded here.
+pub fn build(spec: Spec, models: Vec<KnownModel>, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
     let mut dataset = dataset::load(&spec.dataset)?;
     if let Some(n) = opts.limit {
         dataset.rows.truncate(n);
     }
+    let prompts = compile_prompts(&spec)?;
+    let messages = (0..prompts.len())
+        .map(|p| {
+            dataset
+                .rows
+                .iter()
+                .map(|r| prompts.render(p, &r.text))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cells = expand_cells(
+        &spec,
+        &models,
+        &prompts,
+        &messages,
+        &dataset,
+        &opts.engine_version,
+    );
+    check_compare_ids(&spec, &cells)?;
+    Ok(Plan {
+        spec,
+        dataset,
+        prompts: Arc::new(prompts),
+        models,
+        engine_version: opts.engine_version.clone(),
+        messages,
+        cells,
+    })
+}
+
+/// The spec's templates, with each prompt's fixed few-shot examples drawn.
+fn compile_prompts(spec: &Spec) -> Result<Prompts, Diagnostic> {
     let mut shots = Vec::new();
     for p in &spec.prompts {
         shots.push(match &p.shots {
@@ -88,38 +112,21 @@ pub fn build(spec: Spec, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
             None => None,
         });
     }
-    let prompts = Prompts::compile(&spec.prompts, &spec.dataset.labels, shots)?;
-    let mut messages = Vec::with_capacity(prompts.len());
-    for p in 0..prompts.len() {
-        let rendered = dataset
-            .rows
-            .iter()
-            .map(|r| prompts.render(p, &r.text))
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.push(rendered);
-    }
-    let mut models = Vec::new();
-    for m in &spec.models {
-        // A local path must exist; a hub model may still be fetched later by `run`.
-        let is_path = matches!(m.gguf.value, crate::spec::ModelSource::Path(_));
-        let resolved = if opts.fetch_models || is_path || opts.resolver.locate(m)?.is_some() {
-            Some(opts.resolver.resolve(m)?)
-        } else {
-            None
-        };
-        let sha256 = resolved
-            .as_ref()
-            .map(|r| r.sha256.clone())
-            .or_else(|| m.sha256.as_ref().map(|s| s.value.clone()));
-        models.push(PlannedModel {
-            id: m.id.clone(),
-            resolved,
-            sha256,
-        });
-    }
+    Prompts::compile(&spec.prompts, &spec.dataset.labels, shots)
+}
+
+/// Models × prompts × methods × grid points, each with the key components of every row.
+fn expand_cells(
+    spec: &Spec,
+    models: &[KnownModel],
+    prompts: &Prompts,
+    messages: &[Vec<Messages>],
+    dataset: &Dataset,
+    engine_version: &str,
+) -> Vec<Cell> {
     let label_names = dataset.label_names();
     let engine = EnginePart {
-        version: &opts.engine_version,
+        version: engine_version,
     }
     .digest();
     let prompt_digests: Vec<Vec<Digest>> = messages
@@ -193,6 +200,11 @@ pub fn build(spec: Spec, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
             }
         }
     }
+    cells
+}
+
+/// Every cell named in `compare:` exists.
+fn check_compare_ids(spec: &Spec, cells: &[Cell]) -> Result<(), Diagnostic> {
     let known = |id: &crate::spec::Located<String>| -> Result<(), Diagnostic> {
         if cells.iter().any(|c| c.id == id.value) {
             return Ok(());
@@ -207,30 +219,37 @@ pub fn build(spec: Spec, opts: &PlanOptions) -> Result<Plan, Diagnostic> {
         known(a)?;
         known(b)?;
     }
-    Ok(Plan {
-        spec,
-        dataset,
-        prompts: Arc::new(prompts),
-        models,
-        engine_version: opts.engine_version.clone(),
-        messages,
-        cells,
-    })
+    Ok(())
 }
 
 impl Plan {
     pub fn status(&self, cache: &Cache) -> Vec<CellStatus> {
         self.cells
             .iter()
-            .map(|c| CellStatus {
-                rows: c.rows.len(),
-                cached: c
-                    .rows
-                    .iter()
-                    .filter(|r| r.is_some_and(|k| cache.get(&k.row_key()).is_some()))
-                    .count(),
+            .map(|c| {
+                let keys = c.rows.iter().flatten().map(Components::row_key);
+                let (mut cached, mut failed) = (0, 0);
+                for k in keys {
+                    if cache.get(&k).is_some() {
+                        cached += 1;
+                    } else if cache.failure(&k).is_some() {
+                        failed += 1;
+                    }
+                }
+                CellStatus {
+                    rows: c.rows.len(),
+                    cached,
+                    failed,
+                }
             })
             .collect()
+    }
+
+    /// Every row key of the plan (rows whose model digest is unknown have none).
+    pub fn keys(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.cells
+            .iter()
+            .flat_map(|c| c.rows.iter().flatten().map(Components::row_key))
     }
 
     pub fn cell_by_id(&self, id: &str) -> Option<usize> {
@@ -271,6 +290,7 @@ impl Plan {
                     "params": self.params(c),
                     "rows": st.rows,
                     "cached": st.cached,
+                    "failed": st.failed,
                     "to_run": st.to_run(),
                 })
             })
@@ -308,6 +328,16 @@ impl Plan {
                 ex.cached += 1;
                 continue;
             }
+            if let Some(e) = cache
+                .failure(&comps.row_key())
+                .and_then(|r| r.error.as_ref())
+            {
+                match ex.failed.iter_mut().find(|(k, _)| *k == e.kind) {
+                    Some((_, n)) => *n += 1,
+                    None => ex.failed.push((e.kind.clone(), 1)),
+                }
+                continue;
+            }
             let row_id = self.dataset.rows[i].id.as_str();
             let nearest = by_row.get(row_id).and_then(|cands| {
                 cands
@@ -341,6 +371,8 @@ pub struct Explanation {
     pub model_unknown: usize,
     /// For missing rows with a cached neighbour: the differing components and how many rows.
     pub differs: Vec<(String, usize)>,
+    /// Rows whose last attempt failed, by error kind (they run again).
+    pub failed: Vec<(String, usize)>,
 }
 
 impl std::fmt::Display for Explanation {
@@ -354,6 +386,12 @@ impl std::fmt::Display for Explanation {
             writeln!(
                 f,
                 "  {n} rows to run: {what} differs from the nearest cached row"
+            )?;
+        }
+        for (kind, n) in &self.failed {
+            writeln!(
+                f,
+                "  {n} rows to run: their last attempt failed ({kind}); the report lists the errors"
             )?;
         }
         if self.never_computed > 0 {

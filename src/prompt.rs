@@ -13,6 +13,101 @@ use crate::spec::{LabelSpec, PromptSpec, TemplateSpec};
 pub struct Messages {
     pub system: Option<String>,
     pub user: String,
+    /// How much of the messages every row of the prompt shares.
+    pub fixed: FixedPart,
+}
+
+/// The part of a row's messages that is the same for every row of its prompt: the template
+/// text (and fixed examples) before the first value that depends on the row, in bytes of
+/// `system` and of `user`. `user` is 0 unless the whole system message is fixed. It is part
+/// of the row key because it decides which evaluation can be reused for the row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FixedPart {
+    pub system: usize,
+    pub user: usize,
+}
+
+impl Messages {
+    /// Messages without a fixed part (nothing shared with other rows).
+    pub fn new(system: Option<String>, user: String) -> Self {
+        Self {
+            system,
+            user,
+            fixed: FixedPart::default(),
+        }
+    }
+
+    /// The messages cut to their fixed part.
+    pub fn fixed_part(&self) -> Messages {
+        Messages {
+            system: self
+                .system
+                .as_ref()
+                .map(|s| s[..self.fixed.system].to_string()),
+            user: self.user[..self.fixed.user].to_string(),
+            fixed: self.fixed,
+        }
+    }
+}
+
+/// Texts that no real row starts with: rendering a template with each shows where the
+/// row-dependent part begins.
+const PROBES: [&str; 2] = ["\u{E000}", "\u{E001}"];
+
+/// Byte length of the longest common prefix of `a` and `b`, on a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    let mut n = 0;
+    for ((i, x), y) in a.char_indices().zip(b.chars()) {
+        if x != y {
+            break;
+        }
+        n = i + x.len_utf8();
+    }
+    n
+}
+
+/// What every row of a prompt shares, found by rendering it with two probe texts.
+#[derive(Debug, Clone)]
+struct FixedProbe {
+    system: Option<String>,
+    /// Bytes of the system message that do not depend on the row.
+    system_fixed: usize,
+    user: String,
+    user_fixed: usize,
+}
+
+impl FixedProbe {
+    fn new(a: &Messages, b: &Messages) -> Self {
+        let system_fixed = match (&a.system, &b.system) {
+            (Some(x), Some(y)) => common_prefix(x, y),
+            _ => 0,
+        };
+        Self {
+            system: a.system.clone(),
+            system_fixed,
+            user: a.user.clone(),
+            user_fixed: common_prefix(&a.user, &b.user),
+        }
+    }
+
+    /// The fixed part of one row's messages.
+    fn fixed_part(&self, m: &Messages) -> FixedPart {
+        let system = match (&m.system, &self.system) {
+            (Some(s), Some(probe)) => common_prefix(s, probe).min(self.system_fixed),
+            _ => 0,
+        };
+        let system_whole = match (&m.system, &self.system) {
+            (None, None) => true,
+            (Some(s), Some(probe)) => system == s.len() && s.len() == probe.len(),
+            _ => false,
+        };
+        let user = if system_whole {
+            common_prefix(&m.user, &self.user).min(self.user_fixed)
+        } else {
+            0
+        };
+        FixedPart { system, user }
+    }
 }
 
 /// A few-shot example as templates see it: `{{ ex.text }}`, `{{ ex.label }}`.
@@ -27,6 +122,8 @@ struct Compiled {
     system: Option<(String, TemplateSpec)>,
     user: (String, TemplateSpec),
     examples: Option<Vec<Example>>,
+    /// `None` when the template cannot be rendered with the probe texts (no shared part).
+    probe: Option<FixedProbe>,
 }
 
 /// All prompts of a spec, compiled and checked.
@@ -95,13 +192,23 @@ impl Prompts {
                 system,
                 user,
                 examples,
+                probe: None,
             });
         }
-        Ok(Self {
+        let mut prompts = Self {
             env,
             compiled,
             labels: label_names,
-        })
+        };
+        for i in 0..prompts.compiled.len() {
+            let a = prompts.render_text(i, PROBES[0]);
+            let b = prompts.render_text(i, PROBES[1]);
+            prompts.compiled[i].probe = match (a, b) {
+                (Ok(a), Ok(b)) => Some(FixedProbe::new(&a, &b)),
+                _ => None,
+            };
+        }
+        Ok(prompts)
     }
 
     pub fn len(&self) -> usize {
@@ -122,6 +229,14 @@ impl Prompts {
 
     /// Render the messages of prompt `prompt` for a review `text`.
     pub fn render(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
+        let mut m = self.render_text(prompt, text)?;
+        if let Some(probe) = &self.compiled[prompt].probe {
+            m.fixed = probe.fixed_part(&m);
+        }
+        Ok(m)
+    }
+
+    fn render_text(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
         let c = &self.compiled[prompt];
         let ctx = minijinja::context! {
             text => text,
@@ -134,10 +249,10 @@ impl Prompts {
                 .and_then(|t| t.render(&ctx))
                 .map_err(|e| template_error(spec, &e))
         };
-        Ok(Messages {
-            system: c.system.as_ref().map(render).transpose()?,
-            user: render(&c.user)?,
-        })
+        Ok(Messages::new(
+            c.system.as_ref().map(render).transpose()?,
+            render(&c.user)?,
+        ))
     }
 }
 
@@ -212,4 +327,95 @@ fn find_word(line: &str, word: &str) -> Option<usize> {
         from = end;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Located;
+
+    fn template(source: &str) -> TemplateSpec {
+        TemplateSpec {
+            name: "t".into(),
+            source: source.into(),
+            at: Located {
+                value: (),
+                loc: SourceLoc::file_only("spec.yaml"),
+                field: "prompts[0].user".into(),
+            },
+            file: None,
+        }
+    }
+
+    fn prompts(system: Option<&str>, user: &str, examples: Option<Vec<Row>>) -> Prompts {
+        let labels = [("0", "negative"), ("1", "positive")].map(|(v, n)| LabelSpec {
+            value: v.into(),
+            name: n.into(),
+        });
+        let spec = PromptSpec {
+            id: "p".into(),
+            system: system.map(template),
+            user: template(user),
+            shots: None,
+        };
+        Prompts::compile(&[spec], &labels, vec![examples]).unwrap()
+    }
+
+    #[test]
+    fn the_fixed_part_ends_where_the_row_begins() {
+        let p = prompts(
+            Some("You judge reviews."),
+            "Review: {{ text }}\nAnswer.",
+            None,
+        );
+        let m = p.render(0, "Great film.").unwrap();
+        assert_eq!(m.fixed.system, "You judge reviews.".len());
+        assert_eq!(&m.user[..m.fixed.user], "Review: ");
+        let f = m.fixed_part();
+        assert_eq!(f.system.as_deref(), Some("You judge reviews."));
+        assert_eq!(f.user, "Review: ");
+        // Every row of the prompt shares it.
+        assert_eq!(p.render(0, "Awful.").unwrap().fixed, m.fixed);
+    }
+
+    #[test]
+    fn fixed_examples_belong_to_the_fixed_part() {
+        let rows = vec![Row {
+            index: 0,
+            id: "e".into(),
+            text: "An example review.".into(),
+            label: 1,
+        }];
+        let p = prompts(
+            None,
+            "{% for e in examples %}{{ e.text }} -> {{ e.label }}\n{% endfor %}Review: {{ text }}",
+            Some(rows),
+        );
+        let m = p.render(0, "New review.").unwrap();
+        assert_eq!(
+            &m.user[..m.fixed.user],
+            "An example review. -> positive\nReview: "
+        );
+    }
+
+    #[test]
+    fn a_row_dependent_system_message_leaves_no_fixed_user_part() {
+        let p = prompts(
+            Some("Judge: {{ text }}"),
+            "Answer {{ labels | join(' or ') }}.",
+            None,
+        );
+        let m = p.render(0, "Fine.").unwrap();
+        assert_eq!(m.fixed.system, "Judge: ".len());
+        assert_eq!(m.fixed.user, 0);
+    }
+
+    #[test]
+    fn a_row_that_starts_like_the_probe_still_gets_the_template_prefix_only() {
+        let p = prompts(None, "{{ text }} is the review.", None);
+        let m = p.render(0, "Anything").unwrap();
+        assert_eq!(m.fixed.user, 0);
+        let q = prompts(None, "R: {{ text }}", None);
+        assert_eq!(q.render(0, "R: nested").unwrap().fixed.user, 3);
+    }
 }

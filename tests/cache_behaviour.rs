@@ -7,6 +7,26 @@ use std::time::{Duration, Instant};
 
 use common::{Project, misses, predictions};
 
+/// Wait until the run in `p` has committed at least one segment.
+fn wait_for_segment(p: &Project) {
+    let rows_dir = p.path("cache/v2/rows");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let segs = std::fs::read_dir(&rows_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if segs > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no segment committed in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn rerun_computes_nothing() {
     let p = Project::new();
@@ -160,22 +180,7 @@ fn sigkill_mid_run_then_resume_matches_an_uninterrupted_run() {
         .spawn()
         .unwrap();
     // Wait until at least one batch is committed, then kill without warning.
-    let rows_dir = p.path("cache/v1/rows");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let segs = std::fs::read_dir(&rows_dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-                    .count()
-            })
-            .unwrap_or(0);
-        if segs > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no segment committed in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_segment(&p);
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -207,7 +212,7 @@ fn corrupt_cache_file_is_reported_and_recomputed() {
     let p = Project::new();
     p.run();
     let want = predictions(&p.path("reports/t/predictions.parquet"));
-    let seg = std::fs::read_dir(p.path("cache/v1/rows"))
+    let seg = std::fs::read_dir(p.path("cache/v2/rows"))
         .unwrap()
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -229,7 +234,7 @@ fn corrupt_cache_file_is_reported_and_recomputed() {
     );
     assert_eq!(predictions(&p.path("reports/t/predictions.parquet")), want);
     assert!(
-        std::fs::read_dir(p.path("cache/v1/quarantine"))
+        std::fs::read_dir(p.path("cache/v2/quarantine"))
             .unwrap()
             .count()
             >= 1
@@ -260,42 +265,30 @@ fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    use pipeline::app::{RunOptions, run_with_backend};
+    use pipeline::backend::Backend;
     use pipeline::backend::fake::{FakeBackend, FakeCalls};
-    use pipeline::backend::{Backend, BackendKind};
-    use pipeline::cache::Cache;
-    use pipeline::exec::{ExecOptions, execute};
-    use pipeline::model::Resolver;
-    use pipeline::plan::{PlanOptions, build};
+    use pipeline::config::Config;
 
     let p = Project::new();
-    let resolver = Resolver {
-        digest_dir: p.path("cache/v1/digests"),
-        ..Default::default()
+    let cfg = Config::new(p.path("cache"), p.path("reports"));
+    let cfg = Config {
+        backend: pipeline::backend::BackendKind::Fake,
+        ..cfg
     };
     let run_once = || -> (usize, usize, usize) {
-        let spec = pipeline::spec::load(&p.path("spec.yaml")).unwrap();
-        let plan = build(
-            spec,
-            &PlanOptions {
-                resolver: &resolver,
-                engine_version: BackendKind::Fake.engine_version(),
-                fetch_models: true,
-                limit: None,
-            },
-        )
-        .unwrap();
-        let mut cache = Cache::open(&p.path("cache")).unwrap();
         let calls = Arc::new(FakeCalls::default());
         let c = calls.clone();
         let make = Box::new(move || Box::new(FakeBackend::new(c)) as Box<dyn Backend>);
-        execute(
-            &plan,
-            &mut cache,
-            make,
-            &ExecOptions::default(),
+        let outcome = run_with_backend(
+            &cfg,
+            &p.path("spec.yaml"),
+            &RunOptions::default(),
             Arc::new(AtomicBool::new(false)),
+            make,
         )
         .unwrap();
+        assert!(outcome.error.is_none());
         (
             calls.prompts.load(Ordering::SeqCst),
             calls.tasks.load(Ordering::SeqCst),
@@ -325,7 +318,9 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_rows() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // The handler is installed before any row runs: once a segment is committed, a signal
+    // reaches it (a fixed sleep could signal before it exists).
+    wait_for_segment(&p);
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -367,4 +362,106 @@ fn two_concurrent_runs_share_one_cache_safely() {
     let run = p.run_json();
     assert_eq!(run["computed_rows"], 0);
     assert_eq!(run["cached_rows"], 72);
+}
+
+#[test]
+fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
+    let p = Project::new();
+    let out = p
+        .cmd(&[
+            "run",
+            "spec.yaml",
+            "--backend",
+            "fake",
+            "--progress-interval",
+            "0.05",
+        ])
+        .env("PIPELINE_FAKE_DELAY_MS", "20")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("run: 72 rows to compute in 6 cells"),
+        "{stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("progress: "))
+        .collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    for l in &lines {
+        assert!(l.contains(" rows (") && l.contains("rows/s, eta "), "{l}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("; cell fake-a/")),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("progress: 72/72 rows (100%)")
+    );
+    // No terminal control sequences in a log.
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    // --quiet prints none.
+    let quiet = p
+        .cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("progress:"));
+}
+
+/// Ctrl-C in-process: the library entry point stops after the current prompt when its
+/// cancel flag is set, keeps every finished row and still writes the report.
+#[test]
+fn cancelling_app_run_keeps_finished_rows_and_writes_the_report() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use pipeline::app::{RunOptions, run_with_backend};
+    use pipeline::backend::Backend;
+    use pipeline::backend::fake::{FakeBackend, FakeCalls};
+    use pipeline::config::Config;
+
+    let p = Project::new();
+    let cfg = Config {
+        backend: pipeline::backend::BackendKind::Fake,
+        ..Config::new(p.path("cache"), p.path("reports"))
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(FakeCalls::default());
+    let (c, stop) = (calls.clone(), cancel.clone());
+    // Cancel from another thread once a few prompts are done, as the Ctrl-C handler does.
+    let watcher = std::thread::spawn(move || {
+        while c.prompts.load(Ordering::SeqCst) < 5 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    let make = {
+        let calls = calls.clone();
+        Box::new(move || {
+            let mut b = FakeBackend::new(calls);
+            b.delay = Duration::from_millis(10);
+            Box::new(b) as Box<dyn Backend>
+        })
+    };
+    let outcome = run_with_backend(
+        &cfg,
+        &p.path("spec.yaml"),
+        &RunOptions::default(),
+        cancel,
+        make,
+    )
+    .unwrap();
+    watcher.join().unwrap();
+    assert!(outcome.error.is_none());
+    assert!(outcome.stats.interrupted);
+    let done = outcome.stats.computed_rows;
+    assert!((15..72).contains(&done), "{done}");
+    assert!(outcome.written.is_some() && p.path("reports/t/index.html").is_file());
+    let rest = p.run();
+    assert_eq!(rest["cached_rows"].as_u64().unwrap() as usize, done);
 }

@@ -88,6 +88,7 @@ fn resolver(dir: &Path, endpoint: &str) -> Resolver {
             show_progress: false,
         },
         digest_dir: dir.join("digests"),
+        memo_read_only: false,
     }
 }
 

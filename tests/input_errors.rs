@@ -180,6 +180,41 @@ fn unparseable_answers_are_counted_not_dropped() {
         invalid > 0,
         "the fake backend gives some unparseable answers"
     );
-    let html = p.read("reports/t/index.html");
-    assert!(html.contains("invalid"));
+    // Each cell's invalid answers are counted in metrics.parquet and shown on the page.
+    let html = common::report_html(&p);
+    let metrics_section = html
+        .split("<h2>Metrics per cell</h2>")
+        .nth(1)
+        .and_then(|s| s.split("</table>").next())
+        .unwrap();
+    let mut shown = 0;
+    for cell in [
+        "fake-a/p1/gen@t=0.2",
+        "fake-a/p1/gen@t=0.8",
+        "fake-a/p2/gen@t=0.2",
+        "fake-a/p2/gen@t=0.8",
+    ] {
+        let expected = preds
+            .iter()
+            .filter(|l| {
+                l.starts_with(&format!("{cell} |")) && l.split(" | ").nth(3) == Some("None")
+            })
+            .count();
+        let row = metrics_section
+            .split("<tr>")
+            .find(|r| r.contains(&format!("<code>{cell}</code>")))
+            .unwrap();
+        // Columns: cell, n, accuracy, CI, macro-F1, invalid, ...
+        let invalid_cell = row.split("<td").nth(6).unwrap();
+        let value = invalid_cell
+            .split('>')
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap();
+        assert_eq!(value, expected.to_string(), "{cell}: {row}");
+        shown += expected;
+    }
+    assert_eq!(shown, invalid);
 }

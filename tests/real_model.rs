@@ -1,32 +1,59 @@
 //! The llama.cpp backend on a real model: SmolLM2-135M-Instruct (98 MB), found through
-//! `$PIPELINE_MODELS_DIR` (`../shared/models/fetch` puts it there). Under `CI=true` a missing
-//! model fails these tests; elsewhere they are skipped with a message.
+//! `$PIPELINE_MODELS_DIR` (`../shared/models/fetch` puts it there; `bash scripts/test` does
+//! that). Without it these tests are listed as ignored, by name; under `CI=true` they fail.
 
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 
+use libtest_mimic::{Arguments, Failed};
 use pipeline::backend::llama::LlamaEngine;
-use pipeline::backend::{Backend, ModelLoad, Sampler, Task};
-use pipeline::prompt::Messages;
+use pipeline::backend::{Backend, ModelLoad, PromptOutput, Sampler, Task};
+use pipeline::prompt::{FixedPart, Messages};
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
 
-fn model() -> Option<PathBuf> {
-    let found = std::env::var_os("PIPELINE_MODELS_DIR")
-        .map(|d| PathBuf::from(d).join(MODEL_FILE))
-        .filter(|p| p.is_file());
-    if found.is_none() {
-        let msg = format!(
-            "{MODEL_FILE} not found in $PIPELINE_MODELS_DIR; fetch it with `../shared/models/fetch smollm2-135m`"
-        );
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{msg}");
-        }
-        eprintln!("skipping: {msg}");
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = common::trials_needing(
+        "SmolLM2-135M",
+        model().err(),
+        vec![
+            (
+                "smollm2_end_to_end_generate_and_loglik",
+                smollm2_end_to_end_generate_and_loglik,
+            ),
+            (
+                "rows_are_bitwise_equal_whatever_ran_before",
+                rows_are_bitwise_equal_whatever_ran_before,
+            ),
+            (
+                "runs_in_other_orders_and_after_a_resume_give_identical_rows",
+                runs_in_other_orders_and_after_a_resume_give_identical_rows,
+            ),
+            (
+                "a_prompt_over_the_context_is_a_failed_row_not_a_failed_run",
+                a_prompt_over_the_context_is_a_failed_row_not_a_failed_run,
+            ),
+        ],
+    );
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn model() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("PIPELINE_MODELS_DIR").ok_or(
+        "PIPELINE_MODELS_DIR is not set (`bash scripts/test` sets it and fetches the model)",
+    )?;
+    let p = PathBuf::from(dir).join(MODEL_FILE);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} does not exist; fetch it with `../shared/models/fetch \"$PIPELINE_MODELS_DIR\" smollm2-135m`",
+            p.display()
+        ))
     }
-    found
 }
 
 fn repo_file(rel: &str) -> PathBuf {
@@ -77,9 +104,8 @@ fn run_llama(p: &common::Project) -> serde_json::Value {
     p.run_json()
 }
 
-#[test]
-fn smollm2_end_to_end_generate_and_loglik() {
-    let Some(model) = model() else { return };
+fn smollm2_end_to_end_generate_and_loglik() -> Result<(), Failed> {
+    let model = model()?;
     let p = common::Project::new();
     write_spec(&p, &model);
     let first = run_llama(&p);
@@ -88,6 +114,10 @@ fn smollm2_end_to_end_generate_and_loglik() {
     assert_eq!(
         first["prompts_evaluated"], 16,
         "one prompt evaluation serves the three cells"
+    );
+    assert!(
+        first["evaluated_tokens"].as_u64() < first["prompt_tokens"].as_u64(),
+        "each template's fixed prefix is evaluated once: {first}"
     );
 
     // Outputs are readable by pyarrow, with the expected shape and content.
@@ -129,20 +159,41 @@ print("ok", len(p), len(m))
     assert_eq!(second["computed_rows"], 24);
     assert_eq!(second["cached_rows"], 24);
     assert_eq!(second["prompts_evaluated"], 8);
+    Ok(())
 }
 
-fn messages(i: usize) -> Messages {
-    let reviews = [
-        "A warm, funny and beautifully acted film. I loved every minute.",
-        "Dull, overlong and badly written. I want my two hours back.",
-        "The plot made no sense but the music was great.",
-    ];
+/// Long IMDB reviews: with the chat template and instructions they exceed one 512-token
+/// decode call.
+fn long_reviews(n: usize) -> Vec<String> {
+    let batches = pipeline::dataset::read_table(&repo_file("experiments/data/imdb/test.parquet"))
+        .expect("the committed IMDB test split reads");
+    let mut out = Vec::new();
+    for b in &batches {
+        use arrow::array::AsArray;
+        let text = b.column_by_name("text").unwrap().as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let t = text.value(i);
+            if (2600..3400).contains(&t.len()) && out.len() < n && i % 97 == 0 {
+                out.push(t.replace("<br />", " "));
+            }
+        }
+    }
+    assert_eq!(out.len(), n, "enough long reviews");
+    out
+}
+
+/// A prompt family: a fixed part (system message and the user message before the review)
+/// shared by every row, then the review.
+fn messages(fixed_user: &str, review: &str) -> Messages {
+    let system = "You classify movie reviews as positive or negative.".to_string();
+    let user = format!("{fixed_user}Review: {review}\nAnswer with one word: positive or negative.");
     Messages {
-        system: Some("You classify movie reviews as positive or negative.".into()),
-        user: format!(
-            "Review: {}\nAnswer with one word: positive or negative.",
-            reviews[i % 3]
-        ),
+        fixed: FixedPart {
+            system: system.len(),
+            user: fixed_user.len() + "Review: ".len(),
+        },
+        system: Some(system),
+        user,
     }
 }
 
@@ -168,93 +219,231 @@ fn tasks() -> Vec<Task> {
     ]
 }
 
-#[test]
-fn answers_do_not_depend_on_grouping_order_or_prefix_reuse() {
-    let Some(model) = model() else { return };
+/// Every number of a prompt's outputs, exactly: texts and log-prob bit patterns.
+fn exact(o: &PromptOutput) -> Vec<String> {
+    o.tasks
+        .iter()
+        .map(|t| {
+            let bits: Vec<u64> = t.logprobs.iter().flatten().map(|x| x.to_bits()).collect();
+            format!("{:?} {bits:?} {:?} {}", t.text, t.finish, t.gen_tokens)
+        })
+        .collect()
+}
+
+/// Each prompt alone in a fresh session, then in several orders and company: the outputs
+/// must be the same bits, while the shared prefix is still evaluated only once.
+fn rows_are_bitwise_equal_whatever_ran_before() -> Result<(), Failed> {
     let load = ModelLoad {
         id: "smollm2".into(),
-        path: model,
-        n_ctx: 1024,
+        path: model()?,
+        n_ctx: 2048,
         threads: 2,
-        batch_seqs: 1,
     };
-    let mut engine = LlamaEngine::new();
-    let all = tasks();
-    let mut together = Vec::new();
-    let mut alone = Vec::new();
-    let mut reversed = Vec::new();
-    let mut fresh = Vec::new();
-    engine
-        .with_model(&load, &mut |s| {
-            for i in 0..3 {
-                let prompt = s.format_chat(&messages(i))?;
-                // Every task from one evaluation of the prompt (after the previous prompt,
-                // so its shared prefix is reused).
-                together.push(s.run(&prompt, &all)?);
-                // Each task on its own.
-                alone.push(
-                    all.iter()
-                        .map(|t| s.run(&prompt, std::slice::from_ref(t)))
-                        .collect::<Result<Vec<_>, _>>()?,
-                );
-                // Tasks in the opposite order.
-                let rev: Vec<Task> = all.iter().rev().cloned().collect();
-                reversed.push(s.run(&prompt, &rev)?);
-            }
-            Ok(())
-        })
-        .unwrap();
-    // A fresh model instance, prompts in another order: no prefix from earlier prompts.
-    engine
-        .with_model(&load, &mut |s| {
-            for i in [2, 0, 1] {
-                let prompt = s.format_chat(&messages(i))?;
-                fresh.push((i, s.run(&prompt, &all)?));
-            }
-            Ok(())
-        })
-        .unwrap();
-    fresh.sort_by_key(|(i, _)| *i);
-    // Generations decoded side by side, three sequences per batch.
-    let mut batched = Vec::new();
-    let side_by_side = ModelLoad {
-        batch_seqs: 3,
-        ..load.clone()
-    };
-    engine
-        .with_model(&side_by_side, &mut |s| {
-            for i in 0..3 {
-                let prompt = s.format_chat(&messages(i))?;
-                batched.push(s.run(&prompt, &all)?);
-            }
-            Ok(())
-        })
-        .unwrap();
-    assert!(
-        together[1].evaluated_tokens < together[1].prompt_tokens,
-        "the shared prefix was reused"
+    let reviews = long_reviews(4);
+    // A fixed part longer than one decode call, and a short one.
+    let long_fixed = format!(
+        "Here are examples of reviews and their labels.\n{}\n",
+        reviews[3][..2400].replace('.', ".\n")
     );
-    for i in 0..3 {
-        for (j, t) in together[i].tasks.iter().enumerate() {
-            let a = &alone[i][j].tasks[0];
-            let r = &reversed[i].tasks[all.len() - 1 - j];
-            let f = &fresh[i].1.tasks[j];
-            let b = &batched[i].tasks[j];
-            for other in [a, r, f, b] {
-                assert_eq!(t.text, other.text, "prompt {i} task {j}");
-                match (&t.logprobs, &other.logprobs) {
-                    (Some(x), Some(y)) => {
-                        for (u, v) in x.iter().zip(y) {
-                            assert!((u - v).abs() < 1e-3, "prompt {i}: {x:?} vs {y:?}");
-                        }
-                    }
-                    (None, None) => {}
-                    _ => panic!("task kinds differ"),
+    let families = [String::new(), long_fixed];
+    let prompts: Vec<Messages> = families
+        .iter()
+        .flat_map(|f| reviews[..3].iter().map(|r| messages(f, r)))
+        .collect();
+    let all = tasks();
+    let mut engine = LlamaEngine::new();
+    let mut run_in = |order: &[usize], tasks: &[Task]| -> Vec<(usize, PromptOutput)> {
+        let mut out = Vec::new();
+        engine
+            .with_model(&load, &mut |s| {
+                for &i in order {
+                    let chat = s.format_chat(&prompts[i])?;
+                    out.push((i, s.run(&chat, tasks)?));
                 }
-            }
-        }
-        // Two seeds at the same temperature are separate draws; loglik gives two finite values.
-        let lp = together[i].tasks[3].logprobs.as_ref().unwrap();
-        assert!(lp.iter().all(|x| x.is_finite() && *x < 0.0), "{lp:?}");
+                Ok(())
+            })
+            .unwrap();
+        out
+    };
+    let n = prompts.len();
+    let alone: Vec<PromptOutput> = (0..n).map(|i| run_in(&[i], &all).remove(0).1).collect();
+    for o in &alone {
+        assert!(
+            o.prompt_tokens > 512,
+            "{} tokens: longer than one ubatch",
+            o.prompt_tokens
+        );
     }
+    let orders: Vec<(&str, Vec<usize>)> = vec![
+        ("in order", (0..n).collect()),
+        ("reversed", (0..n).rev().collect()),
+        ("interleaved families", vec![0, 3, 1, 4, 2, 5]),
+        ("each twice", vec![2, 2, 5, 5, 0, 0]),
+    ];
+    for (name, order) in &orders {
+        let got = run_in(order, &all);
+        for (i, o) in &got {
+            assert_eq!(exact(o), exact(&alone[*i]), "prompt {i}, {name}");
+        }
+        if *name == "in order" {
+            // The long fixed part of the second family is reused by its later rows.
+            let o = &got[4].1;
+            assert!(o.evaluated_tokens + 400 < o.prompt_tokens, "{o:?}");
+        }
+    }
+    // Each task on its own, and the tasks in the opposite order.
+    for i in [0, 4] {
+        for (j, t) in all.iter().enumerate() {
+            let one = run_in(&[i], std::slice::from_ref(t)).remove(0).1;
+            assert_eq!(
+                exact(&one)[0],
+                exact(&alone[i])[j],
+                "prompt {i} task {j} alone"
+            );
+        }
+        let rev: Vec<Task> = all.iter().rev().cloned().collect();
+        let mut r = exact(&run_in(&[i], &rev).remove(0).1);
+        r.reverse();
+        assert_eq!(r, exact(&alone[i]), "prompt {i}, tasks reversed");
+    }
+    // Two seeds at the same temperature are separate draws; loglik gives finite values.
+    let lp = alone[0].tasks[3].logprobs.as_ref().unwrap();
+    assert!(lp.iter().all(|x| x.is_finite() && *x < 0.0), "{lp:?}");
+    Ok(())
+}
+
+fn long_review_spec(p: &common::Project, model: &Path, seed: u64) {
+    let reviews = long_reviews(6);
+    let mut jsonl = String::new();
+    for (i, r) in reviews.iter().enumerate() {
+        jsonl.push_str(
+            &serde_json::json!({"id": format!("r{i}"), "text": r, "label": i % 2}).to_string(),
+        );
+        jsonl.push('\n');
+    }
+    p.write("data/long.jsonl", &jsonl);
+    p.write(
+        "spec.yaml",
+        &format!(
+            r#"name: t
+dataset:
+  path: data/long.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {{0: negative, 1: positive}}
+  sample: {{n: 6, stratify: false, seed: {seed}}}
+models:
+  - id: smollm2
+    gguf: {model}
+    n_ctx: 2048
+prompts:
+  - id: p1
+    system: "You classify movie reviews."
+    user: {{file: prompts/p1.j2}}
+methods:
+  - id: gen
+    kind: generate
+    max_tokens: 4
+  - id: ll
+    kind: loglik
+sampling:
+  temperature: [0, 0.8]
+  seed: 3
+"#,
+            model = model.display()
+        ),
+    );
+}
+
+/// The same rows computed in two orders (two sample seeds over the same six reviews), and
+/// after a run stopped part way and resumed: identical answers and log-prob bits.
+fn runs_in_other_orders_and_after_a_resume_give_identical_rows() -> Result<(), Failed> {
+    let model = model()?;
+    let run = |seed: u64, limit: Option<&str>| {
+        let p = common::Project::new();
+        long_review_spec(&p, &model, seed);
+        if let Some(l) = limit {
+            p.run_ok(&[
+                "run",
+                "spec.yaml",
+                "--quiet",
+                "--threads",
+                "2",
+                "--limit",
+                l,
+            ]);
+        }
+        p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+        (
+            common::predictions(&p.path("reports/t/predictions.parquet")),
+            p,
+        )
+    };
+    let (a, pa) = run(1, None);
+    let (b, _) = run(2, None);
+    let (c, _) = run(1, Some("2"));
+    assert_eq!(a.len(), 18);
+    let order = |seed: u64| {
+        let p = common::Project::new();
+        long_review_spec(&p, &model, seed);
+        let plan = pipeline::app::plan(
+            &pipeline::config::Config::new(p.path("cache"), p.path("reports")),
+            &p.path("spec.yaml"),
+            None,
+        )
+        .unwrap();
+        plan.plan
+            .dataset
+            .rows
+            .iter()
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(
+        order(1),
+        order(2),
+        "the two seeds evaluate the rows in other orders"
+    );
+    assert_eq!(a, b, "order");
+    assert_eq!(a, c, "resume");
+    assert!(pa.run_json()["prompt_tokens"].as_u64().unwrap() > 6 * 512);
+    Ok(())
+}
+
+/// A review longer than the model's context is a failed row, counted and shown; the run
+/// completes every other row and exits 0.
+fn a_prompt_over_the_context_is_a_failed_row_not_a_failed_run() -> Result<(), Failed> {
+    let model = model()?;
+    let p = common::Project::new();
+    long_review_spec(&p, &model, 1);
+    // Two reviews of 600+ tokens among short ones, with a 512-token context.
+    let mut jsonl = String::new();
+    for (i, r) in p.read("data/long.jsonl").lines().enumerate() {
+        if i < 2 {
+            jsonl.push_str(r);
+        } else {
+            let text = format!("Review {i}: a short and sweet film.");
+            jsonl.push_str(
+                &serde_json::json!({"id": format!("r{i}"), "text": text, "label": i % 2})
+                    .to_string(),
+            );
+        }
+        jsonl.push('\n');
+    }
+    p.write("data/long.jsonl", &jsonl);
+    let spec = p.read("spec.yaml").replace("n_ctx: 2048", "n_ctx: 512");
+    p.write("spec.yaml", &spec);
+    let out = p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let run = p.run_json();
+    assert_eq!(run["failed_rows"], 6, "two reviews × three cells: {run}");
+    assert_eq!(run["computed_rows"], 12, "{run}");
+    assert!(
+        stdout.contains("rows failed (") && stdout.contains("context_overflow"),
+        "{stdout}"
+    );
+    let html = common::report_html(&p);
+    assert!(html.contains("id=\"failed\"") && html.contains("context_overflow"));
+    Ok(())
 }

@@ -76,7 +76,7 @@ fn comparisons_follow_the_compare_section() {
         "--out",
         "csv",
     ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
     let csv = p.read("csv/comparisons.csv");
     assert_eq!(csv.lines().count(), 7);
     assert!(csv.starts_with("cell,reference,n,accuracy"));
@@ -149,7 +149,7 @@ fn seeds_are_summarised_with_mean_std_and_majority_vote() {
         &common::SPEC.replace("seed: 3", "seed: [1, 2, 3]"),
     );
     p.run();
-    let html = p.read("reports/t/index.html");
+    let html = common::report_html(&p);
     assert!(html.contains("Across seeds and repeats"));
     assert!(
         html.contains("fake-a/p1/gen@t=0.8,top_p=1,top_k=0,min_p=0"),

@@ -1,14 +1,25 @@
 //! A deterministic backend for tests: whitespace tokens, answers derived from a hash of the
-//! prompt and the sampler, an optional delay per prompt, and a call counter.
+//! prompt and the sampler, an optional delay per prompt, and a call counter. A prompt over
+//! the context fails as llama.cpp's would, a prompt holding [`FAIL_MARKER`] fails to
+//! decode and a model file holding [`LOAD_FAIL_MARKER`] fails to load, so that tests can
+//! make single rows, or a whole model, fail.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Backend, BackendError, Finish, ModelLoad, PromptOutput, Session, Task, TaskOutput};
+use super::{
+    Backend, BackendError, ChatPrompt, Finish, ModelLoad, PromptOutput, Session, Task, TaskOutput,
+};
 use crate::prompt::Messages;
 
 pub const ENGINE_VERSION: &str = "fake-engine 1";
+
+/// A prompt containing this text fails with a decode error.
+pub const FAIL_MARKER: &str = "FAKE-DECODE-ERROR";
+
+/// A model file containing this text fails to load.
+pub const LOAD_FAIL_MARKER: &[u8] = b"FAKE-LOAD-ERROR";
 
 /// Counts what the fake backend was asked to do.
 #[derive(Debug, Default)]
@@ -59,6 +70,15 @@ impl Backend for FakeBackend {
             path: model.path.clone(),
             reason: e.to_string(),
         })?;
+        if bytes
+            .windows(LOAD_FAIL_MARKER.len())
+            .any(|w| w == LOAD_FAIL_MARKER)
+        {
+            return Err(BackendError::Load {
+                path: model.path.clone(),
+                reason: "simulated load failure".into(),
+            });
+        }
         self.calls.models_loaded.fetch_add(1, Ordering::SeqCst);
         let mut s = FakeSession {
             model_salt: *blake3::hash(&bytes).as_bytes(),
@@ -99,20 +119,37 @@ impl Session for FakeSession {
         }
     }
 
-    fn format_chat(&self, m: &Messages) -> Result<String, BackendError> {
-        let mut s = String::new();
-        if let Some(sys) = &m.system {
-            s.push_str(&format!("<|system|>\n{sys}\n"));
-        }
-        s.push_str(&format!("<|user|>\n{}\n<|assistant|>\n", m.user));
-        Ok(s)
+    fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {
+        let chat = |m: &Messages| {
+            let mut s = String::new();
+            if let Some(sys) = &m.system {
+                s.push_str(&format!("<|system|>\n{sys}\n"));
+            }
+            s.push_str(&format!("<|user|>\n{}\n<|assistant|>\n", m.user));
+            s
+        };
+        Ok(ChatPrompt::new(chat(m), &chat(&m.fixed_part())))
     }
 
-    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+    fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
         let start = Instant::now();
         self.calls.prompts.fetch_add(1, Ordering::SeqCst);
         self.calls.tasks.fetch_add(tasks.len(), Ordering::SeqCst);
+        let prompt = prompt.text.as_str();
         let prompt_tokens = prompt.split_whitespace().count();
+        if prompt.contains(FAIL_MARKER) {
+            return Err(BackendError::Decode(
+                "llama_decode returned -1 (simulated)".into(),
+            ));
+        }
+        if prompt_tokens + 1 > self.n_ctx as usize {
+            return Err(BackendError::ContextOverflow {
+                needed: prompt_tokens + 1,
+                prompt: prompt_tokens,
+                generate: 1,
+                n_ctx: self.n_ctx,
+            });
+        }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }

@@ -1,9 +1,14 @@
 //! llama.cpp in-process through `llama-cpp-2`.
 //!
-//! One session keeps a single sequence in the KV cache and remembers its tokens, so that
-//! consecutive prompts reuse their longest common prefix (chat header, system prompt,
-//! few-shot examples) and only the rest is evaluated. Every task of a prompt starts from the
-//! prompt's stored last-token logits, and the KV cache is cut back to the prompt after each
+//! A row's numbers are a function of its key alone. llama.cpp's floats depend on how a prompt
+//! is split into decode calls and on how much of the KV cache is reused (on SmolLM2 the same
+//! prompt moved by 0.29 nats), so each prompt is evaluated with a layout fixed by the prompt
+//! itself: the part that every row of its template shares (chat header, system prompt, fixed
+//! examples, the template text before the first row value) in `N_BATCH` pieces from position
+//! 0, then the rest in `N_BATCH` pieces from there. One session keeps a single sequence in
+//! the KV cache and reuses a cached prefix only where the same decode calls produced it, so
+//! the shared part is evaluated once per template and model. Every task of a prompt starts
+//! from the prompt's last-token logits, and the KV cache is cut back to the prompt after each
 //! task: a task's result does not depend on which other tasks ran beside it.
 
 use std::num::NonZeroU32;
@@ -22,20 +27,18 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
 use super::{
-    Backend, BackendError, Finish, ModelLoad, PromptOutput, Sampler, Session, Task, TaskOutput,
+    Backend, BackendError, ChatPrompt, Finish, ModelLoad, PromptOutput, Sampler, Session, Task,
+    TaskOutput,
 };
 use crate::prompt::Messages;
 
 /// Tokens per decode call while evaluating a prompt.
 const N_BATCH: usize = 512;
 
-/// Most generations decoded side by side. llama.cpp (ggml-org/llama.cpp#24962) gives wrong
-/// logits when one decode call with a unified KV cache holds tokens of several sequences and
-/// 32 or more tokens in all; a batch of one token per generation stays well below that.
-pub const MAX_SIDE_BY_SIDE: usize = 16;
-
 /// Bump when the decoding procedure here changes in a way that can change outputs.
-const DECODE_REVISION: u32 = 1;
+/// r2: the evaluation layout (ubatch boundaries, reused prefix) is a function of the prompt
+/// alone, so a row's numbers no longer depend on what the session evaluated before it.
+const DECODE_REVISION: u32 = 2;
 
 pub fn engine_version() -> String {
     let device = if cfg!(feature = "cuda") {
@@ -50,22 +53,36 @@ pub fn engine_version() -> String {
     )
 }
 
-/// The SIMD features llama.cpp was compiled with: its kernels, and so its exact numbers,
-/// depend on them.
+/// The SIMD features llama.cpp was compiled with, as ggml itself reports them: its kernels,
+/// and so its exact numbers, depend on them.
 fn cpu_features() -> String {
-    let features = [
-        ("sse4.2", cfg!(target_feature = "sse4.2")),
-        ("avx", cfg!(target_feature = "avx")),
-        ("avx2", cfg!(target_feature = "avx2")),
-        ("fma", cfg!(target_feature = "fma")),
-        ("f16c", cfg!(target_feature = "f16c")),
-        ("avx512f", cfg!(target_feature = "avx512f")),
-        ("avx512vnni", cfg!(target_feature = "avx512vnni")),
-        ("neon", cfg!(target_feature = "neon")),
-    ];
+    use llama_cpp_sys_2 as sys;
+    // SAFETY: each of these only returns a constant fixed when ggml was compiled.
+    let features: [(&str, i32); 18] = unsafe {
+        [
+            ("sse3", sys::ggml_cpu_has_sse3()),
+            ("ssse3", sys::ggml_cpu_has_ssse3()),
+            ("avx", sys::ggml_cpu_has_avx()),
+            ("avx2", sys::ggml_cpu_has_avx2()),
+            ("avx_vnni", sys::ggml_cpu_has_avx_vnni()),
+            ("f16c", sys::ggml_cpu_has_f16c()),
+            ("fma", sys::ggml_cpu_has_fma()),
+            ("bmi2", sys::ggml_cpu_has_bmi2()),
+            ("avx512", sys::ggml_cpu_has_avx512()),
+            ("avx512_vbmi", sys::ggml_cpu_has_avx512_vbmi()),
+            ("avx512_vnni", sys::ggml_cpu_has_avx512_vnni()),
+            ("avx512_bf16", sys::ggml_cpu_has_avx512_bf16()),
+            ("amx_int8", sys::ggml_cpu_has_amx_int8()),
+            ("neon", sys::ggml_cpu_has_neon()),
+            ("dotprod", sys::ggml_cpu_has_dotprod()),
+            ("matmul_int8", sys::ggml_cpu_has_matmul_int8()),
+            ("sve", sys::ggml_cpu_has_sve()),
+            ("llamafile", sys::ggml_cpu_has_llamafile()),
+        ]
+    };
     let on: Vec<&str> = features
         .iter()
-        .filter(|(_, on)| *on)
+        .filter(|(_, on)| *on != 0)
         .map(|(n, _)| *n)
         .collect();
     if on.is_empty() {
@@ -128,8 +145,7 @@ impl Backend for LlamaEngine {
             .with_n_ctx(NonZeroU32::new(load.n_ctx))
             .with_n_batch(N_BATCH as u32)
             .with_n_ubatch(N_BATCH as u32)
-            .with_n_seq_max(load.batch_seqs.clamp(1, MAX_SIDE_BY_SIDE) as u32 + 1)
-            .with_kv_unified(true)
+            .with_n_seq_max(1)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let ctx = model.new_context(backend, ctx_params).map_err(|e| {
@@ -143,9 +159,9 @@ impl Backend for LlamaEngine {
             model: &model,
             ctx,
             kv_tokens: Vec::new(),
+            kv_chunks: Vec::new(),
             n_ctx: load.n_ctx,
             batch: LlamaBatch::new(N_BATCH, 1),
-            batch_seqs: load.batch_seqs.clamp(1, MAX_SIDE_BY_SIDE),
         };
         run(&mut session)
     }
@@ -157,18 +173,64 @@ struct LlamaSession<'m> {
     template: Option<LlamaChatTemplate>,
     /// The tokens whose keys and values sit in the KV cache (sequence 0), in order.
     kv_tokens: Vec<LlamaToken>,
+    /// End position of each decode call that produced `kv_tokens`, ascending: a cached
+    /// position is reused only when it was computed by the very calls a fresh evaluation
+    /// of the new prompt would make.
+    kv_chunks: Vec<usize>,
     n_ctx: u32,
     batch: LlamaBatch<'static>,
-    /// Generations decoded side by side.
-    batch_seqs: usize,
 }
 
 fn decode_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Decode(e.to_string())
 }
 
+/// Which tokens of a decode call get logits.
+#[derive(Clone, Copy, PartialEq)]
+enum Logits {
+    Last,
+    All,
+}
+
+/// The decode calls that evaluate a prompt of `n` tokens whose first `fixed` tokens are the
+/// same for every row of its template, as chunk end positions: the fixed prefix in
+/// `N_BATCH` pieces from 0, then the rest in `N_BATCH` pieces from the prefix's end.
+/// llama.cpp's numbers depend on how tokens are grouped into ubatches, so the grouping is a
+/// function of the prompt alone, never of what the KV cache held before.
+fn layout(n: usize, fixed: usize) -> Vec<usize> {
+    let fixed = fixed.min(n);
+    let mut ends: Vec<usize> = (1..=fixed.div_ceil(N_BATCH))
+        .map(|i| (i * N_BATCH).min(fixed))
+        .collect();
+    let rest = n - fixed;
+    ends.extend((1..=rest.div_ceil(N_BATCH)).map(|i| fixed + (i * N_BATCH).min(rest)));
+    ends
+}
+
+/// The longest cached prefix that a fresh evaluation with `layout` would compute with the
+/// same decode calls: it ends at a chunk end below the prompt's last chunk (whose logits
+/// are needed), every earlier chunk end coincides, and the tokens are the same.
+fn reusable(
+    kv_tokens: &[LlamaToken],
+    kv_chunks: &[usize],
+    tokens: &[LlamaToken],
+    layout: &[usize],
+) -> usize {
+    let mut best = 0;
+    for (i, (&a, &b)) in kv_chunks.iter().zip(layout).enumerate() {
+        if a != b || i + 1 == layout.len() || a > kv_tokens.len() {
+            break;
+        }
+        if kv_tokens[best..a] != tokens[best..a] {
+            break;
+        }
+        best = a;
+    }
+    best
+}
+
 impl LlamaSession<'_> {
-    /// Drop every cached position from `pos` on.
+    /// Drop every cached position from `pos` on (`pos` is a chunk end).
     fn truncate_kv(&mut self, pos: usize) -> Result<(), BackendError> {
         if self.kv_tokens.len() > pos {
             self.ctx
@@ -176,31 +238,57 @@ impl LlamaSession<'_> {
                 .map_err(decode_err)?;
             self.kv_tokens.truncate(pos);
         }
+        self.kv_chunks.retain(|&end| end <= pos);
         Ok(())
     }
 
-    /// Append `tokens` at the end of the sequence; logits are kept for every token when
-    /// `all_logits`, else for the last one only. Returns the batch size of the last chunk.
-    fn append(&mut self, tokens: &[LlamaToken], all_logits: bool) -> Result<i32, BackendError> {
-        let mut last = 0;
-        let total = tokens.len();
-        for (c, chunk) in tokens.chunks(N_BATCH).enumerate() {
-            self.batch.clear();
-            for (j, &t) in chunk.iter().enumerate() {
-                let pos = self.kv_tokens.len() + j;
-                let is_last = c * N_BATCH + j + 1 == total;
-                self.batch
-                    .add(t, pos as i32, &[0], all_logits || is_last)
-                    .map_err(decode_err)?;
-            }
-            self.ctx.decode(&mut self.batch).map_err(decode_err)?;
-            self.kv_tokens.extend_from_slice(chunk);
-            last = chunk.len() as i32;
-        }
-        Ok(last)
+    /// Forget the whole KV cache (after an error, so that no half-done state is reused).
+    fn reset_kv(&mut self) {
+        self.ctx.clear_kv_cache();
+        self.kv_tokens.clear();
+        self.kv_chunks.clear();
     }
 
-    /// One generation after another, each in sequence 0 after the prompt.
+    /// One decode call appending `tokens` (at most `N_BATCH`) at the end of the sequence.
+    fn decode(&mut self, tokens: &[LlamaToken], logits: Logits) -> Result<(), BackendError> {
+        debug_assert!(!tokens.is_empty() && tokens.len() <= N_BATCH);
+        self.batch.clear();
+        let start = self.kv_tokens.len();
+        for (j, &t) in tokens.iter().enumerate() {
+            let wanted = match logits {
+                Logits::Last => j + 1 == tokens.len(),
+                Logits::All => true,
+            };
+            self.batch
+                .add(t, (start + j) as i32, &[0], wanted)
+                .map_err(decode_err)?;
+        }
+        self.ctx.decode(&mut self.batch).map_err(decode_err)?;
+        self.kv_tokens.extend_from_slice(tokens);
+        self.kv_chunks.push(self.kv_tokens.len());
+        Ok(())
+    }
+
+    /// The prompt's token count that is the same for every row of its template: the
+    /// tokens of the fixed text, less the last one (which may merge with what follows).
+    fn fixed_tokens(&self, tokens: &[LlamaToken], fixed_text: &str) -> usize {
+        if fixed_text.is_empty() {
+            return 0;
+        }
+        let fixed = self
+            .model
+            .vocab()
+            .tokenize(fixed_text.as_bytes(), true, true);
+        let common = tokens
+            .iter()
+            .zip(&fixed)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let n = fixed.len().saturating_sub(1);
+        if common >= n { n } else { common }
+    }
+
+    /// One generation in sequence 0 after the prompt; the KV cache is cut back afterwards.
     fn generate(
         &mut self,
         prompt_len: usize,
@@ -214,76 +302,13 @@ impl LlamaSession<'_> {
         let mut g = Generation::new(max_tokens, stop, s);
         let mut next = g.step(&vocab, prompt_logits)?;
         while let Some(tok) = next {
-            self.append(&[tok], true)?;
+            self.decode(&[tok], Logits::Last)?;
             let logits = self.ctx.get_logits_ith(0).to_vec();
             next = g.step(&vocab, &logits)?;
         }
         self.truncate_kv(prompt_len)?;
         g.decode_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(g.into_output())
-    }
-
-    /// Several generations side by side: each gets its own sequence, forked from the
-    /// prompt in sequence 0 (the unified KV cache shares the prompt's cells), and every
-    /// decode call advances all unfinished ones by a token.
-    fn generate_batched(
-        &mut self,
-        prompt_len: usize,
-        prompt_logits: &[f32],
-        tasks: &[GenSpec],
-    ) -> Result<Vec<TaskOutput>, BackendError> {
-        let vocab = self.model.vocab();
-        let mut gens: Vec<Generation> = tasks
-            .iter()
-            .map(|(m, stop, s)| Generation::new(*m, stop, s))
-            .collect();
-        let mut pending: Vec<(usize, LlamaToken)> = Vec::new();
-        for (j, g) in gens.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            if let Some(tok) = g.step(&vocab, prompt_logits)? {
-                pending.push((j, tok));
-            }
-            g.decode_ms += t0.elapsed().as_secs_f64() * 1000.0;
-        }
-        for &(j, _) in &pending {
-            self.ctx
-                .copy_kv_cache_seq(0, j as i32 + 1, Some(0), Some(prompt_len as u32))
-                .map_err(decode_err)?;
-        }
-        let result = (|| -> Result<(), BackendError> {
-            while !pending.is_empty() {
-                let t0 = Instant::now();
-                self.batch.clear();
-                for &(j, tok) in &pending {
-                    let pos = prompt_len + gens[j].gen_tokens as usize - 1;
-                    self.batch
-                        .add(tok, pos as i32, &[j as i32 + 1], true)
-                        .map_err(decode_err)?;
-                }
-                self.ctx.decode(&mut self.batch).map_err(decode_err)?;
-                let mut next = Vec::with_capacity(pending.len());
-                for (k, &(j, _)) in pending.iter().enumerate() {
-                    let logits = self.ctx.get_logits_ith(k as i32).to_vec();
-                    if let Some(tok) = gens[j].step(&vocab, &logits)? {
-                        next.push((j, tok));
-                    }
-                }
-                // The decode served every pending sequence: each pays its share.
-                let share = t0.elapsed().as_secs_f64() * 1000.0 / pending.len() as f64;
-                for &(j, _) in &pending {
-                    gens[j].decode_ms += share;
-                }
-                pending = next;
-            }
-            Ok(())
-        })();
-        for j in 0..gens.len() {
-            self.ctx
-                .clear_kv_cache_seq(Some(j as u32 + 1), None, None)
-                .map_err(decode_err)?;
-        }
-        result?;
-        Ok(gens.into_iter().map(Generation::into_output).collect())
     }
 
     fn loglik(
@@ -302,8 +327,15 @@ impl LlamaSession<'_> {
             };
             let mut lp = f64::from(prompt_logits[first.0 as usize]) - first_norm;
             if toks.len() > 1 {
-                // Multi-token label: feed all but its last token, read each next-token logit.
-                self.append(&toks[..toks.len() - 1], true)?;
+                // Multi-token label: feed all but its last token in one decode call, read
+                // each next-token logit.
+                let fed = &toks[..toks.len() - 1];
+                if fed.len() > N_BATCH {
+                    return Err(BackendError::Job(format!(
+                        "label `{cont}` is longer than {N_BATCH} tokens"
+                    )));
+                }
+                self.decode(fed, Logits::All)?;
                 for (j, next) in toks[1..].iter().enumerate() {
                     let l = self.ctx.get_logits_ith(j as i32);
                     lp += f64::from(l[next.0 as usize]) - log_sum_exp(l);
@@ -320,6 +352,31 @@ impl LlamaSession<'_> {
             decode_ms: start.elapsed().as_secs_f64() * 1000.0,
         })
     }
+
+    /// Evaluate the prompt with its own layout, reusing only cached chunks that the same
+    /// layout produced; returns the last token's logits and the tokens evaluated.
+    fn prefill(
+        &mut self,
+        tokens: &[LlamaToken],
+        fixed: usize,
+    ) -> Result<(Vec<f32>, usize), BackendError> {
+        let ends = layout(tokens.len(), fixed);
+        let reuse = reusable(&self.kv_tokens, &self.kv_chunks, tokens, &ends);
+        self.truncate_kv(reuse)?;
+        let mut from = reuse;
+        for &end in ends.iter().filter(|&&e| e > reuse) {
+            // Every call asks for its last token's logits (a decode call with no output
+            // rows is a path llama.cpp's CPU kernels are not exercised on).
+            self.decode(&tokens[from..end], Logits::Last)?;
+            from = end;
+        }
+        let last_call = ends.len().checked_sub(2).map_or(0, |i| ends[i]);
+        let last = (tokens.len() - last_call.max(reuse)) as i32;
+        Ok((
+            self.ctx.get_logits_ith(last - 1).to_vec(),
+            tokens.len() - reuse,
+        ))
+    }
 }
 
 impl Session for LlamaSession<'_> {
@@ -335,7 +392,24 @@ impl Session for LlamaSession<'_> {
             .to_string()
     }
 
-    fn format_chat(&self, m: &Messages) -> Result<String, BackendError> {
+    fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {
+        let text = self.apply_template(m)?;
+        let fixed = self.apply_template(&m.fixed_part())?;
+        Ok(ChatPrompt::new(text, &fixed))
+    }
+
+    fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+        let result = self.run_prompt(prompt, tasks);
+        if result.is_err() {
+            // Whatever the failure left in the KV cache is never reused.
+            self.reset_kv();
+        }
+        result
+    }
+}
+
+impl LlamaSession<'_> {
+    fn apply_template(&self, m: &Messages) -> Result<String, BackendError> {
         let Some(tmpl) = &self.template else {
             return Err(BackendError::ChatTemplate(
                 "the model has no chat template in its GGUF metadata".into(),
@@ -352,121 +426,63 @@ impl Session for LlamaSession<'_> {
             .map_err(|e| bad(&e))
     }
 
-    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+    fn run_prompt(
+        &mut self,
+        prompt: &ChatPrompt,
+        tasks: &[Task],
+    ) -> Result<PromptOutput, BackendError> {
         let start = Instant::now();
-        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let tokens = self
+            .model
+            .vocab()
+            .tokenize(prompt.text.as_bytes(), true, true);
         if tokens.is_empty() {
             return Err(BackendError::Job("empty prompt".into()));
         }
-        // Cells needed past the prompt: generations side by side each need their own.
-        let longest =
-            |f: &dyn Fn(&Task) -> Option<usize>| tasks.iter().filter_map(f).max().unwrap_or(0);
-        let gen_len = longest(&|t| match t {
-            Task::Generate { max_tokens, .. } => Some(*max_tokens as usize),
-            Task::Loglik { .. } => None,
-        });
-        let label_len = longest(&|t| match t {
-            Task::Loglik { continuations } => continuations.iter().map(|c| c.len()).max(),
-            Task::Generate { .. } => None,
-        });
-        let side_by_side = tasks
+        // Context needed past the prompt: the longest generation or label.
+        let after = tasks
             .iter()
-            .filter(|t| matches!(t, Task::Generate { .. }))
-            .count()
-            .clamp(1, self.batch_seqs);
-        let to_generate = (gen_len * side_by_side).max(label_len);
-        if tokens.len() + to_generate > self.n_ctx as usize {
+            .map(|t| match t {
+                Task::Generate { max_tokens, .. } => *max_tokens as usize,
+                Task::Loglik { continuations } => {
+                    continuations.iter().map(|c| c.len()).max().unwrap_or(0)
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        if tokens.len() + after > self.n_ctx as usize {
             return Err(BackendError::ContextOverflow {
-                needed: tokens.len() + to_generate,
+                needed: tokens.len() + after,
                 prompt: tokens.len(),
-                generate: to_generate,
+                generate: after,
                 n_ctx: self.n_ctx,
             });
         }
-        // Reuse the longest common prefix, but always evaluate at least the last token so
-        // that its logits are fresh.
-        let common = self
-            .kv_tokens
-            .iter()
-            .zip(&tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
+        let fixed = self
+            .fixed_tokens(&tokens, prompt.fixed_text())
             .min(tokens.len() - 1);
-        self.truncate_kv(common)?;
-        let last = self.append(&tokens[common..], false)?;
-        let prompt_logits = self.ctx.get_logits_ith(last - 1).to_vec();
+        let (prompt_logits, evaluated) = self.prefill(&tokens, fixed)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let n = tokens.len();
-        let outs = match self.run_tasks(n, &prompt_logits, tasks) {
-            Ok(o) => o,
-            Err(e) => {
-                // Leave the KV cache consistent with `kv_tokens` for the next prompt.
-                self.kv_tokens.clear();
-                self.ctx.clear_kv_cache();
-                return Err(e);
-            }
-        };
+        let mut outs = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            outs.push(match t {
+                Task::Generate {
+                    max_tokens,
+                    stop,
+                    sampler,
+                } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler)?,
+                Task::Loglik { continuations } => self.loglik(n, &prompt_logits, continuations)?,
+            });
+        }
         Ok(PromptOutput {
             prompt_tokens: n as u32,
-            evaluated_tokens: (n - common) as u32,
+            evaluated_tokens: evaluated as u32,
             prefill_ms,
             tasks: outs,
         })
     }
 }
-
-impl LlamaSession<'_> {
-    /// Every task from the evaluated prompt, results in task order. Generations run
-    /// `batch_seqs` at a time when that is more than one.
-    fn run_tasks(
-        &mut self,
-        n: usize,
-        prompt_logits: &[f32],
-        tasks: &[Task],
-    ) -> Result<Vec<TaskOutput>, BackendError> {
-        let mut outs: Vec<Option<TaskOutput>> = vec![None; tasks.len()];
-        let gens: Vec<(usize, GenSpec)> = tasks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| match t {
-                Task::Generate {
-                    max_tokens,
-                    stop,
-                    sampler,
-                } => Some((i, (*max_tokens, stop.as_slice(), *sampler))),
-                Task::Loglik { .. } => None,
-            })
-            .collect();
-        if self.batch_seqs > 1 {
-            for chunk in gens.chunks(self.batch_seqs) {
-                let specs: Vec<GenSpec> = chunk.iter().map(|(_, g)| *g).collect();
-                for ((i, _), o) in
-                    chunk
-                        .iter()
-                        .zip(self.generate_batched(n, prompt_logits, &specs)?)
-                {
-                    outs[*i] = Some(o);
-                }
-            }
-        } else {
-            for (i, (max_tokens, stop, sampler)) in &gens {
-                outs[*i] = Some(self.generate(n, prompt_logits, *max_tokens, stop, sampler)?);
-            }
-        }
-        for (i, t) in tasks.iter().enumerate() {
-            if let Task::Loglik { continuations } = t {
-                outs[i] = Some(self.loglik(n, prompt_logits, continuations)?);
-            }
-        }
-        Ok(outs
-            .into_iter()
-            .map(|o| o.expect("every task ran"))
-            .collect())
-    }
-}
-
-/// A generation task: `max_tokens`, stop strings, sampler.
-type GenSpec<'a> = (u32, &'a [String], Sampler);
 
 /// The state of one generation: its sampler, what it produced, and why it stopped.
 struct Generation<'a> {

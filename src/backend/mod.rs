@@ -11,6 +11,7 @@ pub mod llama;
 use std::path::PathBuf;
 
 use crate::prompt::Messages;
+pub use crate::row::Finish;
 
 /// What the executor needs to load a model.
 #[derive(Debug, Clone)]
@@ -19,8 +20,35 @@ pub struct ModelLoad {
     pub path: PathBuf,
     pub n_ctx: u32,
     pub threads: usize,
-    /// Generations of one prompt decoded side by side (1: one after another).
-    pub batch_seqs: usize,
+}
+
+/// A prompt in the model's own chat format, and how much of it every row of its template
+/// shares. Only that shared part is ever reused from an earlier evaluation, so a row's
+/// numbers do not depend on which rows ran before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatPrompt {
+    pub text: String,
+    /// Bytes of `text` that are the same for every row of the template.
+    fixed: usize,
+}
+
+impl ChatPrompt {
+    /// `fixed_render` is the chat template applied to the messages' fixed part; the two
+    /// renderings agree on the prompt's fixed text.
+    pub fn new(text: String, fixed_render: &str) -> Self {
+        let mut fixed = 0;
+        for ((i, a), b) in text.char_indices().zip(fixed_render.chars()) {
+            if a != b {
+                break;
+            }
+            fixed = i + a.len_utf8();
+        }
+        Self { text, fixed }
+    }
+
+    pub fn fixed_text(&self) -> &str {
+        &self.text[..self.fixed]
+    }
 }
 
 /// Sampler settings of one generation; `temperature == 0` is greedy.
@@ -45,40 +73,6 @@ pub enum Task {
     },
     /// The log-probability of each continuation right after the prompt.
     Loglik { continuations: Vec<String> },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Finish {
-    /// The model ended its turn.
-    Eog,
-    /// A stop string was generated (and cut off).
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// Log-likelihood scoring (no generation).
-    Scored,
-}
-
-impl Finish {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Finish::Eog => "eog",
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-            Finish::Scored => "scored",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "eog" => Finish::Eog,
-            "stop" => Finish::Stop,
-            "length" => Finish::Length,
-            "scored" => Finish::Scored,
-            _ => return None,
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +118,32 @@ pub enum BackendError {
     Job(String),
 }
 
+impl BackendError {
+    /// A short name for the kind of failure, recorded with a failed row.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Load { .. } => "load",
+            BackendError::ContextOverflow { .. } => "context_overflow",
+            BackendError::ChatTemplate(_) => "chat_template",
+            BackendError::Decode(_) => "decode",
+            BackendError::Job(_) => "job",
+        }
+    }
+
+    /// Whether the failure belongs to one row (the run goes on without it) rather than to
+    /// the engine or the model (the run cannot go on).
+    pub fn is_row_error(&self) -> bool {
+        !matches!(self, BackendError::Load { .. })
+    }
+
+    pub fn to_row_error(&self) -> crate::row::RowError {
+        crate::row::RowError {
+            kind: self.kind().to_string(),
+            message: self.to_string(),
+        }
+    }
+}
+
 /// An inference engine that can load models one at a time.
 pub trait Backend {
     /// Everything about the engine that can change an output; part of every row key.
@@ -143,10 +163,11 @@ pub trait Session {
     fn truncate(&self, text: &str, max_tokens: u32) -> String;
 
     /// The model's own chat template applied to `messages`, with the assistant turn opened.
-    fn format_chat(&self, messages: &Messages) -> Result<String, BackendError>;
+    fn format_chat(&self, messages: &Messages) -> Result<ChatPrompt, BackendError>;
 
-    /// Evaluate `prompt` once and compute every task from that state.
-    fn run(&mut self, prompt: &str, tasks: &[Task]) -> Result<PromptOutput, BackendError>;
+    /// Evaluate `prompt` once and compute every task from that state. The result depends on
+    /// the prompt and the tasks alone, never on what the session evaluated before.
+    fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError>;
 }
 
 /// Which backend a run uses.

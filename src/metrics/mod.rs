@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::answer::{argmax, parse_answer};
-use crate::backend::Finish;
 use crate::cache::Cache;
 use crate::key::Digest;
 use crate::plan::Plan;
+use crate::row::Finish;
 use crate::spec::MethodKind;
 
 /// One dataset row under one cell.
@@ -43,6 +43,37 @@ impl Prediction {
     pub fn correct(&self) -> bool {
         self.predicted == Some(self.gold)
     }
+}
+
+/// A row of a cell whose last attempt failed (and that no run has computed since).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub cell: usize,
+    pub row: usize,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Every recorded failure of the plan's rows.
+pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
+    let mut out = Vec::new();
+    for (ci, cell) in plan.cells.iter().enumerate() {
+        for (ri, comps) in cell.rows.iter().enumerate() {
+            let Some(comps) = comps else { continue };
+            if let Some(e) = cache
+                .failure(&comps.row_key())
+                .and_then(|r| r.error.as_ref())
+            {
+                out.push(Failure {
+                    cell: ci,
+                    row: ri,
+                    kind: e.kind.clone(),
+                    message: e.message.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Every prediction the cache holds for the plan; rows not computed yet are left out.
@@ -111,6 +142,8 @@ pub struct CellMetrics {
     pub accuracy_lo: f64,
     pub accuracy_hi: f64,
     pub invalid: u64,
+    /// Rows that could not be computed (not in `n`; they run again next time).
+    pub failed: u64,
     pub macro_f1: f64,
     pub classes: Vec<ClassMetrics>,
     /// `confusion[gold][predicted]`; the last column counts invalid answers.
@@ -137,7 +170,7 @@ pub struct CellMetrics {
 /// Calibration bins of the reliability diagrams.
 pub const RELIABILITY_BINS: usize = 10;
 
-pub fn compute(plan: &Plan, preds: &[Prediction]) -> Vec<CellMetrics> {
+pub fn compute(plan: &Plan, preds: &[Prediction], failures: &[Failure]) -> Vec<CellMetrics> {
     let labels = plan.dataset.label_names();
     let k = labels.len();
     plan.cells
@@ -240,6 +273,7 @@ pub fn compute(plan: &Plan, preds: &[Prediction]) -> Vec<CellMetrics> {
                 accuracy_lo: lo,
                 accuracy_hi: hi,
                 invalid,
+                failed: failures.iter().filter(|f| f.cell == ci).count() as u64,
                 macro_f1,
                 classes,
                 confusion,

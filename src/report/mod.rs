@@ -11,13 +11,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::cache::{Cache, write_atomic};
+use crate::cache::Cache;
 use crate::exec::ExecStats;
+use crate::fs::write_atomic;
 use crate::key::Digest;
-use crate::metrics::{self, CellMetrics, Comparison, Prediction, SettingGroup};
+use crate::metrics::{self, CellMetrics, Comparison, Failure, Prediction, SettingGroup};
 use crate::plan::Plan;
 use arrow::array::RecordBatch;
-use html::{Block, Scripts, Section, escape};
+use html::{Cell, Disagreement, KindCount, Page, Scripts, Table};
 
 /// Where the report files went.
 pub struct Written {
@@ -81,7 +82,7 @@ impl Provenance {
                 .map(|m| ModelInfo {
                     id: m.id.clone(),
                     file: m
-                        .resolved
+                        .file
                         .as_ref()
                         .map(|r| {
                             let name = r.path.file_name().unwrap_or_default().to_string_lossy();
@@ -89,7 +90,7 @@ impl Provenance {
                         })
                         .unwrap_or_default(),
                     sha256: m.sha256.clone().unwrap_or_default(),
-                    size_bytes: m.resolved.as_ref().map_or(0, |r| r.size),
+                    size_bytes: m.file.as_ref().map_or(0, |r| r.size),
                 })
                 .collect(),
             dataset: shown_path(&plan.spec.dataset.path.value),
@@ -103,6 +104,8 @@ impl Provenance {
 /// Everything the report shows, computed from the plan and the cache alone.
 pub struct Analysis {
     pub predictions: Vec<Prediction>,
+    /// Rows whose last attempt failed.
+    pub failures: Vec<Failure>,
     pub metrics: Vec<CellMetrics>,
     pub groups: Vec<SettingGroup>,
     pub comparisons: Vec<Comparison>,
@@ -110,12 +113,14 @@ pub struct Analysis {
 
 pub fn analyse(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Analysis {
     let predictions = metrics::collect(plan, cache, computed);
-    let cell_metrics = metrics::compute(plan, &predictions);
+    let failures = metrics::collect_failures(plan, cache);
+    let cell_metrics = metrics::compute(plan, &predictions, &failures);
     let groups = metrics::setting_groups(plan, &predictions, &cell_metrics);
     let pairs = metrics::comparison_pairs(plan, &cell_metrics);
     let comparisons = metrics::compare(plan, &predictions, &pairs);
     Analysis {
         predictions,
+        failures,
         metrics: cell_metrics,
         groups,
         comparisons,
@@ -157,6 +162,10 @@ fn table_batches(
             "comparisons",
             tables::comparisons(&a.comparisons).map_err(enc("comparisons"))?,
         ),
+        (
+            "failures",
+            tables::failures(plan, &a.failures).map_err(enc("failures"))?,
+        ),
     ])
 }
 
@@ -185,7 +194,7 @@ pub fn write(
         message: e.to_string(),
     })?;
     put(&dir, "run.json", &run_json)?;
-    let page = render_page(plan, &a, provenance, scripts);
+    let page = render_page(plan, &a, provenance, scripts)?;
     let index = put(&dir, "index.html", page.as_bytes())?;
     Ok(Written {
         dir,
@@ -219,19 +228,31 @@ fn opt3(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into())
 }
 
-fn chart(v: vega_lite_4::Vegalite) -> Block {
-    Block::Chart(serde_json::to_value(v).expect("charts serialize"))
+fn chart(charts: &mut Vec<serde_json::Value>, v: vega_lite_4::Vegalite) -> usize {
+    charts.push(serde_json::to_value(v).expect("charts serialize"));
+    charts.len() - 1
 }
 
 fn p_value(p: f64) -> String {
     if p < 0.001 {
-        "&lt;0.001".into()
+        "<0.001".into()
     } else {
         format!("{p:.3}")
     }
 }
 
-fn render_page(plan: &Plan, a: &Analysis, prov: &Provenance, scripts: Scripts) -> String {
+/// Failed rows shown on the page; `failures.parquet` has them all.
+const FAILURES_SHOWN: usize = 50;
+
+/// Disagreeing rows shown per comparison.
+const DISAGREEMENTS_SHOWN: usize = 25;
+
+fn render_page(
+    plan: &Plan,
+    a: &Analysis,
+    prov: &Provenance,
+    scripts: Scripts,
+) -> Result<String, ReportError> {
     let m = &a.metrics;
     let labels = plan.dataset.label_names();
     let title = plan
@@ -248,38 +269,68 @@ fn render_page(plan: &Plan, a: &Analysis, prov: &Provenance, scripts: Scripts) -
         prov.engine,
         prov.date_utc
     );
-    let mut sections = Vec::new();
-
-    let mut intro = String::new();
-    if let Some(d) = &plan.spec.description {
-        intro.push_str(&format!("<p>{}</p>", escape(d)));
-    }
-    let incomplete = m.iter().filter(|c| c.n < c.planned).count();
-    if incomplete > 0 {
-        intro.push_str(&format!(
-            "<p class=\"warn\">{incomplete} cells are incomplete (the run was stopped or limited); their metrics cover the rows computed so far.</p>"
-        ));
-    }
-    intro.push_str(
-        "<p class=\"note\">Invalid answers (a generation that names no label) count as wrong. \
-         Intervals are 95% Wilson intervals. Speeds are each cell computed on its own; \
-         a run shares one prompt evaluation among the cells that use the same prompt.</p>",
-    );
-    let mut blocks = vec![Block::Html(intro), chart(charts::accuracy(m))];
+    let mut charts = Vec::new();
+    let mut charts_accuracy = vec![chart(&mut charts, charts::accuracy(m))];
     if let Some(c) = charts::accuracy_vs_temperature(m) {
-        blocks.push(chart(c));
+        charts_accuracy.push(chart(&mut charts, c));
     }
-    blocks.push(chart(charts::cost_quality(m)));
-    sections.push(Section {
-        title: "Accuracy and cost".into(),
-        blocks,
-    });
+    charts_accuracy.push(chart(&mut charts, charts::cost_quality(m)));
+    let mut charts_errors = vec![chart(&mut charts, charts::confusion(m, &labels))];
+    if let Some(c) = charts::calibration(m) {
+        charts_errors.push(chart(&mut charts, c));
+    }
+    let mut kinds: Vec<KindCount> = Vec::new();
+    for f in &a.failures {
+        match kinds.iter_mut().find(|k| k.kind == f.kind) {
+            Some(k) => k.count += 1,
+            None => kinds.push(KindCount {
+                kind: f.kind.clone(),
+                count: 1,
+            }),
+        }
+    }
+    let from_cache = a.predictions.iter().filter(|x| x.from_cache).count();
+    let page = Page {
+        title,
+        subtitle,
+        description: plan.spec.description.clone(),
+        incomplete: m.iter().filter(|c| c.n < c.planned).count(),
+        failed_total: a.failures.len(),
+        failed_kinds: kinds,
+        failed: failures_table(plan, a),
+        charts,
+        charts_accuracy,
+        charts_errors,
+        metrics: metrics_table(m, &labels),
+        groups: groups_table(a),
+        compare_from_spec: plan.spec.compare.baseline.is_some()
+            || !plan.spec.compare.pairs.is_empty(),
+        resamples: plan.spec.compare.resamples,
+        bootstrap_seed: plan.spec.compare.seed,
+        comparisons: comparisons_table(a),
+        disagreements: disagreements(plan, a),
+        prov: provenance_json(prov),
+        rows_total: a.predictions.len(),
+        rows_from_cache: from_cache,
+        run_wall: prov
+            .run
+            .as_ref()
+            .map(|r| format!("{:.1}", r.wall_s))
+            .unwrap_or_default(),
+    };
+    html::render(&page, scripts).map_err(|e| ReportError::Encode {
+        what: "index.html",
+        message: format!("{e:#}"),
+    })
+}
 
-    // Metrics per cell.
-    let mut head: Vec<String> = ["cell", "n", "accuracy", "95% CI", "macro-F1", "invalid"]
-        .map(String::from)
-        .to_vec();
-    for l in &labels {
+fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
+    let mut head: Vec<String> = [
+        "cell", "n", "accuracy", "95% CI", "macro-F1", "invalid", "failed",
+    ]
+    .map(String::from)
+    .to_vec();
+    for l in labels {
         head.push(format!("P {l}"));
         head.push(format!("R {l}"));
         head.push(format!("F1 {l}"));
@@ -299,154 +350,144 @@ fn render_page(plan: &Plan, a: &Analysis, prov: &Provenance, scripts: Scripts) -
         ]
         .map(String::from),
     );
-    let rows: Vec<Vec<String>> = m
+    let rows = m
         .iter()
         .map(|c| {
             let mut r = vec![
-                format!("<code>{}</code>", escape(&c.cell)),
-                format!("{}/{}", c.n, c.planned),
-                pct(c.accuracy),
-                format!("{}–{}", pct(c.accuracy_lo), pct(c.accuracy_hi)),
-                format!("{:.3}", c.macro_f1),
-                c.invalid.to_string(),
+                Cell::code(&c.cell),
+                Cell::text(format!("{}/{}", c.n, c.planned)),
+                Cell::text(pct(c.accuracy)),
+                Cell::text(format!("{}–{}", pct(c.accuracy_lo), pct(c.accuracy_hi))),
+                Cell::text(format!("{:.3}", c.macro_f1)),
+                Cell::text(c.invalid.to_string()),
+                Cell::text(c.failed.to_string()),
             ];
             for cl in &c.classes {
-                r.push(format!("{:.3}", cl.precision));
-                r.push(format!("{:.3}", cl.recall));
-                r.push(format!("{:.3}", cl.f1));
+                r.push(Cell::text(format!("{:.3}", cl.precision)));
+                r.push(Cell::text(format!("{:.3}", cl.recall)));
+                r.push(Cell::text(format!("{:.3}", cl.f1)));
             }
-            r.extend([
-                opt3(c.roc_auc),
-                opt3(c.brier),
-                opt3(c.ece),
-                format!("{:.3}", c.reviews_per_s),
-                format!("{:.0}", c.latency_p50_ms),
-                format!("{:.0}", c.latency_p95_ms),
-                format!("{:.1}", c.prompt_tokens_per_s),
-                format!("{:.1}", c.gen_tokens_per_s),
-                c.cached.to_string(),
-                c.computed.to_string(),
-            ]);
+            r.extend(
+                [
+                    opt3(c.roc_auc),
+                    opt3(c.brier),
+                    opt3(c.ece),
+                    format!("{:.3}", c.reviews_per_s),
+                    format!("{:.0}", c.latency_p50_ms),
+                    format!("{:.0}", c.latency_p95_ms),
+                    format!("{:.1}", c.prompt_tokens_per_s),
+                    format!("{:.1}", c.gen_tokens_per_s),
+                    c.cached.to_string(),
+                    c.computed.to_string(),
+                ]
+                .map(Cell::text),
+            );
             r
         })
         .collect();
-    let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
-    let mut blocks = vec![Block::Html(html::table(&head_refs, &rows, &[0]))];
-    if !a.groups.is_empty() {
-        let rows: Vec<Vec<String>> = a
-            .groups
-            .iter()
-            .map(|g| {
-                vec![
-                    format!("<code>{}</code>", escape(&g.setting)),
-                    g.runs.to_string(),
-                    pct(g.mean_accuracy),
-                    format!("{:.1} pt", 100.0 * g.std_accuracy),
-                    format!("{} ({} rows)", pct(g.majority_accuracy), g.majority_rows),
-                ]
-            })
-            .collect();
-        blocks.push(Block::Html(format!(
-            "<h3>Across seeds and repeats</h3>{}",
-            html::table(
-                &[
-                    "setting",
-                    "runs",
-                    "mean accuracy",
-                    "std (n-1)",
-                    "majority-vote accuracy"
-                ],
-                &rows,
-                &[0]
-            )
-        )));
+    Table {
+        head,
+        left: vec![0],
+        rows,
     }
-    sections.push(Section {
-        title: "Metrics per cell".into(),
-        blocks,
-    });
+}
 
-    // Paired comparisons.
-    let rows: Vec<Vec<String>> = a
+fn groups_table(a: &Analysis) -> Table {
+    let rows = a
+        .groups
+        .iter()
+        .map(|g| {
+            vec![
+                Cell::code(&g.setting),
+                Cell::text(g.runs.to_string()),
+                Cell::text(pct(g.mean_accuracy)),
+                Cell::text(format!("{:.1} pt", 100.0 * g.std_accuracy)),
+                Cell::text(format!(
+                    "{} ({} rows)",
+                    pct(g.majority_accuracy),
+                    g.majority_rows
+                )),
+            ]
+        })
+        .collect();
+    Table::new(
+        &[
+            "setting",
+            "runs",
+            "mean accuracy",
+            "std (n-1)",
+            "majority-vote accuracy",
+        ],
+        &[0],
+        rows,
+    )
+}
+
+fn comparisons_table(a: &Analysis) -> Table {
+    let rows = a
         .comparisons
         .iter()
         .map(|c| {
             vec![
-                format!("<code>{}</code>", escape(&c.cell)),
-                format!("<code>{}</code>", escape(&c.reference)),
-                c.n.to_string(),
-                format!("{:+.1} pt", 100.0 * c.difference),
-                format!("{:+.1} to {:+.1} pt", 100.0 * c.ci_lo, 100.0 * c.ci_hi),
-                format!("{} / {}", c.cell_only, c.reference_only),
-                p_value(c.p_value),
+                Cell::code(&c.cell),
+                Cell::code(&c.reference),
+                Cell::text(c.n.to_string()),
+                Cell::text(format!("{:+.1} pt", 100.0 * c.difference)),
+                Cell::text(format!(
+                    "{:+.1} to {:+.1} pt",
+                    100.0 * c.ci_lo,
+                    100.0 * c.ci_hi
+                )),
+                Cell::text(format!("{} / {}", c.cell_only, c.reference_only)),
+                Cell::text(p_value(c.p_value)),
             ]
         })
         .collect();
-    let how = if plan.spec.compare.baseline.is_some() || !plan.spec.compare.pairs.is_empty() {
-        "Pairs named in the spec's <code>compare:</code> section."
-    } else {
-        "No <code>compare:</code> section: every cell against the most accurate one."
-    };
-    sections.push(Section {
-        title: "Paired comparisons".into(),
-        blocks: vec![Block::Html(format!(
-            "<p class=\"note\">{how} Same rows in both cells. Difference = cell − reference accuracy, \
-             with a seeded paired-bootstrap 95% interval ({} resamples, seed {}); p from the exact McNemar test \
-             on the discordant rows (only the cell right / only the reference right).</p>{}",
-            plan.spec.compare.resamples,
-            plan.spec.compare.seed,
-            html::table(
-                &["cell", "reference", "rows", "difference", "95% CI", "discordant", "McNemar p"],
-                &rows,
-                &[0, 1]
-            )
-        ))],
-    });
+    Table::new(
+        &[
+            "cell",
+            "reference",
+            "rows",
+            "difference",
+            "95% CI",
+            "discordant",
+            "McNemar p",
+        ],
+        &[0, 1],
+        rows,
+    )
+}
 
-    let mut blocks = vec![chart(charts::confusion(m, &labels))];
-    if let Some(c) = charts::calibration(m) {
-        blocks.push(chart(c));
-    }
-    sections.push(Section {
-        title: "Errors and calibration".into(),
-        blocks,
-    });
-    sections.push(Section {
-        title: "Disagreements".into(),
-        blocks: vec![Block::Html(disagreements(plan, a))],
-    });
-    sections.push(Section {
-        title: "Provenance".into(),
-        blocks: vec![Block::Html(provenance_table(prov, a))],
-    });
-    html::page(&title, &subtitle, &sections, scripts)
+fn failures_table(plan: &Plan, a: &Analysis) -> Table {
+    let rows = a
+        .failures
+        .iter()
+        .take(FAILURES_SHOWN)
+        .map(|f| {
+            vec![
+                Cell::code(&plan.cells[f.cell].id),
+                Cell::code(&plan.dataset.rows[f.row].id),
+                Cell::code(&f.kind),
+                Cell::text(&f.message),
+            ]
+        })
+        .collect();
+    Table::new(&["cell", "row", "kind", "error"], &[0, 1, 2, 3], rows)
 }
 
 /// Rows on which the compared cells give different answers, with the text and both answers.
-fn disagreements(plan: &Plan, a: &Analysis) -> String {
-    const SHOWN: usize = 25;
+fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
     let labels = plan.dataset.label_names();
     let mut by_key: std::collections::HashMap<(usize, usize), &Prediction> = Default::default();
     for p in &a.predictions {
         by_key.insert((p.cell, p.row), p);
     }
-    let answer = |p: &Prediction| -> String {
-        let label = p
-            .predicted
-            .map(|i| escape(&labels[i]))
-            .unwrap_or_else(|| "<em>invalid</em>".into());
-        let mark = if p.correct() { "✓" } else { "✗" };
-        match &p.raw {
-            Some(raw) => format!("{mark} {label}<br><small>“{}”</small>", escape(raw.trim())),
-            None => format!("{mark} {label}"),
-        }
+    let answer = |p: &Prediction| Cell::Answer {
+        mark: if p.correct() { "✓" } else { "✗" },
+        label: p.predicted.map(|i| labels[i].clone()),
+        raw: p.raw.as_ref().map(|r| r.trim().to_string()),
     };
-    let mut out = String::from(
-        "<p class=\"note\">For each comparison, the rows where the two cells predict differently. All text is shown as text.</p>",
-    );
-    if a.comparisons.is_empty() {
-        out.push_str("<p>No comparisons.</p>");
-    }
+    let mut out = Vec::new();
     for c in &a.comparisons {
         let (Some(ci), Some(ri)) = (plan.cell_by_id(&c.cell), plan.cell_by_id(&c.reference)) else {
             continue;
@@ -458,90 +499,45 @@ fn disagreements(plan: &Plan, a: &Analysis) -> String {
                 (x.predicted != y.predicted).then_some((r, *x, *y))
             })
             .collect();
-        let table_rows: Vec<Vec<String>> = rows
+        let table_rows = rows
             .iter()
-            .take(SHOWN)
+            .take(DISAGREEMENTS_SHOWN)
             .map(|(r, x, y)| {
                 let row = &plan.dataset.rows[*r];
                 vec![
-                    format!("<code>{}</code>", escape(&row.id)),
-                    escape(&labels[row.label]),
+                    Cell::code(&row.id),
+                    Cell::text(&labels[row.label]),
                     answer(x),
                     answer(y),
-                    format!("<div class=\"text\">{}</div>", escape(&row.text)),
+                    Cell::Review {
+                        v: row.text.clone(),
+                    },
                 ]
             })
             .collect();
-        out.push_str(&format!(
-            "<details><summary><code>{}</code> vs <code>{}</code>: {} rows disagree{}</summary>{}</details>",
-            escape(&c.cell),
-            escape(&c.reference),
-            rows.len(),
-            if rows.len() > SHOWN { format!(" (first {SHOWN} shown)") } else { String::new() },
-            html::table(&["row", "gold", "cell", "reference", "text"], &table_rows, &[0, 1, 2, 3, 4])
-        ));
+        out.push(Disagreement {
+            cell: c.cell.clone(),
+            reference: c.reference.clone(),
+            count: rows.len(),
+            table: Table::new(
+                &["row", "gold", "cell", "reference", "text"],
+                &[0, 1, 2, 3, 4],
+                table_rows,
+            ),
+        });
     }
     out
 }
 
-fn provenance_table(p: &Provenance, a: &Analysis) -> String {
-    let mut rows = vec![
-        vec!["spec".into(), format!("<code>{}</code>", escape(&p.spec))],
-        vec![
-            "spec blake3".into(),
-            format!("<code>{}</code>", escape(&p.spec_blake3)),
-        ],
-        vec!["engine".into(), escape(&p.engine)],
-        vec!["threads".into(), p.threads.to_string()],
-        vec!["machine".into(), escape(&p.machine)],
-        vec!["date (UTC)".into(), escape(&p.date_utc)],
-        vec![
-            "dataset".into(),
-            format!(
-                "<code>{}</code> ({} rows, {} sampled)",
-                escape(&p.dataset),
-                p.dataset_rows,
-                p.sampled_rows
-            ),
-        ],
-    ];
-    for m in &p.models {
-        rows.push(vec![
-            format!("model <code>{}</code>", escape(&m.id)),
-            format!(
-                "<code>{}</code><br>sha256 <code>{}</code>, {:.1} MB",
-                escape(&m.file),
-                escape(&m.sha256),
-                m.size_bytes as f64 / 1e6
-            ),
-        ]);
+/// Provenance as the page shows it (sizes in MB).
+fn provenance_json(p: &Provenance) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).expect("provenance serializes");
+    if let Some(models) = v["models"].as_array_mut() {
+        for (m, info) in models.iter_mut().zip(&p.models) {
+            m["size_mb"] = format!("{:.1}", info.size_bytes as f64 / 1e6).into();
+        }
     }
-    let from_cache = a.predictions.iter().filter(|x| x.from_cache).count();
-    rows.push(vec![
-        "rows in this report".into(),
-        format!(
-            "{} ({} from the cache, {} computed by the run that wrote it)",
-            a.predictions.len(),
-            from_cache,
-            a.predictions.len() - from_cache
-        ),
-    ]);
-    if let Some(r) = &p.run {
-        rows.push(vec![
-            "this run".into(),
-            format!(
-                "{} rows from cache, {} computed, {} prompts evaluated ({} of {} prompt tokens evaluated), {:.1} s{}",
-                r.cached_rows,
-                r.computed_rows,
-                r.prompts_evaluated,
-                r.evaluated_tokens,
-                r.prompt_tokens,
-                r.wall_s,
-                if r.interrupted { ", interrupted" } else { "" }
-            ),
-        ]);
-    }
-    html::table(&["what", "value"], &rows, &[0, 1])
+    v
 }
 
 /// A path relative to the current folder when it lies inside it, so that published reports

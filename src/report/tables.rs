@@ -9,7 +9,7 @@ use arrow::array::{
 use arrow::datatypes::{Field, Schema};
 use parquet::arrow::ArrowWriter;
 
-use crate::metrics::{CellMetrics, Comparison, Prediction};
+use crate::metrics::{CellMetrics, Comparison, Failure, Prediction};
 use crate::plan::Plan;
 
 pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
@@ -225,6 +225,7 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
         ("accuracy_ci95_hi".into(), f(&|x| x.accuracy_hi)),
         ("macro_f1".into(), f(&|x| x.macro_f1)),
         ("invalid".into(), u(&|x| x.invalid)),
+        ("failed".into(), u(&|x| x.failed)),
     ];
     for (i, l) in labels.iter().enumerate() {
         cols.push((format!("precision_{l}"), f(&|x| x.classes[i].precision)));
@@ -269,5 +270,26 @@ pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, String> {
         ("cell_only_correct", u(&|x| x.cell_only)),
         ("reference_only_correct", u(&|x| x.reference_only)),
         ("mcnemar_exact_p", f(&|x| x.p_value)),
+    ])
+}
+
+/// One row per cell row whose last attempt failed.
+pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, String> {
+    let s = |g: &dyn Fn(&Failure) -> String| strs(f.iter().map(|x| Some(g(x))));
+    let cell = |x: &Failure| &plan.cells[x.cell];
+    batch(vec![
+        ("cell", s(&|x| cell(x).id.clone())),
+        ("model", s(&|x| plan.models[cell(x).model].id.clone())),
+        (
+            "prompt",
+            s(&|x| plan.prompts.id(cell(x).prompt).to_string()),
+        ),
+        (
+            "method",
+            s(&|x| plan.spec.methods[cell(x).method].id.clone()),
+        ),
+        ("row_id", s(&|x| plan.dataset.rows[x.row].id.clone())),
+        ("error_kind", s(&|x| x.kind.clone())),
+        ("error", s(&|x| x.message.clone())),
     ])
 }

@@ -331,6 +331,9 @@ fn strip_location_suffix(msg: &str) -> String {
     }
 }
 
+/// Characters that join the parts of a cell id; no id may contain them.
+const CELL_ID_SEPARATORS: [char; 4] = ['/', '@', ',', '='];
+
 struct Validator<'a> {
     file: PathBuf,
     source: &'a str,
@@ -378,11 +381,13 @@ impl Validator<'_> {
         if id.is_empty() {
             return Err(self.err(s, field, "an id must not be empty"));
         }
-        if id.contains('/') {
+        if let Some(c) = id.chars().find(|c| CELL_ID_SEPARATORS.contains(c)) {
             return Err(self.err(
                 s,
                 field,
-                format!("id `{id}` must not contain `/` (cell ids join ids with `/`)"),
+                format!(
+                    "id `{id}` must not contain `{c}`: cell ids are built as `model/prompt/method@t=0.2,seed=1`, so `/`, `@`, `,` and `=` would make two cells look alike"
+                ),
             ));
         }
         if seen.iter().any(|x| x == id) {
@@ -477,11 +482,17 @@ impl Validator<'_> {
         let mut names: Vec<&str> = Vec::new();
         for (_, name) in &d.labels.value.0 {
             let n = name.trim();
-            if n.is_empty() || names.contains(&n) {
+            if n.is_empty() {
+                return Err(self.err(&d.labels, "dataset.labels", "label names must not be empty"));
+            }
+            // Answers are matched to labels case-insensitively.
+            if let Some(other) = names.iter().find(|o| o.to_lowercase() == n.to_lowercase()) {
                 return Err(self.err(
                     &d.labels,
                     "dataset.labels",
-                    format!("label names must be distinct and non-empty (`{n}`)"),
+                    format!(
+                        "label names `{other}` and `{n}` differ only in case; answers are matched without case, so they could not be told apart"
+                    ),
                 ));
             }
             names.push(n);

@@ -140,3 +140,27 @@ fn hub_model_ids_parse() {
         Some("m-Q4.gguf")
     );
 }
+
+#[test]
+fn ids_with_cell_id_separators_are_rejected() {
+    for (from, to) in [
+        ("- id: tiny", "- id: tiny@2"),
+        ("- id: zero", "- id: zero/b"),
+        ("- id: gen", "- id: gen,x"),
+        ("- id: ll", "- id: ll=1"),
+    ] {
+        let src = GOOD.replace(from, to);
+        let e = parse_at(&src).unwrap_err();
+        let line = src.lines().position(|l| l.contains(to)).unwrap() + 1;
+        assert_eq!(e.loc.line, line as u64, "{to}: {e}");
+        assert!(e.message.contains("must not contain"), "{to}: {e}");
+    }
+}
+
+#[test]
+fn label_names_that_differ_only_in_case_are_rejected() {
+    let src = GOOD.replace("{0: negative, 1: positive}", "{0: positive, 1: Positive}");
+    let e = parse_at(&src).unwrap_err();
+    assert_eq!(e.field, "dataset.labels");
+    assert!(e.message.contains("differ only in case"), "{e}");
+}

@@ -179,3 +179,92 @@ pub fn predictions(path: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Whether this is a CI run, where a missing model or browser is a failure, never a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A test body for a `libtest-mimic` harness.
+pub type TestFn = fn() -> Result<(), libtest_mimic::Failed>;
+
+/// Tests that need something this machine may lack (a model file, a browser), for a
+/// `libtest-mimic` harness: when it is missing they are listed as *ignored* by name, with
+/// the reason printed once; under `CI=true` they run and fail with that reason.
+pub fn trials_needing(
+    what: &str,
+    missing: Option<String>,
+    tests: Vec<(&'static str, TestFn)>,
+) -> Vec<libtest_mimic::Trial> {
+    use libtest_mimic::Trial;
+    match missing {
+        None => tests
+            .into_iter()
+            .map(|(name, f)| Trial::test(name, f))
+            .collect(),
+        Some(why) if in_ci() => tests
+            .into_iter()
+            .map(|(name, _)| {
+                let why = format!("{what} is missing under CI=true: {why}");
+                Trial::test(name, move || Err(why.into()))
+            })
+            .collect(),
+        Some(why) => {
+            let names: Vec<&str> = tests.iter().map(|(n, _)| *n).collect();
+            println!(
+                "skipped (ignored): {} — {what} not found: {why}",
+                names.join(", ")
+            );
+            tests
+                .into_iter()
+                .map(|(name, f)| Trial::test(name, f).with_ignored_flag(true))
+                .collect()
+        }
+    }
+}
+
+/// `failures.parquet` as text lines `cell | row | kind | message`.
+pub fn failures(path: &Path) -> Vec<String> {
+    use arrow::array::AsArray;
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let (cell, row, kind, msg) = (s("cell"), s("row_id"), s("error_kind"), s("error"));
+        for i in 0..b.num_rows() {
+            out.push(format!(
+                "{} | {} | {} | {}",
+                cell.value(i),
+                row.value(i),
+                kind.value(i),
+                msg.value(i)
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The committed segment files of the project's cache.
+pub fn segments(p: &Project) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(p.path("cache/v2/rows"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The report page with minijinja's escape of `/` (`&#x2f;`) undone, for text searches.
+pub fn report_html(p: &Project) -> String {
+    p.read("reports/t/index.html").replace("&#x2f;", "/")
+}

@@ -1,0 +1,306 @@
+//! The commands as library functions over a settled [`Config`]: `plan`, `run`, `report`,
+//! `export` and the cache commands. The CLI parses arguments, calls one of these and prints
+//! what it returns; tests, `pipeline serve` and sharded runs call them directly.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::backend::Backend;
+use crate::cache::{Cache, CacheError, CacheStatus, GcReport, LoadReport};
+use crate::config::Config;
+use crate::diag::Diagnostic;
+use crate::exec::{self, ExecError, ExecOptions, ExecStats};
+use crate::key::Digest;
+use crate::plan::{self, CellStatus, Explanation, Plan, PlanOptions};
+use crate::report::{self, Provenance, ReportError, Written, html::Scripts};
+use crate::spec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad input: the spec, a template, a dataset, a model file.
+    #[error(transparent)]
+    Input(#[from] Diagnostic),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error(transparent)]
+    Run(#[from] ExecError),
+    #[error("no cell `{cell}` in this plan; cells: {known}")]
+    UnknownCell { cell: String, known: String },
+    #[error(
+        "cannot tell which cached rows {spec} needs: model `{model}` is not on this machine and the spec gives no sha256"
+    )]
+    UnknownModelDigest { spec: PathBuf, model: String },
+}
+
+impl AppError {
+    /// 2 for bad input, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Input(_) | AppError::UnknownCell { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Makes the inference backend; called on the worker thread that will own it.
+pub type MakeBackend = Box<dyn FnOnce() -> Box<dyn Backend> + Send>;
+
+/// A plan and the cache it was checked against.
+pub struct Planned {
+    pub plan: Plan,
+    pub cache: Cache,
+}
+
+impl Planned {
+    pub fn status(&self) -> Vec<CellStatus> {
+        self.plan.status(&self.cache)
+    }
+
+    /// Cache problems met while opening it (damaged segments, corrupt rows).
+    pub fn warnings(&self) -> Vec<String> {
+        self.cache.report.problems()
+    }
+
+    pub fn explain(&self, cell: &str) -> Result<Explanation, AppError> {
+        let Some(ci) = self.plan.cell_by_id(cell) else {
+            return Err(AppError::UnknownCell {
+                cell: cell.to_string(),
+                known: self
+                    .plan
+                    .cells
+                    .iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        Ok(self.plan.explain(ci, &self.cache))
+    }
+}
+
+/// The plan of a spec against the cache; writes nothing, downloads and loads no model.
+pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
+    let cache = Cache::open_read_only(&cfg.cache_dir)?;
+    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly)?;
+    Ok(Planned { plan, cache })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Models {
+    /// Find models on this machine, never download them; the digest memo is not written.
+    LocateOnly,
+    /// Download missing models.
+    Fetch,
+}
+
+fn load_plan(
+    cfg: &Config,
+    spec_path: &Path,
+    limit: Option<usize>,
+    models: Models,
+) -> Result<Plan, AppError> {
+    let spec = spec::load(spec_path)?;
+    let known = cfg
+        .resolver(models == Models::LocateOnly)
+        .known_models(&spec.models, models == Models::Fetch)?;
+    Ok(plan::build(
+        spec,
+        known,
+        &PlanOptions {
+            engine_version: cfg.backend.engine_version(),
+            limit,
+        },
+    )?)
+}
+
+/// `pipeline run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub limit: Option<usize>,
+    pub scripts: Scripts,
+    /// Stop at the first row that cannot be computed.
+    pub fail_fast: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            scripts: Scripts::Inline,
+            fail_fast: false,
+        }
+    }
+}
+
+/// What a run did. `error` is set when the machinery failed (a model that would not load,
+/// the cache, the worker, or a failed row under `--fail-fast`): the report of what finished
+/// was still written when it could be.
+pub struct RunOutcome {
+    pub stats: ExecStats,
+    pub written: Option<Written>,
+    pub warnings: Vec<String>,
+    pub error: Option<AppError>,
+}
+
+/// Run every row the cache lacks with the configured backend, then write the report.
+/// `cancel` stops the run after the current prompt (Ctrl-C); finished rows are kept.
+pub fn run(
+    cfg: &Config,
+    spec_path: &Path,
+    opts: &RunOptions,
+    cancel: Arc<AtomicBool>,
+) -> Result<RunOutcome, AppError> {
+    let kind = cfg.backend;
+    run_with_backend(
+        cfg,
+        spec_path,
+        opts,
+        cancel,
+        Box::new(move || kind.create()),
+    )
+}
+
+/// [`run`] with a backend of the caller's choosing.
+pub fn run_with_backend(
+    cfg: &Config,
+    spec_path: &Path,
+    opts: &RunOptions,
+    cancel: Arc<AtomicBool>,
+    make_backend: MakeBackend,
+) -> Result<RunOutcome, AppError> {
+    let mut cache = Cache::open(&cfg.cache_dir)?;
+    let mut warnings = cache.report.problems();
+    let plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch)?;
+    let exec_opts = ExecOptions {
+        threads: cfg.threads,
+        progress: cfg.progress.clone(),
+        fail_fast: opts.fail_fast,
+        ..Default::default()
+    };
+    let outcome = exec::execute(&plan, &mut cache, make_backend, &exec_opts, cancel);
+    if let Err(e) = cache.compact_if_needed() {
+        warnings.push(format!("cache compaction skipped: {e}"));
+    }
+    let stats = outcome.stats;
+    let prov = Provenance::new(&plan, cfg.threads, Some(stats.clone()));
+    let written = report::write(
+        &plan,
+        &cache,
+        &stats.computed,
+        &prov,
+        &cfg.reports_dir,
+        opts.scripts,
+    );
+    let (written, error) = match (written, outcome.error) {
+        (Ok(w), e) => (Some(w), e.map(AppError::from)),
+        (Err(r), Some(e)) => {
+            warnings.push(format!("the report could not be written: {r}"));
+            (None, Some(e.into()))
+        }
+        (Err(r), None) => (None, Some(r.into())),
+    };
+    Ok(RunOutcome {
+        stats,
+        written,
+        warnings,
+        error,
+    })
+}
+
+/// `pipeline report`: every report file from the cache alone (no model is loaded, the
+/// cache is not written).
+pub fn report(
+    cfg: &Config,
+    spec_path: &Path,
+    limit: Option<usize>,
+    scripts: Scripts,
+) -> Result<(Written, Vec<String>), AppError> {
+    let p = plan(cfg, spec_path, limit)?;
+    let prov = Provenance::new(&p.plan, cfg.threads, None);
+    let written = report::write(
+        &p.plan,
+        &p.cache,
+        &HashSet::new(),
+        &prov,
+        &cfg.reports_dir,
+        scripts,
+    )?;
+    Ok((written, p.warnings()))
+}
+
+/// `pipeline export --format csv`: the report's tables as CSV in `out` (default: the
+/// report folder).
+pub fn export(
+    cfg: &Config,
+    spec_path: &Path,
+    limit: Option<usize>,
+    out: Option<&Path>,
+) -> Result<(Vec<PathBuf>, Vec<String>), AppError> {
+    let p = plan(cfg, spec_path, limit)?;
+    let dir = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| cfg.reports_dir.join(&p.plan.spec.name));
+    Ok((report::export_csv(&p.plan, &p.cache, &dir)?, p.warnings()))
+}
+
+/// `pipeline cache status`: the cache as a whole, and for each spec given, how many of its
+/// rows it holds.
+pub struct CacheReport {
+    pub status: CacheStatus,
+    pub load: LoadReport,
+    /// Per spec: its name and the total of its cells' status.
+    pub specs: Vec<(String, CellStatus)>,
+}
+
+pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppError> {
+    let cache = Cache::open_read_only(&cfg.cache_dir)?;
+    let mut per_spec = Vec::new();
+    for s in specs {
+        let plan = load_plan(cfg, s, None, Models::LocateOnly)?;
+        let mut total = CellStatus::default();
+        for st in plan.status(&cache) {
+            total.rows += st.rows;
+            total.cached += st.cached;
+            total.failed += st.failed;
+        }
+        per_spec.push((plan.spec.name.clone(), total));
+    }
+    Ok(CacheReport {
+        status: cache.status(&cfg.cache_dir),
+        load: cache.report.clone(),
+        specs: per_spec,
+    })
+}
+
+/// `pipeline cache gc --keep SPEC...`: remove every row that none of the specs needs (all
+/// their rows, without `--limit`). A spec whose model digest cannot be known here is an
+/// error rather than a guess: its rows could otherwise be removed.
+pub fn cache_gc(cfg: &Config, keep: &[PathBuf], dry_run: bool) -> Result<GcReport, AppError> {
+    let mut needed: HashSet<Digest> = HashSet::new();
+    for s in keep {
+        let plan = load_plan(cfg, s, None, Models::LocateOnly)?;
+        if let Some(m) = plan.models.iter().find(|m| m.sha256.is_none()) {
+            return Err(AppError::UnknownModelDigest {
+                spec: s.clone(),
+                model: m.id.clone(),
+            });
+        }
+        needed.extend(plan.keys());
+    }
+    let mut cache = if dry_run {
+        Cache::open_read_only(&cfg.cache_dir)?
+    } else {
+        Cache::open(&cfg.cache_dir)?
+    };
+    Ok(cache.gc(&cfg.cache_dir, &needed, dry_run)?)
+}
+
+/// `pipeline cache verify`: read every segment and check every row's checksum; damaged
+/// segments are quarantined and their good rows kept.
+pub fn cache_verify(cfg: &Config) -> Result<LoadReport, AppError> {
+    Ok(Cache::open(&cfg.cache_dir)?.report)
+}
