@@ -11,11 +11,13 @@ use crate::backend::Backend;
 use crate::cache::{Cache, CacheError, CacheStatus, GcReport, LoadReport};
 use crate::config::Config;
 use crate::diag::Diagnostic;
+use crate::embed::{self, EmbedError};
 use crate::exec::{self, ExecError, ExecOptions, ExecStats};
 use crate::key::Digest;
 use crate::plan::{self, CellStatus, Explanation, Plan, PlanOptions};
 use crate::report::{self, Provenance, ReportError, Written, html::Scripts};
 use crate::spec;
+use crate::store::{Artifact, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -28,6 +30,8 @@ pub enum AppError {
     Report(#[from] ReportError),
     #[error(transparent)]
     Run(#[from] ExecError),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
     #[error("no cell `{cell}` in this plan; cells: {known}")]
     UnknownCell { cell: String, known: String },
     #[error(
@@ -46,13 +50,15 @@ impl AppError {
     }
 }
 
-/// Makes the inference backend; called on the worker thread that will own it.
-pub type MakeBackend = Box<dyn FnOnce() -> Box<dyn Backend> + Send>;
+/// Makes an inference backend; called on the worker thread of each stage that needs one
+/// (embedding, inference), which then owns it.
+pub type MakeBackend = Arc<dyn Fn() -> Box<dyn Backend> + Send + Sync>;
 
-/// A plan and the cache it was checked against.
+/// A plan and the caches it was checked against.
 pub struct Planned {
     pub plan: Plan,
     pub cache: Cache,
+    pub store: Store,
 }
 
 impl Planned {
@@ -60,20 +66,37 @@ impl Planned {
         self.plan.status(&self.cache)
     }
 
-    /// Cache problems met while opening it (damaged segments, corrupt rows).
-    pub fn warnings(&self) -> Vec<String> {
-        self.cache.report.problems()
+    pub fn stages(&self) -> Vec<crate::plan::StageStatus> {
+        self.plan.stages(&self.cache, &self.store)
     }
 
-    pub fn explain(&self, cell: &str) -> Result<Explanation, AppError> {
+    /// Cache problems met while opening it (damaged segments, corrupt rows).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut r = self.cache.report.clone();
+        r.merge(&self.store.report);
+        r.problems()
+    }
+
+    /// Why a cell's rows (or a stage's items, given a stage id such as `embed:minilm`)
+    /// miss the cache.
+    pub fn explain(&self, cell: &str) -> Result<String, AppError> {
+        if let Some(text) = self.plan.explain_stage(cell, &self.cache, &self.store) {
+            return Ok(text);
+        }
+        Ok(self.explain_cell(cell)?.to_string())
+    }
+
+    pub fn explain_cell(&self, cell: &str) -> Result<Explanation, AppError> {
         let Some(ci) = self.plan.cell_by_id(cell) else {
+            let stages = self.stages().into_iter().map(|s| s.id);
             return Err(AppError::UnknownCell {
                 cell: cell.to_string(),
                 known: self
                     .plan
                     .cells
                     .iter()
-                    .map(|c| c.id.as_str())
+                    .map(|c| c.id.clone())
+                    .chain(stages)
                     .collect::<Vec<_>>()
                     .join(", "),
             });
@@ -85,8 +108,9 @@ impl Planned {
 /// The plan of a spec against the cache; writes nothing, downloads and loads no model.
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
     let cache = Cache::open_read_only(&cfg.cache_dir)?;
-    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly)?;
-    Ok(Planned { plan, cache })
+    let store = Store::open_read_only(&cfg.cache_dir)?;
+    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store)?;
+    Ok(Planned { plan, cache, store })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -102,14 +126,19 @@ fn load_plan(
     spec_path: &Path,
     limit: Option<usize>,
     models: Models,
+    store: &Store,
 ) -> Result<Plan, AppError> {
     let spec = spec::load(spec_path)?;
-    let known = cfg
-        .resolver(models == Models::LocateOnly)
-        .known_models(&spec.models, models == Models::Fetch)?;
+    let resolver = cfg.resolver(models == Models::LocateOnly);
+    let fetch = models == Models::Fetch;
+    let known = resolver.known_models(&spec.models, fetch)?;
+    let embedder_specs: Vec<_> = spec.embedders.iter().map(|e| e.model.clone()).collect();
+    let embedders = resolver.known_models(&embedder_specs, fetch)?;
     Ok(plan::build(
         spec,
         known,
+        embedders,
+        store,
         &PlanOptions {
             engine_version: cfg.backend.engine_version(),
             limit,
@@ -160,7 +189,7 @@ pub fn run(
         spec_path,
         opts,
         cancel,
-        Box::new(move || kind.create()),
+        Arc::new(move || kind.create()),
     )
 }
 
@@ -173,19 +202,68 @@ pub fn run_with_backend(
     make_backend: MakeBackend,
 ) -> Result<RunOutcome, AppError> {
     let mut cache = Cache::open(&cfg.cache_dir)?;
-    let mut warnings = cache.report.problems();
-    let plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch)?;
+    let mut store = Store::open(&cfg.cache_dir)?;
+    let mut report = cache.report.clone();
+    report.merge(&store.report);
+    let mut warnings = report.problems();
+    let mut plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store)?;
+    // Each stage makes its backend on its own worker thread.
+    let backend_for_stage = || -> Box<dyn FnOnce() -> Box<dyn Backend> + Send> {
+        let make = make_backend.clone();
+        Box::new(move || make())
+    };
+    // Embed first: the neighbours, and so the prompts with retrieved examples, need it.
+    let embed_stats = if plan.embed_requests.iter().any(|r| !store.contains(&r.key)) {
+        let stats = embed::run(
+            &plan,
+            &mut store,
+            backend_for_stage(),
+            cfg.threads,
+            cfg.progress == crate::progress::ProgressMode::Off,
+            cancel.clone(),
+        )
+        .map_err(|e| embed_error(&plan, e))?;
+        plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store)?;
+        stats
+    } else {
+        embed::EmbedStats {
+            cached: plan.embed_requests.len(),
+            ..Default::default()
+        }
+    };
+    store.commit(std::mem::take(&mut plan.new_artifacts))?;
     let exec_opts = ExecOptions {
         threads: cfg.threads,
         progress: cfg.progress.clone(),
         fail_fast: opts.fail_fast,
         ..Default::default()
     };
-    let outcome = exec::execute(&plan, &mut cache, make_backend, &exec_opts, cancel);
+    let outcome = exec::execute(&plan, &mut cache, backend_for_stage(), &exec_opts, cancel);
+    // Calibration fits whose rows are all computed are stored as the stage's output.
+    let fits: Vec<Artifact> = plan
+        .cells
+        .iter()
+        .filter_map(|c| {
+            let key = plan.calibration_key(c)?;
+            let params = crate::metrics::calibration(&plan, &cache, c.calibration?).ok()?;
+            Some(Artifact {
+                key,
+                kind: "calibration".into(),
+                value: serde_json::to_vec(&params).expect("parameters serialize"),
+            })
+        })
+        .collect();
+    if let Err(e) = store.commit(fits) {
+        warnings.push(format!("calibration fits not stored: {e}"));
+    }
     if let Err(e) = cache.compact_if_needed() {
         warnings.push(format!("cache compaction skipped: {e}"));
     }
-    let stats = outcome.stats;
+    if let Err(e) = store.compact(None) {
+        warnings.push(format!("artifact compaction skipped: {e}"));
+    }
+    let mut stats = outcome.stats;
+    stats.embed = embed_stats;
     let prov = Provenance::new(&plan, cfg.threads, Some(stats.clone()));
     let written = report::write(
         &plan,
@@ -209,6 +287,21 @@ pub fn run_with_backend(
         warnings,
         error,
     })
+}
+
+/// An embedder that is not an embedding model is bad input, located at its `gguf:` line.
+fn embed_error(plan: &Plan, e: EmbedError) -> AppError {
+    match e {
+        EmbedError::Backend {
+            embedder,
+            source: crate::backend::BackendError::NotEmbedding { reason, .. },
+            ..
+        } => {
+            let spec = &plan.spec.embedders[embedder].model;
+            AppError::Input(spec.gguf.error(format!("not an embedding model: {reason}")))
+        }
+        other => other.into(),
+    }
 }
 
 /// `pipeline report`: every report file from the cache alone (no model is loaded, the
@@ -254,13 +347,17 @@ pub struct CacheReport {
     pub load: LoadReport,
     /// Per spec: its name and the total of its cells' status.
     pub specs: Vec<(String, CellStatus)>,
+    /// Stored stage outputs by kind (embeddings, neighbour lists, calibration fits).
+    pub artifacts: std::collections::BTreeMap<String, usize>,
+    pub artifact_bytes: u64,
 }
 
 pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppError> {
     let cache = Cache::open_read_only(&cfg.cache_dir)?;
+    let store = Store::open_read_only(&cfg.cache_dir)?;
     let mut per_spec = Vec::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly)?;
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
         let mut total = CellStatus::default();
         for st in plan.status(&cache) {
             total.rows += st.rows;
@@ -269,10 +366,15 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
         }
         per_spec.push((plan.spec.name.clone(), total));
     }
+    let mut load = cache.report.clone();
+    load.merge(&store.report);
+    let (artifacts, artifact_bytes) = store.status();
     Ok(CacheReport {
         status: cache.status(&cfg.cache_dir),
-        load: cache.report.clone(),
+        load,
         specs: per_spec,
+        artifacts,
+        artifact_bytes,
     })
 }
 
@@ -281,26 +383,48 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
 /// error rather than a guess: its rows could otherwise be removed.
 pub fn cache_gc(cfg: &Config, keep: &[PathBuf], dry_run: bool) -> Result<GcReport, AppError> {
     let mut needed: HashSet<Digest> = HashSet::new();
+    let mut needed_artifacts: HashSet<Digest> = HashSet::new();
+    let mut store = if dry_run {
+        Store::open_read_only(&cfg.cache_dir)?
+    } else {
+        Store::open(&cfg.cache_dir)?
+    };
     for s in keep {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly)?;
-        if let Some(m) = plan.models.iter().find(|m| m.sha256.is_none()) {
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
+        if let Some(m) = plan
+            .models
+            .iter()
+            .chain(&plan.embedders)
+            .find(|m| m.sha256.is_none())
+        {
             return Err(AppError::UnknownModelDigest {
                 spec: s.clone(),
                 model: m.id.clone(),
             });
         }
         needed.extend(plan.keys());
+        needed_artifacts.extend(plan.artifact_keys());
+        needed_artifacts.extend(plan.cells.iter().filter_map(|c| plan.calibration_key(c)));
     }
     let mut cache = if dry_run {
         Cache::open_read_only(&cfg.cache_dir)?
     } else {
         Cache::open(&cfg.cache_dir)?
     };
-    Ok(cache.gc(&cfg.cache_dir, &needed, dry_run)?)
+    let mut report = cache.gc(&cfg.cache_dir, &needed, dry_run)?;
+    report.artifacts_removed = if dry_run {
+        store.unneeded(&needed_artifacts)
+    } else {
+        store.compact(Some(&needed_artifacts))?
+    };
+    Ok(report)
 }
 
 /// `pipeline cache verify`: read every segment and check every row's checksum; damaged
 /// segments are quarantined and their good rows kept.
 pub fn cache_verify(cfg: &Config) -> Result<LoadReport, AppError> {
-    Ok(Cache::open(&cfg.cache_dir)?.report)
+    let mut report = Cache::open(&cfg.cache_dir)?.report;
+    let store = Store::open(&cfg.cache_dir)?;
+    report.merge(&store.report);
+    Ok(report)
 }

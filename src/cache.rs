@@ -19,23 +19,21 @@
 //! [`Cache::open_read_only`] never writes anything, for `plan`, `report` and `export`.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Array, ListBuilder, RecordBatch,
     StringArray, UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt32Type};
-use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::fs::{tree_size, write_atomic};
+use crate::fs::tree_size;
 use crate::key::{Components, Digest, KeyEncoder};
 use crate::row::{Finish, RowError};
+use crate::segments::{Access, SegmentDir, io_err, read_batches, read_file};
+pub use crate::segments::{CacheError, LoadReport};
 
 pub const LAYOUT: &str = "v2";
 
@@ -112,79 +110,9 @@ impl CachedRow {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("cache {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cache segment {path}: {message}")]
-    Segment { path: PathBuf, message: String },
-    #[error("cache {path} was opened read-only")]
-    ReadOnly { path: PathBuf },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// What opening the cache found, including anything it refused to trust.
-#[derive(Debug, Default, Clone)]
-pub struct LoadReport {
-    pub segments: usize,
-    /// Distinct successful rows, and rows recorded as failed (with no success since).
-    pub rows: usize,
-    pub failures: usize,
-    /// Segments moved to quarantine (read-write open), with the reason.
-    pub quarantined: Vec<(PathBuf, String)>,
-    /// Damaged segments left where they are (read-only open), with the reason.
-    pub untrusted: Vec<(PathBuf, String)>,
-    /// Rows dropped because their checksum failed.
-    pub corrupt_rows: usize,
-}
-
-impl LoadReport {
-    pub fn problems(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .quarantined
-            .iter()
-            .map(|(p, why)| {
-                format!(
-                    "corrupt cache segment {} moved to quarantine: {why}",
-                    p.display()
-                )
-            })
-            .collect();
-        out.extend(self.untrusted.iter().map(|(p, why)| {
-            format!(
-                "corrupt cache segment {} is not trusted: {why} (`pipeline cache verify` quarantines it)",
-                p.display()
-            )
-        }));
-        if self.corrupt_rows > 0 {
-            out.push(format!(
-                "{} cached rows failed their checksum and will be recomputed",
-                self.corrupt_rows
-            ));
-        }
-        out
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    ReadWrite,
-    ReadOnly,
-}
-
 pub struct Cache {
     root: PathBuf,
-    access: Access,
+    segments: SegmentDir,
     rows: HashMap<Digest, CachedRow>,
     /// The latest failure of each key that has no successful row.
     failures: HashMap<Digest, CachedRow>,
@@ -196,10 +124,8 @@ impl Cache {
     /// damaged segments are quarantined and their verified rows rewritten.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
         let root = dir.join(LAYOUT);
-        for sub in ["rows", "quarantine", "digests"] {
-            let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
-        }
+        let digests = root.join("digests");
+        fs::create_dir_all(&digests).map_err(io_err(&digests))?;
         Self::load_from(root, Access::ReadWrite)
     }
 
@@ -211,8 +137,8 @@ impl Cache {
 
     fn load_from(root: PathBuf, access: Access) -> Result<Self, CacheError> {
         let mut cache = Self {
+            segments: SegmentDir::new(&root, "rows", access)?,
             root,
-            access,
             rows: HashMap::new(),
             failures: HashMap::new(),
             report: LoadReport::default(),
@@ -227,10 +153,6 @@ impl Cache {
 
     pub fn digest_dir(&self) -> PathBuf {
         self.root.join("digests")
-    }
-
-    fn rows_dir(&self) -> PathBuf {
-        self.root.join("rows")
     }
 
     pub fn len(&self) -> usize {
@@ -256,44 +178,14 @@ impl Cache {
         self.rows.values()
     }
 
-    fn segment_paths(&self) -> Result<Vec<PathBuf>, CacheError> {
-        let dir = self.rows_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound && self.access == Access::ReadOnly =>
-            {
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(io_err(&dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name.starts_with('.') {
-                // A temporary file left by a killed writer: never read, removed once stale.
-                if self.access == Access::ReadWrite && is_stale(&path) {
-                    let _ = fs::remove_file(&path);
-                }
-                continue;
-            }
-            if name.ends_with(".parquet") {
-                out.push(path);
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
     fn load(&mut self) -> Result<(), CacheError> {
-        for path in self.segment_paths()? {
+        for path in self.segments.list()? {
             let rows = match read_segment(&path) {
                 Ok(rows) => rows,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // compacted meanwhile
                 Err(e) => {
-                    self.distrust(&path, &e.to_string())?;
+                    self.segments
+                        .distrust(&path, &e.to_string(), &mut self.report)?;
                     continue;
                 }
             };
@@ -303,11 +195,12 @@ impl Cache {
             let bad = total - good.len();
             if bad > 0 {
                 self.report.corrupt_rows += bad;
-                self.distrust(
+                self.segments.distrust(
                     &path,
                     &format!("{bad} of {total} rows failed their checksum"),
+                    &mut self.report,
                 )?;
-                if self.access == Access::ReadWrite && !good.is_empty() {
+                if self.segments.access == Access::ReadWrite && !good.is_empty() {
                     // Keep what verifies, in a fresh segment.
                     self.write_segment(&good)?;
                 }
@@ -338,40 +231,9 @@ impl Cache {
         }
     }
 
-    /// A segment that cannot be trusted: quarantined when writing is allowed, else only
-    /// reported.
-    fn distrust(&mut self, path: &Path, why: &str) -> Result<(), CacheError> {
-        if self.access == Access::ReadOnly {
-            self.report
-                .untrusted
-                .push((path.to_path_buf(), why.to_string()));
-            return Ok(());
-        }
-        let dest = self
-            .root
-            .join("quarantine")
-            .join(path.file_name().unwrap_or_default());
-        match fs::rename(path, &dest) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(path)(e)),
-        }
-        self.report.quarantined.push((dest, why.to_string()));
-        Ok(())
-    }
-
-    fn writable(&self) -> Result<(), CacheError> {
-        match self.access {
-            Access::ReadWrite => Ok(()),
-            Access::ReadOnly => Err(CacheError::ReadOnly {
-                path: self.root.clone(),
-            }),
-        }
-    }
-
     /// Durably add rows (successes and failures): one new segment, written then renamed.
     pub fn commit(&mut self, rows: Vec<CachedRow>) -> Result<(), CacheError> {
-        self.writable()?;
+        self.segments.writable()?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -383,55 +245,39 @@ impl Cache {
     }
 
     fn write_segment(&self, rows: &[CachedRow]) -> Result<PathBuf, CacheError> {
-        let path = self.rows_dir().join(new_segment_name());
-        let bytes = encode_segment(rows).map_err(|message| CacheError::Segment {
-            path: path.clone(),
+        let batch = encode_segment(rows).map_err(|message| CacheError::Segment {
+            path: self.segments.dir.clone(),
             message,
         })?;
-        write_atomic(&path, &bytes).map_err(io_err(&path))?;
-        Ok(path)
+        self.segments.write(&batch)
     }
 
     /// Merge all segments into one when there are many. Another run compacting at the same
     /// time is kept out by a lock; a run merely reading sees either the old or new files.
     pub fn compact_if_needed(&mut self) -> Result<bool, CacheError> {
-        self.writable()?;
-        if self.segment_paths()?.len() <= COMPACT_AFTER_SEGMENTS {
+        self.segments.writable()?;
+        if self.segments.list()?.len() <= COMPACT_AFTER_SEGMENTS {
             return Ok(false);
         }
-        let Some(_lock) = self.lock(false)? else {
+        let Some(_lock) = self.segments.lock(false)? else {
             return Ok(false);
         };
         self.rewrite(&|_| true)?;
         Ok(true)
     }
 
-    /// The compaction lock; `None` when another process holds it and `wait` is false.
-    fn lock(&self, wait: bool) -> Result<Option<File>, CacheError> {
-        let path = self.root.join("compact.lock");
-        let lock = File::create(&path).map_err(io_err(&path))?;
-        if wait {
-            lock.lock().map_err(io_err(&path))?;
-        } else if lock.try_lock().is_err() {
-            return Ok(None);
-        }
-        Ok(Some(lock))
-    }
-
     /// Replace every fully readable segment by one holding the rows `keep` accepts (the
     /// latest failure of a key without a success included). Damaged or vanished segments
-    /// are left for `load` to deal with. Returns (rows kept, rows dropped, segments merged).
-    fn rewrite(&self, keep: &dyn Fn(&Digest) -> bool) -> Result<(usize, usize, usize), CacheError> {
+    /// are left for `load` to deal with.
+    fn rewrite(&self, keep: &dyn Fn(&Digest) -> bool) -> Result<(), CacheError> {
         let mut merged: HashMap<Digest, CachedRow> = HashMap::new();
         let mut failed: HashMap<Digest, CachedRow> = HashMap::new();
         let mut merged_paths = Vec::new();
-        let mut seen: HashSet<Digest> = HashSet::new();
-        for p in &self.segment_paths()? {
+        for p in &self.segments.list()? {
             if let Ok(rows) = read_segment(p)
                 && rows.iter().all(Result::is_ok)
             {
                 for r in rows.into_iter().flatten() {
-                    seen.insert(r.key);
                     if r.failed() {
                         match failed.get(&r.key) {
                             Some(old) if old.created_unix_ms >= r.created_unix_ms => {}
@@ -453,27 +299,19 @@ impl Cache {
             .filter(|r| keep(&r.key))
             .collect();
         rows.sort_by_key(|r| r.key);
-        let kept = rows.len();
         if !rows.is_empty() {
             self.write_segment(&rows)?;
         }
         for p in &merged_paths {
             let _ = fs::remove_file(p);
         }
-        Ok((kept, seen.len() - kept, merged_paths.len()))
+        Ok(())
     }
 
     /// What the cache folder holds.
     pub fn status(&self, cache_dir: &Path) -> CacheStatus {
-        let (segment_bytes, _) = tree_size(&self.rows_dir());
-        let (quarantine_bytes, quarantine_files) = tree_size(&self.root.join("quarantine"));
-        let temp_files = fs::read_dir(self.rows_dir())
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-                    .count()
-            })
-            .unwrap_or(0);
+        let (segment_bytes, _) = tree_size(&self.segments.dir);
+        let (quarantine_bytes, quarantine_files) = tree_size(&self.segments.quarantine);
         CacheStatus {
             root: self.root.clone(),
             segments: self.report.segments,
@@ -482,7 +320,7 @@ impl Cache {
             failures: self.failures.len(),
             quarantine_files,
             quarantine_bytes,
-            temp_files,
+            temp_files: self.segments.temp_files(),
             other_layouts: other_layouts(cache_dir),
         }
     }
@@ -514,17 +352,18 @@ impl Cache {
                 .iter()
                 .map(|(n, _)| n.clone())
                 .collect(),
+            artifacts_removed: 0,
         };
         if dry_run {
             return Ok(report);
         }
-        self.writable()?;
-        let _lock = self.lock(true)?;
+        self.segments.writable()?;
+        let _lock = self.segments.lock(true)?;
         self.rewrite(&|k| needed.contains(k))?;
-        let q = self.root.join("quarantine");
+        let q = &self.segments.quarantine;
         if q.is_dir() {
-            fs::remove_dir_all(&q).map_err(io_err(&q))?;
-            fs::create_dir_all(&q).map_err(io_err(&q))?;
+            fs::remove_dir_all(q).map_err(io_err(q))?;
+            fs::create_dir_all(q).map_err(io_err(q))?;
         }
         for (name, _) in &before.other_layouts {
             let p = cache_dir.join(name);
@@ -532,7 +371,7 @@ impl Cache {
         }
         self.rows.retain(|k, _| needed.contains(k));
         self.failures.retain(|k, _| needed.contains(k));
-        report.bytes_after = tree_size(&self.rows_dir()).0;
+        report.bytes_after = tree_size(&self.segments.dir).0;
         Ok(report)
     }
 }
@@ -566,6 +405,8 @@ pub struct GcReport {
     pub bytes_after: u64,
     pub quarantine_files_removed: usize,
     pub layouts_removed: Vec<String>,
+    /// Stored stage outputs (embeddings, neighbours, fits) no listed spec needs.
+    pub artifacts_removed: usize,
 }
 
 /// Sibling folders named like a cache layout (`v1`, `v3`, ...) other than this one.
@@ -590,24 +431,6 @@ fn other_layouts(cache_dir: &Path) -> Vec<(String, u64)> {
         .collect();
     out.sort();
     out
-}
-
-fn is_stale(path: &Path) -> bool {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > Duration::from_secs(3600))
-}
-
-fn new_segment_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("seg-{now:017}-{}-{n:05}.parquet", std::process::id())
 }
 
 fn schema() -> Arc<Schema> {
@@ -640,7 +463,7 @@ fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
+fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, String> {
     let strs = |f: &dyn Fn(&CachedRow) -> String| -> ArrayRef {
         Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
     };
@@ -687,80 +510,26 @@ fn encode_segment(rows: &[CachedRow]) -> Result<Vec<u8>, String> {
         opt_strs(&|r| r.error.as_ref().map(|e| e.message.clone())),
         strs(&|r| r.checksum().hex()),
     ]);
-    let batch = RecordBatch::try_new(schema(), cols).map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| e.to_string())?;
-    w.write(&batch).map_err(|e| e.to_string())?;
-    w.close().map_err(|e| e.to_string())?;
-    Ok(buf)
+    RecordBatch::try_new(schema(), cols).map_err(|e| e.to_string())
 }
 
 /// Read a segment. The outer error means the file is unreadable as a whole; each row is
-/// `Err` when it fails verification. Never panics: a reader panic on a damaged file (the
-/// Parquet decoder is not hardened against every corruption) is an unreadable segment.
+/// `Err` when it fails verification.
 pub fn read_segment(path: &Path) -> std::io::Result<Vec<Result<CachedRow, String>>> {
-    let file = File::open(path)?;
-    let bytes = {
-        use std::io::Read;
-        let mut b = Vec::new();
-        (&file).read_to_end(&mut b)?;
-        bytes::Bytes::from(b)
-    };
-    decode_segment(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    decode_segment(read_file(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Decode a segment's bytes; `Err` when the file as a whole cannot be trusted.
+/// Decode a segment's bytes; `Err` when the file as a whole cannot be trusted. Never
+/// panics, whatever the bytes.
 pub fn decode_segment(bytes: bytes::Bytes) -> Result<Vec<Result<CachedRow, String>>, String> {
-    crate::guard::catch(move || {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|e| e.to_string())?
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for batch in reader {
-            let batch = batch.map_err(|e| e.to_string())?;
-            check_schema(&batch)?;
-            out.extend(decode_batch(&batch));
-        }
-        Ok(out)
-    })
-    .unwrap_or_else(|| Err("the Parquet reader failed on this file".into()))
+    Ok(read_batches(bytes, &schema())?
+        .iter()
+        .flat_map(decode_batch)
+        .collect())
 }
 
-/// Every expected column, with exactly the expected type, before any value is read.
-fn check_schema(b: &RecordBatch) -> Result<(), String> {
-    let want = schema();
-    if b.schema().fields().len() != want.fields().len() {
-        return Err(format!(
-            "{} columns, expected {}",
-            b.schema().fields().len(),
-            want.fields().len()
-        ));
-    }
-    for f in want.fields() {
-        let Some(col) = b.column_by_name(f.name()) else {
-            return Err(format!("missing column {}", f.name()));
-        };
-        let ok = match (f.data_type(), col.data_type()) {
-            (DataType::List(_), DataType::List(item)) => item.data_type() == &DataType::Float64,
-            (a, b) => a == b,
-        };
-        if !ok {
-            return Err(format!(
-                "column {} is {}, expected {}",
-                f.name(),
-                col.data_type(),
-                f.data_type()
-            ));
-        }
-        if !f.is_nullable() && col.null_count() > 0 {
-            return Err(format!("column {} has missing values", f.name()));
-        }
-    }
-    Ok(())
-}
-
-/// The rows of a batch whose schema [`check_schema`] accepted.
+/// The rows of a batch whose schema [`read_batches`] checked.
 fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
     let col = |name: &str| b.column_by_name(name).expect("schema checked");
     let s = |name: &str| col(name).as_string::<i32>().clone();
@@ -882,7 +651,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cache::open(dir.path()).unwrap();
         c.commit((0..3).map(row).collect()).unwrap();
-        let seg = c.segment_paths().unwrap().pop().unwrap();
+        let seg = c.segments.list().unwrap().pop().unwrap();
         let bytes = fs::read(&seg).unwrap();
         fs::write(&seg, &bytes[..bytes.len() / 2]).unwrap();
         let c2 = Cache::open(dir.path()).unwrap();
@@ -897,11 +666,15 @@ mod tests {
         let c = Cache::open(dir.path()).unwrap();
         let mut rows: Vec<_> = (0..3).map(row).collect();
         // Write a segment whose second row claims another text than its checksum covers.
-        let mut bad = encode_segment(&rows).unwrap();
+        let batch = encode_segment(&rows).unwrap();
+        let mut bad = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut bad, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
         let needle = b"positive 1";
         let at = bad.windows(needle.len()).position(|w| w == needle).unwrap();
         bad[at] = b'P';
-        let path = c.rows_dir().join("seg-tampered.parquet");
+        let path = c.segments.dir.join("seg-tampered.parquet");
         fs::write(&path, bad).unwrap();
         let c2 = Cache::open(dir.path()).unwrap();
         assert_eq!(c2.report.corrupt_rows, 1);
@@ -926,7 +699,7 @@ mod tests {
             c.commit(vec![row(n)]).unwrap();
         }
         assert!(c.compact_if_needed().unwrap());
-        assert_eq!(c.segment_paths().unwrap().len(), 1);
+        assert_eq!(c.segments.list().unwrap().len(), 1);
         let c2 = Cache::open(dir.path()).unwrap();
         assert_eq!(c2.len(), COMPACT_AFTER_SEGMENTS + 3);
     }

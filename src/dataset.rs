@@ -73,7 +73,8 @@ pub fn load_shots(
     }
     let mut rng = SplitMix64::for_stream(shots.seed, stream);
     let picked = match shots.strategy {
-        ShotStrategy::Random => rng.choose(&all, shots.k),
+        // Retrieved examples are chosen per row from a pool (see `load_pool`).
+        ShotStrategy::Random | ShotStrategy::Knn => rng.choose(&all, shots.k),
         ShotStrategy::Balanced => {
             let n_labels = spec.labels.len();
             let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
@@ -113,6 +114,27 @@ pub fn load_shots(
         )));
     }
     Ok(picked)
+}
+
+/// Labelled rows of another file (a retrieval pool, calibration rows): read, cleaned like
+/// the dataset, cut to `max_chars`, then sampled when `sample` is given.
+pub fn load_pool(
+    from: &Located<std::path::PathBuf>,
+    sample_spec: Option<&SampleSpec>,
+    max_chars: Option<usize>,
+    spec: &DatasetSpec,
+) -> Result<Vec<Row>, Diagnostic> {
+    let mut all = read_labeled(from, spec)?;
+    for r in &mut all {
+        r.text = clean(&r.text, &spec.clean);
+    }
+    if let Some(max) = max_chars {
+        all.retain(|r| r.text.chars().count() <= max);
+    }
+    Ok(match sample_spec {
+        Some(s) => sample(all, s, spec.labels.len()),
+        None => all,
+    })
 }
 
 /// Read a file's id, text and label columns and map labels (text is not cleaned yet).

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::backend::{Backend, BackendError, ModelLoad, PromptOutput, Sampler, Task, sampler_seed};
 use crate::cache::{Cache, CacheError, CachedRow};
 use crate::key::{Components, Digest};
+use crate::plan::Cell;
 use crate::plan::Plan;
 use crate::progress::{Progress, ProgressMode};
-use crate::prompt::{Messages, Prompts};
+use crate::prompt::{Example, Messages, Prompts};
 use crate::row::Finish;
 use crate::spec::MethodKind;
 
@@ -71,6 +72,8 @@ pub struct ExecStats {
     pub interrupted: bool,
     /// Peak resident memory of the process (VmHWM), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// The embed stage of this run.
+    pub embed: crate::embed::EmbedStats,
     /// Keys computed by this run (the rest of the report's rows came from the cache).
     #[serde(skip)]
     pub computed: HashSet<Digest>,
@@ -113,10 +116,11 @@ struct PendingTask {
     task: Task,
 }
 
-/// One prompt (model × prompt × dataset row) and every task to compute from it.
+/// One prompt (model × prompt × row of a row set) and every task to compute from it.
 pub(crate) struct Job {
     pub(crate) model: usize,
     pub(crate) prompt: usize,
+    set: usize,
     row: usize,
     tasks: Vec<PendingTask>,
 }
@@ -133,6 +137,8 @@ struct WorkerJob {
     prompt: usize,
     text: String,
     messages: Messages,
+    /// The row's retrieved examples (to render again when the text is cut).
+    examples: Option<Vec<Example>>,
     tasks: Vec<Task>,
 }
 
@@ -151,8 +157,7 @@ struct Work {
     cached: usize,
 }
 
-fn task_for(plan: &Plan, cell: usize) -> Task {
-    let cell = &plan.cells[cell];
+fn task_for(plan: &Plan, cell: &Cell) -> Task {
     let method = &plan.spec.methods[cell.method];
     match (method.kind, &cell.point) {
         (MethodKind::Generate, Some(p)) => Task::Generate {
@@ -172,14 +177,23 @@ fn task_for(plan: &Plan, cell: usize) -> Task {
     }
 }
 
+/// Cells by index: the reported cells, then the support cells (vote cells have no rows).
+fn cells(plan: &Plan) -> Vec<&Cell> {
+    plan.inference_cells().collect()
+}
+
 fn collect_work(plan: &Plan, cache: &Cache) -> Work {
-    let mut jobs: BTreeMap<(usize, usize, usize), Job> = BTreeMap::new();
+    let mut jobs: BTreeMap<(usize, usize, usize, usize), Job> = BTreeMap::new();
     let mut scheduled: HashSet<Digest> = HashSet::new();
     let mut followers = Vec::new();
     let mut cached = 0;
-    for (ci, cell) in plan.cells.iter().enumerate() {
+    for (ci, cell) in cells(plan).into_iter().enumerate() {
+        let (Some(model), Some(prompt)) = (cell.model(), cell.prompt()) else {
+            continue;
+        };
         for (ri, comps) in cell.rows.iter().enumerate() {
-            let comps = comps.expect("run plans know every model digest");
+            // Unknown keys cannot run (their examples' embeddings failed): left to do.
+            let Some(comps) = comps else { continue };
             let key = comps.row_key();
             if cache.get(&key).is_some() {
                 cached += 1;
@@ -189,10 +203,11 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
                 followers.push((ci, key));
                 continue;
             }
-            jobs.entry((cell.model, cell.prompt, ri))
+            jobs.entry((model, prompt, cell.set, ri))
                 .or_insert_with(|| Job {
-                    model: cell.model,
-                    prompt: cell.prompt,
+                    model,
+                    prompt,
+                    set: cell.set,
                     row: ri,
                     tasks: Vec::new(),
                 })
@@ -200,8 +215,8 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
                 .push(PendingTask {
                     cell: ci,
                     key,
-                    components: comps,
-                    task: task_for(plan, ci),
+                    components: *comps,
+                    task: task_for(plan, cell),
                 });
         }
     }
@@ -244,8 +259,13 @@ pub fn execute(
         .map(|j| WorkerJob {
             model: j.model,
             prompt: j.prompt,
-            text: plan.dataset.rows[j.row].text.clone(),
-            messages: plan.messages[j.prompt][j.row].clone(),
+            text: plan.sets[j.set].rows[j.row].text.clone(),
+            messages: plan.sets[j.set].messages[j.prompt][j.row]
+                .clone()
+                .expect("a row with a key has its messages"),
+            examples: plan.sets[j.set].shots[j.prompt][j.row]
+                .as_ref()
+                .map(|s| s.examples.clone()),
             tasks: j.tasks.iter().map(|t| t.task.clone()).collect(),
         })
         .collect();
@@ -274,7 +294,8 @@ pub fn execute(
         .spawn(move || worker(make_backend, loads, worker_jobs, context, tx))
         .expect("spawn worker thread");
 
-    let progress = Progress::new(plan, &work.jobs, &opts.progress);
+    let ids = cells(plan).iter().map(|c| c.id.clone()).collect();
+    let progress = Progress::new(ids, &work.jobs, &opts.progress);
     let mut buffer: Vec<CachedRow> = Vec::new();
     let mut last_commit = Instant::now();
     let mut error = None;
@@ -329,8 +350,8 @@ pub fn execute(
                 progress.job_done(plan, j);
                 if opts.fail_fast && error.is_none() {
                     error = Some(ExecError::RowFailed {
-                        cell: plan.cells[j.tasks[0].cell].id.clone(),
-                        row: plan.dataset.rows[j.row].id.clone(),
+                        cell: cells(plan)[j.tasks[0].cell].id.clone(),
+                        row: plan.sets[j.set].rows[j.row].id.clone(),
                         source: e,
                     });
                 }
@@ -378,8 +399,8 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64) -> CachedRow {
     CachedRow {
         key: t.key,
         components: t.components,
-        row_id: plan.dataset.rows[j.row].id.clone(),
-        cell_id: plan.cells[t.cell].id.clone(),
+        row_id: plan.sets[j.set].rows[j.row].id.clone(),
+        cell_id: cells(plan)[t.cell].id.clone(),
         kind: task_kind(&t.task).into(),
         text: None,
         logprobs: None,
@@ -422,7 +443,7 @@ fn run_job(
     let messages = match truncated {
         Some(t) if t != job.text => ctx
             .prompts
-            .render(job.prompt, &t)
+            .render_with(job.prompt, &t, job.examples.as_deref())
             .map_err(|d| BackendError::Job(d.to_string()))?,
         _ => job.messages.clone(),
     };

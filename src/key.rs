@@ -165,8 +165,12 @@ impl CacheKey for MethodPart<'_> {
                     .u64("max_tokens", u64::from(self.method.max_tokens))
                     .strs("stop", &self.method.stop);
             }
+            // Calibration is not part of the key: it only reweighs the cached scores.
             MethodKind::Loglik => {
                 e.str("kind", "loglik").strs("labels", self.labels);
+            }
+            MethodKind::KnnVote => {
+                e.str("kind", "knn_vote").strs("labels", self.labels);
             }
         }
     }
@@ -227,6 +231,81 @@ impl CacheKey for EnginePart<'_> {
     const DOMAIN: &'static str = "engine";
     fn encode(&self, e: &mut KeyEncoder) {
         e.str("version", self.version);
+    }
+}
+
+/// One text's embedding: the embedder file, its token budget, the exact text, the engine.
+pub struct EmbeddingPart<'a> {
+    pub sha256: &'a str,
+    pub max_tokens: u32,
+    pub text: &'a str,
+    pub engine: &'a str,
+}
+
+impl CacheKey for EmbeddingPart<'_> {
+    const DOMAIN: &'static str = "embedding";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.str("sha256", self.sha256)
+            .u64("max_tokens", self.max_tokens.into())
+            .str("text", self.text)
+            .str("engine", self.engine);
+    }
+}
+
+/// A retrieval pool: each row's id, label and embedding key, in order.
+pub struct PoolPart<'a> {
+    pub rows: &'a [(&'a str, usize, Digest)],
+}
+
+impl CacheKey for PoolPart<'_> {
+    const DOMAIN: &'static str = "pool";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.u64("rows", self.rows.len() as u64);
+        for (id, label, emb) in self.rows {
+            e.str("id", id)
+                .u64("label", *label as u64)
+                .digest("embedding", emb);
+        }
+    }
+}
+
+/// One query's neighbours: the pool, the query (its id, for the leak guard, and its
+/// embedding key), and how many are chosen and in which order.
+pub struct NeighboursPart<'a> {
+    pub pool: &'a Digest,
+    pub query_id: &'a str,
+    pub query: &'a Digest,
+    pub k: usize,
+    pub per_label: bool,
+    pub nearest_last: bool,
+}
+
+impl CacheKey for NeighboursPart<'_> {
+    const DOMAIN: &'static str = "neighbours";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.digest("pool", self.pool)
+            .str("query_id", self.query_id)
+            .digest("query", self.query)
+            .u64("k", self.k as u64)
+            .u64("per_label", u64::from(self.per_label))
+            .u64("nearest_last", u64::from(self.nearest_last));
+    }
+}
+
+/// A calibration fit: its kind and the inference rows (with gold labels) it is fitted on.
+pub struct CalibrationPart<'a> {
+    pub kind: &'a str,
+    pub rows: &'a [(Digest, Option<usize>)],
+}
+
+impl CacheKey for CalibrationPart<'_> {
+    const DOMAIN: &'static str = "calibration";
+    fn encode(&self, e: &mut KeyEncoder) {
+        e.str("kind", self.kind).u64("rows", self.rows.len() as u64);
+        for (k, gold) in self.rows {
+            e.digest("row", k)
+                .u64("gold", gold.map_or(u64::MAX, |g| g as u64));
+        }
     }
 }
 
@@ -374,6 +453,8 @@ mod tests {
             max_tokens: 4,
             stop: vec!["\n".into()],
             parse: Default::default(),
+            calibrate: None,
+            vote: None,
         };
         let labels = ["negative".to_string(), "positive".to_string()];
         let p = point(0.8, 2);

@@ -67,8 +67,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Say why the rows of this cell miss the cache.
-        #[arg(long, value_name = "CELL")]
+        /// Say why the rows of this cell (or the items of this stage, e.g. `embed:minilm`)
+        /// miss the cache.
+        #[arg(long, value_name = "CELL|STAGE")]
         explain: Option<String>,
         /// Only the first N sampled rows.
         #[arg(long)]
@@ -99,6 +100,9 @@ enum Command {
         threads: Option<usize>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// An embedding model: one decode of this many tokens with embeddings on.
+        #[arg(long)]
+        embed_tokens: Option<u32>,
     },
     /// Write the report's tables as CSV (predictions, metrics, comparisons).
     Export {
@@ -200,14 +204,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             let planned = app::plan(&config(&cli, None), spec, *limit)?;
             warn(&planned.warnings());
             if let Some(cell) = explain {
-                let ex = planned.explain(cell)?;
                 if *json {
-                    println!("{}", to_json(&ex));
+                    println!("{}", to_json(&planned.explain_cell(cell)?));
                 } else {
-                    print!("{ex}");
+                    print!("{}", planned.explain(cell)?);
                 }
             } else if *json {
-                println!("{}", to_json(&planned.plan.to_json(&planned.cache)));
+                println!(
+                    "{}",
+                    to_json(&planned.plan.to_json(&planned.cache, &planned.store))
+                );
             } else {
                 print_plan(&planned);
             }
@@ -290,15 +296,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             model,
             threads,
             reps,
+            embed_tokens,
         } => {
             let threads = threads.unwrap_or_else(exec::default_threads);
-            let (pp, tg) = pipeline::backend::llama::raw_throughput(model, threads, *reps)
-                .map_err(|e| {
-                    AppError::Run(exec::ExecError::Backend {
-                        model: model.display().to_string(),
-                        source: e,
+            let failed = |e| {
+                AppError::Run(exec::ExecError::Backend {
+                    model: model.display().to_string(),
+                    source: e,
+                })
+            };
+            if let Some(n) = embed_tokens {
+                let rate = pipeline::backend::raw_embed_throughput(model, threads, *n, *reps)
+                    .map_err(failed)?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        "threads": threads,
+                        "embed_tokens": n,
+                        "embed_tok_s": rate,
                     })
-                })?;
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (pp, tg) =
+                pipeline::backend::llama::raw_throughput(model, threads, *reps).map_err(failed)?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -353,7 +375,9 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                     .collect();
                 println!(
                     "{}",
-                    to_json(&serde_json::json!({"cache": s, "specs": specs}))
+                    to_json(
+                        &serde_json::json!({"cache": s, "specs": specs, "artifacts": r.artifacts})
+                    )
                 );
                 return Ok(ExitCode::SUCCESS);
             }
@@ -381,6 +405,12 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                     human_bytes(*size)
                 );
             }
+            for (kind, n) in &r.artifacts {
+                println!("  {n} stored {kind} artifacts");
+            }
+            if !r.artifacts.is_empty() {
+                println!("  artifacts: {}", human_bytes(r.artifact_bytes));
+            }
             for (name, st) in &r.specs {
                 println!(
                     "  spec {name}: {} rows, {} cached, {} failed, {} to run",
@@ -405,6 +435,12 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                     r.segments_before,
                     human_bytes(r.bytes_before),
                     human_bytes(r.bytes_after)
+                );
+            }
+            if r.artifacts_removed > 0 {
+                println!(
+                    "{verb} {} stored stage outputs (embeddings, neighbours, fits)",
+                    r.artifacts_removed
                 );
             }
             if r.quarantine_files_removed > 0 {
@@ -448,6 +484,27 @@ fn human_bytes(n: u64) -> String {
 
 fn print_plan(planned: &app::Planned) {
     let plan = &planned.plan;
+    let mut stages = Table::new();
+    stages.load_preset(UTF8_FULL_CONDENSED);
+    stages.set_header(vec!["stage", "items", "cached", "to run"]);
+    for s in planned.stages() {
+        stages.add_row(vec![
+            s.id.clone(),
+            format!("{} {}", s.items, s.what),
+            s.cached.to_string(),
+            (s.items - s.cached).to_string(),
+        ]);
+    }
+    println!("{stages}");
+    for r in &plan.retrievals {
+        let (queries, with, excluded) = r.leaks();
+        if excluded > 0 {
+            println!(
+                "leak guard: {}: {excluded} pool rows left out (same id or text) for {with} of {queries} queries",
+                r.id
+            );
+        }
+    }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["cell", "rows", "cached", "failed", "to run"]);
@@ -472,7 +529,7 @@ fn print_plan(planned: &app::Planned) {
         total.to_run().to_string(),
     ]);
     println!("{t}");
-    for m in &plan.models {
+    for m in plan.models.iter().chain(&plan.embedders) {
         if m.file.is_none() {
             println!(
                 "note: model `{}` is not on this machine yet; `run` will fetch it",

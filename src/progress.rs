@@ -41,8 +41,9 @@ pub(crate) enum Progress {
 }
 
 impl Progress {
-    pub(crate) fn new(plan: &Plan, jobs: &[Job], mode: &ProgressMode) -> Self {
-        let mut per_cell = vec![0u64; plan.cells.len()];
+    /// `cells`: the ids of the cells the jobs' tasks index.
+    pub(crate) fn new(cells: Vec<String>, jobs: &[Job], mode: &ProgressMode) -> Self {
+        let mut per_cell = vec![0u64; cells.len()];
         for j in jobs {
             for c in j.cells() {
                 per_cell[c] += 1;
@@ -50,11 +51,11 @@ impl Progress {
         }
         match mode {
             ProgressMode::Off => Progress::Off,
-            ProgressMode::Bars => Progress::Bars(Bars::new(plan, &per_cell)),
+            ProgressMode::Bars => Progress::Bars(Bars::new(&cells, &per_cell)),
             ProgressMode::Lines(every) => {
                 let total: u64 = per_cell.iter().sum();
-                let cells = per_cell.iter().filter(|&&n| n > 0).count();
-                eprintln!("run: {total} rows to compute in {cells} cells");
+                let busy = per_cell.iter().filter(|&&n| n > 0).count();
+                eprintln!("run: {total} rows to compute in {busy} cells");
                 Progress::Lines(RefCell::new(Lines {
                     every: *every,
                     start: Instant::now(),
@@ -62,7 +63,8 @@ impl Progress {
                     total,
                     done: 0,
                     per_cell,
-                    done_per_cell: vec![0; plan.cells.len()],
+                    done_per_cell: vec![0; cells.len()],
+                    cells,
                 }))
             }
         }
@@ -73,7 +75,7 @@ impl Progress {
         match self {
             Progress::Off => {}
             Progress::Bars(b) => b.job_done(plan, job),
-            Progress::Lines(l) => l.borrow_mut().job_done(plan, job),
+            Progress::Lines(l) => l.borrow_mut().job_done(job),
         }
     }
 
@@ -93,7 +95,7 @@ pub(crate) struct Bars {
 }
 
 impl Bars {
-    fn new(plan: &Plan, per_cell: &[u64]) -> Self {
+    fn new(ids: &[String], per_cell: &[u64]) -> Self {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let style = |tmpl: &str| ProgressStyle::with_template(tmpl).expect("valid template");
         let total = multi.add(ProgressBar::new(per_cell.iter().sum()));
@@ -111,7 +113,7 @@ impl Bars {
                     b.set_style(style(
                         "  {msg:40!} {bar:30} {pos}/{len}  {per_sec:>10}  eta {eta}",
                     ));
-                    b.set_message(plan.cells[ci].id.clone());
+                    b.set_message(ids[ci].clone());
                     b
                 })
             })
@@ -157,10 +159,11 @@ pub(crate) struct Lines {
     done: u64,
     per_cell: Vec<u64>,
     done_per_cell: Vec<u64>,
+    cells: Vec<String>,
 }
 
 impl Lines {
-    fn job_done(&mut self, plan: &Plan, job: &Job) {
+    fn job_done(&mut self, job: &Job) {
         let mut cell = None;
         for c in job.cells() {
             self.done += 1;
@@ -169,12 +172,12 @@ impl Lines {
         }
         if self.last.elapsed() >= self.every {
             self.last = Instant::now();
-            self.line(cell.map(|c| (plan.cells[c].id.as_str(), c)));
+            self.line(cell);
         }
     }
 
     /// `progress: 40/72 rows (56%), 3.2 rows/s, eta 10s; cell m/p/gen@t=0.2 12/24`
-    fn line(&self, cell: Option<(&str, usize)>) {
+    fn line(&self, cell: Option<usize>) {
         let secs = self.start.elapsed().as_secs_f64();
         let rate = if secs > 0.0 {
             self.done as f64 / secs
@@ -192,10 +195,10 @@ impl Lines {
             self.total,
             100.0 * self.done as f64 / self.total.max(1) as f64
         );
-        if let Some((id, c)) = cell {
+        if let Some(c) = cell {
             line.push_str(&format!(
-                "; cell {id} {}/{}",
-                self.done_per_cell[c], self.per_cell[c]
+                "; cell {} {}/{}",
+                self.cells[c], self.done_per_cell[c], self.per_cell[c]
             ));
         }
         let mut err = std::io::stderr().lock();

@@ -117,11 +117,37 @@ pub struct Example {
     pub label: String,
 }
 
+impl Example {
+    pub fn from_rows(rows: Vec<Row>, label_names: &[String]) -> Vec<Example> {
+        rows.into_iter()
+            .map(|r| Example {
+                text: r.text,
+                label: label_names[r.label].clone(),
+            })
+            .collect()
+    }
+}
+
+/// The few-shot examples a prompt shows.
+#[derive(Debug, Clone)]
+pub enum Shots {
+    None,
+    /// The same examples for every row.
+    Fixed(Vec<Row>),
+    /// `k` examples chosen for each row (retrieved); given to [`Prompts::render_with`].
+    PerRow {
+        k: usize,
+    },
+}
+
 struct Compiled {
     id: String,
     system: Option<(String, TemplateSpec)>,
     user: (String, TemplateSpec),
+    /// Fixed examples; `Some(empty)` never happens.
     examples: Option<Vec<Example>>,
+    /// Examples chosen per row (`k` of them), instead of fixed ones.
+    per_row: Option<usize>,
     /// `None` when the template cannot be rendered with the probe texts (no shared part).
     probe: Option<FixedProbe>,
 }
@@ -137,28 +163,25 @@ pub struct Prompts {
 const BASE_VARS: &[&str] = &["text", "labels"];
 
 impl Prompts {
-    /// Compile each prompt; `examples[i]` are the few-shot rows of prompt `i`, if any.
+    /// Compile each prompt; `shots[i]` are the few-shot examples of prompt `i`.
     pub fn compile(
         prompts: &[PromptSpec],
         labels: &[LabelSpec],
-        examples: Vec<Option<Vec<Row>>>,
+        shots: Vec<Shots>,
     ) -> Result<Self, Diagnostic> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         let label_names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
         let mut compiled = Vec::new();
-        for (p, ex) in prompts.iter().zip(examples) {
-            let examples = ex.map(|rows| {
-                rows.into_iter()
-                    .map(|r| Example {
-                        text: r.text,
-                        label: label_names[r.label].clone(),
-                    })
-                    .collect::<Vec<_>>()
-            });
+        for (p, shots) in prompts.iter().zip(shots) {
+            let (examples, per_row) = match shots {
+                Shots::None => (None, None),
+                Shots::Fixed(rows) => (Some(Example::from_rows(rows, &label_names)), None),
+                Shots::PerRow { k } => (None, Some(k)),
+            };
             let mut allowed: Vec<&str> = BASE_VARS.to_vec();
-            if examples.is_some() {
+            if examples.is_some() || per_row.is_some() {
                 allowed.push("examples");
             }
             let mut add = |role: &str,
@@ -192,6 +215,7 @@ impl Prompts {
                 system,
                 user,
                 examples,
+                per_row,
                 probe: None,
             });
         }
@@ -201,8 +225,21 @@ impl Prompts {
             labels: label_names,
         };
         for i in 0..prompts.compiled.len() {
-            let a = prompts.render_text(i, PROBES[0]);
-            let b = prompts.render_text(i, PROBES[1]);
+            // Retrieved examples depend on the row too: the probes bring their own.
+            let probe_examples = |text: &str, label: usize| {
+                prompts.compiled[i].per_row.map(|k| {
+                    vec![
+                        Example {
+                            text: text.to_string(),
+                            label: prompts.labels[label % prompts.labels.len()].clone(),
+                        };
+                        k
+                    ]
+                })
+            };
+            let (ea, eb) = (probe_examples(PROBES[0], 0), probe_examples(PROBES[1], 1));
+            let a = prompts.render_text(i, PROBES[0], ea.as_deref());
+            let b = prompts.render_text(i, PROBES[1], eb.as_deref());
             prompts.compiled[i].probe = match (a, b) {
                 (Ok(a), Ok(b)) => Some(FixedProbe::new(&a, &b)),
                 _ => None,
@@ -227,21 +264,47 @@ impl Prompts {
         self.compiled[prompt].examples.as_deref()
     }
 
+    /// The number of examples chosen per row, for prompts with retrieved examples.
+    pub fn per_row(&self, prompt: usize) -> Option<usize> {
+        self.compiled[prompt].per_row
+    }
+
+    /// The label names templates see.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
     /// Render the messages of prompt `prompt` for a review `text`.
     pub fn render(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
-        let mut m = self.render_text(prompt, text)?;
+        self.render_with(prompt, text, None)
+    }
+
+    /// Render with this row's own examples (prompts whose examples are chosen per row).
+    pub fn render_with(
+        &self,
+        prompt: usize,
+        text: &str,
+        examples: Option<&[Example]>,
+    ) -> Result<Messages, Diagnostic> {
+        let mut m = self.render_text(prompt, text, examples)?;
         if let Some(probe) = &self.compiled[prompt].probe {
             m.fixed = probe.fixed_part(&m);
         }
         Ok(m)
     }
 
-    fn render_text(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
+    fn render_text(
+        &self,
+        prompt: usize,
+        text: &str,
+        row_examples: Option<&[Example]>,
+    ) -> Result<Messages, Diagnostic> {
         let c = &self.compiled[prompt];
+        let examples = row_examples.or(c.examples.as_deref());
         let ctx = minijinja::context! {
             text => text,
             labels => &self.labels,
-            examples => minijinja::Value::from(minijinja::value::Serde(&c.examples)),
+            examples => minijinja::Value::from(minijinja::value::Serde(&examples)),
         };
         let render = |(key, spec): &(String, TemplateSpec)| -> Result<String, Diagnostic> {
             self.env
@@ -348,6 +411,10 @@ mod tests {
     }
 
     fn prompts(system: Option<&str>, user: &str, examples: Option<Vec<Row>>) -> Prompts {
+        let shots = match examples {
+            Some(rows) => Shots::Fixed(rows),
+            None => Shots::None,
+        };
         let labels = [("0", "negative"), ("1", "positive")].map(|(v, n)| LabelSpec {
             value: v.into(),
             name: n.into(),
@@ -358,7 +425,7 @@ mod tests {
             user: template(user),
             shots: None,
         };
-        Prompts::compile(&[spec], &labels, vec![examples]).unwrap()
+        Prompts::compile(&[spec], &labels, vec![shots]).unwrap()
     }
 
     #[test]

@@ -16,10 +16,16 @@ fn main() -> ExitCode {
     let mut trials = common::trials_needing(
         "a headless Chromium",
         chromium().err(),
-        vec![(
-            "report_renders_offline_and_shows_markup_as_text",
-            report_renders_offline_and_shows_markup_as_text,
-        )],
+        vec![
+            (
+                "report_renders_offline_and_shows_markup_as_text",
+                report_renders_offline_and_shows_markup_as_text,
+            ),
+            (
+                "retrieval_and_calibration_charts_render",
+                retrieval_and_calibration_charts_render,
+            ),
+        ],
     );
     trials.push(Trial::test(
         "cdn_mode_links_the_libraries_instead_of_inlining_them",
@@ -108,14 +114,17 @@ fn report_renders_offline_and_shows_markup_as_text() -> Result<(), Failed> {
         .nth(1)
         .and_then(|s| s.split('"').next())
         .and_then(|n| n.parse::<usize>().ok());
+    let error = dom
+        .split("data-charts-error=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next());
     assert_eq!(
         rendered,
-        Some(5),
-        "every embed resolved (error: {:?})\n{log}",
-        dom.contains("data-charts-error")
+        Some(6),
+        "every embed resolved (error: {error:?})\n{log}"
     );
     let svgs = dom.matches("class=\"marks\"").count();
-    assert_eq!(svgs, 5, "one rendered SVG per chart");
+    assert_eq!(svgs, 6, "one rendered SVG per chart");
     let after_head = dom.rsplit("</head>").next().unwrap_or("");
     let body_tag = after_head
         .split("<body")
@@ -163,5 +172,23 @@ fn cdn_mode_links_the_libraries_instead_of_inlining_them() -> Result<(), Failed>
         p.read("reports/t/index.html").len() > 800_000,
         "inlined by default"
     );
+    Ok(())
+}
+
+/// The charts of retrieved examples, votes and calibrated cells render too.
+fn retrieval_and_calibration_charts_render() -> Result<(), Failed> {
+    let browser = chromium()?;
+    let p = common::knn_project();
+    p.run();
+    let (dom, log) = render(&browser, &p.path("reports/t/index.html"));
+    let rendered = dom
+        .split("data-charts-rendered=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    // accuracy, cost, predicted labels, confusion, reliability, before/after calibration
+    assert_eq!(rendered, Some(6), "{log}");
+    assert_eq!(dom.matches("class=\"marks\"").count(), 6);
+    assert!(dom.contains("Calibrated cells") && dom.contains("leak guard left out"));
     Ok(())
 }

@@ -279,7 +279,7 @@ fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
     let run_once = || -> (usize, usize, usize) {
         let calls = Arc::new(FakeCalls::default());
         let c = calls.clone();
-        let make = Box::new(move || Box::new(FakeBackend::new(c)) as Box<dyn Backend>);
+        let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
         let outcome = run_with_backend(
             &cfg,
             &p.path("spec.yaml"),
@@ -442,8 +442,8 @@ fn cancelling_app_run_keeps_finished_rows_and_writes_the_report() {
     });
     let make = {
         let calls = calls.clone();
-        Box::new(move || {
-            let mut b = FakeBackend::new(calls);
+        Arc::new(move || {
+            let mut b = FakeBackend::new(calls.clone());
             b.delay = Duration::from_millis(10);
             Box::new(b) as Box<dyn Backend>
         })

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    Backend, BackendError, ChatPrompt, Finish, ModelLoad, PromptOutput, Session, Task, TaskOutput,
+    Backend, BackendError, ChatPrompt, EmbedSession, EmbedderLoad, Finish, ModelLoad, PromptOutput,
+    Session, Task, TaskOutput, l2_normalise,
 };
 use crate::prompt::Messages;
 
@@ -21,12 +22,20 @@ pub const FAIL_MARKER: &str = "FAKE-DECODE-ERROR";
 /// A model file containing this text fails to load.
 pub const LOAD_FAIL_MARKER: &[u8] = b"FAKE-LOAD-ERROR";
 
+/// Only a model file containing this text is an embedding model to the fake backend.
+pub const EMBEDDER_MARKER: &[u8] = b"FAKE-EMBEDDER";
+
+/// Dimensions of the fake embeddings.
+const FAKE_DIMS: usize = 64;
+
 /// Counts what the fake backend was asked to do.
 #[derive(Debug, Default)]
 pub struct FakeCalls {
     pub prompts: AtomicUsize,
     pub tasks: AtomicUsize,
     pub models_loaded: AtomicUsize,
+    pub embedders_loaded: AtomicUsize,
+    pub texts_embedded: AtomicUsize,
 }
 
 pub struct FakeBackend {
@@ -56,9 +65,35 @@ impl FakeBackend {
     }
 }
 
+fn contains(bytes: &[u8], marker: &[u8]) -> bool {
+    bytes.windows(marker.len()).any(|w| w == marker)
+}
+
 impl Backend for FakeBackend {
     fn engine_version(&self) -> String {
         ENGINE_VERSION.to_string()
+    }
+
+    fn with_embedder(
+        &mut self,
+        load: &EmbedderLoad,
+        run: &mut dyn FnMut(&mut dyn EmbedSession) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        let bytes = std::fs::read(&load.path).map_err(|e| BackendError::Load {
+            path: load.path.clone(),
+            reason: e.to_string(),
+        })?;
+        if !contains(&bytes, EMBEDDER_MARKER) {
+            return Err(BackendError::NotEmbedding {
+                path: load.path.clone(),
+                reason: "its GGUF declares no pooling (simulated)".into(),
+            });
+        }
+        self.calls.embedders_loaded.fetch_add(1, Ordering::SeqCst);
+        run(&mut FakeEmbedder {
+            calls: self.calls.clone(),
+            max_tokens: load.max_tokens as usize,
+        })
     }
 
     fn with_model(
@@ -70,10 +105,7 @@ impl Backend for FakeBackend {
             path: model.path.clone(),
             reason: e.to_string(),
         })?;
-        if bytes
-            .windows(LOAD_FAIL_MARKER.len())
-            .any(|w| w == LOAD_FAIL_MARKER)
-        {
+        if contains(&bytes, LOAD_FAIL_MARKER) {
             return Err(BackendError::Load {
                 path: model.path.clone(),
                 reason: "simulated load failure".into(),
@@ -230,5 +262,47 @@ impl Session for FakeSession {
             prefill_ms: start.elapsed().as_secs_f64() * 1000.0,
             tasks: outs,
         })
+    }
+}
+
+/// Bag-of-words embeddings: each lowercase word adds ±1 to a hashed dimension, so texts that
+/// share words are similar, and the vector depends on the text alone.
+struct FakeEmbedder {
+    calls: Arc<FakeCalls>,
+    max_tokens: usize,
+}
+
+impl EmbedSession for FakeEmbedder {
+    fn tokens(&self, text: &str) -> Vec<i32> {
+        text.split_whitespace()
+            .take(self.max_tokens)
+            .map(|w| (blake3::hash(w.to_lowercase().as_bytes()).as_bytes()[0]) as i32)
+            .collect()
+    }
+
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.calls
+            .texts_embedded
+            .fetch_add(texts.len(), Ordering::SeqCst);
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0.0f32; FAKE_DIMS];
+                v[0] = 0.01;
+                for w in t.split_whitespace().take(self.max_tokens) {
+                    let w: String = w
+                        .to_lowercase()
+                        .chars()
+                        .filter(|c| c.is_alphanumeric())
+                        .collect();
+                    let h = blake3::hash(w.as_bytes());
+                    let b = h.as_bytes();
+                    let sign = if b[1] & 1 == 0 { 1.0 } else { -1.0 };
+                    v[b[0] as usize % FAKE_DIMS] += sign;
+                }
+                l2_normalise(&mut v);
+                v
+            })
+            .collect())
     }
 }

@@ -93,7 +93,7 @@ fn cpu_features() -> String {
 }
 
 /// llama.cpp's global state, initialised once per process.
-fn llama_backend() -> &'static LlamaBackend {
+pub(super) fn llama_backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
         let mut b = LlamaBackend::init().expect("llama.cpp backend initialises once");
@@ -165,6 +165,14 @@ impl Backend for LlamaEngine {
         };
         run(&mut session)
     }
+
+    fn with_embedder(
+        &mut self,
+        load: &super::EmbedderLoad,
+        run: &mut dyn FnMut(&mut dyn super::EmbedSession) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        super::llama_embed::with_embedder(load, run)
+    }
 }
 
 struct LlamaSession<'m> {
@@ -181,7 +189,7 @@ struct LlamaSession<'m> {
     batch: LlamaBatch<'static>,
 }
 
-fn decode_err(e: impl std::fmt::Display) -> BackendError {
+pub(super) fn decode_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Decode(e.to_string())
 }
 

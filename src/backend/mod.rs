@@ -7,6 +7,9 @@
 
 pub mod fake;
 pub mod llama;
+mod llama_embed;
+
+pub use llama_embed::raw_embed_throughput;
 
 use std::path::PathBuf;
 
@@ -20,6 +23,27 @@ pub struct ModelLoad {
     pub path: PathBuf,
     pub n_ctx: u32,
     pub threads: usize,
+}
+
+/// What the embed stage needs to load a sentence-embedding model.
+#[derive(Debug, Clone)]
+pub struct EmbedderLoad {
+    pub id: String,
+    pub path: PathBuf,
+    /// Texts are cut to this many tokens, special tokens included.
+    pub max_tokens: u32,
+    pub threads: usize,
+}
+
+/// A loaded embedding model.
+pub trait EmbedSession {
+    /// The token ids the embedder sees for `text`: special tokens included, cut to
+    /// `max_tokens`.
+    fn tokens(&self, text: &str) -> Vec<i32>;
+
+    /// The L2-normalised pooled embedding of each text, in order. Each text's vector
+    /// depends on that text alone.
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, BackendError>;
 }
 
 /// A prompt in the model's own chat format, and how much of it every row of its template
@@ -100,6 +124,8 @@ pub struct PromptOutput {
 pub enum BackendError {
     #[error("cannot load model {path}: {reason}")]
     Load { path: PathBuf, reason: String },
+    #[error("{path} is not an embedding model: {reason}")]
+    NotEmbedding { path: PathBuf, reason: String },
     #[error(
         "prompt needs {needed} tokens of context ({prompt} prompt + {generate} to generate) but n_ctx is {n_ctx}; raise `n_ctx` or set `dataset.max_text_tokens`"
     )]
@@ -123,6 +149,7 @@ impl BackendError {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendError::Load { .. } => "load",
+            BackendError::NotEmbedding { .. } => "not_embedding",
             BackendError::ContextOverflow { .. } => "context_overflow",
             BackendError::ChatTemplate(_) => "chat_template",
             BackendError::Decode(_) => "decode",
@@ -133,7 +160,10 @@ impl BackendError {
     /// Whether the failure belongs to one row (the run goes on without it) rather than to
     /// the engine or the model (the run cannot go on).
     pub fn is_row_error(&self) -> bool {
-        !matches!(self, BackendError::Load { .. })
+        !matches!(
+            self,
+            BackendError::Load { .. } | BackendError::NotEmbedding { .. }
+        )
     }
 
     pub fn to_row_error(&self) -> crate::row::RowError {
@@ -155,6 +185,27 @@ pub trait Backend {
         model: &ModelLoad,
         run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
     ) -> Result<(), BackendError>;
+
+    /// Load an embedding model and lend a session on it to `run`.
+    fn with_embedder(
+        &mut self,
+        load: &EmbedderLoad,
+        run: &mut dyn FnMut(&mut dyn EmbedSession) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError>;
+}
+
+/// `v` scaled to unit length (a zero vector stays zero).
+pub fn l2_normalise(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        for x in v {
+            *x = (f64::from(*x) / norm) as f32;
+        }
+    }
 }
 
 /// A loaded model.

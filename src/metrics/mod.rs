@@ -9,8 +9,11 @@ use serde::Serialize;
 
 use crate::answer::{argmax, parse_answer};
 use crate::cache::Cache;
+use crate::calibrate::{self, Params};
 use crate::key::Digest;
+use crate::neighbours::{self, PoolEntry};
 use crate::plan::Plan;
+use crate::plan::Source;
 use crate::row::Finish;
 use crate::spec::MethodKind;
 
@@ -23,7 +26,11 @@ pub struct Prediction {
     /// `None`: an invalid (unparseable) answer.
     pub predicted: Option<usize>,
     pub raw: Option<String>,
+    /// Label log-probs (calibrated and normalised over the labels in calibrated cells;
+    /// the log of the vote shares in `knn_vote` cells).
     pub logprobs: Option<Vec<f64>>,
+    /// A calibrated cell's scores before calibration.
+    pub uncalibrated: Option<Vec<f64>>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -40,6 +47,29 @@ pub struct Prediction {
 }
 
 impl Prediction {
+    /// A row with nothing computed by a model (a vote's row).
+    fn empty(cell: usize, row: usize, gold: usize) -> Self {
+        Self {
+            cell,
+            row,
+            gold,
+            predicted: None,
+            raw: None,
+            logprobs: None,
+            uncalibrated: None,
+            prompt_tokens: 0,
+            evaluated_tokens: 0,
+            gen_tokens: 0,
+            finish: Finish::Scored,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            shared_by: 1,
+            latency_ms: 0.0,
+            shared_latency_ms: 0.0,
+            from_cache: true,
+        }
+    }
+
     pub fn correct(&self) -> bool {
         self.predicted == Some(self.gold)
     }
@@ -76,22 +106,87 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
     out
 }
 
+/// A calibration's parameters, or why it cannot be fitted yet.
+pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, String> {
+    let c = &plan.calibrations[cal];
+    let support = &plan.support[c.support];
+    let rows = &plan.sets[support.set].rows;
+    let scored: Vec<(Vec<f64>, usize)> = support
+        .rows
+        .iter()
+        .zip(rows)
+        .filter_map(|(comps, row)| {
+            let r = cache.get(&comps.as_ref()?.row_key())?;
+            Some((r.logprobs.clone()?, row.label))
+        })
+        .collect();
+    let needed = if c.content_free { rows.len() } else { 2 };
+    if scored.len() < needed {
+        return Err(format!(
+            "{} of {} {} rows are computed",
+            scored.len(),
+            rows.len(),
+            plan.sets[support.set].name
+        ));
+    }
+    let fitted = if c.content_free {
+        calibrate::content_free(&scored.into_iter().map(|(lp, _)| lp).collect::<Vec<_>>())
+    } else {
+        calibrate::fit(&scored)
+    };
+    fitted.ok_or_else(|| "no labels to fit".to_string())
+}
+
 /// Every prediction the cache holds for the plan; rows not computed yet are left out.
 pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Prediction> {
     let labels = plan.dataset.label_names();
     let mut out = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
         let method = &plan.spec.methods[cell.method];
+        if let Source::Vote { retrieval } = cell.source {
+            let r = &plan.retrievals[retrieval];
+            let pool = &plan.pools[r.pool].rows;
+            let entries: Vec<PoolEntry> = pool
+                .iter()
+                .map(|p| PoolEntry {
+                    id: &p.id,
+                    text: &p.text,
+                    label: p.label,
+                    vector: &[],
+                })
+                .collect();
+            for (ri, n) in r.results[0].iter().enumerate() {
+                let Some(n) = n else { continue };
+                let shares = neighbours::vote(&entries, n, labels.len());
+                let lp: Vec<f64> = shares.iter().map(|s| s.max(1e-9).ln()).collect();
+                out.push(Prediction {
+                    predicted: argmax(&lp),
+                    logprobs: Some(lp),
+                    ..Prediction::empty(ci, ri, plan.dataset.rows[ri].label)
+                });
+            }
+            continue;
+        }
+        let params = cell.calibration.map(|c| calibration(plan, cache, c));
         for (ri, comps) in cell.rows.iter().enumerate() {
             let Some(comps) = comps else { continue };
             let key = comps.row_key();
             let Some(r) = cache.get(&key) else { continue };
+            let (logprobs, uncalibrated) = match &params {
+                None => (r.logprobs.clone(), None),
+                // Not fitted yet: the calibrated cell has no rows.
+                Some(Err(_)) => continue,
+                Some(Ok(p)) => (
+                    r.logprobs.as_deref().map(|lp| p.apply(lp)),
+                    r.logprobs.clone(),
+                ),
+            };
             let predicted = match method.kind {
                 MethodKind::Generate => r
                     .text
                     .as_deref()
                     .and_then(|t| parse_answer(t, &labels, method.parse)),
-                MethodKind::Loglik => r.logprobs.as_deref().and_then(argmax),
+                _ => logprobs.as_deref().and_then(argmax),
             };
             out.push(Prediction {
                 cell: ci,
@@ -99,7 +194,8 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
                 gold: plan.dataset.rows[ri].label,
                 predicted,
                 raw: r.text.clone(),
-                logprobs: r.logprobs.clone(),
+                logprobs,
+                uncalibrated,
                 prompt_tokens: r.prompt_tokens,
                 evaluated_tokens: r.evaluated_tokens,
                 gen_tokens: r.gen_tokens,
@@ -165,14 +261,27 @@ pub struct CellMetrics {
     pub brier: Option<f64>,
     pub ece: Option<f64>,
     pub reliability: Vec<stats::ReliabilityBin>,
+    /// Share of rows predicted as each label (the last entry: invalid answers), to set
+    /// beside the gold shares.
+    pub predicted_share: Vec<f64>,
+    pub calibration: Option<CalibrationInfo>,
+    pub uncalibrated: Option<Uncalibrated>,
 }
 
 /// Calibration bins of the reliability diagrams.
 pub const RELIABILITY_BINS: usize = 10;
 
-pub fn compute(plan: &Plan, preds: &[Prediction], failures: &[Failure]) -> Vec<CellMetrics> {
+pub fn compute(
+    plan: &Plan,
+    cache: &Cache,
+    preds: &[Prediction],
+    failures: &[Failure],
+) -> Vec<CellMetrics> {
     let labels = plan.dataset.label_names();
     let k = labels.len();
+    let calibrations: Vec<Result<Params, String>> = (0..plan.calibrations.len())
+        .map(|c| calibration(plan, cache, c))
+        .collect();
     plan.cells
         .iter()
         .enumerate()
@@ -219,50 +328,67 @@ pub fn compute(plan: &Plan, preds: &[Prediction], failures: &[Failure]) -> Vec<C
             let gen_tokens: f64 = rows.iter().map(|p| f64::from(p.gen_tokens)).sum();
             let per_s = |x: f64, s: f64| if s > 0.0 { x / s } else { 0.0 };
             let method = &plan.spec.methods[cell.method];
-            let scored: Vec<(Vec<f64>, usize, bool)> = rows
-                .iter()
-                .filter_map(|p| {
-                    p.logprobs
-                        .as_ref()
-                        .map(|lp| (stats::label_probs(lp), p.gold, p.correct()))
-                })
-                .collect();
-            let (roc_auc, brier, ece, reliability) = if method.kind == MethodKind::Loglik
-                && !scored.is_empty()
-            {
-                // Macro one-vs-rest AUC (for two labels, the usual AUC).
-                let aucs: Vec<f64> = (0..k)
-                    .filter_map(|c| {
-                        let s: Vec<f64> = scored.iter().map(|(p, _, _)| p[c]).collect();
-                        let y: Vec<bool> = scored.iter().map(|(_, g, _)| *g == c).collect();
-                        stats::roc_auc(&s, &y)
-                    })
-                    .collect();
-                let auc = (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64);
-                let probs: Vec<Vec<f64>> = scored.iter().map(|(p, _, _)| p.clone()).collect();
-                let gold: Vec<usize> = scored.iter().map(|(_, g, _)| *g).collect();
-                let conf: Vec<f64> = probs
-                    .iter()
-                    .map(|p| p.iter().copied().fold(0.0, f64::max))
-                    .collect();
-                let ok: Vec<bool> = scored.iter().map(|(_, _, c)| *c).collect();
-                let (bins, ece) = stats::calibration(&conf, &ok, RELIABILITY_BINS);
-                (auc, Some(stats::brier(&probs, &gold)), Some(ece), bins)
+            let scored =
+                |f: &dyn Fn(&Prediction) -> Option<&Vec<f64>>| -> Vec<(Vec<f64>, usize, bool)> {
+                    rows.iter()
+                        .filter_map(|p| {
+                            let lp = f(p)?;
+                            let probs = stats::label_probs(lp);
+                            let right = argmax(lp) == Some(p.gold);
+                            Some((probs, p.gold, right))
+                        })
+                        .collect()
+                };
+            let (roc_auc, brier, ece, reliability) = if method.kind != MethodKind::Generate {
+                scores(&scored(&|p| p.logprobs.as_ref()), k)
             } else {
                 (None, None, None, Vec::new())
             };
+            let before = scored(&|p| p.uncalibrated.as_ref());
+            let uncalibrated = (!before.is_empty()).then(|| {
+                let (_, brier, ece, reliability) = scores(&before, k);
+                Uncalibrated {
+                    accuracy: before.iter().filter(|x| x.2).count() as f64 / before.len() as f64,
+                    brier,
+                    ece,
+                    reliability,
+                }
+            });
+            let (model, prompt, method_id) = plan.cell_names(cell);
+            let calibration = match (&method.calibrate, cell.calibration) {
+                (Some(c), Some(ci)) => Some(CalibrationInfo {
+                    kind: match c {
+                        crate::spec::Calibration::ContentFree => "content_free".into(),
+                        crate::spec::Calibration::Fit { .. } => "fit".into(),
+                    },
+                    params: calibrations[ci].clone().ok(),
+                    pending: calibrations[ci].clone().err(),
+                }),
+                _ => None,
+            };
+            let predicted_share = (0..=k)
+                .map(|c| {
+                    let m: u64 = confusion.iter().map(|row| row[c]).sum();
+                    if n == 0 { 0.0 } else { m as f64 / n as f64 }
+                })
+                .collect();
+            let planned = match cell.source {
+                Source::Vote { .. } => plan.dataset.rows.len(),
+                Source::Llm { .. } => cell.rows.len(),
+            } as u64;
             CellMetrics {
                 cell: cell.id.clone(),
-                model: plan.models[cell.model].id.clone(),
-                prompt: plan.prompts.id(cell.prompt).to_string(),
-                method: method.id.clone(),
+                model,
+                prompt,
+                method: method_id,
                 kind: match method.kind {
                     MethodKind::Generate => "generate".into(),
                     MethodKind::Loglik => "loglik".into(),
+                    MethodKind::KnnVote => "knn_vote".into(),
                 },
                 temperature: cell.point.map(|p| p.temperature),
                 seed: cell.point.map(|p| p.seed),
-                planned: cell.rows.len() as u64,
+                planned,
                 n,
                 correct,
                 accuracy: if n == 0 {
@@ -290,9 +416,64 @@ pub fn compute(plan: &Plan, preds: &[Prediction], failures: &[Failure]) -> Vec<C
                 brier,
                 ece,
                 reliability,
+                predicted_share,
+                calibration,
+                uncalibrated,
             }
         })
         .collect()
+}
+
+/// ROC AUC (macro one-vs-rest), Brier score, ECE and reliability bins of scored rows
+/// `(label probabilities, gold, right)`.
+fn scores(
+    scored: &[(Vec<f64>, usize, bool)],
+    k: usize,
+) -> (
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Vec<stats::ReliabilityBin>,
+) {
+    if scored.is_empty() {
+        return (None, None, None, Vec::new());
+    }
+    let aucs: Vec<f64> = (0..k)
+        .filter_map(|c| {
+            let s: Vec<f64> = scored.iter().map(|(p, _, _)| p[c]).collect();
+            let y: Vec<bool> = scored.iter().map(|(_, g, _)| *g == c).collect();
+            stats::roc_auc(&s, &y)
+        })
+        .collect();
+    let auc = (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64);
+    let probs: Vec<Vec<f64>> = scored.iter().map(|(p, _, _)| p.clone()).collect();
+    let gold: Vec<usize> = scored.iter().map(|(_, g, _)| *g).collect();
+    let conf: Vec<f64> = probs
+        .iter()
+        .map(|p| p.iter().copied().fold(0.0, f64::max))
+        .collect();
+    let ok: Vec<bool> = scored.iter().map(|(_, _, c)| *c).collect();
+    let (bins, ece) = stats::calibration(&conf, &ok, RELIABILITY_BINS);
+    (auc, Some(stats::brier(&probs, &gold)), Some(ece), bins)
+}
+
+/// A calibrated cell's calibration.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationInfo {
+    /// `content_free` or `fit`.
+    pub kind: String,
+    pub params: Option<Params>,
+    /// Why it is not fitted yet.
+    pub pending: Option<String>,
+}
+
+/// A calibrated cell's scores before calibration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Uncalibrated {
+    pub accuracy: f64,
+    pub brier: Option<f64>,
+    pub ece: Option<f64>,
+    pub reliability: Vec<stats::ReliabilityBin>,
 }
 
 /// Cells that differ only by seed or repeat: one sampling setting run several times.
@@ -316,15 +497,10 @@ pub fn setting_groups(
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
         let Some(p) = &cell.point else { continue };
+        let (model, prompt, method) = plan.cell_names(cell);
         let setting = format!(
-            "{}/{}/{}@t={},top_p={},top_k={},min_p={}",
-            plan.models[cell.model].id,
-            plan.prompts.id(cell.prompt),
-            plan.spec.methods[cell.method].id,
-            p.temperature,
-            p.top_p,
-            p.top_k,
-            p.min_p
+            "{model}/{prompt}/{method}@t={},top_p={},top_k={},min_p={}",
+            p.temperature, p.top_p, p.top_k, p.min_p
         );
         match groups.iter_mut().find(|(s, _)| *s == setting) {
             Some((_, v)) => v.push(ci),

@@ -413,3 +413,89 @@ pub fn calibration(metrics: &[CellMetrics]) -> Option<Vegalite> {
         ..Default::default()
     })
 }
+
+/// Per cell, the share of rows predicted as each label (and invalid) beside the gold
+/// shares: a model that answers one label to most rows shows at a glance.
+pub fn label_shares(metrics: &[CellMetrics], labels: &[String], gold: &[f64]) -> Value {
+    let names: Vec<String> = labels
+        .iter()
+        .cloned()
+        .chain(std::iter::once("(invalid)".to_string()))
+        .collect();
+    let mut values: Vec<Value> = gold
+        .iter()
+        .zip(&names)
+        .map(
+            |(s, l)| serde_json::json!({"cell": "gold labels", "label": l, "share": s, "order": 0}),
+        )
+        .collect();
+    for m in metrics.iter().filter(|m| m.n > 0) {
+        for (s, l) in m.predicted_share.iter().zip(&names) {
+            values.push(serde_json::json!({"cell": m.cell, "label": l, "share": s, "order": 1}));
+        }
+    }
+    let mut cells = vec!["gold labels".to_string()];
+    cells.extend(metrics.iter().filter(|m| m.n > 0).map(|m| m.cell.clone()));
+    serde_json::json!({
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "title": "Predicted labels per cell, beside the gold labels",
+        "data": {"values": values},
+        "mark": "bar",
+        "width": 420,
+        "encoding": {
+            "y": {"field": "cell", "type": "nominal", "sort": cells, "title": null,
+                  "axis": {"labelLimit": 420}},
+            "x": {"field": "share", "type": "quantitative", "stack": "normalize",
+                  "title": "share of rows", "axis": {"format": "%"}},
+            "color": {"field": "label", "type": "nominal", "sort": names, "title": "label"},
+            "order": {"field": "label", "type": "nominal"},
+            "tooltip": [
+                {"field": "cell", "type": "nominal"},
+                {"field": "label", "type": "nominal"},
+                {"field": "share", "type": "quantitative", "format": ".1%"}
+            ]
+        }
+    })
+}
+
+/// Reliability of calibrated cells before and after calibration.
+pub fn calibration_shift(metrics: &[CellMetrics]) -> Option<Value> {
+    let mut values = Vec::new();
+    for m in metrics {
+        let Some(u) = &m.uncalibrated else { continue };
+        for (stage, bins) in [("before", &u.reliability), ("after", &m.reliability)] {
+            for b in bins.iter().filter(|b| b.count > 0) {
+                values.push(serde_json::json!({
+                    "cell": m.cell, "stage": stage, "confidence": b.mean_confidence,
+                    "accuracy": b.accuracy, "rows": b.count,
+                }));
+            }
+        }
+    }
+    if values.is_empty() {
+        return None;
+    }
+    Some(serde_json::json!({
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "title": "Calibrated cells: reliability before and after calibration",
+        "data": {"values": values},
+        "facet": {"field": "cell", "type": "nominal", "title": null},
+        "columns": 3,
+        "spec": {
+            "width": 220, "height": 220,
+            "layer": [
+                {"mark": {"type": "rule", "color": "#bbb"},
+                 "encoding": {"x": {"datum": 0.5, "type": "quantitative"}, "y": {"datum": 0.5, "type": "quantitative"},
+                              "x2": {"datum": 1}, "y2": {"datum": 1}}},
+                {"mark": {"type": "line", "point": true},
+                 "encoding": {
+                    "x": {"field": "confidence", "type": "quantitative", "scale": {"domain": [0.5, 1]}, "title": "confidence"},
+                    "y": {"field": "accuracy", "type": "quantitative", "scale": {"domain": [0, 1]}, "title": "accuracy"},
+                    "color": {"field": "stage", "type": "nominal", "sort": ["before", "after"]},
+                    "tooltip": [{"field": "stage"}, {"field": "confidence", "format": ".2f"},
+                                {"field": "accuracy", "format": ".2f"}, {"field": "rows"}]
+                 }}
+            ]
+        }
+    }))
+}

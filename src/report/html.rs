@@ -45,6 +45,10 @@ pub enum Cell {
     Review {
         v: String,
     },
+    /// The examples a row was shown, one line each.
+    Shots {
+        items: Vec<String>,
+    },
 }
 
 impl Cell {
@@ -96,10 +100,14 @@ pub struct Page {
     pub bootstrap_seed: u64,
     pub comparisons: Table,
     pub disagreements: Vec<Disagreement>,
+    pub calibration: Table,
+    /// One line per retrieval: what it searched, and what the leak guard left out.
+    pub retrieval: Vec<String>,
     pub prov: Json,
     pub rows_total: usize,
     pub rows_from_cache: usize,
     pub run_wall: String,
+    pub embed_rate: String,
 }
 
 #[derive(Debug, Serialize)]

@@ -79,6 +79,7 @@ impl Provenance {
             models: plan
                 .models
                 .iter()
+                .chain(&plan.embedders)
                 .map(|m| ModelInfo {
                     id: m.id.clone(),
                     file: m
@@ -114,7 +115,7 @@ pub struct Analysis {
 pub fn analyse(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Analysis {
     let predictions = metrics::collect(plan, cache, computed);
     let failures = metrics::collect_failures(plan, cache);
-    let cell_metrics = metrics::compute(plan, &predictions, &failures);
+    let cell_metrics = metrics::compute(plan, cache, &predictions, &failures);
     let groups = metrics::setting_groups(plan, &predictions, &cell_metrics);
     let pairs = metrics::comparison_pairs(plan, &cell_metrics);
     let comparisons = metrics::compare(plan, &predictions, &pairs);
@@ -275,9 +276,16 @@ fn render_page(
         charts_accuracy.push(chart(&mut charts, c));
     }
     charts_accuracy.push(chart(&mut charts, charts::cost_quality(m)));
-    let mut charts_errors = vec![chart(&mut charts, charts::confusion(m, &labels))];
+    let gold = gold_shares(plan);
+    charts.push(charts::label_shares(m, &labels, &gold));
+    let mut charts_errors = vec![charts.len() - 1];
+    charts_errors.push(chart(&mut charts, charts::confusion(m, &labels)));
     if let Some(c) = charts::calibration(m) {
         charts_errors.push(chart(&mut charts, c));
+    }
+    if let Some(c) = charts::calibration_shift(m) {
+        charts.push(c);
+        charts_errors.push(charts.len() - 1);
     }
     let mut kinds: Vec<KindCount> = Vec::new();
     for f in &a.failures {
@@ -309,6 +317,8 @@ fn render_page(
         bootstrap_seed: plan.spec.compare.seed,
         comparisons: comparisons_table(a),
         disagreements: disagreements(plan, a),
+        calibration: calibration_table(plan, m),
+        retrieval: retrieval_notes(plan),
         prov: provenance_json(prov),
         rows_total: a.predictions.len(),
         rows_from_cache: from_cache,
@@ -316,6 +326,11 @@ fn render_page(
             .run
             .as_ref()
             .map(|r| format!("{:.1}", r.wall_s))
+            .unwrap_or_default(),
+        embed_rate: prov
+            .run
+            .as_ref()
+            .map(|r| format!("{:.1}", r.embed.texts_per_s))
             .unwrap_or_default(),
     };
     html::render(&page, scripts).map_err(|e| ReportError::Encode {
@@ -475,6 +490,124 @@ fn failures_table(plan: &Plan, a: &Analysis) -> Table {
     Table::new(&["cell", "row", "kind", "error"], &[0, 1, 2, 3], rows)
 }
 
+/// Share of the evaluation rows of each gold label (and 0 invalid).
+fn gold_shares(plan: &Plan) -> Vec<f64> {
+    let k = plan.dataset.labels.len();
+    let n = plan.dataset.rows.len().max(1) as f64;
+    let mut out = vec![0.0; k + 1];
+    for r in &plan.dataset.rows {
+        out[r.label] += 1.0 / n;
+    }
+    out
+}
+
+/// Calibrated cells: what they were fitted on, and accuracy and ECE before and after.
+fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
+    let rows = m
+        .iter()
+        .zip(&plan.cells)
+        .filter_map(|(c, cell)| {
+            let info = c.calibration.as_ref()?;
+            let set = &plan.sets[plan.support[plan.calibrations[cell.calibration?].support].set];
+            let params = match &info.params {
+                Some(crate::calibrate::Params::Fit {
+                    bias, temperature, ..
+                }) => format!(
+                    "bias {}; temperature {temperature:.2}",
+                    bias.iter()
+                        .map(|b| format!("{b:+.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                Some(crate::calibrate::Params::ContentFree { log_p }) => format!(
+                    "content-free label probabilities {}",
+                    log_p
+                        .iter()
+                        .map(|l| format!("{:.2}", l.exp()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                None => format!(
+                    "not fitted yet: {}",
+                    info.pending.clone().unwrap_or_default()
+                ),
+            };
+            let before = c.uncalibrated.as_ref();
+            Some(vec![
+                Cell::code(&c.cell),
+                Cell::text(&info.kind),
+                Cell::text(format!("{} ({} rows)", set.name, set.rows.len())),
+                Cell::text(
+                    before
+                        .map(|u| pct(u.accuracy))
+                        .unwrap_or_else(|| "–".into()),
+                ),
+                Cell::text(pct(c.accuracy)),
+                Cell::text(opt3(before.and_then(|u| u.ece))),
+                Cell::text(opt3(c.ece)),
+                Cell::text(params),
+            ])
+        })
+        .collect();
+    Table::new(
+        &[
+            "cell",
+            "calibration",
+            "fitted on",
+            "accuracy before",
+            "after",
+            "ECE before",
+            "after",
+            "parameters",
+        ],
+        &[0, 1, 2, 7],
+        rows,
+    )
+}
+
+/// What each retrieval searched and what its leak guard left out.
+fn retrieval_notes(plan: &Plan) -> Vec<String> {
+    plan.retrievals
+        .iter()
+        .map(|r| {
+            let (queries, with, excluded) = r.leaks();
+            let pool = &plan.pools[r.pool];
+            format!(
+                "{}: the {}{} nearest of {} pool rows by {} embeddings, exact cosine search; {queries} queries, the leak guard left out {excluded} pool rows (same id or text as the query) for {with} of them.",
+                r.id,
+                r.search.k,
+                if r.search.per_label.is_some() { " (per label)" } else { "" },
+                pool.rows.len(),
+                plan.embedders[pool.embedder].id
+            )
+        })
+        .collect()
+}
+
+/// The examples a row was shown in a cell, if the cell's prompt retrieves them.
+fn shown(plan: &Plan, cell: usize, row: usize) -> Option<Cell> {
+    let c = &plan.cells[cell];
+    let s = plan.sets[0].shots.get(c.prompt()?)?[row].as_ref()?;
+    Some(Cell::Shots {
+        items: s
+            .ids
+            .iter()
+            .zip(&s.similarity)
+            .zip(&s.examples)
+            .map(|((id, sim), ex)| format!("{id} ({sim:.2}, {}): {}", ex.label, snippet(&ex.text)))
+            .collect(),
+    })
+}
+
+fn snippet(t: &str) -> String {
+    let s: String = t.chars().take(90).collect();
+    if s.len() < t.len() {
+        format!("{s}…")
+    } else {
+        s
+    }
+}
+
 /// Rows on which the compared cells give different answers, with the text and both answers.
 fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
     let labels = plan.dataset.label_names();
@@ -499,12 +632,17 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                 (x.predicted != y.predicted).then_some((r, *x, *y))
             })
             .collect();
+        let with_shots = [ci, ri].iter().any(|&c| {
+            plan.cells[c]
+                .prompt()
+                .is_some_and(|p| plan.prompts.per_row(p).is_some())
+        });
         let table_rows = rows
             .iter()
             .take(DISAGREEMENTS_SHOWN)
             .map(|(r, x, y)| {
                 let row = &plan.dataset.rows[*r];
-                vec![
+                let mut cells = vec![
                     Cell::code(&row.id),
                     Cell::text(&labels[row.label]),
                     answer(x),
@@ -512,18 +650,24 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                     Cell::Review {
                         v: row.text.clone(),
                     },
-                ]
+                ];
+                if with_shots {
+                    for c in [ci, ri] {
+                        cells.push(shown(plan, c, *r).unwrap_or_else(|| Cell::text("–")));
+                    }
+                }
+                cells
             })
             .collect();
+        let mut head = vec!["row", "gold", "cell", "reference", "text"];
+        if with_shots {
+            head.extend(["examples shown (cell)", "examples shown (reference)"]);
+        }
         out.push(Disagreement {
             cell: c.cell.clone(),
             reference: c.reference.clone(),
             count: rows.len(),
-            table: Table::new(
-                &["row", "gold", "cell", "reference", "text"],
-                &[0, 1, 2, 3, 4],
-                table_rows,
-            ),
+            table: Table::new(&head, &[0, 1, 2, 3, 4, 5, 6], table_rows),
         });
     }
     out

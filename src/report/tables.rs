@@ -77,19 +77,11 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
         ("cell", strs(preds.iter().map(|p| Some(cell(p).id.clone())))),
         (
             "model",
-            strs(
-                preds
-                    .iter()
-                    .map(|p| Some(plan.models[cell(p).model].id.clone())),
-            ),
+            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).0))),
         ),
         (
             "prompt",
-            strs(
-                preds
-                    .iter()
-                    .map(|p| Some(plan.prompts.id(cell(p).prompt).to_string())),
-            ),
+            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).1))),
         ),
         (
             "method",
@@ -143,17 +135,46 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
         ),
         ("raw_answer", strs(preds.iter().map(|p| p.raw.clone()))),
     ];
-    let mut lp = ListBuilder::new(Float64Builder::new());
-    for p in preds {
-        match &p.logprobs {
-            Some(v) => {
-                lp.values().append_slice(v);
-                lp.append(true);
+    let f64_lists = |f: &dyn Fn(&Prediction) -> Option<Vec<f64>>| -> ArrayRef {
+        let mut b = ListBuilder::new(Float64Builder::new());
+        for p in preds {
+            match f(p) {
+                Some(v) => {
+                    b.values().append_slice(&v);
+                    b.append(true);
+                }
+                None => b.append(false),
             }
-            None => lp.append(false),
+        }
+        Arc::new(b.finish())
+    };
+    cols.push(("label_logprobs", f64_lists(&|p| p.logprobs.clone())));
+    cols.push((
+        "uncalibrated_label_logprobs",
+        f64_lists(&|p| p.uncalibrated.clone()),
+    ));
+    // The retrieved examples each row was shown.
+    let shown = |p: &Prediction| {
+        let c = cell(p);
+        plan.sets[c.set].shots.get(c.prompt()?)?[p.row].as_ref()
+    };
+    let mut ids = ListBuilder::new(StringBuilder::new());
+    for p in preds {
+        match shown(p) {
+            Some(s) => {
+                for id in &s.ids {
+                    ids.values().append_value(id);
+                }
+                ids.append(true);
+            }
+            None => ids.append(false),
         }
     }
-    cols.push(("label_logprobs", Arc::new(lp.finish())));
+    cols.push(("shot_ids", Arc::new(ids.finish())));
+    cols.push((
+        "shot_similarities",
+        f64_lists(&|p| shown(p).map(|s| s.similarity.iter().map(|&x| f64::from(x)).collect())),
+    ));
     let logprob_cols: Vec<(String, ArrayRef)> = labels
         .iter()
         .enumerate()
@@ -226,7 +247,35 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
         ("macro_f1".into(), f(&|x| x.macro_f1)),
         ("invalid".into(), u(&|x| x.invalid)),
         ("failed".into(), u(&|x| x.failed)),
+        (
+            "calibration".into(),
+            strs(
+                m.iter()
+                    .map(|x| x.calibration.as_ref().map(|c| c.kind.clone())),
+            ),
+        ),
+        (
+            "uncalibrated_accuracy".into(),
+            f64s(
+                m.iter()
+                    .map(|x| x.uncalibrated.as_ref().map(|u| u.accuracy)),
+            ),
+        ),
+        (
+            "uncalibrated_ece".into(),
+            f64s(
+                m.iter()
+                    .map(|x| x.uncalibrated.as_ref().and_then(|u| u.ece)),
+            ),
+        ),
     ];
+    for (i, l) in labels
+        .iter()
+        .chain(std::iter::once(&"invalid".to_string()))
+        .enumerate()
+    {
+        cols.push((format!("predicted_share_{l}"), f(&|x| x.predicted_share[i])));
+    }
     for (i, l) in labels.iter().enumerate() {
         cols.push((format!("precision_{l}"), f(&|x| x.classes[i].precision)));
         cols.push((format!("recall_{l}"), f(&|x| x.classes[i].recall)));
@@ -279,11 +328,8 @@ pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, String> {
     let cell = |x: &Failure| &plan.cells[x.cell];
     batch(vec![
         ("cell", s(&|x| cell(x).id.clone())),
-        ("model", s(&|x| plan.models[cell(x).model].id.clone())),
-        (
-            "prompt",
-            s(&|x| plan.prompts.id(cell(x).prompt).to_string()),
-        ),
+        ("model", s(&|x| plan.cell_names(cell(x)).0)),
+        ("prompt", s(&|x| plan.cell_names(cell(x)).1)),
         (
             "method",
             s(&|x| plan.spec.methods[cell(x).method].id.clone()),

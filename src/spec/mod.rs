@@ -5,8 +5,8 @@ mod raw;
 
 use std::path::{Path, PathBuf};
 
-pub use raw::{MethodKind, ParseRule, ShotStrategy};
-use raw::{OneOrMany, RawSpec, TemplateRef};
+pub use raw::{MethodKind, ParseRule, ShotOrder, ShotStrategy};
+use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, TemplateRef};
 use serde_saphyr::Spanned;
 
 use crate::diag::{Diagnostic, SourceLoc};
@@ -37,6 +37,54 @@ pub struct Spec {
     pub sampling: SamplingGrid,
     pub report: ReportSpec,
     pub compare: CompareSpec,
+    /// Sentence-embedding models, for retrieved examples and `knn_vote`.
+    pub embedders: Vec<EmbedderSpec>,
+}
+
+/// A sentence-embedding model: found, checked and digested like a model; texts are cut to
+/// `max_tokens` tokens of its tokenizer (special tokens included).
+#[derive(Debug, Clone)]
+pub struct EmbedderSpec {
+    pub model: ModelSpec,
+    pub max_tokens: u32,
+}
+
+/// all-MiniLM-L6-v2 was trained on 256 tokens.
+pub const DEFAULT_EMBED_MAX_TOKENS: u32 = 256;
+
+/// Retrieved examples (`strategy: knn`).
+#[derive(Debug, Clone)]
+pub struct KnnSpec {
+    /// Index into [`Spec::embedders`].
+    pub embedder: usize,
+    /// A seeded sample of `from`; every row when `None`.
+    pub pool: Option<SampleSpec>,
+    /// `k / labels` nearest examples of each label rather than the `k` nearest overall.
+    pub per_label: bool,
+    pub order: ShotOrder,
+}
+
+/// How a `loglik` method's label scores are calibrated.
+#[derive(Debug, Clone)]
+pub enum Calibration {
+    /// Divide out the prompt's bias measured on content-free inputs (Zhao et al. 2021).
+    ContentFree,
+    /// A per-label bias and a temperature fitted on labelled rows of another file, scored
+    /// with the same model and prompt; the evaluation rows never take part.
+    Fit {
+        from: Located<PathBuf>,
+        sample: SampleSpec,
+    },
+}
+
+/// `kind: knn_vote`: the label vote of the `k` nearest pool examples, weighted by
+/// similarity.
+#[derive(Debug, Clone)]
+pub struct VoteSpec {
+    pub k: Located<usize>,
+    pub embedder: usize,
+    pub from: Located<PathBuf>,
+    pub pool: Option<SampleSpec>,
 }
 
 /// Paired comparisons between cells; with neither `baseline` nor `pairs`, every cell is
@@ -153,20 +201,29 @@ pub struct TemplateSpec {
 #[derive(Debug, Clone)]
 pub struct ShotsSpec {
     pub k: usize,
+    pub k_at: Located<()>,
     pub strategy: ShotStrategy,
     pub seed: u64,
     pub from: Located<PathBuf>,
     pub max_chars: Option<usize>,
+    /// Set when `strategy: knn`.
+    pub knn: Option<KnnSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MethodSpec {
     pub id: String,
     pub kind: MethodKind,
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub parse: ParseRule,
+    pub calibrate: Option<Calibration>,
+    /// Set when `kind: knn_vote`.
+    pub vote: Option<VoteSpec>,
 }
+
+/// Neighbours a `knn_vote` counts by default.
+pub const DEFAULT_VOTE_K: usize = 16;
 
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
 
@@ -412,8 +469,12 @@ impl Validator<'_> {
         }
         let dataset = self.dataset(raw.dataset)?;
         let models = self.models(raw.models)?;
-        let prompts = self.prompts(raw.prompts)?;
-        let methods = self.methods(raw.methods)?;
+        let embedders = match raw.embedders {
+            Some(e) => self.embedders(e)?,
+            None => Vec::new(),
+        };
+        let prompts = self.prompts(raw.prompts, &embedders)?;
+        let methods = self.methods(raw.methods, &embedders)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
         let report = ReportSpec {
             title: raw.report.and_then(|r| r.title),
@@ -468,6 +529,7 @@ impl Validator<'_> {
             sampling,
             report,
             compare,
+            embedders,
         })
     }
 
@@ -555,61 +617,140 @@ impl Validator<'_> {
         let mut seen = Vec::new();
         let mut out = Vec::new();
         for (i, m) in models.value.iter().enumerate() {
-            let id = self.id(&m.id, &format!("models[{i}].id"), &mut seen)?;
-            let field = format!("models[{i}].gguf");
-            let source = match m.gguf.value.strip_prefix("hf:") {
-                Some(rest) => {
-                    let mut parts = rest.splitn(3, '/');
-                    match (parts.next(), parts.next(), parts.next()) {
-                        (Some(o), Some(r), Some(f))
-                            if !o.is_empty() && !r.is_empty() && !f.is_empty() =>
-                        {
-                            ModelSource::Hub {
-                                owner: o.to_string(),
-                                repo: r.to_string(),
-                                file: f.to_string(),
-                            }
-                        }
-                        _ => {
-                            return Err(self.err(
-                                &m.gguf,
-                                field,
-                                "a hub model is written `hf:OWNER/REPO/FILE.gguf`",
-                            ));
-                        }
-                    }
-                }
-                None => ModelSource::Path(self.path(&m.gguf.value)),
-            };
-            let sha256 = match &m.sha256 {
-                Some(s) => {
-                    let hex = s.value.trim().to_ascii_lowercase();
-                    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                        return Err(self.err(
-                            s,
-                            format!("models[{i}].sha256"),
-                            "expected 64 hexadecimal digits",
-                        ));
-                    }
-                    Some(self.located(s, format!("models[{i}].sha256"), hex))
-                }
-                None => None,
-            };
+            let field = format!("models[{i}]");
+            let id = self.id(&m.id, &format!("{field}.id"), &mut seen)?;
             let n_ctx = match &m.n_ctx {
                 Some(n) if n.value < 64 => {
-                    return Err(self.err(n, format!("models[{i}].n_ctx"), "must be at least 64"));
+                    return Err(self.err(n, format!("{field}.n_ctx"), "must be at least 64"));
                 }
                 Some(n) => n.value,
                 None => DEFAULT_N_CTX,
             };
-            out.push(ModelSpec {
-                id,
-                gguf: self.located(&m.gguf, field, source),
-                sha256,
-                n_ctx,
-            });
+            out.push(self.model_file(id, &m.gguf, m.sha256.as_ref(), &field, n_ctx)?);
         }
         Ok(out)
+    }
+
+    /// A model file reference: a local path or `hf:OWNER/REPO/FILE`, and its sha256.
+    fn model_file(
+        &self,
+        id: String,
+        gguf: &Spanned<String>,
+        sha256: Option<&Spanned<String>>,
+        field: &str,
+        n_ctx: u32,
+    ) -> Result<ModelSpec, Diagnostic> {
+        let gguf_field = format!("{field}.gguf");
+        let source = match gguf.value.strip_prefix("hf:") {
+            Some(rest) => {
+                let mut parts = rest.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(o), Some(r), Some(f))
+                        if !o.is_empty() && !r.is_empty() && !f.is_empty() =>
+                    {
+                        ModelSource::Hub {
+                            owner: o.to_string(),
+                            repo: r.to_string(),
+                            file: f.to_string(),
+                        }
+                    }
+                    _ => {
+                        return Err(self.err(
+                            gguf,
+                            gguf_field,
+                            "a hub model is written `hf:OWNER/REPO/FILE.gguf`",
+                        ));
+                    }
+                }
+            }
+            None => ModelSource::Path(self.path(&gguf.value)),
+        };
+        let sha256 = match sha256 {
+            Some(s) => {
+                let hex = s.value.trim().to_ascii_lowercase();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(self.err(
+                        s,
+                        format!("{field}.sha256"),
+                        "expected 64 hexadecimal digits",
+                    ));
+                }
+                Some(self.located(s, format!("{field}.sha256"), hex))
+            }
+            None => None,
+        };
+        Ok(ModelSpec {
+            id,
+            gguf: self.located(gguf, gguf_field, source),
+            sha256,
+            n_ctx,
+        })
+    }
+
+    fn embedders(
+        &self,
+        embedders: Spanned<Vec<raw::RawEmbedder>>,
+    ) -> Result<Vec<EmbedderSpec>, Diagnostic> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for (i, e) in embedders.value.iter().enumerate() {
+            let field = format!("embedders[{i}]");
+            let id = self.id(&e.id, &format!("{field}.id"), &mut seen)?;
+            let max_tokens = match &e.max_tokens {
+                Some(m) if !(8..=8192).contains(&m.value) => {
+                    return Err(self.err(
+                        m,
+                        format!("{field}.max_tokens"),
+                        "must be between 8 and 8192",
+                    ));
+                }
+                Some(m) => m.value,
+                None => DEFAULT_EMBED_MAX_TOKENS,
+            };
+            // The context holds one text at a time: room for its tokens.
+            let model = self.model_file(id, &e.gguf, e.sha256.as_ref(), &field, max_tokens)?;
+            out.push(EmbedderSpec { model, max_tokens });
+        }
+        Ok(out)
+    }
+
+    /// The index of the embedder named `name`.
+    fn embedder(
+        &self,
+        name: &Spanned<String>,
+        field: &str,
+        embedders: &[EmbedderSpec],
+    ) -> Result<usize, Diagnostic> {
+        embedders
+            .iter()
+            .position(|e| e.model.id == name.value.trim())
+            .ok_or_else(|| {
+                let known: Vec<&str> = embedders.iter().map(|e| e.model.id.as_str()).collect();
+                self.err(
+                    name,
+                    field,
+                    if known.is_empty() {
+                        format!("no embedder `{}`: add it under `embedders:`", name.value)
+                    } else {
+                        format!(
+                            "no embedder `{}`; embedders: {}",
+                            name.value,
+                            known.join(", ")
+                        )
+                    },
+                )
+            })
+    }
+
+    fn pool(&self, p: &RawPool, field: &str) -> Result<SampleSpec, Diagnostic> {
+        if p.n.value == 0 {
+            return Err(self.err(&p.n, format!("{field}.n"), "must be at least 1"));
+        }
+        Ok(SampleSpec {
+            n: p.n.value,
+            stratify: p.stratify,
+            seed: p.seed,
+        })
     }
 
     fn template(
@@ -647,6 +788,7 @@ impl Validator<'_> {
     fn prompts(
         &self,
         prompts: Spanned<Vec<raw::RawPrompt>>,
+        embedders: &[EmbedderSpec],
     ) -> Result<Vec<PromptSpec>, Diagnostic> {
         if prompts.value.is_empty() {
             return Err(self.err(&prompts, "prompts", "list at least one prompt"));
@@ -661,26 +803,7 @@ impl Validator<'_> {
             };
             let user = self.template(&p.user, format!("prompts[{i}].user"))?;
             let shots = match &p.shots {
-                Some(s) => {
-                    if s.value.k.value == 0 {
-                        return Err(self.err(
-                            &s.value.k,
-                            format!("prompts[{i}].shots.k"),
-                            "must be at least 1",
-                        ));
-                    }
-                    Some(ShotsSpec {
-                        k: s.value.k.value,
-                        strategy: s.value.strategy,
-                        seed: s.value.seed,
-                        from: self.located(
-                            &s.value.from,
-                            format!("prompts[{i}].shots.from"),
-                            self.path(&s.value.from.value),
-                        ),
-                        max_chars: s.value.max_chars,
-                    })
-                }
+                Some(s) => Some(self.shots(s, &format!("prompts[{i}].shots"), embedders)?),
                 None => None,
             };
             out.push(PromptSpec {
@@ -693,9 +816,66 @@ impl Validator<'_> {
         Ok(out)
     }
 
+    fn shots(
+        &self,
+        s: &Spanned<raw::RawShots>,
+        field: &str,
+        embedders: &[EmbedderSpec],
+    ) -> Result<ShotsSpec, Diagnostic> {
+        let r = &s.value;
+        if r.k.value == 0 {
+            return Err(self.err(&r.k, format!("{field}.k"), "must be at least 1"));
+        }
+        let strategy = r.strategy.value;
+        let knn = if strategy == ShotStrategy::Knn {
+            let Some(e) = &r.embedder else {
+                return Err(self.err(
+                    s,
+                    field,
+                    "`strategy: knn` needs `embedder:` (one of `embedders:`)",
+                ));
+            };
+            Some(KnnSpec {
+                embedder: self.embedder(e, &format!("{field}.embedder"), embedders)?,
+                pool: match &r.pool {
+                    Some(p) => Some(self.pool(p, &format!("{field}.pool"))?),
+                    None => None,
+                },
+                per_label: r.per_label.as_ref().is_some_and(|p| p.value),
+                order: r.order.as_ref().map(|o| o.value).unwrap_or_default(),
+            })
+        } else {
+            let knn_only = [
+                r.embedder.as_ref().map(|x| ("embedder", &x.referenced)),
+                r.pool.as_ref().map(|x| ("pool", &x.n.referenced)),
+                r.per_label.as_ref().map(|x| ("per_label", &x.referenced)),
+                r.order.as_ref().map(|x| ("order", &x.referenced)),
+            ];
+            if let Some((name, at)) = knn_only.into_iter().flatten().next() {
+                return Err(Diagnostic::new(
+                    self.loc(at),
+                    format!("{field}.{name}"),
+                    format!("`{name}` applies to `strategy: knn` only"),
+                )
+                .with_source(self.source));
+            }
+            None
+        };
+        Ok(ShotsSpec {
+            k: r.k.value,
+            k_at: self.located(&r.k, format!("{field}.k"), ()),
+            strategy,
+            seed: r.seed,
+            from: self.located(&r.from, format!("{field}.from"), self.path(&r.from.value)),
+            max_chars: r.max_chars,
+            knn,
+        })
+    }
+
     fn methods(
         &self,
         methods: Spanned<Vec<raw::RawMethod>>,
+        embedders: &[EmbedderSpec],
     ) -> Result<Vec<MethodSpec>, Diagnostic> {
         if methods.value.is_empty() {
             return Err(self.err(&methods, "methods", "list at least one method"));
@@ -705,21 +885,108 @@ impl Validator<'_> {
         for (i, m) in methods.value.iter().enumerate() {
             let id = self.id(&m.id, &format!("methods[{i}].id"), &mut seen)?;
             let kind = m.kind.value;
-            if kind == MethodKind::Loglik {
-                let generate_only = [
-                    m.max_tokens.as_ref().map(|s| ("max_tokens", &s.referenced)),
-                    m.stop.as_ref().map(|s| ("stop", &s.referenced)),
-                    m.parse.as_ref().map(|s| ("parse", &s.referenced)),
-                ];
-                if let Some((name, at)) = generate_only.into_iter().flatten().next() {
-                    return Err(Diagnostic::new(
+            let misplaced =
+                |options: [Option<(&str, &serde_saphyr::Location)>; 4], owner: &str| match options
+                    .into_iter()
+                    .flatten()
+                    .next()
+                {
+                    Some((name, at)) => Err(Diagnostic::new(
                         self.loc(at),
                         format!("methods[{i}].{name}"),
-                        format!("`{name}` applies to `kind: generate` only"),
+                        format!("`{name}` applies to `kind: {owner}` only"),
                     )
-                    .with_source(self.source));
-                }
+                    .with_source(self.source)),
+                    None => Ok(()),
+                };
+            if kind != MethodKind::Generate {
+                misplaced(
+                    [
+                        m.max_tokens.as_ref().map(|s| ("max_tokens", &s.referenced)),
+                        m.stop.as_ref().map(|s| ("stop", &s.referenced)),
+                        m.parse.as_ref().map(|s| ("parse", &s.referenced)),
+                        None,
+                    ],
+                    "generate",
+                )?;
             }
+            if kind != MethodKind::Loglik {
+                misplaced(
+                    [
+                        m.calibrate.as_ref().map(|s| ("calibrate", &s.referenced)),
+                        None,
+                        None,
+                        None,
+                    ],
+                    "loglik",
+                )?;
+            }
+            if kind != MethodKind::KnnVote {
+                misplaced(
+                    [
+                        m.k.as_ref().map(|s| ("k", &s.referenced)),
+                        m.embedder.as_ref().map(|s| ("embedder", &s.referenced)),
+                        m.from.as_ref().map(|s| ("from", &s.referenced)),
+                        m.pool.as_ref().map(|s| ("pool", &s.n.referenced)),
+                    ],
+                    "knn_vote",
+                )?;
+            }
+            let calibrate = match &m.calibrate {
+                None => None,
+                Some(c) => Some(match &c.value {
+                    RawCalibrate::ContentFree => Calibration::ContentFree,
+                    RawCalibrate::Fit(f) => {
+                        if f.n < 2 {
+                            return Err(self.err(
+                                c,
+                                format!("methods[{i}].calibrate.fit.n"),
+                                "fit on at least 2 rows",
+                            ));
+                        }
+                        Calibration::Fit {
+                            from: self.located(
+                                c,
+                                format!("methods[{i}].calibrate.fit.from"),
+                                self.path(&f.from),
+                            ),
+                            sample: SampleSpec {
+                                n: f.n,
+                                stratify: true,
+                                seed: f.seed,
+                            },
+                        }
+                    }
+                }),
+            };
+            let vote = if kind == MethodKind::KnnVote {
+                let field = format!("methods[{i}]");
+                let (Some(e), Some(from)) = (&m.embedder, &m.from) else {
+                    return Err(self.err(
+                        &m.kind,
+                        &field,
+                        "`kind: knn_vote` needs `embedder:` and `from:` (the labelled rows it votes with)",
+                    ));
+                };
+                let k = match &m.k {
+                    Some(k) if k.value == 0 => {
+                        return Err(self.err(k, format!("{field}.k"), "must be at least 1"));
+                    }
+                    Some(k) => self.located(k, format!("{field}.k"), k.value),
+                    None => self.located(&m.kind, format!("{field}.k"), DEFAULT_VOTE_K),
+                };
+                Some(VoteSpec {
+                    k,
+                    embedder: self.embedder(e, &format!("{field}.embedder"), embedders)?,
+                    from: self.located(from, format!("{field}.from"), self.path(&from.value)),
+                    pool: match &m.pool {
+                        Some(p) => Some(self.pool(p, &format!("{field}.pool"))?),
+                        None => None,
+                    },
+                })
+            } else {
+                None
+            };
             let max_tokens = match &m.max_tokens {
                 Some(t) if t.value == 0 => {
                     return Err(self.err(
@@ -748,6 +1015,8 @@ impl Validator<'_> {
                 max_tokens,
                 stop,
                 parse: m.parse.as_ref().map(|p| p.value).unwrap_or_default(),
+                calibrate,
+                vote,
             });
         }
         Ok(out)

@@ -24,6 +24,31 @@ pub struct RawSpec {
     pub report: Option<RawReport>,
     #[serde(default)]
     pub compare: Option<RawCompare>,
+    #[serde(default)]
+    pub embedders: Option<Spanned<Vec<RawEmbedder>>>,
+}
+
+/// A sentence-embedding model (llama.cpp with embeddings on).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbedder {
+    pub id: Spanned<String>,
+    pub gguf: Spanned<String>,
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_tokens: Option<Spanned<u32>>,
+}
+
+/// Rows drawn from a labelled file: all of them, or a seeded sample.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub n: Spanned<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "yes")]
+    pub stratify: bool,
 }
 
 /// Which cells to compare on paired rows.
@@ -82,6 +107,14 @@ pub struct RawSample {
     pub stratify: bool,
     #[serde(default)]
     pub seed: u64,
+}
+
+fn default_strategy() -> Spanned<ShotStrategy> {
+    Spanned::new(
+        ShotStrategy::default(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
 }
 
 fn yes() -> bool {
@@ -158,13 +191,23 @@ impl<'de> Deserialize<'de> for TemplateRef {
 #[serde(deny_unknown_fields)]
 pub struct RawShots {
     pub k: Spanned<usize>,
-    #[serde(default)]
-    pub strategy: ShotStrategy,
+    #[serde(default = "default_strategy")]
+    pub strategy: Spanned<ShotStrategy>,
     #[serde(default)]
     pub seed: u64,
     pub from: Spanned<String>,
     #[serde(default)]
     pub max_chars: Option<usize>,
+    /// `knn` only: the embedder, the pool drawn from `from`, one list per label or not,
+    /// and where the nearest example goes.
+    #[serde(default)]
+    pub embedder: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pool: Option<RawPool>,
+    #[serde(default)]
+    pub per_label: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub order: Option<Spanned<ShotOrder>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -173,6 +216,18 @@ pub enum ShotStrategy {
     #[default]
     Balanced,
     Random,
+    /// The examples most similar to the row (cosine of sentence embeddings).
+    Knn,
+}
+
+/// Order of retrieved examples in the prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShotOrder {
+    /// The most similar example last, right before the row.
+    #[default]
+    NearestLast,
+    NearestFirst,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,13 +241,74 @@ pub struct RawMethod {
     pub stop: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub parse: Option<Spanned<ParseRule>>,
+    /// `loglik` only.
+    #[serde(default)]
+    pub calibrate: Option<Spanned<RawCalibrate>>,
+    /// `knn_vote` only: neighbours, the embedder, the labelled file and its pool.
+    #[serde(default)]
+    pub k: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub embedder: Option<Spanned<String>>,
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pool: Option<RawPool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum MethodKind {
     Generate,
     Loglik,
+    /// No model: the similarity-weighted label vote of the nearest pool examples.
+    KnnVote,
+}
+
+/// `calibrate: content_free` or `calibrate: {fit: {from, n, seed}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawCalibrate {
+    ContentFree,
+    Fit(RawFit),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFit {
+    pub from: String,
+    pub n: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl<'de> Deserialize<'de> for RawCalibrate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawCalibrate;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`content_free` or a map `{fit: {from: PATH, n: N, seed: S}}`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawCalibrate, E> {
+                match v {
+                    "content_free" => Ok(RawCalibrate::ContentFree),
+                    other => Err(de::Error::unknown_variant(other, &["content_free", "fit"])),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawCalibrate, A::Error> {
+                let mut fit = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "fit" if fit.is_none() => fit = Some(map.next_value::<RawFit>()?),
+                        "fit" => return Err(de::Error::duplicate_field("fit")),
+                        other => return Err(de::Error::unknown_field(other, &["fit"])),
+                    }
+                }
+                fit.map(RawCalibrate::Fit)
+                    .ok_or_else(|| de::Error::missing_field("fit"))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// How a generated answer is mapped to a label.

@@ -268,3 +268,142 @@ pub fn segments(p: &Project) -> Vec<PathBuf> {
 pub fn report_html(p: &Project) -> String {
     p.read("reports/t/index.html").replace("&#x2f;", "/")
 }
+
+/// A Parquet table as JSON rows (columns of text, numbers and booleans).
+pub fn read_parquet(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    use arrow::array::Array;
+    use arrow::datatypes::DataType;
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        for i in 0..b.num_rows() {
+            let mut row = serde_json::Map::new();
+            for (f, col) in b.schema().fields().iter().zip(b.columns()) {
+                let v = if col.is_null(i) {
+                    serde_json::Value::Null
+                } else {
+                    match f.data_type() {
+                        DataType::Utf8
+                        | DataType::Float64
+                        | DataType::UInt64
+                        | DataType::UInt32
+                        | DataType::Boolean => {
+                            let s = arrow::util::display::array_value_to_string(col, i).unwrap();
+                            match f.data_type() {
+                                DataType::Utf8 => serde_json::Value::String(s),
+                                DataType::Boolean => serde_json::Value::Bool(s == "true"),
+                                _ => {
+                                    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
+                                }
+                            }
+                        }
+                        _ => serde_json::Value::Null,
+                    }
+                };
+                row.insert(f.name().clone(), v);
+            }
+            out.push(row);
+        }
+    }
+    out
+}
+
+/// `(row_id, cell, items)` of a list column of the prediction table, items as text.
+pub fn read_parquet_lists(path: &Path, column: &str) -> Vec<(String, String, Vec<String>)> {
+    use arrow::array::{Array, AsArray};
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let row = b
+            .column_by_name("row_id")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let cell = b.column_by_name("cell").unwrap().as_string::<i32>().clone();
+        let list = b.column_by_name(column).unwrap().as_list::<i32>().clone();
+        for i in 0..b.num_rows() {
+            let items = if list.is_null(i) {
+                Vec::new()
+            } else {
+                let v = list.value(i);
+                (0..v.len())
+                    .map(|j| arrow::util::display::array_value_to_string(&v, j).unwrap())
+                    .collect()
+            };
+            out.push((row.value(i).to_string(), cell.value(i).to_string(), items));
+        }
+    }
+    out
+}
+
+/// A spec with retrieved examples, calibrated cells and a `knn_vote` cell, over the test
+/// project's rows and 40 training rows, with a fake embedder.
+pub const KNN_SPEC: &str = r#"name: t
+dataset:
+  path: data/reviews.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {0: negative, 1: positive}
+  sample: {n: 12, stratify: true, seed: 5}
+models:
+  - id: fake-a
+    gguf: models/a.gguf
+    n_ctx: 512
+embedders:
+  - id: emb
+    gguf: models/emb.gguf
+prompts:
+  - id: zero
+    user: "Review: {{ text }}"
+  - id: knn
+    user: "{% for e in examples %}{{ e.text }} => {{ e.label }}\n{% endfor %}Review: {{ text }}"
+    shots: {strategy: knn, k: 4, from: data/reviews.jsonl, embedder: emb, per_label: true}
+methods:
+  - id: ll
+    kind: loglik
+  - id: ll-fit
+    kind: loglik
+    calibrate: {fit: {from: data/train.jsonl, n: 10, seed: 1}}
+  - id: ll-cf
+    kind: loglik
+    calibrate: content_free
+  - id: vote
+    kind: knn_vote
+    k: 5
+    embedder: emb
+    from: data/train.jsonl
+"#;
+
+pub fn knn_project() -> Project {
+    let p = Project::new();
+    let mut train = String::new();
+    for i in 0..40 {
+        let word = if i % 2 == 1 {
+            "wonderful lovely"
+        } else {
+            "dreadful boring"
+        };
+        train.push_str(
+            &serde_json::json!({"id": format!("t{i}"), "text": format!("Train review {i}: a {word} film."), "label": i % 2})
+                .to_string(),
+        );
+        train.push('\n');
+    }
+    p.write("data/train.jsonl", &train);
+    let mut payload = pipeline::backend::fake::EMBEDDER_MARKER.to_vec();
+    payload.extend_from_slice(b" v1");
+    pipeline::model::write_fake_gguf(&p.path("models/emb.gguf"), &payload).unwrap();
+    p.write("spec.yaml", KNN_SPEC);
+    p
+}

@@ -1,0 +1,249 @@
+//! What `pipeline plan` shows: each stage's items and how many are cached, and why a
+//! cell's rows (or a stage's items) miss the cache.
+
+use serde::Serialize;
+
+use super::{Plan, Source};
+use crate::cache::Cache;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageKind {
+    Embed,
+    Neighbours,
+    Render,
+    Infer,
+    Calibrate,
+    Metrics,
+    Report,
+}
+
+/// One stage of the plan's DAG.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStatus {
+    pub id: String,
+    pub kind: StageKind,
+    pub items: usize,
+    /// Items whose output is already in the cache (stages that are not stored, because
+    /// they take milliseconds, show 0).
+    pub cached: usize,
+    /// What the stage's items are.
+    pub what: &'static str,
+}
+
+pub(super) fn count(v: &mut Vec<(String, usize)>, key: &str) {
+    match v.iter_mut().find(|(k, _)| k == key) {
+        Some((_, n)) => *n += 1,
+        None => v.push((key.to_string(), 1)),
+    }
+}
+
+impl Plan {
+    /// The stages in the order they run, with their items and what is cached.
+    pub fn stages(&self, cache: &Cache, store: &Store) -> Vec<StageStatus> {
+        let mut out = Vec::new();
+        let stage = |id: String, kind, items, cached, what| StageStatus {
+            id,
+            kind,
+            items,
+            cached,
+            what,
+        };
+        for (e, emb) in self.embedders.iter().enumerate() {
+            let keys: Vec<_> = self
+                .embed_requests
+                .iter()
+                .filter(|r| r.embedder == e)
+                .collect();
+            let cached = keys.iter().filter(|r| store.contains(&r.key)).count();
+            out.push(stage(
+                format!("embed:{}", emb.id),
+                StageKind::Embed,
+                keys.len(),
+                cached,
+                "distinct texts",
+            ));
+        }
+        for r in &self.retrievals {
+            let items: usize = r.keys.iter().map(Vec::len).sum();
+            let cached = r
+                .keys
+                .iter()
+                .flatten()
+                .filter(|k| k.is_some_and(|k| store.contains(&k)))
+                .count();
+            out.push(stage(
+                format!("neighbours:{}", r.id),
+                StageKind::Neighbours,
+                items,
+                cached,
+                "queries",
+            ));
+        }
+        for p in 0..self.prompts.len() {
+            let items: usize = self.sets.iter().map(|s| s.rows.len()).sum();
+            out.push(stage(
+                format!("render:{}", self.prompts.id(p)),
+                StageKind::Render,
+                items,
+                0,
+                "rendered prompts (not stored)",
+            ));
+        }
+        for (m, model) in self.models.iter().enumerate() {
+            let mut keys = std::collections::HashSet::new();
+            let mut unknown = 0;
+            for c in self.inference_cells().filter(|c| c.model() == Some(m)) {
+                for r in &c.rows {
+                    match r {
+                        Some(k) => {
+                            keys.insert(k.row_key());
+                        }
+                        None => unknown += 1,
+                    }
+                }
+            }
+            let cached = keys.iter().filter(|k| cache.get(k).is_some()).count();
+            out.push(stage(
+                format!("infer:{}", model.id),
+                StageKind::Infer,
+                keys.len() + unknown,
+                cached,
+                "distinct rows",
+            ));
+        }
+        for c in self.cells.iter().filter(|c| c.calibration.is_some()) {
+            let cached = usize::from(self.calibration_key(c).is_some_and(|k| store.contains(&k)));
+            out.push(stage(
+                format!("calibrate:{}", c.id),
+                StageKind::Calibrate,
+                1,
+                cached,
+                "fits",
+            ));
+        }
+        out.push(stage(
+            "metrics".into(),
+            StageKind::Metrics,
+            self.cells.len(),
+            0,
+            "cells (not stored)",
+        ));
+        out.push(stage(
+            "report".into(),
+            StageKind::Report,
+            1,
+            0,
+            "pages (not stored)",
+        ));
+        out
+    }
+
+    /// Why a stage's items miss the cache, in words.
+    pub fn explain_stage(&self, id: &str, cache: &Cache, store: &Store) -> Option<String> {
+        let st = self.stages(cache, store).into_iter().find(|s| s.id == id)?;
+        let todo = st.items - st.cached;
+        let why = match st.kind {
+            StageKind::Embed => {
+                let e = self.embedders.iter().position(|e| format!("embed:{}", e.id) == id)?;
+                let sha = self.embedders[e].sha256.as_deref().unwrap_or("unknown");
+                format!("{todo} texts were never embedded with this embedder file (sha256 {sha}), its max_tokens and this engine; an embedding is keyed by those and the exact text")
+            }
+            StageKind::Neighbours => format!(
+                "{todo} queries have no stored neighbours for this pool, query, k and order{}",
+                if self.embed_requests.iter().any(|r| !store.contains(&r.key)) {
+                    "; some embeddings they need are not computed yet"
+                } else {
+                    ""
+                }
+            ),
+            StageKind::Render => "prompts are rendered on every run (milliseconds); their text keys the inference rows".into(),
+            StageKind::Infer => format!("{todo} rows to run; `plan --explain CELL` says which key components changed"),
+            StageKind::Calibrate => "the fit is computed from its rows' cached scores once they are all computed".into(),
+            StageKind::Metrics | StageKind::Report => "computed from the cache on every run and report".into(),
+        };
+        Some(format!(
+            "stage {id}: {} {}, {} cached\n  {why}\n",
+            st.items, st.what, st.cached
+        ))
+    }
+
+    /// The calibration fit's key: its kind and the rows it is fitted on (`None` until
+    /// every row's key is known).
+    pub fn calibration_key(&self, cell: &super::Cell) -> Option<crate::key::Digest> {
+        use crate::key::{CacheKey, CalibrationPart};
+        let cal = &self.calibrations[cell.calibration?];
+        let support = &self.support[cal.support];
+        let rows: Option<Vec<_>> = support
+            .rows
+            .iter()
+            .zip(&self.sets[support.set].rows)
+            .map(|(c, r)| c.map(|c| (c.row_key(), (!cal.content_free).then_some(r.label))))
+            .collect();
+        let kind = if cal.content_free {
+            "content_free"
+        } else {
+            "fit"
+        };
+        Some(CalibrationPart { kind, rows: &rows? }.digest())
+    }
+
+    /// Whether a cell's source is a model (not a vote).
+    pub fn is_llm(&self, cell: usize) -> bool {
+        matches!(self.cells[cell].source, Source::Llm { .. })
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Explanation {
+    pub cell: String,
+    pub rows: usize,
+    pub cached: usize,
+    /// Missing rows whose dataset row was never computed in any cell.
+    pub never_computed: usize,
+    /// Missing rows whose key is not known yet: the model file is not here (and the spec
+    /// gives no sha256), or the row's retrieved examples need embeddings not computed yet.
+    pub unknown: usize,
+    /// For missing rows with a cached neighbour: the differing components and how many rows.
+    pub differs: Vec<(String, usize)>,
+    /// Rows whose last attempt failed, by error kind (they run again).
+    pub failed: Vec<(String, usize)>,
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "cell {}: {} rows, {} cached",
+            self.cell, self.rows, self.cached
+        )?;
+        for (what, n) in &self.differs {
+            writeln!(
+                f,
+                "  {n} rows to run: {what} differs from the nearest cached row"
+            )?;
+        }
+        for (kind, n) in &self.failed {
+            writeln!(
+                f,
+                "  {n} rows to run: their last attempt failed ({kind}); the report lists the errors"
+            )?;
+        }
+        if self.never_computed > 0 {
+            writeln!(
+                f,
+                "  {} rows to run: never computed (no cached row for these dataset rows)",
+                self.never_computed
+            )?;
+        }
+        if self.unknown > 0 {
+            writeln!(
+                f,
+                "  {} rows to run: their key is not known yet (a model file not here without a sha256 in the spec, or retrieved examples whose embeddings are not computed yet)",
+                self.unknown
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,871 @@
+//! The plan: the spec as a DAG of content-hashed stages, embed → neighbours → render
+//! prompts → infer → calibrate → metrics → report. Inference is expanded into cells
+//! (model × prompt × method × grid point), each with one key per row; `knn_vote` methods are
+//! cells without a model; calibrated `loglik` cells reuse their raw cell's inference and
+//! add the rows their calibration is fitted on (support cells over other row sets).
+
+mod explain;
+mod retrieval;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use explain::{Explanation, StageKind, StageStatus};
+pub use retrieval::{EmbedRequest, Pool, Retrieval, embedding_key, vector, vector_artifact};
+
+use crate::cache::Cache;
+use crate::dataset::{self, Dataset, Row};
+use crate::diag::Diagnostic;
+use crate::key::{
+    CacheKey, Components, Digest, EnginePart, MethodPart, ModelPart, PromptPart, SamplerPart,
+    SeedPart,
+};
+use crate::model::KnownModel;
+use crate::neighbours::{Neighbours, Search};
+use crate::prompt::{Example, Messages, Prompts, Shots};
+use crate::spec::{Calibration, Located, MethodKind, SamplerPoint, ShotOrder, Spec};
+use crate::store::{Artifact, Store};
+
+/// What a cell is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A model answering a prompt.
+    Llm { model: usize, prompt: usize },
+    /// The label vote of a retrieval's neighbours (`knn_vote`).
+    Vote { retrieval: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub id: String,
+    pub source: Source,
+    pub method: usize,
+    /// Grid point (generation only).
+    pub point: Option<SamplerPoint>,
+    /// The row set (0: the evaluation rows).
+    pub set: usize,
+    /// Inference key of each row; `None` when an input is not known yet (a model not
+    /// downloaded without a sha256, examples whose embeddings do not exist yet). Empty
+    /// for vote cells.
+    pub rows: Vec<Option<Components>>,
+    /// Index into [`Plan::calibrations`] for calibrated cells.
+    pub calibration: Option<usize>,
+}
+
+impl Cell {
+    pub fn model(&self) -> Option<usize> {
+        match self.source {
+            Source::Llm { model, .. } => Some(model),
+            Source::Vote { .. } => None,
+        }
+    }
+
+    pub fn prompt(&self) -> Option<usize> {
+        match self.source {
+            Source::Llm { prompt, .. } => Some(prompt),
+            Source::Vote { .. } => None,
+        }
+    }
+}
+
+/// Rows that prompts are rendered for: the evaluation rows (set 0) or rows used only to
+/// calibrate (labelled rows of another file; content-free inputs).
+#[derive(Debug, Clone)]
+pub struct RowSet {
+    pub name: String,
+    pub rows: Vec<Row>,
+    /// `[prompt][row]`; `None` until the row's retrieved examples are known.
+    pub messages: Vec<Vec<Option<Messages>>>,
+    /// `[prompt][row]`: the retrieved examples shown (pool rows and similarities).
+    pub shots: Vec<Vec<Option<Shown>>>,
+}
+
+/// The examples a row was shown: the pool rows' ids and their similarity to the row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    pub ids: Vec<String>,
+    pub similarity: Vec<f32>,
+    pub examples: Vec<Example>,
+}
+
+/// A calibrated cell's calibration: what it is fitted on.
+#[derive(Debug, Clone)]
+pub struct CalibrationPlan {
+    pub content_free: bool,
+    /// The support cell whose rows it is fitted on.
+    pub support: usize,
+}
+
+/// Texts a content-free calibration scores (Zhao et al. 2021).
+pub const CONTENT_FREE: [&str; 3] = ["N/A", "", "[MASK]"];
+
+pub struct Plan {
+    pub spec: Spec,
+    /// The evaluation rows (the same as `sets[0].rows`).
+    pub dataset: Dataset,
+    pub prompts: Arc<Prompts>,
+    pub models: Vec<KnownModel>,
+    pub embedders: Vec<KnownModel>,
+    pub engine_version: String,
+    pub sets: Vec<RowSet>,
+    /// Reported cells (evaluation rows).
+    pub cells: Vec<Cell>,
+    /// Cells computed only to calibrate others.
+    pub support: Vec<Cell>,
+    pub calibrations: Vec<CalibrationPlan>,
+    pub pools: Vec<Pool>,
+    pub retrievals: Vec<Retrieval>,
+    /// Texts to embed, one request per distinct key.
+    pub embed_requests: Vec<EmbedRequest>,
+    /// Neighbour lists computed while planning, for `run` to store.
+    pub new_artifacts: Vec<Artifact>,
+}
+
+/// How to build a plan.
+pub struct PlanOptions {
+    pub engine_version: String,
+    /// Keep only the first N sampled rows.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CellStatus {
+    pub rows: usize,
+    pub cached: usize,
+    /// Rows whose last attempt failed (they run again).
+    pub failed: usize,
+}
+
+impl CellStatus {
+    pub fn to_run(&self) -> usize {
+        self.rows - self.cached
+    }
+}
+
+/// Where a pool comes from; equal sources share one pool.
+#[derive(Debug, Clone, PartialEq)]
+struct PoolSource {
+    embedder: usize,
+    from: std::path::PathBuf,
+    sample: Option<crate::spec::SampleSpec>,
+    max_chars: Option<usize>,
+}
+
+/// Expand a spec into its stages and cells. `models` and `embedders` are the spec's
+/// models as this machine knows them (see [`crate::model::Resolver::known_models`]);
+/// `store` holds the stages' cached outputs. Nothing is downloaded, loaded or written.
+pub fn build(
+    spec: Spec,
+    models: Vec<KnownModel>,
+    embedders: Vec<KnownModel>,
+    store: &Store,
+    opts: &PlanOptions,
+) -> Result<Plan, Diagnostic> {
+    let engine = opts.engine_version.as_str();
+    let mut dataset = dataset::load(&spec.dataset)?;
+    if let Some(n) = opts.limit {
+        dataset.rows.truncate(n);
+    }
+    let labels = spec.dataset.labels.len();
+
+    // Pools: one per distinct source, shared by the prompts and methods that name it.
+    let mut sources: Vec<PoolSource> = Vec::new();
+    let mut pools: Vec<Pool> = Vec::new();
+    let mut pool_of = |src: PoolSource, at: &Located<()>, k: usize, per_label: bool| {
+        let i = match sources.iter().position(|s| *s == src) {
+            Some(i) => i,
+            None => {
+                let from = Located {
+                    value: src.from.clone(),
+                    loc: at.loc.clone(),
+                    field: at.field.clone(),
+                };
+                let rows =
+                    dataset::load_pool(&from, src.sample.as_ref(), src.max_chars, &spec.dataset)?;
+                pools.push(retrieval::pool(
+                    &spec,
+                    &embedders,
+                    src.embedder,
+                    rows,
+                    engine,
+                ));
+                sources.push(src);
+                sources.len() - 1
+            }
+        };
+        check_pool_size(&pools[i].rows, k, per_label.then_some(labels), at)?;
+        Ok::<usize, Diagnostic>(i)
+    };
+    let mut prompt_shots = Vec::new();
+    let mut retrieval_specs: Vec<(String, usize, Search, bool)> = Vec::new();
+    for p in &spec.prompts {
+        prompt_shots.push(match &p.shots {
+            None => Shots::None,
+            Some(s) => match &s.knn {
+                None => Shots::Fixed(dataset::load_shots(
+                    s,
+                    &spec.dataset,
+                    &format!("shots/{}", p.id),
+                )?),
+                Some(knn) => {
+                    let src = PoolSource {
+                        embedder: knn.embedder,
+                        from: s.from.value.clone(),
+                        sample: knn.pool.clone(),
+                        max_chars: s.max_chars,
+                    };
+                    let at = Located {
+                        value: (),
+                        loc: s.k_at.loc.clone(),
+                        field: s.k_at.field.clone(),
+                    };
+                    if knn.per_label && s.k % labels != 0 {
+                        return Err(s.k_at.error(format!(
+                            "with `per_label: true`, k must be a multiple of the {labels} labels"
+                        )));
+                    }
+                    let pool = pool_of(src, &at, s.k, knn.per_label)?;
+                    let search = Search {
+                        k: s.k,
+                        per_label: knn.per_label.then_some(labels),
+                        nearest_last: knn.order == ShotOrder::NearestLast,
+                    };
+                    retrieval_specs.push((format!("prompt:{}", p.id), pool, search, true));
+                    Shots::PerRow { k: s.k }
+                }
+            },
+        });
+    }
+    for m in &spec.methods {
+        if let Some(v) = &m.vote {
+            let src = PoolSource {
+                embedder: v.embedder,
+                from: v.from.value.clone(),
+                sample: v.pool.clone(),
+                max_chars: None,
+            };
+            let at = Located {
+                value: (),
+                loc: v.k.loc.clone(),
+                field: v.k.field.clone(),
+            };
+            let pool = pool_of(src, &at, v.k.value, false)?;
+            let search = Search {
+                k: v.k.value,
+                per_label: None,
+                nearest_last: false,
+            };
+            retrieval_specs.push((format!("method:{}", m.id), pool, search, false));
+        }
+    }
+    let prompts = Prompts::compile(&spec.prompts, &spec.dataset.labels, prompt_shots)?;
+
+    // Row sets: the evaluation rows, then the rows calibrations need.
+    let mut sets = vec![RowSet::new("eval", dataset.rows.clone())];
+    let mut fit_sets: Vec<(std::path::PathBuf, crate::spec::SampleSpec, usize)> = Vec::new();
+    let mut method_sets: Vec<Option<(usize, bool)>> = Vec::new();
+    for m in &spec.methods {
+        method_sets.push(match &m.calibrate {
+            None => None,
+            Some(Calibration::ContentFree) => {
+                let i = match sets.iter().position(|s| s.name == "content-free") {
+                    Some(i) => i,
+                    None => {
+                        let rows = CONTENT_FREE
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| Row {
+                                index: i,
+                                id: format!("content-free-{i}"),
+                                text: t.to_string(),
+                                label: 0,
+                            })
+                            .collect();
+                        sets.push(RowSet::new("content-free", rows));
+                        sets.len() - 1
+                    }
+                };
+                Some((i, true))
+            }
+            Some(Calibration::Fit { from, sample }) => {
+                let found = fit_sets
+                    .iter()
+                    .find(|(f, s, _)| *f == from.value && s == sample)
+                    .map(|x| x.2);
+                let i = match found {
+                    Some(i) => i,
+                    None => {
+                        // The evaluation rows never take part in a fit.
+                        let eval_ids: HashSet<&str> =
+                            dataset.rows.iter().map(|r| r.id.as_str()).collect();
+                        let eval_texts: HashSet<&str> =
+                            dataset.rows.iter().map(|r| r.text.as_str()).collect();
+                        let all = dataset::load_pool(from, None, None, &spec.dataset)?;
+                        let clean: Vec<Row> = all
+                            .into_iter()
+                            .filter(|r| {
+                                !eval_ids.contains(r.id.as_str())
+                                    && !eval_texts.contains(r.text.as_str())
+                            })
+                            .collect();
+                        let rows = dataset::sample(clean, sample, labels);
+                        let file = from.value.file_name().unwrap_or_default().to_string_lossy();
+                        sets.push(RowSet::new(
+                            &format!("fit:{file}:n={}:seed={}", sample.n, sample.seed),
+                            rows,
+                        ));
+                        fit_sets.push((from.value.clone(), sample.clone(), sets.len() - 1));
+                        sets.len() - 1
+                    }
+                };
+                Some((i, false))
+            }
+        });
+    }
+
+    // Embeddings, neighbours and the examples each row is shown.
+    let mut requests: Vec<EmbedRequest> = Vec::new();
+    let mut seen: HashSet<Digest> = HashSet::new();
+    let mut request = |embedder: usize, text: &str, key: Option<Digest>| {
+        if let Some(k) = key
+            && seen.insert(k)
+        {
+            requests.push(EmbedRequest {
+                embedder,
+                text: text.to_string(),
+                key: k,
+            });
+        }
+    };
+    for pool in &pools {
+        for (r, k) in pool.rows.iter().zip(&pool.keys) {
+            request(pool.embedder, &r.text, *k);
+        }
+    }
+    let mut retrievals = Vec::new();
+    let mut new_artifacts = Vec::new();
+    for (id, pool, search, for_prompt) in retrieval_specs {
+        let embedder = pools[pool].embedder;
+        // A prompt's retrieval serves every row set; a vote, the evaluation rows.
+        let queries: Vec<Option<Vec<retrieval::Query>>> = sets
+            .iter()
+            .enumerate()
+            .map(|(s, set)| {
+                (for_prompt || s == 0).then(|| {
+                    set.rows
+                        .iter()
+                        .map(|r| {
+                            (
+                                r,
+                                embedding_key(&spec, &embedders, embedder, &r.text, engine),
+                            )
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        for (r, k) in queries.iter().flatten().flatten() {
+            request(embedder, &r.text, *k);
+        }
+        let (keys, results, new) = retrieval::resolve(&pools[pool], search, &queries, store);
+        new_artifacts.extend(new);
+        retrievals.push(Retrieval {
+            id,
+            pool,
+            search,
+            keys,
+            results,
+        });
+    }
+
+    // Render every prompt for every row set.
+    for (s, set) in sets.iter_mut().enumerate() {
+        for p in 0..prompts.len() {
+            let retrieval = retrievals
+                .iter()
+                .find(|r| r.id == format!("prompt:{}", prompts.id(p)));
+            let mut messages = Vec::with_capacity(set.rows.len());
+            let mut shown = Vec::with_capacity(set.rows.len());
+            for (i, row) in set.rows.iter().enumerate() {
+                match retrieval {
+                    None => {
+                        messages.push(Some(prompts.render(p, &row.text)?));
+                        shown.push(None);
+                    }
+                    Some(r) => {
+                        let found = r.results[s][i]
+                            .as_ref()
+                            .map(|n| shown_examples(&pools[r.pool], n, prompts.labels()));
+                        messages.push(match &found {
+                            Some(f) => {
+                                Some(prompts.render_with(p, &row.text, Some(&f.examples))?)
+                            }
+                            None => None,
+                        });
+                        shown.push(found);
+                    }
+                }
+            }
+            set.messages.push(messages);
+            set.shots.push(shown);
+        }
+    }
+
+    let (cells, support, calibrations) = expand_cells(
+        &spec,
+        &models,
+        &prompts,
+        &sets,
+        &method_sets,
+        &retrievals,
+        engine,
+        &embedders,
+    );
+    check_compare_ids(&spec, &cells)?;
+    Ok(Plan {
+        spec,
+        dataset,
+        prompts: Arc::new(prompts),
+        models,
+        embedders,
+        engine_version: opts.engine_version.clone(),
+        sets,
+        cells,
+        support,
+        calibrations,
+        pools,
+        retrievals,
+        embed_requests: requests,
+        new_artifacts,
+    })
+}
+
+impl RowSet {
+    fn new(name: &str, rows: Vec<Row>) -> Self {
+        Self {
+            name: name.to_string(),
+            rows,
+            messages: Vec::new(),
+            shots: Vec::new(),
+        }
+    }
+}
+
+/// `k` examples (of each label, with `per_label`) must exist in the pool.
+fn check_pool_size(
+    rows: &[Row],
+    k: usize,
+    per_label: Option<usize>,
+    at: &Located<()>,
+) -> Result<(), Diagnostic> {
+    match per_label {
+        None if rows.len() < k => Err(at.error(format!(
+            "k is {k} but the pool has only {} rows",
+            rows.len()
+        ))),
+        Some(labels) => {
+            let each = k / labels.max(1);
+            for l in 0..labels {
+                let n = rows.iter().filter(|r| r.label == l).count();
+                if n < each {
+                    return Err(at.error(format!(
+                        "k is {k} ({each} per label) but the pool has only {n} rows of label {l}"
+                    )));
+                }
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+fn shown_examples(pool: &Pool, n: &Neighbours, labels: &[String]) -> Shown {
+    let rows: Vec<&Row> = n.pool.iter().map(|&i| &pool.rows[i]).collect();
+    Shown {
+        ids: rows.iter().map(|r| r.id.clone()).collect(),
+        similarity: n.similarity.clone(),
+        examples: rows
+            .iter()
+            .map(|r| Example {
+                text: r.text.clone(),
+                label: labels[r.label].clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Reported cells, support cells and calibrations.
+#[allow(clippy::too_many_arguments)]
+fn expand_cells(
+    spec: &Spec,
+    models: &[KnownModel],
+    prompts: &Prompts,
+    sets: &[RowSet],
+    method_sets: &[Option<(usize, bool)>],
+    retrievals: &[Retrieval],
+    engine_version: &str,
+    embedders: &[KnownModel],
+) -> (Vec<Cell>, Vec<Cell>, Vec<CalibrationPlan>) {
+    let label_names: Vec<String> = spec.dataset.labels.iter().map(|l| l.name.clone()).collect();
+    let engine = EnginePart {
+        version: engine_version,
+    }
+    .digest();
+    // `[set][prompt][row]`
+    let prompt_digests: Vec<Vec<Vec<Option<Digest>>>> = sets
+        .iter()
+        .map(|set| {
+            set.messages
+                .iter()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|m| {
+                            m.as_ref().map(|m| {
+                                PromptPart {
+                                    messages: m,
+                                    max_text_tokens: spec.dataset.max_text_tokens,
+                                }
+                                .digest()
+                            })
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let points = spec.sampling.points();
+    let mut cells = Vec::new();
+    let mut support = Vec::new();
+    let mut calibrations = Vec::new();
+    let rows_for = |set: usize, pi: usize, model: Option<Digest>, m: Digest, sampler, seed| {
+        prompt_digests[set][pi]
+            .iter()
+            .map(|prompt| {
+                Some(Components {
+                    model: model?,
+                    prompt: (*prompt)?,
+                    method: m,
+                    sampler,
+                    seed,
+                    engine,
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    for (mi, model) in models.iter().enumerate() {
+        let model_digest = model
+            .sha256
+            .as_deref()
+            .map(|s| ModelPart { sha256: s }.digest());
+        for pi in 0..prompts.len() {
+            for (ki, method) in spec.methods.iter().enumerate() {
+                if method.kind == MethodKind::KnnVote {
+                    continue;
+                }
+                let method_digest = MethodPart {
+                    method,
+                    labels: &label_names,
+                }
+                .digest();
+                let cell_points: Vec<Option<SamplerPoint>> = match method.kind {
+                    MethodKind::Generate => points.iter().copied().map(Some).collect(),
+                    _ => vec![None],
+                };
+                for point in cell_points {
+                    let sampler = SamplerPart {
+                        point: point.as_ref(),
+                    }
+                    .digest();
+                    let seed = SeedPart {
+                        point: point.as_ref(),
+                    }
+                    .digest();
+                    let mut id = format!("{}/{}/{}", model.id, prompts.id(pi), method.id);
+                    if let Some(p) = &point {
+                        id.push('@');
+                        id.push_str(&spec.sampling.label(p));
+                    }
+                    let source = Source::Llm {
+                        model: mi,
+                        prompt: pi,
+                    };
+                    let calibration = method_sets[ki].map(|(set, content_free)| {
+                        support.push(Cell {
+                            id: format!("{id}#{}", sets[set].name),
+                            source,
+                            method: ki,
+                            point,
+                            set,
+                            rows: rows_for(set, pi, model_digest, method_digest, sampler, seed),
+                            calibration: None,
+                        });
+                        calibrations.push(CalibrationPlan {
+                            content_free,
+                            support: support.len() - 1,
+                        });
+                        calibrations.len() - 1
+                    });
+                    cells.push(Cell {
+                        id,
+                        source,
+                        method: ki,
+                        point,
+                        set: 0,
+                        rows: rows_for(0, pi, model_digest, method_digest, sampler, seed),
+                        calibration,
+                    });
+                }
+            }
+        }
+    }
+    for (ki, method) in spec.methods.iter().enumerate() {
+        if method.kind != MethodKind::KnnVote {
+            continue;
+        }
+        let retrieval = retrievals
+            .iter()
+            .position(|r| r.id == format!("method:{}", method.id))
+            .expect("every knn_vote method has its retrieval");
+        let embedder = &embedders[method.vote.as_ref().map_or(0, |v| v.embedder)].id;
+        cells.push(Cell {
+            id: format!("{embedder}/{}", method.id),
+            source: Source::Vote { retrieval },
+            method: ki,
+            point: None,
+            set: 0,
+            rows: Vec::new(),
+            calibration: None,
+        });
+    }
+    (cells, support, calibrations)
+}
+
+/// Every cell named in `compare:` exists.
+fn check_compare_ids(spec: &Spec, cells: &[Cell]) -> Result<(), Diagnostic> {
+    let known = |id: &Located<String>| -> Result<(), Diagnostic> {
+        if cells.iter().any(|c| c.id == id.value) {
+            return Ok(());
+        }
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        Err(id.error(format!("no cell `{}`; cells: {}", id.value, ids.join(", "))))
+    };
+    if let Some(b) = &spec.compare.baseline {
+        known(b)?;
+    }
+    for (a, b) in &spec.compare.pairs {
+        known(a)?;
+        known(b)?;
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// Reported cells and support cells: everything inference computes.
+    pub fn inference_cells(&self) -> impl Iterator<Item = &Cell> {
+        self.cells
+            .iter()
+            .chain(&self.support)
+            .filter(|c| matches!(c.source, Source::Llm { .. }))
+    }
+
+    pub fn status(&self, cache: &Cache) -> Vec<CellStatus> {
+        self.cells
+            .iter()
+            .map(|c| {
+                if let Source::Vote { retrieval } = c.source {
+                    let found = self.retrievals[retrieval].results[0]
+                        .iter()
+                        .filter(|n| n.is_some())
+                        .count();
+                    return CellStatus {
+                        rows: self.dataset.rows.len(),
+                        cached: found,
+                        failed: 0,
+                    };
+                }
+                let keys = c.rows.iter().flatten().map(Components::row_key);
+                let (mut cached, mut failed) = (0, 0);
+                for k in keys {
+                    if cache.get(&k).is_some() {
+                        cached += 1;
+                    } else if cache.failure(&k).is_some() {
+                        failed += 1;
+                    }
+                }
+                CellStatus {
+                    rows: c.rows.len(),
+                    cached,
+                    failed,
+                }
+            })
+            .collect()
+    }
+
+    /// Every inference row key of the plan (rows whose inputs are unknown have none).
+    pub fn keys(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.inference_cells()
+            .flat_map(|c| c.rows.iter().flatten().map(Components::row_key))
+    }
+
+    /// Every artifact key the plan's stages read (embeddings and neighbour lists).
+    pub fn artifact_keys(&self) -> HashSet<Digest> {
+        let mut out: HashSet<Digest> = self.embed_requests.iter().map(|r| r.key).collect();
+        for r in &self.retrievals {
+            out.extend(r.keys.iter().flatten().flatten());
+        }
+        out
+    }
+
+    pub fn cell_by_id(&self, id: &str) -> Option<usize> {
+        self.cells.iter().position(|c| c.id == id)
+    }
+
+    /// The cell's model, prompt and method names (`-` where it has none).
+    pub fn cell_names(&self, cell: &Cell) -> (String, String, String) {
+        let method = self.spec.methods[cell.method].id.clone();
+        match cell.source {
+            Source::Llm { model, prompt } => (
+                self.models[model].id.clone(),
+                self.prompts.id(prompt).to_string(),
+                method,
+            ),
+            Source::Vote { retrieval } => (
+                self.embedders[self.pools[self.retrievals[retrieval].pool].embedder]
+                    .id
+                    .clone(),
+                "-".into(),
+                method,
+            ),
+        }
+    }
+
+    /// Cell parameters as JSON (sampler settings for generation).
+    pub fn params(&self, cell: &Cell) -> serde_json::Value {
+        let m = &self.spec.methods[cell.method];
+        match (&cell.point, m.kind) {
+            (Some(p), MethodKind::Generate) => serde_json::json!({
+                "kind": "generate",
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "top_k": p.top_k,
+                "min_p": p.min_p,
+                "seed": p.seed,
+                "repeat": p.repeat,
+                "max_tokens": m.max_tokens,
+                "stop": m.stop,
+            }),
+            (_, MethodKind::KnnVote) => serde_json::json!({
+                "kind": "knn_vote",
+                "k": m.vote.as_ref().map(|v| v.k.value),
+            }),
+            _ => serde_json::json!({
+                "kind": "loglik",
+                "labels": self.dataset.label_names(),
+                "calibrate": match &m.calibrate {
+                    None => serde_json::Value::Null,
+                    Some(Calibration::ContentFree) => "content_free".into(),
+                    Some(Calibration::Fit { sample, .. }) => serde_json::json!({"fit": {"n": sample.n, "seed": sample.seed}}),
+                },
+            }),
+        }
+    }
+
+    /// The plan as `plan --json` prints it.
+    pub fn to_json(&self, cache: &Cache, store: &Store) -> serde_json::Value {
+        let cells: Vec<serde_json::Value> = self
+            .cells
+            .iter()
+            .zip(self.status(cache))
+            .map(|(c, st)| {
+                let (model, prompt, method) = self.cell_names(c);
+                serde_json::json!({
+                    "id": c.id,
+                    "model": model,
+                    "prompt": prompt,
+                    "method": method,
+                    "params": self.params(c),
+                    "rows": st.rows,
+                    "cached": st.cached,
+                    "failed": st.failed,
+                    "to_run": st.to_run(),
+                })
+            })
+            .collect();
+        let stages: Vec<serde_json::Value> = self
+            .stages(cache, store)
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id, "kind": s.kind, "items": s.items, "cached": s.cached,
+                    "to_run": s.items - s.cached,
+                })
+            })
+            .collect();
+        let leaks: Vec<serde_json::Value> = self
+            .retrievals
+            .iter()
+            .map(|r| {
+                let (queries, with, excluded) = r.leaks();
+                serde_json::json!({"retrieval": r.id, "queries": queries,
+                    "queries_with_self_excluded": with, "pool_rows_excluded": excluded})
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.spec.name,
+            "engine": self.engine_version,
+            "dataset_rows": self.dataset.rows.len(),
+            "stages": stages,
+            "cells": cells,
+            "leak_guard": leaks,
+        })
+    }
+
+    /// Why a cell's rows miss the cache: for each missing row, the cached row of the same
+    /// dataset row that is nearest (fewest differing key components), and what differs.
+    pub fn explain(&self, cell: usize, cache: &Cache) -> Explanation {
+        let c = &self.cells[cell];
+        let mut by_row: HashMap<&str, Vec<Components>> = HashMap::new();
+        for r in cache.rows() {
+            by_row
+                .entry(r.row_id.as_str())
+                .or_default()
+                .push(r.components);
+        }
+        let mut ex = Explanation {
+            cell: c.id.clone(),
+            rows: c.rows.len(),
+            ..Default::default()
+        };
+        for (i, comps) in c.rows.iter().enumerate() {
+            let Some(comps) = comps else {
+                ex.unknown += 1;
+                continue;
+            };
+            if cache.get(&comps.row_key()).is_some() {
+                ex.cached += 1;
+                continue;
+            }
+            if let Some(e) = cache
+                .failure(&comps.row_key())
+                .and_then(|r| r.error.as_ref())
+            {
+                explain::count(&mut ex.failed, &e.kind);
+                continue;
+            }
+            let row_id = self.dataset.rows[i].id.as_str();
+            let nearest = by_row.get(row_id).and_then(|cands| {
+                cands
+                    .iter()
+                    .map(|k| comps.differing(k))
+                    .min_by_key(Vec::len)
+            });
+            match nearest {
+                Some(diff) => explain::count(&mut ex.differs, &diff.join("+")),
+                None => ex.never_computed += 1,
+            }
+        }
+        ex
+    }
+}

@@ -1,0 +1,304 @@
+//! The storage both caches share: a folder of immutable Parquet segment files, each
+//! written to a hidden temporary file, synced, then renamed, so a reader sees a whole
+//! segment or none; a quarantine for segments that fail to read or verify; a lock that
+//! keeps two compactions apart; and read-only access that never writes anything.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::fs::write_atomic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cache segment {path}: {message}")]
+    Segment { path: PathBuf, message: String },
+    #[error("cache {path} was opened read-only")]
+    ReadOnly { path: PathBuf },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What opening a store found, including anything it refused to trust.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub segments: usize,
+    /// Distinct successful rows (or artifacts), and rows recorded as failed with no
+    /// success since.
+    pub rows: usize,
+    pub failures: usize,
+    /// Segments moved to quarantine (read-write open), with the reason.
+    pub quarantined: Vec<(PathBuf, String)>,
+    /// Damaged segments left where they are (read-only open), with the reason.
+    pub untrusted: Vec<(PathBuf, String)>,
+    /// Rows dropped because their checksum failed.
+    pub corrupt_rows: usize,
+}
+
+impl LoadReport {
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .quarantined
+            .iter()
+            .map(|(p, why)| {
+                format!(
+                    "corrupt cache segment {} moved to quarantine: {why}",
+                    p.display()
+                )
+            })
+            .collect();
+        out.extend(self.untrusted.iter().map(|(p, why)| {
+            format!(
+                "corrupt cache segment {} is not trusted: {why} (`pipeline cache verify` quarantines it)",
+                p.display()
+            )
+        }));
+        if self.corrupt_rows > 0 {
+            out.push(format!(
+                "{} cached rows failed their checksum and will be recomputed",
+                self.corrupt_rows
+            ));
+        }
+        out
+    }
+
+    /// Add another store's findings.
+    pub fn merge(&mut self, other: &LoadReport) {
+        self.segments += other.segments;
+        self.quarantined.extend(other.quarantined.iter().cloned());
+        self.untrusted.extend(other.untrusted.iter().cloned());
+        self.corrupt_rows += other.corrupt_rows;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// One folder of segments (`dir`) with its quarantine and compaction lock.
+pub(crate) struct SegmentDir {
+    pub dir: PathBuf,
+    pub quarantine: PathBuf,
+    pub lock_path: PathBuf,
+    pub access: Access,
+}
+
+impl SegmentDir {
+    /// `root/name` with `root/quarantine` and `root/name.lock`; created when writable.
+    pub fn new(root: &Path, name: &str, access: Access) -> Result<Self, CacheError> {
+        let d = Self {
+            dir: root.join(name),
+            quarantine: root.join("quarantine"),
+            lock_path: root.join(format!("{name}.lock")),
+            access,
+        };
+        if access == Access::ReadWrite {
+            for p in [&d.dir, &d.quarantine] {
+                fs::create_dir_all(p).map_err(io_err(p))?;
+            }
+        }
+        Ok(d)
+    }
+
+    pub fn writable(&self) -> Result<(), CacheError> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(CacheError::ReadOnly {
+                path: self.dir.clone(),
+            }),
+        }
+    }
+
+    /// Committed segments, oldest first. A temporary file left by a killed writer is never
+    /// read, and removed once stale (when writable).
+    pub fn list(&self) -> Result<Vec<PathBuf>, CacheError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && self.access == Access::ReadOnly =>
+            {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(io_err(&self.dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with('.') {
+                if self.access == Access::ReadWrite && is_stale(&path) {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
+            if name.ends_with(".parquet") {
+                out.push(path);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Temporary files of unfinished writes.
+    pub fn temp_files(&self) -> usize {
+        fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// A segment that cannot be trusted: quarantined when writing is allowed, else only
+    /// reported.
+    pub fn distrust(
+        &self,
+        path: &Path,
+        why: &str,
+        report: &mut LoadReport,
+    ) -> Result<(), CacheError> {
+        if self.access == Access::ReadOnly {
+            report.untrusted.push((path.to_path_buf(), why.to_string()));
+            return Ok(());
+        }
+        let dest = self.quarantine.join(path.file_name().unwrap_or_default());
+        match fs::rename(path, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(path)(e)),
+        }
+        report.quarantined.push((dest, why.to_string()));
+        Ok(())
+    }
+
+    /// Write a new segment from an encoded batch.
+    pub fn write(&self, batch: &RecordBatch) -> Result<PathBuf, CacheError> {
+        self.writable()?;
+        let path = self.dir.join(new_segment_name());
+        let bytes = encode(batch).map_err(|message| CacheError::Segment {
+            path: path.clone(),
+            message,
+        })?;
+        write_atomic(&path, &bytes).map_err(io_err(&path))?;
+        Ok(path)
+    }
+
+    /// The compaction lock; `None` when another process holds it and `wait` is false.
+    pub fn lock(&self, wait: bool) -> Result<Option<File>, CacheError> {
+        let lock = File::create(&self.lock_path).map_err(io_err(&self.lock_path))?;
+        if wait {
+            lock.lock().map_err(io_err(&self.lock_path))?;
+        } else if lock.try_lock().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(lock))
+    }
+}
+
+fn is_stale(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(3600))
+}
+
+fn new_segment_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("seg-{now:017}-{}-{n:05}.parquet", std::process::id())
+}
+
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| e.to_string())?;
+    w.write(batch).map_err(|e| e.to_string())?;
+    w.close().map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// A segment file's record batches, each checked against `schema` before any value is
+/// read. `Err` when the file as a whole cannot be trusted; never panics (a Parquet decoder
+/// panic on a damaged file is an unreadable file).
+pub(crate) fn read_batches(
+    bytes: bytes::Bytes,
+    schema: &Schema,
+) -> Result<Vec<RecordBatch>, String> {
+    crate::guard::catch(move || {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| e.to_string())?;
+            check_schema(&batch, schema)?;
+            out.push(batch);
+        }
+        Ok(out)
+    })
+    .unwrap_or_else(|| Err("the Parquet reader failed on this file".into()))
+}
+
+/// The whole file, for [`read_batches`].
+pub(crate) fn read_file(path: &Path) -> std::io::Result<bytes::Bytes> {
+    fs::read(path).map(bytes::Bytes::from)
+}
+
+/// Every expected column, with exactly the expected type (list columns by their element
+/// type), and no missing values where none are allowed.
+fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), String> {
+    if b.schema().fields().len() != want.fields().len() {
+        return Err(format!(
+            "{} columns, expected {}",
+            b.schema().fields().len(),
+            want.fields().len()
+        ));
+    }
+    for f in want.fields() {
+        let Some(col) = b.column_by_name(f.name()) else {
+            return Err(format!("missing column {}", f.name()));
+        };
+        let ok = match (f.data_type(), col.data_type()) {
+            (DataType::List(want), DataType::List(got)) => got.data_type() == want.data_type(),
+            (a, b) => a == b,
+        };
+        if !ok {
+            return Err(format!(
+                "column {} is {}, expected {}",
+                f.name(),
+                col.data_type(),
+                f.data_type()
+            ));
+        }
+        if !f.is_nullable() && col.null_count() > 0 {
+            return Err(format!("column {} has missing values", f.name()));
+        }
+    }
+    Ok(())
+}
