@@ -32,6 +32,10 @@ pub enum AppError {
     Run(#[from] ExecError),
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    #[error("cell `{cell}` cannot be calibrated: {why}")]
+    Calibration { cell: String, why: String },
+    #[error("serve: {0}")]
+    Serve(String),
     #[error("no cell `{cell}` in this plan; cells: {known}")]
     UnknownCell { cell: String, known: String },
     #[error(
@@ -287,6 +291,93 @@ pub fn run_with_backend(
         warnings,
         error,
     })
+}
+
+/// `pipeline serve`: prepare the cell (embeddings, the rows its calibration is fitted on,
+/// computed when the cache lacks them), then serve it until SIGTERM. `on_listen` is told the
+/// bound address.
+pub fn serve(
+    cfg: &Config,
+    spec_path: &Path,
+    cell: &str,
+    opts: &crate::serve::ServeOptions,
+    make_backend: MakeBackend,
+    on_listen: Box<dyn FnOnce(std::net::SocketAddr) + Send>,
+) -> Result<(), AppError> {
+    let mut cache = Cache::open(&cfg.cache_dir)?;
+    let mut store = Store::open(&cfg.cache_dir)?;
+    let mut plan = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
+    let unknown = |plan: &Plan| AppError::UnknownCell {
+        cell: cell.to_string(),
+        known: plan
+            .cells
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let quiet = cfg.progress == crate::progress::ProgressMode::Off;
+    if plan.embed_requests.iter().any(|r| !store.contains(&r.key)) {
+        let make = make_backend.clone();
+        embed::run(
+            &plan,
+            &mut store,
+            Box::new(move || make()),
+            cfg.threads,
+            quiet,
+            cancel.clone(),
+        )
+        .map_err(|e| embed_error(&plan, e))?;
+        plan = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
+    }
+    store.commit(std::mem::take(&mut plan.new_artifacts))?;
+    let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
+    let calibration = match plan.cells[ci].calibration {
+        None => None,
+        Some(cal) => {
+            // The rows the calibration is fitted on, as `run` computes them.
+            let support = plan.support[plan.calibrations[cal].support].id.clone();
+            let make = make_backend.clone();
+            let outcome = exec::execute(
+                &plan,
+                &mut cache,
+                Box::new(move || make()),
+                &ExecOptions {
+                    threads: cfg.threads,
+                    progress: cfg.progress.clone(),
+                    only_cells: Some([support].into()),
+                    ..Default::default()
+                },
+                cancel,
+            );
+            if let Some(e) = outcome.error {
+                return Err(e.into());
+            }
+            Some(
+                crate::metrics::calibration(&plan, &cache, cal).map_err(|why| {
+                    AppError::Calibration {
+                        cell: cell.to_string(),
+                        why,
+                    }
+                })?,
+            )
+        }
+    };
+    crate::serve::serve(
+        crate::serve::Startup {
+            plan,
+            cell: ci,
+            cache,
+            store,
+            calibration,
+        },
+        opts,
+        make_backend,
+        on_listen,
+    )
+    .map_err(AppError::Serve)
 }
 
 /// An embedder that is not an embedding model is bad input, located at its `gguf:` line.

@@ -377,9 +377,8 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
 /// A seeded sample. Stratified: each label keeps its share (largest remainder); the
 /// order interleaves labels so that any prefix (`--limit`) stays balanced.
 pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
-    let mut rng = SplitMix64::for_stream(s.seed, "dataset.sample");
     if !s.stratify {
-        return rng.choose(&rows, s.n);
+        return SplitMix64::for_stream(s.seed, "dataset.sample").choose(&rows, s.n);
     }
     let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
     for r in rows {
@@ -411,10 +410,15 @@ pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
             missing -= 1;
         }
     }
+    // One random stream per label, so a larger `n` (same seed) keeps every row of a smaller
+    // one and reuses their cached results.
     let picked: Vec<Vec<Row>> = by_label
         .iter()
         .zip(&quota)
-        .map(|(rows, &q)| rng.choose(rows, q))
+        .enumerate()
+        .map(|(c, (rows, &q))| {
+            SplitMix64::for_stream(s.seed, &format!("dataset.sample.label{c}")).choose(rows, q)
+        })
         .collect();
     interleave(picked)
 }
@@ -489,6 +493,27 @@ mod tests {
             2,
         );
         assert_ne!(a, other, "another seed gives another sample");
+    }
+
+    #[test]
+    fn a_larger_sample_keeps_every_row_of_a_smaller_one() {
+        let labels: Vec<usize> = (0..300).map(|i| usize::from(i % 3 == 0)).collect();
+        for stratify in [true, false] {
+            let ids = |n| -> std::collections::HashSet<String> {
+                let spec = SampleSpec {
+                    n,
+                    stratify,
+                    seed: 7,
+                };
+                sample(rows(&labels), &spec, 2)
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect()
+            };
+            let (small, large) = (ids(40), ids(120));
+            assert_eq!((small.len(), large.len()), (40, 120));
+            assert!(small.is_subset(&large), "stratify: {stratify}");
+        }
     }
 
     #[test]

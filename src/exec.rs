@@ -33,6 +33,8 @@ pub struct ExecOptions {
     pub progress: ProgressMode,
     /// Stop at the first row that cannot be computed.
     pub fail_fast: bool,
+    /// Only these cells (by id), when set.
+    pub only_cells: Option<HashSet<String>>,
 }
 
 impl Default for ExecOptions {
@@ -43,6 +45,7 @@ impl Default for ExecOptions {
             commit_interval: Duration::from_secs(3),
             progress: ProgressMode::Off,
             fail_fast: false,
+            only_cells: None,
         }
     }
 }
@@ -157,7 +160,8 @@ struct Work {
     cached: usize,
 }
 
-fn task_for(plan: &Plan, cell: &Cell) -> Task {
+/// What a cell asks of each prompt.
+pub fn task_for(plan: &Plan, cell: &Cell) -> Task {
     let method = &plan.spec.methods[cell.method];
     match (method.kind, &cell.point) {
         (MethodKind::Generate, Some(p)) => Task::Generate {
@@ -182,7 +186,7 @@ fn cells(plan: &Plan) -> Vec<&Cell> {
     plan.inference_cells().collect()
 }
 
-fn collect_work(plan: &Plan, cache: &Cache) -> Work {
+fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> Work {
     let mut jobs: BTreeMap<(usize, usize, usize, usize), Job> = BTreeMap::new();
     let mut scheduled: HashSet<Digest> = HashSet::new();
     let mut followers = Vec::new();
@@ -191,6 +195,9 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
         let (Some(model), Some(prompt)) = (cell.model(), cell.prompt()) else {
             continue;
         };
+        if only.is_some_and(|o| !o.contains(&cell.id)) {
+            continue;
+        }
         for (ri, comps) in cell.rows.iter().enumerate() {
             // Unknown keys cannot run (their examples' embeddings failed): left to do.
             let Some(comps) = comps else { continue };
@@ -227,7 +234,7 @@ fn collect_work(plan: &Plan, cache: &Cache) -> Work {
     }
 }
 
-fn now_unix_ms() -> i64 {
+pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -243,7 +250,7 @@ pub fn execute(
     cancel: Arc<AtomicBool>,
 ) -> ExecOutcome {
     let start = Instant::now();
-    let work = collect_work(plan, cache);
+    let work = collect_work(plan, cache, opts.only_cells.as_ref());
     let mut stats = ExecStats {
         cached_rows: work.cached,
         ..Default::default()
@@ -416,7 +423,7 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64) -> CachedRow {
     }
 }
 
-fn task_kind(t: &Task) -> &'static str {
+pub(crate) fn task_kind(t: &Task) -> &'static str {
     match t {
         Task::Generate { .. } => "generate",
         Task::Loglik { .. } => "loglik",
@@ -432,23 +439,56 @@ struct WorkerContext {
     fail_fast: bool,
 }
 
-/// One job on a loaded model: the text cut to the budget (re-rendered when cut), the chat
-/// template, then every task from one evaluation of the prompt.
 fn run_job(
     session: &mut dyn crate::backend::Session,
     job: &WorkerJob,
     ctx: &WorkerContext,
 ) -> Result<PromptOutput, BackendError> {
-    let truncated = ctx.budget.map(|b| session.truncate(&job.text, b));
+    evaluate(
+        session,
+        &ctx.prompts,
+        &Evaluation {
+            prompt: job.prompt,
+            text: &job.text,
+            messages: &job.messages,
+            examples: job.examples.as_deref(),
+            budget: ctx.budget,
+        },
+        &job.tasks,
+    )
+}
+
+/// One row's prompt, as a run evaluates it.
+pub struct Evaluation<'a> {
+    pub prompt: usize,
+    /// The row's (cleaned) text, before the budget cuts it.
+    pub text: &'a str,
+    /// The messages rendered with the whole text.
+    pub messages: &'a Messages,
+    /// The row's retrieved examples, if its prompt has them.
+    pub examples: Option<&'a [Example]>,
+    /// `dataset.max_text_tokens`.
+    pub budget: Option<u32>,
+}
+
+/// Evaluate a row on a loaded model exactly as `pipeline run` does (the server calls this
+/// too): the text cut to the budget (the prompt rendered again when cut), the model's chat
+/// template, then every task from one evaluation of the prompt.
+pub fn evaluate(
+    session: &mut dyn crate::backend::Session,
+    prompts: &Prompts,
+    e: &Evaluation,
+    tasks: &[Task],
+) -> Result<PromptOutput, BackendError> {
+    let truncated = e.budget.map(|b| session.truncate(e.text, b));
     let messages = match truncated {
-        Some(t) if t != job.text => ctx
-            .prompts
-            .render_with(job.prompt, &t, job.examples.as_deref())
+        Some(t) if t != e.text => prompts
+            .render_with(e.prompt, &t, e.examples)
             .map_err(|d| BackendError::Job(d.to_string()))?,
-        _ => job.messages.clone(),
+        _ => e.messages.clone(),
     };
     let chat = session.format_chat(&messages)?;
-    session.run(&chat, &job.tasks)
+    session.run(&chat, tasks)
 }
 
 fn worker(

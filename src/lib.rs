@@ -31,5 +31,6 @@ pub mod report;
 pub mod rng;
 pub mod row;
 mod segments;
+pub mod serve;
 pub mod spec;
 pub mod store;

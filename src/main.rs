@@ -123,6 +123,28 @@ enum Command {
         #[arg(long)]
         cdn: bool,
     },
+    /// Serve one cell of a spec as an HTTP API (its model, prompt, method and calibration).
+    Serve {
+        spec: PathBuf,
+        /// The cell to serve, e.g. `qwen2.5-coder-0.5b/knn-four-shot/loglik-fit`.
+        #[arg(long)]
+        cell: String,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Requests waiting for the model beyond this many get 429.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Most reviews in one batch request.
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        body_limit: usize,
+        /// CPU threads for llama.cpp (default: physical cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Inspect, check and prune the row cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -355,6 +377,36 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache(c) => cache_command(&config(&cli, None), c),
+        Command::Serve {
+            spec,
+            cell,
+            addr,
+            queue,
+            max_batch,
+            body_limit,
+            threads,
+        } => {
+            let cfg = config(&cli, *threads);
+            let opts = pipeline::serve::ServeOptions {
+                addr: *addr,
+                queue: *queue,
+                max_batch: *max_batch,
+                body_limit: *body_limit,
+                threads: cfg.threads,
+            };
+            let kind = cfg.backend;
+            let cell_id = cell.clone();
+            app::serve(
+                &cfg,
+                spec,
+                cell,
+                &opts,
+                std::sync::Arc::new(move || kind.create()),
+                Box::new(move |a| eprintln!("serving {cell_id} on http://{a}")),
+            )?;
+            eprintln!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

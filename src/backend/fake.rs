@@ -112,6 +112,13 @@ impl Backend for FakeBackend {
             });
         }
         self.calls.models_loaded.fetch_add(1, Ordering::SeqCst);
+        // `PIPELINE_FAKE_LOAD_MS`: a slow model load (to test readiness).
+        if let Some(ms) = std::env::var("PIPELINE_FAKE_LOAD_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let mut s = FakeSession {
             model_salt: *blake3::hash(&bytes).as_bytes(),
             n_ctx: model.n_ctx,

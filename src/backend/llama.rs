@@ -130,17 +130,12 @@ impl Backend for LlamaEngine {
         run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
         let backend = llama_backend();
+        let model = load_model(&load.path)?;
         let load_err = |reason: String| BackendError::Load {
             path: load.path.clone(),
             reason,
         };
-        let mut params = LlamaModelParams::default();
-        if cfg!(feature = "cuda") {
-            params = params.with_n_gpu_layers(1000);
-        }
-        let model = LlamaModel::load_from_file(backend, &load.path, &params)
-            .map_err(|e| load_err(e.to_string()))?;
-        let threads = i32::try_from(load.threads.max(1)).unwrap_or(1);
+        let threads = thread_count(load.threads);
         let ctx_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(load.n_ctx))
             .with_n_batch(N_BATCH as u32)
@@ -187,6 +182,23 @@ struct LlamaSession<'m> {
     kv_chunks: Vec<usize>,
     n_ctx: u32,
     batch: LlamaBatch<'static>,
+}
+
+/// Load a GGUF model (every layer on the GPU in CUDA builds).
+pub(super) fn load_model(path: &std::path::Path) -> Result<LlamaModel, BackendError> {
+    let mut params = LlamaModelParams::default();
+    if cfg!(feature = "cuda") {
+        params = params.with_n_gpu_layers(1000);
+    }
+    LlamaModel::load_from_file(llama_backend(), path, &params).map_err(|e| BackendError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// llama.cpp's thread count.
+pub(super) fn thread_count(threads: usize) -> i32 {
+    i32::try_from(threads.max(1)).unwrap_or(1)
 }
 
 pub(super) fn decode_err(e: impl std::fmt::Display) -> BackendError {

@@ -12,10 +12,9 @@ use std::num::NonZeroU32;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-use super::llama::{decode_err, llama_backend};
+use super::llama::{decode_err, llama_backend, load_model, thread_count};
 use super::{BackendError, EmbedSession, EmbedderLoad, l2_normalise};
 
 pub(super) fn with_embedder(
@@ -23,16 +22,7 @@ pub(super) fn with_embedder(
     run: &mut dyn FnMut(&mut dyn EmbedSession) -> Result<(), BackendError>,
 ) -> Result<(), BackendError> {
     let backend = llama_backend();
-    let load_err = |reason: String| BackendError::Load {
-        path: load.path.clone(),
-        reason,
-    };
-    let mut params = LlamaModelParams::default();
-    if cfg!(feature = "cuda") {
-        params = params.with_n_gpu_layers(1000);
-    }
-    let model = LlamaModel::load_from_file(backend, &load.path, &params)
-        .map_err(|e| load_err(e.to_string()))?;
+    let model = load_model(&load.path)?;
     // An embedding model declares how its token vectors are pooled.
     let arch = model
         .meta_val_str("general.architecture")
@@ -51,7 +41,7 @@ pub(super) fn with_embedder(
         });
     }
     let n = load.max_tokens.min(model.n_ctx_train().max(8));
-    let threads = i32::try_from(load.threads.max(1)).unwrap_or(1);
+    let threads = thread_count(load.threads);
     let ctx_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n))
         .with_n_batch(n)
@@ -62,7 +52,10 @@ pub(super) fn with_embedder(
         .with_n_threads_batch(threads);
     let ctx = model
         .new_context(backend, ctx_params)
-        .map_err(|e| load_err(format!("cannot create an embedding context: {e}")))?;
+        .map_err(|e| BackendError::Load {
+            path: load.path.clone(),
+            reason: format!("cannot create an embedding context: {e}"),
+        })?;
     let mut session = LlamaEmbedder {
         model: &model,
         ctx,
@@ -134,9 +127,8 @@ pub fn raw_embed_throughput(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
-        .map_err(|e| err(&e))?;
-    let t = i32::try_from(threads.max(1)).unwrap_or(1);
+    let model = load_model(path)?;
+    let t = thread_count(threads);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_tokens))
         .with_n_batch(n_tokens)

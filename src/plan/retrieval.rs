@@ -139,12 +139,7 @@ pub type Resolved = (
 /// Each query's neighbours: from the store, else computed when every embedding is there
 /// (then also returned as new artifacts to store). `queries[set]` are the rows of the sets
 /// served, with their embedding keys.
-pub fn resolve(
-    pool: &Pool,
-    search: Search,
-    queries: &Queries,
-    store: &Store,
-) -> Resolved {
+pub fn resolve(pool: &Pool, search: Search, queries: &Queries, store: &Store) -> Resolved {
     let keys: Vec<Vec<Option<Digest>>> = queries
         .iter()
         .map(|set| match set {

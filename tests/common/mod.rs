@@ -407,3 +407,174 @@ pub fn knn_project() -> Project {
     p.write("spec.yaml", KNN_SPEC);
     p
 }
+
+/// A minimal HTTP/1.1 client for loopback tests: any bytes as the body, the raw answer back.
+pub mod http {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub struct Response {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl Response {
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        }
+
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Response {
+        let mut s = TcpStream::connect(addr).expect("connect to the server");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // A body over the server's limit may be refused before it is all sent.
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect::<Vec<_>>();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+        let body = if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn dechunk(mut s: &str) -> String {
+        let mut out = String::new();
+        while let Some((size, rest)) = s.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&rest[..n.min(rest.len())]);
+            s = rest.get(n + 2..).unwrap_or("");
+        }
+        out
+    }
+
+    pub fn post_json(addr: &str, path: &str, v: &serde_json::Value) -> Response {
+        request(addr, "POST", path, v.to_string().as_bytes())
+    }
+
+    pub fn get(addr: &str, path: &str) -> Response {
+        request(addr, "GET", path, b"")
+    }
+}
+
+/// A `pipeline serve` process on a free loopback port, stopped (SIGTERM) when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    /// Start `pipeline serve` in `p` with these arguments and wait until it listens.
+    pub fn start(p: &Project, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let mut all = vec!["serve", "spec.yaml", "--addr", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut cmd = p.cmd(&all);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(a) = line.split("http://").nth(1) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(600))
+            .unwrap_or_else(|_| panic!("the server did not start:\n{}", log.lock().unwrap()));
+        Server {
+            child,
+            addr,
+            stderr: log,
+        }
+    }
+
+    /// Wait until `/health` says 200.
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            if http::get(&self.addr, "/health").status == 200 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+    }
+}

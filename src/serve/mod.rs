@@ -1,0 +1,729 @@
+//! `pipeline serve`: one cell of a study as an HTTP API (axum on tokio). The answers are the
+//! study's: the same clean-up, retrieved examples, prompt, row key, task and calibration, so a
+//! review the study computed is answered from the row cache and a new answer is written to
+//! it. One worker thread owns the models; requests reach it through a bounded queue.
+
+mod api;
+mod scorer;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+use utoipa::OpenApi;
+
+pub use api::{
+    ApiError, BatchRequest, BatchResponse, Health, SentimentRequest, SentimentResponse,
+    SimilarReview,
+};
+use scorer::{Kind, Scorer};
+use worker::{InferItem, Job, WorkerSpec};
+
+use crate::backend::{Backend, EmbedderLoad, ModelLoad};
+use crate::cache::{Cache, CachedRow};
+use crate::plan::{Plan, Source, vector, vector_artifact};
+use crate::store::Store;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    /// Requests waiting for the model beyond this many are answered 429.
+    pub queue: usize,
+    /// Most reviews in one batch request.
+    pub max_batch: usize,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    pub threads: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".parse().expect("a valid address"),
+            queue: 64,
+            max_batch: 32,
+            body_limit: 1 << 20,
+            threads: crate::exec::default_threads(),
+        }
+    }
+}
+
+/// Prometheus metrics of the server.
+struct Telemetry {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    queue_depth: IntGauge,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+}
+
+impl Telemetry {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "pipeline_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
+            &["endpoint", "status"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("pipeline_request_duration_seconds", "Request latency").buckets(
+                vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            ),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let queue_depth =
+            IntGauge::new("pipeline_queue_depth", "Jobs waiting for the model worker")
+                .expect("valid metric");
+        let cache_hits = IntCounter::new(
+            "pipeline_cache_hits_total",
+            "Reviews answered from the row cache",
+        )
+        .expect("valid metric");
+        let cache_misses = IntCounter::new(
+            "pipeline_cache_misses_total",
+            "Reviews computed by the model",
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+        ] {
+            registry.register(m).expect("distinct metrics");
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            queue_depth,
+            cache_hits,
+            cache_misses,
+        }
+    }
+}
+
+/// What the handlers share.
+struct Shared {
+    cell: String,
+    ready: AtomicBool,
+    detail: Mutex<Option<String>>,
+    scorer: Mutex<Option<Arc<Scorer>>>,
+    jobs: mpsc::Sender<Job>,
+    cache: Arc<Mutex<Cache>>,
+    store: Arc<Mutex<Store>>,
+    telemetry: Telemetry,
+    max_batch: usize,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "pipeline serve",
+        description = "One cell of a pipeline study as an HTTP API: the study's model, prompt, method and calibration."
+    ),
+    paths(sentiment, sentiment_batch, health, metrics),
+    components(schemas(
+        SentimentRequest,
+        BatchRequest,
+        SentimentResponse,
+        BatchResponse,
+        SimilarReview,
+        Health,
+        ApiError
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of the API.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+/// A served cell with everything the plan decides ready: its embeddings in the store, its
+/// calibration fitted.
+pub struct Startup {
+    pub plan: Plan,
+    pub cell: usize,
+    pub cache: Cache,
+    pub store: Store,
+    pub calibration: Option<crate::calibrate::Params>,
+}
+
+/// Makes a backend on the thread that will own it.
+pub type MakeBackend = Arc<dyn Fn() -> Box<dyn Backend> + Send + Sync>;
+
+/// Serve `startup.cell` until SIGTERM or Ctrl-C; in-flight requests finish first. The
+/// model loads in the background while `/health` answers 503. `on_listen` is told the
+/// address once the socket is bound.
+pub fn serve(
+    startup: Startup,
+    opts: &ServeOptions,
+    make_backend: MakeBackend,
+    on_listen: Box<dyn FnOnce(SocketAddr) + Send>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(run_server(startup, opts.clone(), make_backend, on_listen))
+}
+
+async fn run_server(
+    startup: Startup,
+    opts: ServeOptions,
+    make_backend: MakeBackend,
+    on_listen: Box<dyn FnOnce(SocketAddr) + Send>,
+) -> Result<(), String> {
+    let Startup {
+        plan,
+        cell,
+        cache,
+        store,
+        calibration,
+    } = startup;
+    let (tx, rx) = mpsc::channel::<Job>(opts.queue.max(1));
+    let shared = Arc::new(Shared {
+        cell: plan.cells[cell].id.clone(),
+        ready: AtomicBool::new(false),
+        detail: Mutex::new(Some("loading the model".into())),
+        scorer: Mutex::new(None),
+        jobs: tx,
+        cache: Arc::new(Mutex::new(cache)),
+        store: Arc::new(Mutex::new(store)),
+        telemetry: Telemetry::new(),
+        max_batch: opts.max_batch,
+    });
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.addr))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    on_listen(local);
+
+    // Load in the background: /health says 503 until the worker has its models.
+    let loader = {
+        let shared = shared.clone();
+        let threads = opts.threads;
+        tokio::task::spawn_blocking(move || {
+            load(shared, plan, cell, threads, make_backend, calibration, rx)
+        })
+    };
+
+    let app = Router::new()
+        .route("/v1/sentiment", post(sentiment))
+        .route("/v1/sentiment/batch", post(sentiment_batch))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], openapi_json()) }),
+        )
+        .layer(DefaultBodyLimit::max(opts.body_limit))
+        .with_state(shared.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    // In-flight requests are answered; stop the worker and keep the cache compact.
+    drop(shared.scorer.lock().expect("not poisoned").take());
+    let worker = loader.await.map_err(|e| e.to_string())?;
+    let shared = Arc::try_unwrap(shared).ok();
+    if let Some(s) = shared {
+        drop(s.jobs);
+        if let Some(w) = worker {
+            let _ = w.join();
+        }
+        let _ = s.cache.lock().expect("not poisoned").compact_if_needed();
+        let _ = s.store.lock().expect("not poisoned").compact(None);
+    }
+    Ok(())
+}
+
+/// Build the scorer and start the worker, which loads the models.
+fn load(
+    shared: Arc<Shared>,
+    plan: Plan,
+    cell: usize,
+    threads: usize,
+    make_backend: MakeBackend,
+    calibration: Option<crate::calibrate::Params>,
+    rx: mpsc::Receiver<Job>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let fail = |why: String| {
+        *shared.detail.lock().expect("not poisoned") = Some(why);
+    };
+    let scorer = {
+        let store = shared.store.lock().expect("not poisoned");
+        match Scorer::new(&plan, cell, &|k| vector(&store, k), calibration) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                fail(e);
+                return None;
+            }
+        }
+    };
+    let c = &plan.cells[cell];
+    let model = match c.source {
+        Source::Llm { model, .. } => plan.models[model].file.as_ref().map(|f| ModelLoad {
+            id: plan.models[model].id.clone(),
+            path: f.path.clone(),
+            n_ctx: f.n_ctx,
+            threads,
+        }),
+        Source::Vote { .. } => None,
+    };
+    let embedder = scorer.embedder.as_ref().and_then(|e| {
+        let known = &plan.embedders[e.index];
+        known.file.as_ref().map(|f| EmbedderLoad {
+            id: known.id.clone(),
+            path: f.path.clone(),
+            max_tokens: plan.spec.embedders[e.index].max_tokens,
+            threads,
+        })
+    });
+    let (prompt, task) = match &scorer.kind {
+        Kind::Llm { prompt, task, .. } => (*prompt, Some(task.clone())),
+        Kind::Vote { .. } => (0, None),
+    };
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let handle = worker::spawn(
+        WorkerSpec {
+            model,
+            embedder,
+            prompts: plan.prompts.clone(),
+            prompt,
+            task,
+            budget: plan.spec.dataset.max_text_tokens,
+        },
+        make_backend,
+        rx,
+        ready_tx,
+    );
+    match ready_rx.blocking_recv() {
+        Ok(Ok(())) => {
+            *shared.scorer.lock().expect("not poisoned") = Some(scorer);
+            *shared.detail.lock().expect("not poisoned") = None;
+            shared.ready.store(true, Ordering::SeqCst);
+        }
+        Ok(Err(e)) => fail(e.to_string()),
+        Err(_) => fail("the model worker stopped".into()),
+    }
+    Some(handle)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// `?k=`: how many similar reviews.
+#[derive(Debug, serde::Deserialize)]
+struct SimilarQuery {
+    k: Option<String>,
+}
+
+fn similar_k(q: &SimilarQuery) -> Result<usize, ApiError> {
+    match &q.k {
+        None => Ok(3),
+        Some(s) => match s.parse::<usize>() {
+            Ok(k) if k <= 100 => Ok(k),
+            _ => Err(ApiError::unprocessable(
+                "k",
+                "k must be a whole number from 0 to 100",
+            )),
+        },
+    }
+}
+
+/// Classify one review.
+#[utoipa::path(
+    post,
+    path = "/v1/sentiment",
+    request_body = SentimentRequest,
+    params(("k" = Option<usize>, Query, description = "similar reviews to return (default 3, at most 100)")),
+    responses(
+        (status = 200, body = SentimentResponse),
+        (status = 400, description = "the body is not JSON", body = ApiError),
+        (status = 413, description = "the body is over the limit", body = ApiError),
+        (status = 422, description = "a field is missing, empty, not UTF-8 or out of range", body = ApiError),
+        (status = 429, description = "the queue is full (see Retry-After)", body = ApiError),
+        (status = 503, description = "the model is still loading", body = ApiError)
+    )
+)]
+async fn sentiment(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<SimilarQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let start = Instant::now();
+    let result = async {
+        let k = similar_k(&q)?;
+        let body = body.map_err(too_large)?;
+        let req: SentimentRequest = api::parse_body(&body, "review_text")?;
+        answer(&s, req.review_text, k, start).await
+    }
+    .await;
+    finish(&s, "sentiment", start, result.map(axum::Json))
+}
+
+/// Classify several reviews (at most `--max-batch`).
+#[utoipa::path(
+    post,
+    path = "/v1/sentiment/batch",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, body = BatchResponse),
+        (status = 413, description = "the body or the number of reviews is over the limit", body = ApiError),
+        (status = 422, description = "a review is missing, empty or not UTF-8", body = ApiError),
+        (status = 429, description = "the queue is full", body = ApiError),
+        (status = 503, description = "the model is still loading", body = ApiError)
+    )
+)]
+async fn sentiment_batch(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<SimilarQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let start = Instant::now();
+    let result = async {
+        let k = similar_k(&q)?;
+        let body = body.map_err(too_large)?;
+        let req: BatchRequest = api::parse_body(&body, "reviews")?;
+        if req.reviews.len() > s.max_batch {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("at most {} reviews per batch", s.max_batch),
+                Some("reviews"),
+            ));
+        }
+        let mut results = Vec::with_capacity(req.reviews.len());
+        for (i, r) in req.reviews.into_iter().enumerate() {
+            let one = answer(&s, r.review_text, k, Instant::now())
+                .await
+                .map_err(|mut e| {
+                    if e.field.as_deref() == Some("review_text") {
+                        e.field = Some(format!("reviews[{i}].review_text"));
+                    }
+                    e
+                })?;
+            results.push(one);
+        }
+        Ok(axum::Json(BatchResponse { results }))
+    }
+    .await;
+    finish(&s, "batch", start, result)
+}
+
+fn too_large(e: axum::extract::rejection::BytesRejection) -> ApiError {
+    ApiError::new(e.status(), e.body_text(), None)
+}
+
+fn finish<T: IntoResponse>(
+    s: &Shared,
+    endpoint: &str,
+    start: Instant,
+    r: Result<T, ApiError>,
+) -> Response {
+    let response = match r {
+        Ok(v) => v.into_response(),
+        Err(e) => e.into_response(),
+    };
+    let t = &s.telemetry;
+    t.requests
+        .with_label_values(&[endpoint, response.status().as_str()])
+        .inc();
+    t.latency
+        .with_label_values(&[endpoint])
+        .observe(start.elapsed().as_secs_f64());
+    t.queue_depth
+        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    response
+}
+
+/// Send a job to the worker, or 429 when its queue is full.
+async fn ask<T>(s: &Shared, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    s.jobs.try_send(job(tx)).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => ApiError::busy(),
+        mpsc::error::TrySendError::Closed(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping",
+            None,
+        ),
+    })?;
+    s.telemetry
+        .queue_depth
+        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    rx.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model worker stopped",
+            None,
+        )
+    })
+}
+
+async fn answer(
+    s: &Shared,
+    review: String,
+    k: usize,
+    start: Instant,
+) -> Result<SentimentResponse, ApiError> {
+    let scorer = s
+        .scorer
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model is still loading",
+                None,
+            )
+        })?;
+    let text = scorer.clean(&review);
+    if text.is_empty() {
+        return Err(ApiError::unprocessable(
+            "review_text",
+            "review_text is empty",
+        ));
+    }
+    // The review's embedding: from the store, else computed (and stored).
+    let vector = match scorer
+        .embedder
+        .as_ref()
+        .filter(|_| scorer.needs_vector(k > 0))
+    {
+        None => None,
+        Some(e) => {
+            let key = (e.key_of)(&text);
+            let stored = vector(&s.store.lock().expect("not poisoned"), &key);
+            match stored {
+                Some(v) => Some(v),
+                None => {
+                    let texts = vec![text.clone()];
+                    let mut v = ask(s, |reply| Job::Embed { texts, reply })
+                        .await?
+                        .map_err(|e| {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+                        })?
+                        .remove(0);
+                    if let Some(key) = key {
+                        let _ = s
+                            .store
+                            .lock()
+                            .expect("not poisoned")
+                            .commit(vec![vector_artifact(key, &v)]);
+                    }
+                    v.shrink_to_fit();
+                    Some(v)
+                }
+            }
+        }
+    };
+    let prepared = scorer
+        .prepare(text.clone(), vector.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, None))?;
+    let mut cached = false;
+    let (logprobs, raw) = match (&prepared.key, &prepared.messages) {
+        (Some(key), Some(messages)) => {
+            let hit = s
+                .cache
+                .lock()
+                .expect("not poisoned")
+                .get(key)
+                .map(|r| (r.logprobs.clone(), r.text.clone()));
+            match hit {
+                Some(h) => {
+                    cached = true;
+                    s.telemetry.cache_hits.inc();
+                    h
+                }
+                None => {
+                    s.telemetry.cache_misses.inc();
+                    let item = InferItem {
+                        text: text.clone(),
+                        messages: messages.clone(),
+                        examples: prepared.examples.clone(),
+                    };
+                    let out = ask(s, |reply| Job::Infer { item, reply })
+                        .await?
+                        .map_err(|e| {
+                            if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
+                                ApiError::unprocessable("review_text", e.to_string())
+                            } else {
+                                ApiError::new(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    e.to_string(),
+                                    None,
+                                )
+                            }
+                        })?;
+                    let row = served_row(&scorer, &prepared, &out);
+                    let answer = (row.logprobs.clone(), row.text.clone());
+                    let _ = s.cache.lock().expect("not poisoned").commit(vec![row]);
+                    answer
+                }
+            }
+        }
+        _ => (None, None),
+    };
+    let a = scorer.answer(
+        logprobs.as_deref(),
+        raw.as_deref(),
+        prepared.vote.as_deref(),
+    );
+    let similar = match (&vector, k) {
+        (Some(v), k) if k > 0 => scorer.similar(&text, v, k),
+        _ => Vec::new(),
+    };
+    let review = |(row, sim): (crate::dataset::Row, f32)| SimilarReview {
+        id: row.id,
+        text: row.text,
+        label: scorer.labels[row.label].clone(),
+        similarity: sim,
+    };
+    let examples_shown = prepared
+        .shown
+        .map(|sh| {
+            sh.ids
+                .into_iter()
+                .zip(sh.similarity)
+                .zip(sh.examples)
+                .map(|((id, similarity), e)| SimilarReview {
+                    id,
+                    text: e.text,
+                    label: e.label,
+                    similarity,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(SentimentResponse {
+        sentiment: a.sentiment,
+        confidence: a.confidence,
+        label_probs: a.label_probs.map(|v| v.into_iter().collect()),
+        raw_answer: a.raw_answer,
+        similar_reviews: similar.into_iter().map(review).collect(),
+        examples_shown,
+        cell: scorer.cell.clone(),
+        cached,
+        latency_ms: start.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// A served answer as a cache row: the same key and content as `pipeline run` would store.
+fn served_row(
+    scorer: &Scorer,
+    p: &scorer::Prepared,
+    out: &crate::backend::PromptOutput,
+) -> CachedRow {
+    let o = &out.tasks[0];
+    let task = match &scorer.kind {
+        Kind::Llm { task, .. } => crate::exec::task_kind(task),
+        Kind::Vote { .. } => "knn_vote",
+    };
+    CachedRow {
+        key: p.key.expect("an LLM cell's row has a key"),
+        components: p.components.expect("an LLM cell's row has components"),
+        row_id: format!(
+            "served:{}",
+            blake3::hash(p.text.as_bytes())
+                .to_hex()
+                .as_str()
+                .get(..16)
+                .unwrap_or("")
+        ),
+        cell_id: scorer.cell.clone(),
+        kind: task.into(),
+        text: o.text.clone(),
+        logprobs: o.logprobs.clone(),
+        prompt_tokens: out.prompt_tokens,
+        evaluated_tokens: out.evaluated_tokens,
+        gen_tokens: o.gen_tokens,
+        finish: o.finish,
+        prefill_ms: out.prefill_ms,
+        shared_by: 1,
+        decode_ms: o.decode_ms,
+        created_unix_ms: crate::exec::now_unix_ms(),
+        error: None,
+    }
+}
+
+/// Ready (200) once the model is loaded, else 503.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn health(State(s): State<Arc<Shared>>) -> Response {
+    let ready = s.ready.load(Ordering::SeqCst);
+    let detail = s.detail.lock().expect("not poisoned").clone();
+    let status = if ready {
+        "ok"
+    } else if detail.as_deref() == Some("loading the model") {
+        "loading"
+    } else {
+        "failed"
+    };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(Health {
+            status: status.into(),
+            cell: s.cell.clone(),
+            detail,
+        }),
+    )
+        .into_response()
+}
+
+/// Prometheus text: requests by endpoint and status, a latency histogram, the queue depth,
+/// cache hits and misses.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    s.telemetry
+        .queue_depth
+        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&s.telemetry.registry.gather(), &mut buf);
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        String::from_utf8_lossy(&buf).into_owned(),
+    )
+        .into_response()
+}

@@ -1,0 +1,368 @@
+//! What the server needs of a plan to answer a new review exactly as `pipeline run` would:
+//! the same clean-up, the same retrieved examples, the same rendered prompt and so the same
+//! row key, the same task and the same calibration.
+
+use crate::answer::{argmax, parse_answer};
+use crate::backend::Task;
+use crate::calibrate::{self, Params};
+use crate::dataset::{self, Row};
+use crate::key::{CacheKey, Components, Digest, PromptPart};
+use crate::neighbours::{self, Neighbours, PoolEntry, Query, Search};
+use crate::plan::{Plan, Shown, Source, embedding_key};
+use crate::prompt::{Example, Messages, Prompts};
+use crate::spec::{CleanSpec, MethodKind, ParseRule};
+
+/// A pool with its embeddings loaded.
+pub struct LoadedPool {
+    pub rows: Vec<Row>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+impl LoadedPool {
+    fn entries(&self) -> Vec<PoolEntry<'_>> {
+        self.rows
+            .iter()
+            .zip(&self.vectors)
+            .map(|(r, v)| PoolEntry {
+                id: &r.id,
+                text: &r.text,
+                label: r.label,
+                vector: v,
+            })
+            .collect()
+    }
+
+    /// The query's neighbours; a served review has no id, so the leak guard matches its
+    /// text.
+    pub fn search(&self, text: &str, vector: &[f32], how: Search) -> Neighbours {
+        let q = Query {
+            id: "\u{0}served",
+            text,
+            vector,
+        };
+        neighbours::search(&self.entries(), &[q], how).remove(0)
+    }
+}
+
+/// How the cell computes an answer.
+pub enum Kind {
+    Llm {
+        prompt: usize,
+        task: Task,
+        method: MethodKind,
+        parse: ParseRule,
+        /// The key components every row of the cell shares (all but the prompt).
+        fixed: Box<Components>,
+        calibration: Option<Params>,
+        /// The retrieval of a knn prompt: its pool index into `pools` and how it searches.
+        retrieval: Option<(usize, Search)>,
+    },
+    Vote {
+        pool: usize,
+        search: Search,
+    },
+}
+
+pub struct Scorer {
+    pub cell: String,
+    pub labels: Vec<String>,
+    pub clean: CleanSpec,
+    pub budget: Option<u32>,
+    pub prompts: std::sync::Arc<Prompts>,
+    pub kind: Kind,
+    pub pools: Vec<LoadedPool>,
+    /// The pool `similar_reviews` come from, if the spec has one.
+    pub similar_pool: Option<usize>,
+    /// The embedder and the facts its embedding keys need, when anything needs a vector.
+    pub embedder: Option<EmbedderKey>,
+}
+
+/// A text's embedding key (`None` when the embedder's digest is unknown).
+pub type EmbeddingKeyFn = dyn Fn(&str) -> Option<Digest> + Send + Sync;
+
+/// What an embedding key is made of, besides the text.
+#[derive(Clone)]
+pub struct EmbedderKey {
+    pub index: usize,
+    pub key_of: std::sync::Arc<EmbeddingKeyFn>,
+}
+
+/// A review ready to score: its rendered prompt and row key (LLM cells), or its vote.
+pub struct Prepared {
+    pub text: String,
+    pub messages: Option<Messages>,
+    pub examples: Option<Vec<Example>>,
+    pub shown: Option<Shown>,
+    pub components: Option<Components>,
+    pub key: Option<Digest>,
+    /// A vote cell's label shares.
+    pub vote: Option<Vec<f64>>,
+}
+
+/// An answer as the API gives it.
+pub struct Answer {
+    pub sentiment: Option<String>,
+    pub confidence: Option<f64>,
+    pub label_probs: Option<Vec<(String, f64)>>,
+    pub raw_answer: Option<String>,
+}
+
+impl Scorer {
+    /// The scorer of cell `cell` of a plan whose embeddings are all in the store
+    /// (`vectors` reads one) and whose calibration, if any, is fitted (`calibration`).
+    pub fn new(
+        plan: &Plan,
+        cell: usize,
+        vectors: &dyn Fn(&Option<Digest>) -> Option<Vec<f32>>,
+        calibration: Option<Params>,
+    ) -> Result<Self, String> {
+        let c = &plan.cells[cell];
+        let mut pools = Vec::new();
+        let mut load_pool = |i: usize| -> Result<usize, String> {
+            let p = &plan.pools[i];
+            let v: Option<Vec<Vec<f32>>> = p.keys.iter().map(vectors).collect();
+            pools.push(LoadedPool {
+                rows: p.rows.clone(),
+                vectors: v.ok_or("the pool's embeddings are not all computed")?,
+            });
+            Ok(pools.len() - 1)
+        };
+        let method = &plan.spec.methods[c.method];
+        let retrieval_of = |id: String| plan.retrievals.iter().find(|r| r.id == id);
+        let kind = match c.source {
+            Source::Vote { retrieval } => {
+                let r = &plan.retrievals[retrieval];
+                Kind::Vote {
+                    pool: load_pool(r.pool)?,
+                    search: r.search,
+                }
+            }
+            Source::Llm { prompt, .. } => {
+                let fixed = c
+                    .rows
+                    .iter()
+                    .flatten()
+                    .next()
+                    .copied()
+                    .ok_or("the cell's model digest is not known")?;
+                let retrieval = match retrieval_of(format!("prompt:{}", plan.prompts.id(prompt))) {
+                    Some(r) => Some((load_pool(r.pool)?, r.search)),
+                    None => None,
+                };
+                Kind::Llm {
+                    prompt,
+                    task: crate::exec::task_for(plan, c),
+                    method: method.kind,
+                    parse: method.parse,
+                    fixed: Box::new(fixed),
+                    calibration,
+                    retrieval,
+                }
+            }
+        };
+        // Similar reviews come from the cell's own pool, else the spec's first one.
+        let similar_pool = match &kind {
+            Kind::Vote { pool, .. } => Some(*pool),
+            Kind::Llm {
+                retrieval: Some((pool, _)),
+                ..
+            } => Some(*pool),
+            _ => match plan.retrievals.first() {
+                Some(r) => Some(load_pool(r.pool)?),
+                None => None,
+            },
+        };
+        let embedder = plan.retrievals.first().map(|r| {
+            let index = plan.pools[r.pool].embedder;
+            let spec = plan.spec.clone();
+            let embedders = plan.embedders.clone();
+            let engine = plan.engine_version.clone();
+            EmbedderKey {
+                index,
+                key_of: std::sync::Arc::new(move |text: &str| {
+                    embedding_key(&spec, &embedders, index, text, &engine)
+                }),
+            }
+        });
+        Ok(Self {
+            cell: c.id.clone(),
+            labels: plan.dataset.label_names(),
+            clean: plan.spec.dataset.clean.clone(),
+            budget: plan.spec.dataset.max_text_tokens,
+            prompts: plan.prompts.clone(),
+            kind,
+            pools,
+            similar_pool,
+            embedder,
+        })
+    }
+
+    /// The review text as the study's rows are: cleaned the same way.
+    pub fn clean(&self, text: &str) -> String {
+        dataset::clean(text, &self.clean)
+    }
+
+    /// Whether answering needs the review's embedding (retrieved examples, a vote, or
+    /// similar reviews).
+    pub fn needs_vector(&self, similar: bool) -> bool {
+        self.embedder.is_some()
+            && (similar
+                || matches!(self.kind, Kind::Vote { .. })
+                || matches!(
+                    self.kind,
+                    Kind::Llm {
+                        retrieval: Some(_),
+                        ..
+                    }
+                ))
+    }
+
+    /// Render the review's prompt and compute its row key, as the plan does for a row.
+    pub fn prepare(&self, text: String, vector: Option<&[f32]>) -> Result<Prepared, String> {
+        match &self.kind {
+            Kind::Vote { pool, search } => {
+                let v = vector.ok_or("no embedding")?;
+                let p = &self.pools[*pool];
+                let n = p.search(&text, v, *search);
+                let shares = neighbours::vote(&p.entries(), &n, self.labels.len());
+                Ok(Prepared {
+                    text,
+                    messages: None,
+                    examples: None,
+                    shown: None,
+                    components: None,
+                    key: None,
+                    vote: Some(shares),
+                })
+            }
+            Kind::Llm {
+                prompt,
+                fixed,
+                retrieval,
+                ..
+            } => {
+                let shown = match retrieval {
+                    Some((pool, search)) => {
+                        let v = vector.ok_or("no embedding")?;
+                        let p = &self.pools[*pool];
+                        let n = p.search(&text, v, *search);
+                        Some(Shown {
+                            ids: n.pool.iter().map(|&i| p.rows[i].id.clone()).collect(),
+                            similarity: n.similarity.clone(),
+                            examples: n
+                                .pool
+                                .iter()
+                                .map(|&i| Example {
+                                    text: p.rows[i].text.clone(),
+                                    label: self.labels[p.rows[i].label].clone(),
+                                })
+                                .collect(),
+                        })
+                    }
+                    None => None,
+                };
+                let examples = shown.as_ref().map(|s| s.examples.clone());
+                let messages = self
+                    .prompts
+                    .render_with(*prompt, &text, examples.as_deref())
+                    .map_err(|d| d.to_string())?;
+                let components = Components {
+                    prompt: PromptPart {
+                        messages: &messages,
+                        max_text_tokens: self.budget,
+                    }
+                    .digest(),
+                    ..**fixed
+                };
+                Ok(Prepared {
+                    text,
+                    key: Some(components.row_key()),
+                    components: Some(components),
+                    messages: Some(messages),
+                    examples,
+                    shown,
+                    vote: None,
+                })
+            }
+        }
+    }
+
+    /// The answer from a row's raw output (log-probs or generated text) or a vote.
+    pub fn answer(
+        &self,
+        logprobs: Option<&[f64]>,
+        text: Option<&str>,
+        vote: Option<&[f64]>,
+    ) -> Answer {
+        let probs = |lp: &[f64]| -> Vec<(String, f64)> {
+            self.labels
+                .iter()
+                .cloned()
+                .zip(calibrate::normalise(lp).iter().map(|x| x.exp()))
+                .collect()
+        };
+        let from_logprobs = |lp: &[f64]| {
+            let i = argmax(lp);
+            let p = probs(lp);
+            Answer {
+                sentiment: i.map(|i| self.labels[i].clone()),
+                confidence: i.map(|i| p[i].1),
+                label_probs: Some(p),
+                raw_answer: None,
+            }
+        };
+        if let Some(shares) = vote {
+            let lp: Vec<f64> = shares.iter().map(|s| s.max(1e-9).ln()).collect();
+            return from_logprobs(&lp);
+        }
+        match &self.kind {
+            Kind::Llm {
+                method: MethodKind::Generate,
+                parse,
+                ..
+            } => Answer {
+                sentiment: text
+                    .and_then(|t| parse_answer(t, &self.labels, *parse))
+                    .map(|i| self.labels[i].clone()),
+                confidence: None,
+                label_probs: None,
+                raw_answer: text.map(str::to_string),
+            },
+            Kind::Llm { calibration, .. } => match logprobs {
+                Some(lp) => match calibration {
+                    Some(c) => from_logprobs(&c.apply(lp)),
+                    None => from_logprobs(lp),
+                },
+                None => Answer {
+                    sentiment: None,
+                    confidence: None,
+                    label_probs: None,
+                    raw_answer: None,
+                },
+            },
+            Kind::Vote { .. } => from_logprobs(&[]),
+        }
+    }
+
+    /// The `k` pool reviews nearest the review, nearest first.
+    pub fn similar(&self, text: &str, vector: &[f32], k: usize) -> Vec<(Row, f32)> {
+        let Some(pool) = self.similar_pool else {
+            return Vec::new();
+        };
+        let p = &self.pools[pool];
+        let n = p.search(
+            text,
+            vector,
+            Search {
+                k: k.min(p.rows.len()),
+                per_label: None,
+                nearest_last: false,
+            },
+        );
+        n.pool
+            .iter()
+            .zip(&n.similarity)
+            .map(|(&i, &s)| (p.rows[i].clone(), s))
+            .collect()
+    }
+}

@@ -1,0 +1,107 @@
+//! The model worker: one thread owns the llama.cpp contexts (they are not `Send`) and takes
+//! jobs from a bounded channel, each with a oneshot reply: the text-embeddings-inference
+//! pattern. Jobs run one after another: on a CPU a prompt already uses every core, and a
+//! row's numbers must not depend on what it was scored beside.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{BackendError, EmbedderLoad, ModelLoad, PromptOutput, Task};
+use crate::exec::{Evaluation, evaluate};
+use crate::prompt::{Example, Messages, Prompts};
+
+/// A review to evaluate, as prepared by the scorer.
+pub struct InferItem {
+    pub text: String,
+    pub messages: Messages,
+    pub examples: Option<Vec<Example>>,
+}
+
+pub enum Job {
+    Embed {
+        texts: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, BackendError>>,
+    },
+    Infer {
+        item: InferItem,
+        reply: oneshot::Sender<Result<PromptOutput, BackendError>>,
+    },
+}
+
+/// What the worker serves.
+pub struct WorkerSpec {
+    pub model: Option<ModelLoad>,
+    pub embedder: Option<EmbedderLoad>,
+    pub prompts: Arc<Prompts>,
+    pub prompt: usize,
+    pub task: Option<Task>,
+    pub budget: Option<u32>,
+}
+
+/// Start the worker; `ready` is told once the models are loaded (or why they are not).
+pub fn spawn(
+    spec: WorkerSpec,
+    make_backend: super::MakeBackend,
+    mut rx: mpsc::Receiver<Job>,
+    ready: oneshot::Sender<Result<(), BackendError>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("pipeline-serve".into())
+        .spawn(move || {
+            let mut ready = Some(ready);
+            let mut models = make_backend();
+            let mut embedders = make_backend();
+            let mut serve = |llm: Option<&mut dyn crate::backend::Session>,
+                             emb: Option<&mut dyn crate::backend::EmbedSession>|
+             -> Result<(), BackendError> {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Ok(()));
+                }
+                let (mut llm, mut emb) = (llm, emb);
+                while let Some(job) = rx.blocking_recv() {
+                    match job {
+                        Job::Embed { texts, reply } => {
+                            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                            let out = match emb.as_deref_mut() {
+                                Some(e) => e.embed(&refs),
+                                None => Err(BackendError::Job("no embedder".into())),
+                            };
+                            let _ = reply.send(out);
+                        }
+                        Job::Infer { item, reply } => {
+                            let out = match (llm.as_deref_mut(), &spec.task) {
+                                (Some(s), Some(task)) => evaluate(
+                                    s,
+                                    &spec.prompts,
+                                    &Evaluation {
+                                        prompt: spec.prompt,
+                                        text: &item.text,
+                                        messages: &item.messages,
+                                        examples: item.examples.as_deref(),
+                                        budget: spec.budget,
+                                    },
+                                    std::slice::from_ref(task),
+                                ),
+                                _ => Err(BackendError::Job("this cell has no model".into())),
+                            };
+                            let _ = reply.send(out);
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let result = match (&spec.model, &spec.embedder) {
+                (Some(m), Some(e)) => embedders.with_embedder(e, &mut |emb| {
+                    models.with_model(m, &mut |llm| serve(Some(llm), Some(&mut *emb)))
+                }),
+                (Some(m), None) => models.with_model(m, &mut |llm| serve(Some(llm), None)),
+                (None, Some(e)) => embedders.with_embedder(e, &mut |emb| serve(None, Some(emb))),
+                (None, None) => serve(None, None),
+            };
+            if let (Err(e), Some(r)) = (result, ready.take()) {
+                let _ = r.send(Err(e));
+            }
+        })
+        .expect("spawn the serve worker")
+}
