@@ -602,7 +602,7 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn row(n: u8) -> CachedRow {

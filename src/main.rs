@@ -616,7 +616,7 @@ fn print_summary(m: &[CellMetrics]) {
             format!("{:.3}", c.macro_f1),
             c.invalid.to_string(),
             c.failed.to_string(),
-            format!("{:.2}", c.reviews_per_s),
+            c.reviews_per_s_text(2),
             c.cached.to_string(),
             c.computed.to_string(),
         ]);

@@ -267,6 +267,16 @@ fn fake_serve_and_run_give_identical_rows() -> Result<(), Failed> {
         assert_eq!(r.json()["cached"], false);
     }
     drop(s);
+    // Written in batches, not one segment file per review.
+    let segments = std::fs::read_dir(served.path("cache/v2/rows"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("seg-") && name.ends_with(".parquet")
+        })
+        .count();
+    assert!(segments <= 3, "{segments} segments for 12 served reviews");
     // The served rows are the run's rows, bit for bit, and a run finds them cached.
     assert!(same_rows(&ran.path("cache"), &served.path("cache")) >= 12);
     served.run();

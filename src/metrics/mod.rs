@@ -268,6 +268,18 @@ pub struct CellMetrics {
     pub uncalibrated: Option<Uncalibrated>,
 }
 
+impl CellMetrics {
+    /// Reviews per second as shown in tables: "–" for cells that no model computed (a vote
+    /// costs a neighbour search, not an inference).
+    pub fn reviews_per_s_text(&self, digits: usize) -> String {
+        if self.compute_s > 0.0 {
+            format!("{:.digits$}", self.reviews_per_s)
+        } else {
+            "–".into()
+        }
+    }
+}
+
 /// Calibration bins of the reliability diagrams.
 pub const RELIABILITY_BINS: usize = 10;
 

@@ -387,7 +387,7 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
                     opt3(c.roc_auc),
                     opt3(c.brier),
                     opt3(c.ece),
-                    format!("{:.3}", c.reviews_per_s),
+                    c.reviews_per_s_text(3),
                     format!("{:.0}", c.latency_p50_ms),
                     format!("{:.0}", c.latency_p95_ms),
                     format!("{:.1}", c.prompt_tokens_per_s),

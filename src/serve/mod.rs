@@ -6,6 +6,7 @@
 mod api;
 mod scorer;
 mod worker;
+mod write_behind;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,10 +31,11 @@ pub use api::{
 };
 use scorer::{Kind, Scorer};
 use worker::{InferItem, Job, WorkerSpec};
+use write_behind::WriteBehind;
 
 use crate::backend::{Backend, EmbedderLoad, ModelLoad};
 use crate::cache::{Cache, CachedRow};
-use crate::plan::{Plan, Source, vector, vector_artifact};
+use crate::plan::{Plan, Source};
 use crate::store::Store;
 
 /// How the server runs.
@@ -131,8 +133,9 @@ struct Shared {
     detail: Mutex<Option<String>>,
     scorer: Mutex<Option<Arc<Scorer>>>,
     jobs: mpsc::Sender<Job>,
-    cache: Arc<Mutex<Cache>>,
-    store: Arc<Mutex<Store>>,
+    storage: WriteBehind,
+    /// Wakes the writer when a batch is due.
+    batch_due: tokio::sync::Notify,
     telemetry: Telemetry,
     max_batch: usize,
 }
@@ -213,8 +216,8 @@ async fn run_server(
         detail: Mutex::new(Some("loading the model".into())),
         scorer: Mutex::new(None),
         jobs: tx,
-        cache: Arc::new(Mutex::new(cache)),
-        store: Arc::new(Mutex::new(store)),
+        storage: WriteBehind::new(cache, store),
+        batch_due: tokio::sync::Notify::new(),
         telemetry: Telemetry::new(),
         max_batch: opts.max_batch,
     });
@@ -233,6 +236,10 @@ async fn run_server(
         })
     };
 
+    // Write what the server computes in batches, as a run commits.
+    let (stop_writer, stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(write_batches(shared.clone(), stopped));
+
     let app = Router::new()
         .route("/v1/sentiment", post(sentiment))
         .route("/v1/sentiment/batch", post(sentiment_batch))
@@ -248,19 +255,41 @@ async fn run_server(
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
-    // In-flight requests are answered; stop the worker and keep the cache compact.
+    // In-flight requests are answered: write what waits, keep the cache compact, stop the
+    // worker.
+    let _ = stop_writer.send(true);
+    let _ = writer.await;
     drop(shared.scorer.lock().expect("not poisoned").take());
+    let closed = shared.storage.close();
     let worker = loader.await.map_err(|e| e.to_string())?;
-    let shared = Arc::try_unwrap(shared).ok();
-    if let Some(s) = shared {
+    if let Ok(s) = Arc::try_unwrap(shared) {
         drop(s.jobs);
         if let Some(w) = worker {
             let _ = w.join();
         }
-        let _ = s.cache.lock().expect("not poisoned").compact_if_needed();
-        let _ = s.store.lock().expect("not poisoned").compact(None);
     }
-    Ok(())
+    closed.map_err(|e| format!("cannot write the cache: {e}"))
+}
+
+/// Write waiting rows and vectors every few seconds, or when a batch is due, until stopped.
+async fn write_batches(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(write_behind::INTERVAL) => {}
+            _ = shared.batch_due.notified() => {}
+            _ = stopped.changed() => return,
+        }
+        if shared.storage.waiting() == 0 {
+            continue;
+        }
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || s.storage.flush()).await {
+            Ok(Ok(())) => {}
+            // The rows keep answering from memory; the next batch tries again.
+            Ok(Err(e)) => eprintln!("serve: cannot write the cache yet: {e}"),
+            Err(e) => eprintln!("serve: the cache writer stopped: {e}"),
+        }
+    }
 }
 
 /// Build the scorer and start the worker, which loads the models.
@@ -277,8 +306,7 @@ fn load(
         *shared.detail.lock().expect("not poisoned") = Some(why);
     };
     let scorer = {
-        let store = shared.store.lock().expect("not poisoned");
-        match Scorer::new(&plan, cell, &|k| vector(&store, k), calibration) {
+        match Scorer::new(&plan, cell, &|k| shared.storage.vector(k), calibration) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 fail(e);
@@ -531,8 +559,7 @@ async fn answer(
         None => None,
         Some(e) => {
             let key = (e.key_of)(&text);
-            let stored = vector(&s.store.lock().expect("not poisoned"), &key);
-            match stored {
+            match s.storage.vector(&key) {
                 Some(v) => Some(v),
                 None => {
                     let texts = vec![text.clone()];
@@ -542,14 +569,12 @@ async fn answer(
                             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
                         })?
                         .remove(0);
-                    if let Some(key) = key {
-                        let _ = s
-                            .store
-                            .lock()
-                            .expect("not poisoned")
-                            .commit(vec![vector_artifact(key, &v)]);
-                    }
                     v.shrink_to_fit();
+                    if let Some(key) = key
+                        && s.storage.add_vector(key, v.clone())
+                    {
+                        s.batch_due.notify_one();
+                    }
                     Some(v)
                 }
             }
@@ -560,46 +585,36 @@ async fn answer(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, None))?;
     let mut cached = false;
     let (logprobs, raw) = match (&prepared.key, &prepared.messages) {
-        (Some(key), Some(messages)) => {
-            let hit = s
-                .cache
-                .lock()
-                .expect("not poisoned")
-                .get(key)
-                .map(|r| (r.logprobs.clone(), r.text.clone()));
-            match hit {
-                Some(h) => {
-                    cached = true;
-                    s.telemetry.cache_hits.inc();
-                    h
-                }
-                None => {
-                    s.telemetry.cache_misses.inc();
-                    let item = InferItem {
-                        text: text.clone(),
-                        messages: messages.clone(),
-                        examples: prepared.examples.clone(),
-                    };
-                    let out = ask(s, |reply| Job::Infer { item, reply })
-                        .await?
-                        .map_err(|e| {
-                            if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
-                                ApiError::unprocessable("review_text", e.to_string())
-                            } else {
-                                ApiError::new(
-                                    StatusCode::INTERNAL_SERVER_ERROR,
-                                    e.to_string(),
-                                    None,
-                                )
-                            }
-                        })?;
-                    let row = served_row(&scorer, &prepared, &out);
-                    let answer = (row.logprobs.clone(), row.text.clone());
-                    let _ = s.cache.lock().expect("not poisoned").commit(vec![row]);
-                    answer
-                }
+        (Some(key), Some(messages)) => match s.storage.row(key) {
+            Some(h) => {
+                cached = true;
+                s.telemetry.cache_hits.inc();
+                h
             }
-        }
+            None => {
+                s.telemetry.cache_misses.inc();
+                let item = InferItem {
+                    text: text.clone(),
+                    messages: messages.clone(),
+                    examples: prepared.examples.clone(),
+                };
+                let out = ask(s, |reply| Job::Infer { item, reply })
+                    .await?
+                    .map_err(|e| {
+                        if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
+                            ApiError::unprocessable("review_text", e.to_string())
+                        } else {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+                        }
+                    })?;
+                let row = served_row(&scorer, &prepared, &out);
+                let answer = (row.logprobs.clone(), row.text.clone());
+                if s.storage.add_row(row) {
+                    s.batch_due.notify_one();
+                }
+                answer
+            }
+        },
         _ => (None, None),
     };
     let a = scorer.answer(
