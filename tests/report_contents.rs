@@ -156,3 +156,30 @@ fn seeds_are_summarised_with_mean_std_and_majority_vote() {
         "one setting, three seeds"
     );
 }
+
+#[test]
+fn findings_open_the_page_and_match_findings_md() {
+    let p = Project::new();
+    p.run();
+    let html = common::report_html(&p);
+    let md = p.read("reports/t/findings.md");
+    let at = html.find("<h2>Findings</h2>").expect("a Findings section");
+    assert!(
+        at < html.find("<h2>Accuracy and cost</h2>").unwrap(),
+        "findings come first"
+    );
+    // Every sentence of findings.md is on the page (HTML-escaped).
+    let items: Vec<&str> = md.lines().filter(|l| l.starts_with("- **")).collect();
+    for start in [
+        "- **sample**: 12 reviews",
+        "- **prompts**: On fake-a",
+        "- **temperature**: On fake-a, temperature 0.8 changes",
+    ] {
+        assert!(md.contains(start), "{start} in {md}");
+    }
+    for item in items {
+        let text = item.split_once("**: ").unwrap().1;
+        let escaped = text.replace('&', "&amp;").replace('\'', "&#x27;");
+        assert!(html.contains(&escaped), "{text}");
+    }
+}

@@ -221,7 +221,7 @@ pub struct ClassMetrics {
     pub support: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CellMetrics {
     pub cell: String,
     pub model: String,
@@ -252,6 +252,8 @@ pub struct CellMetrics {
     pub reviews_per_s: f64,
     /// Rows per second with the prompt evaluation shared among the cells that used it.
     pub reviews_per_s_shared: f64,
+    /// Words of review text per second, on their own (the seed notebooks' unit).
+    pub words_per_s: f64,
     pub prompt_tokens_per_s: f64,
     pub gen_tokens_per_s: f64,
     pub cached: u64,
@@ -339,6 +341,10 @@ pub fn compute(
             let decode_s: f64 = rows.iter().map(|p| p.decode_ms).sum::<f64>() / 1000.0;
             let gen_tokens: f64 = rows.iter().map(|p| f64::from(p.gen_tokens)).sum();
             let per_s = |x: f64, s: f64| if s > 0.0 { x / s } else { 0.0 };
+            let words: usize = rows
+                .iter()
+                .map(|p| plan.dataset.rows[p.row].text.split_whitespace().count())
+                .sum();
             let method = &plan.spec.methods[cell.method];
             let scored =
                 |f: &dyn Fn(&Prediction) -> Option<&Vec<f64>>| -> Vec<(Vec<f64>, usize, bool)> {
@@ -420,6 +426,7 @@ pub fn compute(
                 compute_s,
                 reviews_per_s: per_s(n as f64, compute_s),
                 reviews_per_s_shared: per_s(n as f64, shared_s),
+                words_per_s: per_s(words as f64, compute_s),
                 prompt_tokens_per_s: per_s(eval_tokens, prefill_s),
                 gen_tokens_per_s: per_s(gen_tokens, decode_s),
                 cached: rows.iter().filter(|p| p.from_cache).count() as u64,

@@ -85,6 +85,8 @@ pub struct Page {
     pub title: String,
     pub subtitle: String,
     pub description: Option<String>,
+    /// Sentences derived from the statistics by rules (`findings.rs`).
+    pub findings: Vec<super::findings::Finding>,
     pub incomplete: usize,
     pub failed_total: usize,
     pub failed_kinds: Vec<KindCount>,

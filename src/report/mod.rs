@@ -2,6 +2,7 @@
 //! `run.json` (provenance and run counts) and `index.html`.
 
 pub mod charts;
+pub mod findings;
 pub mod html;
 pub mod tables;
 
@@ -104,6 +105,8 @@ impl Provenance {
 
 /// Everything the report shows, computed from the plan and the cache alone.
 pub struct Analysis {
+    /// What the statistics say, in sentences (rules in `findings.rs`).
+    pub findings: Vec<findings::Finding>,
     pub predictions: Vec<Prediction>,
     /// Rows whose last attempt failed.
     pub failures: Vec<Failure>,
@@ -119,13 +122,16 @@ pub fn analyse(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Analys
     let groups = metrics::setting_groups(plan, &predictions, &cell_metrics);
     let pairs = metrics::comparison_pairs(plan, &cell_metrics);
     let comparisons = metrics::compare(plan, &predictions, &pairs);
-    Analysis {
+    let mut a = Analysis {
+        findings: Vec::new(),
         predictions,
         failures,
         metrics: cell_metrics,
         groups,
         comparisons,
-    }
+    };
+    a.findings = findings::derive(&findings::Input::new(plan, &a));
+    a
 }
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, ReportError> {
@@ -195,6 +201,11 @@ pub fn write(
         message: e.to_string(),
     })?;
     put(&dir, "run.json", &run_json)?;
+    put(
+        &dir,
+        "findings.md",
+        findings::markdown(&a.findings).as_bytes(),
+    )?;
     let page = render_page(plan, &a, provenance, scripts)?;
     let index = put(&dir, "index.html", page.as_bytes())?;
     Ok(Written {
@@ -302,6 +313,7 @@ fn render_page(
         title,
         subtitle,
         description: plan.spec.description.clone(),
+        findings: a.findings.clone(),
         incomplete: m.iter().filter(|c| c.n < c.planned).count(),
         failed_total: a.failures.len(),
         failed_kinds: kinds,

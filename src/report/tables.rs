@@ -286,6 +286,7 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
         ("latency_p95_ms".into(), f(&|x| x.latency_p95_ms)),
         ("compute_s".into(), f(&|x| x.compute_s)),
         ("reviews_per_s".into(), f(&|x| x.reviews_per_s)),
+        ("words_per_s".into(), f(&|x| x.words_per_s)),
         (
             "reviews_per_s_shared".into(),
             f(&|x| x.reviews_per_s_shared),

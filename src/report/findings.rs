@@ -1,0 +1,1108 @@
+//! Findings: sentences the report derives from its own statistics, by rules, each with the
+//! numbers and the test behind it. A difference is called a win only when its paired
+//! bootstrap interval excludes 0 and the exact McNemar test gives p < 0.05; otherwise it is
+//! said to be not significant.
+
+use serde::Serialize;
+
+use super::Analysis;
+use crate::metrics::CellMetrics;
+use crate::metrics::stats;
+use crate::plan::Plan;
+
+/// A share of predictions this far (or more) from the gold share is a bias worth naming.
+const BIAS_MIN: f64 = 0.15;
+/// p below this, with an interval that excludes 0, makes a difference significant.
+const ALPHA: f64 = 0.05;
+
+/// One sentence of the Findings section.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Finding {
+    /// What it is about: `models`, `prompts`, `bias`, `temperature`, `calibration`, `cost`,
+    /// `baseline`, `validity`, `comparison`.
+    pub topic: &'static str,
+    pub text: String,
+}
+
+/// The findings as a Markdown list, one sentence an item, grouped by topic.
+pub fn markdown(findings: &[Finding]) -> String {
+    let mut out = String::from(
+        "# Findings\n\nDerived by rules from the report's statistics (`src/report/findings.rs`): a difference is a win only when its 95% paired bootstrap interval excludes 0 and the exact McNemar test gives p < 0.05.\n\n",
+    );
+    for f in findings {
+        out.push_str(&format!("- **{}**: {}\n", f.topic, f.text));
+    }
+    out
+}
+
+/// A cell as the rules see it.
+#[derive(Debug, Clone, Default)]
+pub struct CellView {
+    pub id: String,
+    pub model: String,
+    pub prompt: String,
+    pub method: String,
+    /// `generate`, `loglik` or `knn_vote`.
+    pub kind: String,
+    /// `fit` or `content_free` for calibrated cells.
+    pub calibration: Option<String>,
+    /// Generation cells: the temperature, the seed, and the rest of the sampler setting.
+    pub temperature: Option<f64>,
+    pub seed: Option<u64>,
+    pub sampler_rest: String,
+    /// Each evaluation row's prediction: `None` when the cell has no row for it,
+    /// `Some(None)` for an invalid answer.
+    pub predictions: Vec<Option<Option<usize>>>,
+    pub invalid: u64,
+    pub reviews_per_s: f64,
+    pub words_per_s: f64,
+    pub mean_prompt_tokens: f64,
+}
+
+/// Everything the rules read.
+#[derive(Debug, Clone, Default)]
+pub struct Input {
+    pub labels: Vec<String>,
+    /// The gold label of each evaluation row.
+    pub gold: Vec<usize>,
+    /// Models in spec order (smallest first, as specs list them by convention is not
+    /// assumed: the order only decides which model is named first).
+    pub models: Vec<String>,
+    pub cells: Vec<CellView>,
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+impl Input {
+    pub fn new(plan: &Plan, a: &Analysis) -> Self {
+        let n_rows = plan.dataset.rows.len();
+        let mut predictions = vec![vec![None; n_rows]; plan.cells.len()];
+        let mut tokens = vec![(0u64, 0u64); plan.cells.len()];
+        for p in &a.predictions {
+            predictions[p.cell][p.row] = Some(p.predicted);
+            tokens[p.cell].0 += u64::from(p.prompt_tokens);
+            tokens[p.cell].1 += 1;
+        }
+        let cells = plan
+            .cells
+            .iter()
+            .zip(&a.metrics)
+            .zip(predictions)
+            .zip(tokens)
+            .map(|(((cell, m), predictions), (tok, rows))| CellView {
+                id: cell.id.clone(),
+                model: m.model.clone(),
+                prompt: m.prompt.clone(),
+                method: m.method.clone(),
+                kind: m.kind.clone(),
+                calibration: m.calibration.as_ref().map(|c| c.kind.clone()),
+                temperature: cell.point.as_ref().map(|p| p.temperature),
+                seed: cell.point.as_ref().map(|p| p.seed),
+                sampler_rest: cell
+                    .point
+                    .as_ref()
+                    .map(|p| {
+                        format!(
+                            "top_p={},top_k={},min_p={},repeat={}",
+                            p.top_p, p.top_k, p.min_p, p.repeat
+                        )
+                    })
+                    .unwrap_or_default(),
+                predictions,
+                invalid: m.invalid,
+                reviews_per_s: speed(m),
+                words_per_s: m.words_per_s,
+                mean_prompt_tokens: if rows > 0 {
+                    tok as f64 / rows as f64
+                } else {
+                    0.0
+                },
+            })
+            .collect();
+        Self {
+            labels: plan.dataset.label_names(),
+            gold: plan.dataset.rows.iter().map(|r| r.label).collect(),
+            models: plan.spec.models.iter().map(|m| m.id.clone()).collect(),
+            cells,
+            resamples: plan.spec.compare.resamples,
+            seed: plan.spec.compare.seed,
+        }
+    }
+}
+
+/// Reviews per second of a cell a model computed (0 for a vote).
+fn speed(m: &CellMetrics) -> f64 {
+    if m.compute_s > 0.0 {
+        m.reviews_per_s
+    } else {
+        0.0
+    }
+}
+
+/// The findings, in reading order.
+pub fn derive(input: &Input) -> Vec<Finding> {
+    let mut out = Vec::new();
+    precision(input, &mut out);
+    models(input, &mut out);
+    prompts(input, &mut out);
+    calibration(input, &mut out);
+    bias(input, &mut out);
+    temperature(input, &mut out);
+    seeds_and_samplers(input, &mut out);
+    baseline(input, &mut out);
+    validity(input, &mut out);
+    cost(input, &mut out);
+    out
+}
+
+impl CellView {
+    fn n(&self) -> usize {
+        self.predictions.iter().flatten().count()
+    }
+
+    fn accuracy(&self, gold: &[usize]) -> Option<f64> {
+        let n = self.n();
+        (n > 0).then(|| {
+            self.predictions
+                .iter()
+                .zip(gold)
+                .filter(|(p, g)| **p == Some(Some(**g)))
+                .count() as f64
+                / n as f64
+        })
+    }
+
+    fn raw(&self) -> bool {
+        self.calibration.is_none()
+    }
+}
+
+/// A paired test of two cells on the rows both have.
+#[derive(Debug, Clone, Copy)]
+struct Paired {
+    n: usize,
+    a: f64,
+    b: f64,
+    lo: f64,
+    hi: f64,
+    p: f64,
+}
+
+impl Paired {
+    fn diff(&self) -> f64 {
+        self.a - self.b
+    }
+
+    fn significant(&self) -> bool {
+        (self.lo > 0.0 || self.hi < 0.0) && self.p < ALPHA
+    }
+
+    /// "(95% paired bootstrap −3.0 to +2.0, McNemar p = 0.41, 300 reviews)".
+    fn evidence(&self) -> String {
+        format!(
+            "95% paired bootstrap {} to {}, McNemar {}, {} reviews",
+            signed(self.lo),
+            signed(self.hi),
+            p_text(self.p),
+            self.n
+        )
+    }
+}
+
+fn paired(input: &Input, a: &CellView, b: &CellView) -> Option<Paired> {
+    let (x, y): (Vec<bool>, Vec<bool>) = a
+        .predictions
+        .iter()
+        .zip(&b.predictions)
+        .zip(&input.gold)
+        .filter_map(|((p, q), g)| Some(((*p)? == Some(*g), (*q)? == Some(*g))))
+        .unzip();
+    if x.is_empty() {
+        return None;
+    }
+    let acc = |v: &[bool]| v.iter().filter(|&&t| t).count() as f64 / v.len() as f64;
+    let (lo, hi) = stats::paired_bootstrap(&x, &y, input.resamples, input.seed, 0.95);
+    let only_a = x.iter().zip(&y).filter(|(p, q)| **p && !**q).count() as u64;
+    let only_b = x.iter().zip(&y).filter(|(p, q)| !**p && **q).count() as u64;
+    Some(Paired {
+        n: x.len(),
+        a: acc(&x),
+        b: acc(&y),
+        lo,
+        hi,
+        p: stats::mcnemar_exact(only_a, only_b),
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// A difference in accuracy points, signed: "+3.0", "−1.5", "0.0".
+fn signed(x: f64) -> String {
+    let v = 100.0 * x;
+    if v.abs() < 0.05 {
+        "0.0".into()
+    } else if v > 0.0 {
+        format!("+{v:.1}")
+    } else {
+        format!("−{:.1}", -v)
+    }
+}
+
+fn p_text(p: f64) -> String {
+    if p < 0.001 {
+        "p < 0.001".into()
+    } else {
+        format!("p = {p:.3}")
+    }
+}
+
+/// "beats X by 3.0 points (…)" or "does not differ significantly from X: −1.0 points (…)".
+fn verdict(t: &Paired, other: &str) -> String {
+    if t.significant() {
+        let (verb, d) = if t.diff() > 0.0 {
+            ("beats", t.diff())
+        } else {
+            ("trails", -t.diff())
+        };
+        format!(
+            "{verb} {other} by {:.1} points ({})",
+            100.0 * d,
+            t.evidence()
+        )
+    } else {
+        format!(
+            "does not differ significantly from {other}: {} points ({}; not significant)",
+            signed(t.diff()),
+            t.evidence()
+        )
+    }
+}
+
+/// The most accurate cell among `cells` (ties: the first).
+fn best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<&'a CellView> {
+    let mut top: Option<(&CellView, f64)> = None;
+    for c in cells {
+        if let Some(a) = c.accuracy(&input.gold)
+            && top.is_none_or(|(_, b)| a > b)
+        {
+            top = Some((c, a));
+        }
+    }
+    top.map(|(c, _)| c)
+}
+
+/// The cell of `model` and `prompt` that scores labels raw: the first raw `loglik` method,
+/// else the first generation cell.
+fn reference_cell<'a>(input: &'a Input, model: &str, prompt: &str) -> Option<&'a CellView> {
+    let of = |c: &&CellView| c.model == model && c.prompt == prompt && c.n() > 0;
+    input
+        .cells
+        .iter()
+        .filter(of)
+        .find(|c| c.kind == "loglik" && c.raw())
+        .or_else(|| input.cells.iter().filter(of).find(|c| c.kind == "generate"))
+}
+
+fn model_cells<'a>(input: &'a Input, model: &'a str) -> impl Iterator<Item = &'a CellView> {
+    input
+        .cells
+        .iter()
+        .filter(move |c| c.model == model && c.kind != "knn_vote")
+}
+
+fn prompts_of(input: &Input, model: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in model_cells(input, model) {
+        if !out.contains(&c.prompt) {
+            out.push(c.prompt.clone());
+        }
+    }
+    out
+}
+
+/// What the sample size buys: the interval on one cell, and the smallest paired difference
+/// the report can call significant.
+fn precision(input: &Input, out: &mut Vec<Finding>) {
+    let mut accs: Vec<f64> = input
+        .cells
+        .iter()
+        .filter_map(|c| c.accuracy(&input.gold))
+        .collect();
+    let n = input.gold.len();
+    if accs.is_empty() || n == 0 {
+        return;
+    }
+    accs.sort_by(f64::total_cmp);
+    let median = accs[accs.len() / 2];
+    let half = |a: f64| {
+        let k = (a * n as f64).round() as u64;
+        let (lo, hi) = stats::wilson(k, n as u64, 1.959_964);
+        (hi - lo) / 2.0
+    };
+    // The smallest net win the exact McNemar test calls significant when a tenth of the
+    // rows are discordant.
+    let discordant = ((n as f64 * 0.1).round() as u64).max(1);
+    let needed = (0..=discordant)
+        .map(|c| (discordant - c, c))
+        .filter(|&(b, c)| b > c && stats::mcnemar_exact(b, c) < ALPHA)
+        .map(|(b, c)| (b - c) as f64 / n as f64)
+        .min_by(f64::total_cmp);
+    out.push(Finding {
+        topic: "sample",
+        text: format!(
+            "{n} reviews: a 95% interval on one cell's accuracy is ±{:.1} points at the median cell's {} (±{:.1} at 50%); when two cells answer a tenth of the reviews differently, {}.",
+            100.0 * half(median),
+            pct(median),
+            100.0 * half(0.5),
+            match needed {
+                Some(d) => format!(
+                    "a paired difference of {:.1} points or more is significant",
+                    100.0 * d
+                ),
+                None => "no paired difference can be significant".into(),
+            }
+        ),
+    });
+}
+
+/// The best cell of each model against the best of every other, and the models on the
+/// same first prompt and method.
+fn models(input: &Input, out: &mut Vec<Finding>) {
+    for (i, a) in input.models.iter().enumerate() {
+        for b in &input.models[i + 1..] {
+            let count = |m: &str| model_cells(input, m).filter(|c| c.n() > 0).count();
+            let (Some(ba), Some(bb)) = (
+                best(input, model_cells(input, a)),
+                best(input, model_cells(input, b)),
+            ) else {
+                continue;
+            };
+            let Some(t) = paired(input, bb, ba) else {
+                continue;
+            };
+            let other = format!(
+                "the best {a} cell, {} ({}, of {} cells)",
+                ba.id,
+                pct(t.b),
+                count(a)
+            );
+            out.push(Finding {
+                topic: "models",
+                text: format!(
+                    "The best {b} cell, {} ({}, the most accurate of {} cells), {}. Both were picked as the best after the run, which favours them.",
+                    bb.id,
+                    pct(t.a),
+                    count(b),
+                    verdict(&t, &other),
+                ),
+            });
+            let Some(first) = prompts_of(input, a).into_iter().next() else {
+                continue;
+            };
+            if let (Some(ra), Some(rb)) = (
+                reference_cell(input, a, &first),
+                reference_cell(input, b, &first),
+            ) && let Some(t) = paired(input, rb, ra)
+            {
+                out.push(Finding {
+                    topic: "models",
+                    text: format!(
+                        "On the same prompt and method ({first}, {}), {b} at {} {}.",
+                        ra.method,
+                        pct(t.a),
+                        verdict(&t, &format!("{a} at {}", pct(t.b))),
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// Each prompt against the model's first prompt, on the raw scoring cell.
+fn prompts(input: &Input, out: &mut Vec<Finding>) {
+    for model in &input.models {
+        let prompts = prompts_of(input, model);
+        let Some(first) = prompts.first() else {
+            continue;
+        };
+        let Some(reference) = reference_cell(input, model, first) else {
+            continue;
+        };
+        let mut better = Vec::new();
+        let mut worse = Vec::new();
+        let mut same = Vec::new();
+        for p in &prompts[1..] {
+            let Some(c) = reference_cell(input, model, p) else {
+                continue;
+            };
+            let Some(t) = paired(input, c, reference) else {
+                continue;
+            };
+            let item = format!(
+                "{p} {} ({}, {} to {}, {})",
+                signed(t.diff()),
+                pct(t.a),
+                signed(t.lo),
+                signed(t.hi),
+                p_text(t.p)
+            );
+            match (t.significant(), t.diff() > 0.0) {
+                (true, true) => better.push(item),
+                (true, false) => worse.push(item),
+                (false, _) => same.push(item),
+            }
+        }
+        if better.is_empty() && worse.is_empty() && same.is_empty() {
+            continue;
+        }
+        let mut parts = Vec::new();
+        for (name, items) in [
+            ("better", better),
+            ("worse", worse),
+            ("not significantly different", same),
+        ] {
+            if !items.is_empty() {
+                parts.push(format!("{name}: {}", items.join(", ")));
+            }
+        }
+        out.push(Finding {
+            topic: "prompts",
+            text: format!(
+                "On {model}, against {first} at {} ({} scoring; points, 95% paired bootstrap interval, McNemar p): {}.",
+                pct(reference.accuracy(&input.gold).unwrap_or(0.0)),
+                reference.method,
+                parts.join("; ")
+            ),
+        });
+    }
+}
+
+/// Calibrated cells against their raw cell.
+fn calibration(input: &Input, out: &mut Vec<Finding>) {
+    for model in &input.models {
+        let mut tests: Vec<(&CellView, Paired)> = Vec::new();
+        for c in model_cells(input, model).filter(|c| c.calibration.is_some()) {
+            let raw = input.cells.iter().find(|r| {
+                r.model == c.model && r.prompt == c.prompt && r.kind == c.kind && r.raw()
+            });
+            if let Some(raw) = raw
+                && let Some(t) = paired(input, c, raw)
+            {
+                tests.push((c, t));
+            }
+        }
+        let Some((top, t)) = tests
+            .iter()
+            .max_by(|x, y| x.1.diff().total_cmp(&y.1.diff()))
+            .copied()
+        else {
+            continue;
+        };
+        let gains = tests
+            .iter()
+            .filter(|(_, t)| t.significant() && t.diff() > 0.0)
+            .count();
+        let losses = tests
+            .iter()
+            .filter(|(_, t)| t.significant() && t.diff() < 0.0)
+            .count();
+        out.push(Finding {
+            topic: "calibration",
+            text: format!(
+                "Calibration on {model}: {gains} of {} calibrated cells are significantly more accurate than their raw cell and {losses} less; the largest change is {}, from {} to {} ({} points, {}{}).",
+                tests.len(),
+                top.id,
+                pct(t.b),
+                pct(t.a),
+                signed(t.diff()),
+                t.evidence(),
+                if t.significant() {
+                    ""
+                } else {
+                    "; not significant"
+                }
+            ),
+        });
+    }
+}
+
+/// Raw cells whose predicted labels lean far from the gold shares.
+fn bias(input: &Input, out: &mut Vec<Finding>) {
+    let k = input.labels.len();
+    for model in &input.models {
+        let mut leaning: Vec<(&CellView, usize, f64, f64)> = Vec::new();
+        let mut raw = 0;
+        for c in model_cells(input, model).filter(|c| c.raw()) {
+            let rows: Vec<(Option<usize>, usize)> = c
+                .predictions
+                .iter()
+                .zip(&input.gold)
+                .filter_map(|(p, g)| Some(((*p)?, *g)))
+                .collect();
+            let n = rows.len();
+            if n == 0 {
+                continue;
+            }
+            raw += 1;
+            let mut worst: Option<(usize, f64, f64)> = None;
+            for l in 0..k {
+                let pred = rows.iter().filter(|(p, _)| *p == Some(l)).count();
+                let gold = rows.iter().filter(|(_, g)| *g == l).count() as f64 / n as f64;
+                let share = pred as f64 / n as f64;
+                // Named only when the Wilson interval of the share excludes the gold share.
+                let (lo, hi) = stats::wilson(pred as u64, n as u64, 1.959_964);
+                if (share - gold).abs() >= BIAS_MIN
+                    && (gold < lo || gold > hi)
+                    && worst.is_none_or(|(_, s, g)| (share - gold).abs() > (s - g).abs())
+                {
+                    worst = Some((l, share, gold));
+                }
+            }
+            if let Some((l, s, g)) = worst
+                && s > g
+            {
+                leaning.push((c, l, s, g));
+            }
+        }
+        let Some(&(c, l, s, g)) = leaning
+            .iter()
+            .max_by(|a, b| (a.2 - a.3).total_cmp(&(b.2 - b.3)))
+        else {
+            continue;
+        };
+        let mut by_label: Vec<(usize, usize)> = Vec::new();
+        for (_, l, _, _) in &leaning {
+            match by_label.iter_mut().find(|(x, _)| x == l) {
+                Some((_, n)) => *n += 1,
+                None => by_label.push((*l, 1)),
+            }
+        }
+        let lean = by_label
+            .iter()
+            .map(|(l, n)| format!("{n} toward '{}'", input.labels[*l]))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push(Finding {
+            topic: "bias",
+            text: format!(
+                "{} of {raw} uncalibrated cells of {model} over-predict one label by {:.0}+ points ({lean}); the most, {}, predicts '{}' for {} of reviews (gold {}).",
+                leaning.len(),
+                100.0 * BIAS_MIN,
+                c.id,
+                input.labels[l],
+                pct(s),
+                pct(g)
+            ),
+        });
+    }
+}
+
+/// Generation cells that differ only in temperature: answers changed and accuracy moved.
+fn temperature(input: &Input, out: &mut Vec<Finding>) {
+    for model in &input.models {
+        let gens: Vec<&CellView> = model_cells(input, model)
+            .filter(|c| c.kind == "generate" && c.temperature.is_some())
+            .collect();
+        let mut temps: Vec<f64> = gens.iter().filter_map(|c| c.temperature).collect();
+        temps.sort_by(f64::total_cmp);
+        temps.dedup();
+        if temps.len() < 2 {
+            continue;
+        }
+        let (low, high) = (temps[0], temps[temps.len() - 1]);
+        let pairs: Vec<(&CellView, &CellView)> = gens
+            .iter()
+            .filter(|c| c.temperature == Some(low))
+            .filter_map(|a| {
+                gens.iter()
+                    .find(|b| {
+                        b.temperature == Some(high)
+                            && b.prompt == a.prompt
+                            && b.method == a.method
+                            && b.seed == a.seed
+                            && b.sampler_rest == a.sampler_rest
+                    })
+                    .map(|b| (*a, *b))
+            })
+            .collect();
+        let (mut changed, mut both) = (0usize, 0usize);
+        let mut diffs = Vec::new();
+        for (a, b) in &pairs {
+            for (p, q) in a.predictions.iter().zip(&b.predictions) {
+                if let (Some(p), Some(q)) = (p, q) {
+                    both += 1;
+                    changed += usize::from(p != q);
+                }
+            }
+            if let (Some(x), Some(y)) = (b.accuracy(&input.gold), a.accuracy(&input.gold)) {
+                diffs.push(x - y);
+            }
+        }
+        let Some(&(a, b)) = pairs.first() else {
+            continue;
+        };
+        let Some(t) = paired(input, b, a) else {
+            continue;
+        };
+        let prompts: std::collections::BTreeSet<&str> =
+            pairs.iter().map(|(a, _)| a.prompt.as_str()).collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        out.push(Finding {
+            topic: "temperature",
+            text: format!(
+                "On {model}, temperature {high} changes {} of answers against {low} (same seed and sampler; {} cell pairs over {} prompt{}) and moves accuracy by {} points on average; in {} ({}), t={high} at {} {}.",
+                pct(changed as f64 / both.max(1) as f64),
+                pairs.len(),
+                prompts.len(),
+                if prompts.len() == 1 { "" } else { "s" },
+                signed(mean),
+                a.id.split('@').next().unwrap_or(&a.id),
+                a.seed.map(|s| format!("seed {s}")).unwrap_or_default(),
+                pct(t.a),
+                verdict(&t, &format!("t={low} at {}", pct(t.b)))
+            ),
+        });
+    }
+}
+
+/// Generation settings run with several seeds: how much the seed moves accuracy, and, when
+/// settings differ in more than temperature, which setting did best and worst.
+fn seeds_and_samplers(input: &Input, out: &mut Vec<Finding>) {
+    for model in &input.models {
+        // (prompt, method, temperature, sampler) -> the cells of its seeds.
+        let mut settings: Vec<(String, Vec<&CellView>)> = Vec::new();
+        for c in model_cells(input, model).filter(|c| c.kind == "generate" && c.n() > 0) {
+            let key = format!(
+                "{}/{}@t={},{}",
+                c.prompt,
+                c.method,
+                c.temperature.unwrap_or(0.0),
+                c.sampler_rest
+            );
+            match settings.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(c),
+                None => settings.push((key, vec![c])),
+            }
+        }
+        let stats: Vec<(&str, usize, f64, f64)> = settings
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(k, v)| {
+                let accs: Vec<f64> = v.iter().filter_map(|c| c.accuracy(&input.gold)).collect();
+                let (mean, std) = stats::mean_std(&accs);
+                (k.as_str(), v.len(), mean, std)
+            })
+            .collect();
+        if stats.is_empty() {
+            continue;
+        }
+        let mean_std = stats.iter().map(|s| s.3).sum::<f64>() / stats.len() as f64;
+        let widest = stats
+            .iter()
+            .max_by(|a, b| a.3.total_cmp(&b.3))
+            .expect("not empty");
+        out.push(Finding {
+            topic: "seeds",
+            text: format!(
+                "On {model}, {} generation settings were each run with {} seeds: accuracy moves by a standard deviation of {:.1} points between seeds on average, {:.1} at most ({}).",
+                stats.len(),
+                widest.1,
+                100.0 * mean_std,
+                100.0 * widest.3,
+                widest.0
+            ),
+        });
+        let rests: std::collections::BTreeSet<&str> = settings
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|c| c.sampler_rest.as_str()))
+            .collect();
+        if rests.len() < 2 {
+            continue;
+        }
+        let top = stats
+            .iter()
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .expect("not empty");
+        let low = stats
+            .iter()
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .expect("not empty");
+        let first = |key: &str| {
+            settings
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v[0])
+                .expect("a setting of the list")
+        };
+        let (a, b) = (first(top.0), first(low.0));
+        let Some(t) = paired(input, a, b) else {
+            continue;
+        };
+        out.push(Finding {
+            topic: "sampler",
+            text: format!(
+                "On {model}, over {} sampler settings (mean of their seeds), the best is {} at {} and the worst {} at {}; on one seed the best {}.",
+                stats.len(),
+                top.0,
+                pct(top.2),
+                low.0,
+                pct(low.2),
+                verdict(&t, "the worst")
+            ),
+        });
+    }
+}
+
+/// A cell without a model (the kNN vote) against the best cell of each model.
+fn baseline(input: &Input, out: &mut Vec<Finding>) {
+    for v in input
+        .cells
+        .iter()
+        .filter(|c| c.kind == "knn_vote" && c.n() > 0)
+    {
+        for model in &input.models {
+            let Some(b) = best(input, model_cells(input, model)) else {
+                continue;
+            };
+            if let Some(t) = paired(input, v, b) {
+                out.push(Finding {
+                    topic: "baseline",
+                    text: format!(
+                        "The labelled data alone ({}, no model) at {} {}.",
+                        v.id,
+                        pct(t.a),
+                        verdict(
+                            &t,
+                            &format!("the best {model} cell, {} at {}", b.id, pct(t.b))
+                        ),
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// Cells where generated answers often name no label.
+fn validity(input: &Input, out: &mut Vec<Finding>) {
+    let mut bad: Vec<(&CellView, f64)> = input
+        .cells
+        .iter()
+        .filter(|c| c.n() > 0)
+        .map(|c| (c, c.invalid as f64 / c.n() as f64))
+        .filter(|(_, share)| *share >= 0.02)
+        .collect();
+    if bad.is_empty() {
+        return;
+    }
+    bad.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let worst = bad
+        .iter()
+        .take(3)
+        .map(|(c, s)| format!("{} {}", c.id, pct(*s)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push(Finding {
+        topic: "validity",
+        text: format!(
+            "In {} cells at least 2% of the generated answers name no label (counted as wrong); the most: {worst}.",
+            bad.len()
+        ),
+    });
+}
+
+/// What each prompt costs per review against the first, and the models against each other.
+fn cost(input: &Input, out: &mut Vec<Finding>) {
+    for model in &input.models {
+        let prompts = prompts_of(input, model);
+        let Some(reference) = prompts
+            .first()
+            .and_then(|p| reference_cell(input, model, p))
+        else {
+            continue;
+        };
+        if reference.reviews_per_s <= 0.0 {
+            continue;
+        }
+        let items: Vec<String> = prompts[1..]
+            .iter()
+            .filter_map(|p| reference_cell(input, model, p))
+            .filter(|c| c.reviews_per_s > 0.0)
+            .map(|c| {
+                format!(
+                    "{} {:.2}× the time ({:.0} prompt tokens)",
+                    c.prompt,
+                    reference.reviews_per_s / c.reviews_per_s,
+                    c.mean_prompt_tokens
+                )
+            })
+            .collect();
+        out.push(Finding {
+            topic: "cost",
+            text: format!(
+                "On {model}, {} runs at {:.2} reviews/s ({:.0} words/s, {:.0} prompt tokens a review){}.",
+                reference.prompt,
+                reference.reviews_per_s,
+                reference.words_per_s,
+                reference.mean_prompt_tokens,
+                if items.is_empty() {
+                    String::new()
+                } else {
+                    format!("; per review, {}", items.join(", "))
+                }
+            ),
+        });
+    }
+    for (i, a) in input.models.iter().enumerate() {
+        for b in &input.models[i + 1..] {
+            let first = prompts_of(input, a).into_iter().next().unwrap_or_default();
+            if let (Some(x), Some(y)) = (
+                reference_cell(input, a, &first),
+                reference_cell(input, b, &first),
+            ) && x.reviews_per_s > 0.0
+                && y.reviews_per_s > 0.0
+            {
+                out.push(Finding {
+                    topic: "cost",
+                    text: format!(
+                        "{b} takes {:.2}× the time of {a} per review on {first} ({:.2} vs {:.2} reviews/s).",
+                        x.reviews_per_s / y.reviews_per_s,
+                        y.reviews_per_s,
+                        x.reviews_per_s
+                    ),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` rows, gold alternating 0/1.
+    fn input(n: usize) -> Input {
+        Input {
+            labels: vec!["negative".into(), "positive".into()],
+            gold: (0..n).map(|i| i % 2).collect(),
+            models: vec!["small".into(), "large".into()],
+            cells: Vec::new(),
+            resamples: 2000,
+            seed: 1,
+        }
+    }
+
+    /// A raw loglik cell right on the first `right` rows and wrong after (invalid answers
+    /// never: a wrong answer is the other label).
+    fn cell(inp: &Input, model: &str, prompt: &str, right: usize) -> CellView {
+        CellView {
+            id: format!("{model}/{prompt}/loglik"),
+            model: model.into(),
+            prompt: prompt.into(),
+            method: "loglik".into(),
+            kind: "loglik".into(),
+            predictions: inp
+                .gold
+                .iter()
+                .enumerate()
+                .map(|(i, &g)| Some(Some(if i < right { g } else { 1 - g })))
+                .collect(),
+            reviews_per_s: 1.0,
+            words_per_s: 200.0,
+            mean_prompt_tokens: 300.0,
+            ..Default::default()
+        }
+    }
+
+    fn texts(f: &[Finding], topic: &str) -> Vec<String> {
+        f.iter()
+            .filter(|x| x.topic == topic)
+            .map(|x| x.text.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_significant_gap_is_a_win_with_its_numbers() {
+        let mut inp = input(300);
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 210),
+            cell(&inp, "large", "zero", 270),
+        ];
+        let f = derive(&inp);
+        let m = texts(&f, "models");
+        assert!(m[0].contains("large/zero/loglik (90.0%"), "{}", m[0]);
+        assert!(m[0].contains("beats the best small cell"), "{}", m[0]);
+        assert!(m[0].contains("by 20.0 points"), "{}", m[0]);
+        assert!(m[0].contains("McNemar p < 0.001, 300 reviews"), "{}", m[0]);
+        assert!(
+            m[1].contains("large at 90.0% beats small at 70.0% by 20.0 points"),
+            "{}",
+            m[1]
+        );
+    }
+
+    #[test]
+    fn a_gap_whose_interval_includes_zero_is_never_a_win() {
+        let mut inp = input(100);
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 80),
+            cell(&inp, "large", "zero", 83),
+        ];
+        for f in derive(&inp) {
+            assert!(!f.text.contains("beats"), "{}", f.text);
+            assert!(!f.text.contains("trails"), "{}", f.text);
+        }
+        let m = texts(&derive(&inp), "models");
+        assert!(m[0].contains("does not differ significantly"), "{}", m[0]);
+        assert!(m[0].contains("+3.0 points"), "{}", m[0]);
+        assert!(m[0].contains("not significant"), "{}", m[0]);
+    }
+
+    #[test]
+    fn a_biased_cell_is_named_with_its_share_and_the_gold_share() {
+        let mut inp = input(200);
+        let mut biased = cell(&inp, "small", "zero", 0);
+        // Says 'negative' to 170 of 200 reviews (gold: 100).
+        biased.predictions = (0..200)
+            .map(|i| Some(Some(usize::from(i >= 170))))
+            .collect();
+        inp.cells = vec![biased, cell(&inp, "large", "zero", 200)];
+        let b = texts(&derive(&inp), "bias");
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("predicts 'negative' for 85.0% of reviews (gold 50.0%)"),
+            "{}",
+            b[0]
+        );
+        assert!(
+            b[0].starts_with("1 of 1 uncalibrated cells of small"),
+            "{}",
+            b[0]
+        );
+    }
+
+    #[test]
+    fn a_small_lean_is_not_called_a_bias() {
+        let mut inp = input(200);
+        let mut c = cell(&inp, "small", "zero", 0);
+        // 'negative' for 110 of 200: 5 points off, inside the noise.
+        c.predictions = (0..200)
+            .map(|i| Some(Some(usize::from(i >= 110))))
+            .collect();
+        inp.cells = vec![c];
+        assert!(texts(&derive(&inp), "bias").is_empty());
+    }
+
+    #[test]
+    fn ties_pick_the_first_cell_and_say_no_difference() {
+        let mut inp = input(100);
+        inp.cells = vec![
+            cell(&inp, "small", "a", 70),
+            cell(&inp, "small", "b", 70),
+            cell(&inp, "large", "a", 70),
+        ];
+        let f = derive(&inp);
+        let m = texts(&f, "models");
+        assert!(m[0].contains("small/a/loglik"), "{}", m[0]);
+        assert!(m[0].contains("0.0 points"), "{}", m[0]);
+        assert!(m[0].contains("not significant"), "{}", m[0]);
+        let p = texts(&f, "prompts");
+        assert!(
+            p[0].contains("not significantly different: b 0.0"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn calibration_and_prompts_are_sorted_into_better_and_worse() {
+        let mut inp = input(300);
+        let mut fit = cell(&inp, "small", "zero", 270);
+        fit.id = "small/zero/loglik-fit".into();
+        fit.method = "loglik-fit".into();
+        fit.calibration = Some("fit".into());
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 210),
+            fit,
+            cell(&inp, "small", "reversed", 255),
+            cell(&inp, "small", "terse", 150),
+        ];
+        let f = derive(&inp);
+        let p = texts(&f, "prompts");
+        assert!(p[0].contains("better: reversed +15.0 (85.0%"), "{}", p[0]);
+        assert!(p[0].contains("worse: terse −20.0 (50.0%"), "{}", p[0]);
+        let c = texts(&f, "calibration");
+        assert!(
+            c[0].starts_with(
+                "Calibration on small: 1 of 1 calibrated cells are significantly more accurate"
+            ),
+            "{}",
+            c[0]
+        );
+        assert!(
+            c[0].contains("small/zero/loglik-fit, from 70.0% to 90.0% (+20.0 points"),
+            "{}",
+            c[0]
+        );
+    }
+
+    #[test]
+    fn seeds_report_their_spread_and_samplers_their_best_and_worst() {
+        let mut inp = input(100);
+        let generation = |inp: &Input, right: usize, seed: u64, top_k: i32| {
+            let mut c = cell(inp, "small", "zero", right);
+            c.kind = "generate".into();
+            c.method = "generate".into();
+            c.temperature = Some(0.8);
+            c.seed = Some(seed);
+            c.sampler_rest = format!("top_p=1,top_k={top_k},min_p=0,repeat=0");
+            c.id = format!("small/zero/generate@top_k={top_k},seed={seed}");
+            c
+        };
+        inp.cells = vec![
+            generation(&inp, 80, 1, 0),
+            generation(&inp, 84, 2, 0),
+            generation(&inp, 60, 1, 40),
+            generation(&inp, 62, 2, 40),
+        ];
+        let f = derive(&inp);
+        let seeds = texts(&f, "seeds");
+        assert!(
+            seeds[0].contains("2 generation settings were each run with 2 seeds"),
+            "{}",
+            seeds[0]
+        );
+        let s = texts(&f, "sampler");
+        assert!(
+            s[0].contains("the best is zero/generate@t=0.8,top_p=1,top_k=0"),
+            "{}",
+            s[0]
+        );
+        assert!(s[0].contains("at 82.0%"), "{}", s[0]);
+        assert!(s[0].contains("beats the worst by 20.0 points"), "{}", s[0]);
+    }
+
+    #[test]
+    fn temperature_counts_changed_answers_between_paired_cells() {
+        let mut inp = input(100);
+        let mut low = cell(&inp, "small", "zero", 80);
+        low.kind = "generate".into();
+        low.temperature = Some(0.2);
+        low.seed = Some(1);
+        low.id = "small/zero/generate@t=0.2".into();
+        let mut high = cell(&inp, "small", "zero", 70);
+        high.kind = "generate".into();
+        high.temperature = Some(0.8);
+        high.seed = Some(1);
+        high.id = "small/zero/generate@t=0.8".into();
+        inp.cells = vec![low, high];
+        let t = texts(&derive(&inp), "temperature");
+        assert!(
+            t[0].contains("temperature 0.8 changes 10.0% of answers against 0.2"),
+            "{}",
+            t[0]
+        );
+        assert!(t[0].contains("−10.0 points on average"), "{}", t[0]);
+    }
+}
