@@ -124,7 +124,7 @@ fn renders_through_the_family_template(
         threads: 2,
     };
     let mut chat = String::new();
-    LlamaEngine::default()
+    LlamaEngine
         .with_model(&load, &mut |s| {
             chat = s.format_chat(&messages)?.text;
             Ok(())
@@ -162,42 +162,39 @@ fn local_model_of(arch: &str) -> Option<PathBuf> {
 /// keys are searched).
 fn architecture(path: &Path) -> Option<String> {
     let mut f = std::io::BufReader::new(std::fs::File::open(path).ok()?);
-    let mut u32_ = || -> Option<u32> {
-        let mut b = [0u8; 4];
+    let mut bytes = |n: usize| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; n];
         f.read_exact(&mut b).ok()?;
-        Some(u32::from_le_bytes(b))
+        Some(b)
     };
-    if u32_()? != u32::from_le_bytes(*b"GGUF") {
+    let mut word = |n: usize| -> Option<u64> {
+        let b = bytes(n)?;
+        Some(
+            b.iter()
+                .rev()
+                .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+        )
+    };
+    if word(4)? != u64::from(u32::from_le_bytes(*b"GGUF")) {
         return None;
     }
-    let _version = u32_()?;
-    drop(u32_);
-    let u64_ = |f: &mut std::io::BufReader<std::fs::File>| -> Option<u64> {
-        let mut b = [0u8; 8];
-        f.read_exact(&mut b).ok()?;
-        Some(u64::from_le_bytes(b))
-    };
-    let _tensors = u64_(&mut f)?;
-    let keys = u64_(&mut f)?;
-    let string = |f: &mut std::io::BufReader<std::fs::File>| -> Option<String> {
-        let mut b = [0u8; 8];
-        f.read_exact(&mut b).ok()?;
-        let n = u64::from_le_bytes(b) as usize;
+    let _version = word(4)?;
+    let _tensors = word(8)?;
+    let keys = word(8)?;
+    let string = |word: &mut dyn FnMut(usize) -> Option<u64>| -> Option<String> {
+        let n = word(8)? as usize;
         if n > 1 << 20 {
             return None;
         }
-        let mut s = vec![0u8; n];
-        f.read_exact(&mut s).ok()?;
-        String::from_utf8(s).ok()
+        let chars: Option<Vec<u8>> = (0..n).map(|_| word(1).map(|b| b as u8)).collect();
+        String::from_utf8(chars?).ok()
     };
     for _ in 0..keys.min(16) {
-        let key = string(&mut f)?;
-        let mut t = [0u8; 4];
-        f.read_exact(&mut t).ok()?;
-        match u32::from_le_bytes(t) {
+        let key = string(&mut word)?;
+        match word(4)? {
             // A string: the value, if it is the key we want.
             8 => {
-                let v = string(&mut f)?;
+                let v = string(&mut word)?;
                 if key == "general.architecture" {
                     return Some(v);
                 }
@@ -210,8 +207,7 @@ fn architecture(path: &Path) -> Option<String> {
                     4..=6 => 4,
                     _ => 8,
                 };
-                let mut skip = vec![0u8; size];
-                f.read_exact(&mut skip).ok()?;
+                word(size)?;
             }
             // An array or an unknown type before the architecture: give up.
             _ => return None,
