@@ -66,6 +66,40 @@ pub struct Planned {
 }
 
 impl Planned {
+    /// When `reports_dir` holds a published report of this spec whose rows this cache lacks:
+    /// who made it, and why a run here computes them again (the row cache is not part of a
+    /// published report; another engine gives other keys).
+    pub fn published_note(&self, reports_dir: &Path) -> Option<String> {
+        let dir = reports_dir.join(&self.plan.spec.name);
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("run.json")).ok()?).ok()?;
+        let (rows, cached) = self
+            .status()
+            .iter()
+            .fold((0, 0), |(r, c), s| (r + s.rows, c + s.cached));
+        if cached == rows {
+            return None;
+        }
+        let engine = run["engine"].as_str().unwrap_or("unknown");
+        let date = run["last_run"]["date_utc"]
+            .as_str()
+            .or(run["date_utc"].as_str())
+            .unwrap_or("an unknown date");
+        let mut note = format!(
+            "note: {} was published on {} UTC with engine `{engine}`; this cache holds {cached} of its {rows} rows (a report does not carry the row cache), so `run` computes the other {}",
+            dir.display(),
+            date,
+            rows - cached
+        );
+        if engine != self.plan.engine_version {
+            note.push_str(&format!(
+                "; this machine's engine is `{}`, and the engine is part of every row key, so rows cached by that run would not be reused here either",
+                self.plan.engine_version
+            ));
+        }
+        Some(note)
+    }
+
     pub fn status(&self) -> Vec<CellStatus> {
         self.plan.status(&self.cache)
     }
@@ -404,7 +438,8 @@ pub fn report(
     scripts: Scripts,
 ) -> Result<(Written, Vec<String>), AppError> {
     let p = plan(cfg, spec_path, limit)?;
-    let prov = Provenance::new(&p.plan, cfg.threads, None);
+    let mut prov = Provenance::new(&p.plan, cfg.threads, None);
+    prov.keep_last_run(&cfg.reports_dir.join(&p.plan.spec.name).join("run.json"));
     let written = report::write(
         &p.plan,
         &p.cache,

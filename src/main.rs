@@ -223,7 +223,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             explain,
             limit,
         } => {
-            let planned = app::plan(&config(&cli, None), spec, *limit)?;
+            let cfg = config(&cli, None);
+            let planned = app::plan(&cfg, spec, *limit)?;
             warn(&planned.warnings());
             if let Some(cell) = explain {
                 if *json {
@@ -238,6 +239,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 );
             } else {
                 print_plan(&planned);
+                if let Some(note) = planned.published_note(&cfg.reports_dir) {
+                    println!("{note}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -183,3 +183,41 @@ fn findings_open_the_page_and_match_findings_md() {
         assert!(html.contains(&escaped), "{text}");
     }
 }
+
+#[test]
+fn a_rebuilt_report_keeps_the_last_runs_record() {
+    let p = Project::new();
+    p.run();
+    let ran: serde_json::Value = serde_json::from_str(&p.read("reports/t/run.json")).unwrap();
+    let computed = ran["run"]["computed_rows"].as_u64().unwrap();
+    assert!(computed > 0);
+    for _ in 0..2 {
+        p.run_ok(&["report", "spec.yaml", "--backend", "fake", "--quiet"]);
+        let rebuilt: serde_json::Value =
+            serde_json::from_str(&p.read("reports/t/run.json")).unwrap();
+        assert!(rebuilt["run"].is_null());
+        assert_eq!(rebuilt["last_run"]["run"]["computed_rows"], computed);
+        assert_eq!(rebuilt["last_run"]["date_utc"], ran["date_utc"]);
+    }
+}
+
+#[test]
+fn plan_says_why_a_published_report_is_recomputed_on_a_fresh_cache() {
+    let p = Project::new();
+    p.run();
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .env("PIPELINE_CACHE_DIR", p.path("fresh-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("was published on"), "{text}");
+    assert!(text.contains("this cache holds 0 of its"), "{text}");
+    // With the cache that made it, nothing to say.
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("was published on"));
+}

@@ -57,6 +57,11 @@ pub struct Provenance {
     pub dataset_rows: usize,
     pub sampled_rows: usize,
     pub run: Option<ExecStats>,
+    /// When this report was rebuilt without a run (`pipeline report`): the last run's
+    /// record from the report it replaced, with its date, so a rebuild keeps what the run
+    /// measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,7 +104,29 @@ impl Provenance {
             dataset_rows: plan.dataset.source_rows,
             sampled_rows: plan.dataset.rows.len(),
             run,
+            last_run: None,
         }
+    }
+
+    /// Keep the record of the last run from the `run.json` this report replaces (a rebuild
+    /// of the same spec without a run of its own).
+    pub fn keep_last_run(&mut self, previous: &Path) {
+        let Ok(bytes) = std::fs::read(previous) else {
+            return;
+        };
+        let Ok(old) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return;
+        };
+        if old["spec"].as_str() != Some(self.spec.as_str()) {
+            return;
+        }
+        self.last_run = if old["run"].is_object() {
+            Some(serde_json::json!({"date_utc": old["date_utc"], "run": old["run"]}))
+        } else if old["last_run"].is_object() {
+            Some(old["last_run"].clone())
+        } else {
+            None
+        };
     }
 }
 
