@@ -12,10 +12,11 @@ use crate::cache::{Cache, CacheError, CacheStatus, GcReport, LoadReport};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::embed::{self, EmbedError};
-use crate::exec::{self, ExecError, ExecOptions, ExecStats};
+use crate::exec::{self, ExecError, ExecOptions, ExecStats, ShardFilter};
 use crate::key::Digest;
 use crate::plan::{self, CellStatus, Explanation, Plan, PlanOptions};
 use crate::report::{self, Provenance, ReportError, Written, html::Scripts};
+use crate::shard::{self, Manifest, Shard, ShardError};
 use crate::spec;
 use crate::store::{Artifact, Store};
 
@@ -42,13 +43,23 @@ pub enum AppError {
         "cannot tell which cached rows {spec} needs: model `{model}` is not on this machine and the spec gives no sha256"
     )]
     UnknownModelDigest { spec: PathBuf, model: String },
+    #[error("{}: not a pipeline cache folder (it has no {}/ inside)", .0.display(), crate::cache::LAYOUT)]
+    NotACache(PathBuf),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error("{}: is the cache itself; export into another folder", .0.display())]
+    ExportIntoCache(PathBuf),
 }
 
 impl AppError {
     /// 2 for bad input, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Input(_) | AppError::UnknownCell { .. } => 2,
+            AppError::Input(_)
+            | AppError::UnknownCell { .. }
+            | AppError::NotACache(_)
+            | AppError::Shard(_)
+            | AppError::ExportIntoCache(_) => 2,
             _ => 1,
         }
     }
@@ -85,12 +96,25 @@ impl Planned {
             .as_str()
             .or(run["date_utc"].as_str())
             .unwrap_or("an unknown date");
+        let bundle = dir.join("rows");
+        let carried = if bundle.join(crate::cache::LAYOUT).is_dir() {
+            format!(
+                "its rows are published beside it: `pipeline cache import {}` first, or `run` computes the other {}",
+                bundle.display(),
+                rows - cached
+            )
+        } else {
+            format!(
+                "a report does not carry the row cache, so `run` computes the other {}",
+                rows - cached
+            )
+        };
         let mut note = format!(
-            "note: {} was published on {} UTC with engine `{engine}`; this cache holds {cached} of its {rows} rows (a report does not carry the row cache), so `run` computes the other {}",
+            "note: {} was published on {} UTC with engine `{engine}`; this cache holds {cached} of its {rows} rows ({carried}",
             dir.display(),
             date,
-            rows - cached
         );
+        note.push(')');
         if engine != self.plan.engine_version {
             note.push_str(&format!(
                 "; this machine's engine is `{}`, and the engine is part of every row key, so rows cached by that run would not be reused here either",
@@ -102,6 +126,38 @@ impl Planned {
 
     pub fn status(&self) -> Vec<CellStatus> {
         self.plan.status(&self.cache)
+    }
+
+    /// When rows this plan lacks are cached under another engine key (another llama.cpp
+    /// build, or the same build on a CPU with other features): how many, and why they are
+    /// not reused.
+    pub fn engine_note(&self) -> Option<String> {
+        let strip = |c: &crate::key::Components| {
+            let p = c.parts();
+            [p[0], p[1], p[2], p[3], p[4]]
+        };
+        let mut missing: HashSet<[Digest; 5]> = HashSet::new();
+        let mut engine = None;
+        for c in self.plan.inference_cells() {
+            for comps in c.rows.iter().flatten() {
+                engine.get_or_insert(comps.engine);
+                if self.cache.get(&comps.row_key()).is_none() {
+                    missing.insert(strip(comps));
+                }
+            }
+        }
+        let engine = engine?;
+        let elsewhere = self
+            .cache
+            .rows()
+            .filter(|r| r.components.engine != engine && missing.contains(&strip(&r.components)))
+            .count();
+        (elsewhere > 0).then(|| {
+            format!(
+                "note: {elsewhere} of the rows to run are cached under another engine key (another llama.cpp build, or CPU features other than this machine's `{}`); the engine is part of every row key, so they are not reused",
+                self.plan.engine_version
+            )
+        })
     }
 
     pub fn stages(&self) -> Vec<crate::plan::StageStatus> {
@@ -191,6 +247,9 @@ pub struct RunOptions {
     pub scripts: Scripts,
     /// Stop at the first row that cannot be computed.
     pub fail_fast: bool,
+    /// Compute only this shard's part of the pending rows, and write no report (the
+    /// report job does, after every shard).
+    pub shard: Option<Shard>,
 }
 
 impl Default for RunOptions {
@@ -199,6 +258,7 @@ impl Default for RunOptions {
             limit: None,
             scripts: Scripts::Inline,
             fail_fast: false,
+            shard: None,
         }
     }
 }
@@ -270,10 +330,18 @@ pub fn run_with_backend(
         }
     };
     store.commit(std::mem::take(&mut plan.new_artifacts))?;
+    let shard = match opts.shard {
+        Some(s) => Some(ShardFilter {
+            manifest: shard_manifest(&plan, &cache, s.count, true)?,
+            index: s.index,
+        }),
+        None => None,
+    };
     let exec_opts = ExecOptions {
         threads: cfg.threads,
         progress: cfg.progress.clone(),
         fail_fast: opts.fail_fast,
+        shard,
         ..Default::default()
     };
     let outcome = exec::execute(&plan, &mut cache, backend_for_stage(), &exec_opts, cancel);
@@ -302,6 +370,14 @@ pub fn run_with_backend(
     }
     let mut stats = outcome.stats;
     stats.embed = embed_stats;
+    if opts.shard.is_some() {
+        return Ok(RunOutcome {
+            stats,
+            written: None,
+            warnings,
+            error: outcome.error.map(AppError::from),
+        });
+    }
     let prov = Provenance::new(&plan, cfg.threads, Some(stats.clone()));
     let written = report::write(
         &plan,
@@ -325,6 +401,70 @@ pub fn run_with_backend(
         warnings,
         error,
     })
+}
+
+/// The split of the plan's pending rows into `count` shards: the one the first shard wrote,
+/// or (`create`) a new one written now, or (not `create`) what a split made now would be.
+fn shard_manifest(
+    plan: &Plan,
+    cache: &Cache,
+    count: usize,
+    create: bool,
+) -> Result<Manifest, AppError> {
+    let keys: Vec<Digest> = plan.keys().collect();
+    let digest = shard::plan_digest(keys.iter());
+    let dir = cache.root().join("shards");
+    let make = || {
+        let pending: Vec<_> = exec::pending_jobs(plan, cache)
+            .into_iter()
+            .map(|j| (j.id, j.tokens))
+            .collect();
+        Manifest::split(digest, count, &pending)
+    };
+    Ok(if create {
+        Manifest::load_or_create(&dir, &digest, count, make)?
+    } else {
+        Manifest::existing(&dir, &digest, count)?.unwrap_or_else(make)
+    })
+}
+
+/// One shard of `plan --shards N`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardSummary {
+    pub index: usize,
+    /// Prompt evaluations and rows it has still to compute.
+    pub prompts: usize,
+    pub rows: usize,
+    pub estimated_tokens: u64,
+    /// The models it loads, in order.
+    pub models: Vec<String>,
+}
+
+/// `pipeline plan SPEC --shards N`: what each shard would compute now (by the split the
+/// first shard wrote, if one did).
+pub fn shard_plan(planned: &Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
+    let (plan, cache) = (&planned.plan, &planned.cache);
+    let manifest = shard_manifest(plan, cache, count, false)?;
+    let mut out: Vec<ShardSummary> = (0..count)
+        .map(|index| ShardSummary {
+            index,
+            prompts: 0,
+            rows: 0,
+            estimated_tokens: 0,
+            models: Vec::new(),
+        })
+        .collect();
+    for j in exec::pending_jobs(plan, cache) {
+        let s = &mut out[manifest.owner(&j.id)];
+        s.prompts += 1;
+        s.rows += j.rows;
+        s.estimated_tokens += j.tokens;
+        let model = &plan.models[j.id.0].id;
+        if s.models.last() != Some(model) {
+            s.models.push(model.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// `pipeline serve`: prepare the cell (embeddings, the rows its calibration is fitted on,
@@ -508,30 +648,12 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
 /// their rows, without `--limit`). A spec whose model digest cannot be known here is an
 /// error rather than a guess: its rows could otherwise be removed.
 pub fn cache_gc(cfg: &Config, keep: &[PathBuf], dry_run: bool) -> Result<GcReport, AppError> {
-    let mut needed: HashSet<Digest> = HashSet::new();
-    let mut needed_artifacts: HashSet<Digest> = HashSet::new();
     let mut store = if dry_run {
         Store::open_read_only(&cfg.cache_dir)?
     } else {
         Store::open(&cfg.cache_dir)?
     };
-    for s in keep {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
-        if let Some(m) = plan
-            .models
-            .iter()
-            .chain(&plan.embedders)
-            .find(|m| m.sha256.is_none())
-        {
-            return Err(AppError::UnknownModelDigest {
-                spec: s.clone(),
-                model: m.id.clone(),
-            });
-        }
-        needed.extend(plan.keys());
-        needed_artifacts.extend(plan.artifact_keys());
-        needed_artifacts.extend(plan.cells.iter().filter_map(|c| plan.calibration_key(c)));
-    }
+    let (needed, needed_artifacts) = needed_by(cfg, keep, &store)?;
     let mut cache = if dry_run {
         Cache::open_read_only(&cfg.cache_dir)?
     } else {
@@ -544,6 +666,148 @@ pub fn cache_gc(cfg: &Config, keep: &[PathBuf], dry_run: bool) -> Result<GcRepor
         store.compact(Some(&needed_artifacts))?
     };
     Ok(report)
+}
+
+/// Every row key and artifact key the specs need (all their rows, as without `--limit`).
+/// A spec whose model digest cannot be known here is an error rather than a guess.
+fn needed_by(
+    cfg: &Config,
+    specs: &[PathBuf],
+    store: &Store,
+) -> Result<(HashSet<Digest>, HashSet<Digest>), AppError> {
+    let mut rows = HashSet::new();
+    let mut artifacts = HashSet::new();
+    for s in specs {
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, store)?;
+        if let Some(m) = plan
+            .models
+            .iter()
+            .chain(&plan.embedders)
+            .find(|m| m.sha256.is_none())
+        {
+            return Err(AppError::UnknownModelDigest {
+                spec: s.clone(),
+                model: m.id.clone(),
+            });
+        }
+        rows.extend(plan.keys());
+        artifacts.extend(plan.artifact_keys());
+        artifacts.extend(plan.cells.iter().filter_map(|c| plan.calibration_key(c)));
+    }
+    Ok((rows, artifacts))
+}
+
+/// What `cache export` wrote or `cache import` added.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Transfer {
+    pub rows: usize,
+    /// Rows the destination held already.
+    pub rows_present: usize,
+    pub artifacts: usize,
+    pub artifacts_present: usize,
+    /// Damage found while reading the source (its bad rows are not copied).
+    pub problems: Vec<String>,
+}
+
+/// `pipeline cache export --spec SPEC... DIR`: the rows and stage outputs the specs need,
+/// as a cache folder of its own (one segment each), to publish beside a report or carry to
+/// another machine. Failed rows are left out: they run again wherever they are imported.
+///
+/// `without_embeddings` leaves the embeddings out: they are the largest stage output and the
+/// cheapest to compute again (the neighbour lists, which decide the prompts, are kept).
+pub fn cache_export(
+    cfg: &Config,
+    specs: &[PathBuf],
+    out: &Path,
+    without_embeddings: bool,
+) -> Result<Transfer, AppError> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(out, &cfg.cache_dir) {
+        return Err(AppError::ExportIntoCache(out.to_path_buf()));
+    }
+    let source = Cache::open_read_only(&cfg.cache_dir)?;
+    let source_store = Store::open_read_only(&cfg.cache_dir)?;
+    let (needed, needed_artifacts) = needed_by(cfg, specs, &source_store)?;
+    let mut t = Transfer {
+        problems: source.report.problems(),
+        ..Transfer::default()
+    };
+    t.problems.extend(source_store.report.problems());
+    let mut bundle = Cache::open(out)?;
+    let rows: Vec<_> = needed
+        .iter()
+        .filter_map(|k| source.get(k))
+        .filter(|r| bundle.get(&r.key).is_none())
+        .cloned()
+        .collect();
+    t.rows = rows.len();
+    t.rows_present = needed.iter().filter(|k| bundle.get(k).is_some()).count();
+    bundle.commit(rows)?;
+    // One segment holding exactly what the specs need, whatever the folder held before.
+    bundle.gc(out, &needed, false)?;
+    let mut store = Store::open(out)?;
+    let mut needed_artifacts = needed_artifacts;
+    if without_embeddings {
+        needed_artifacts.retain(|k| source_store.get(k).is_none_or(|a| a.kind != "embedding"));
+    }
+    let items: Vec<Artifact> = needed_artifacts
+        .iter()
+        .filter_map(|k| source_store.get(k))
+        .filter(|a| !store.contains(&a.key))
+        .cloned()
+        .collect();
+    t.artifacts = items.len();
+    t.artifacts_present = needed_artifacts
+        .iter()
+        .filter(|k| store.contains(k))
+        .count();
+    store.commit(items)?;
+    store.compact(Some(&needed_artifacts))?;
+    // A bundle carries segments only: not this machine's digest memo, locks or an empty
+    // quarantine (it is meant to be committed and copied).
+    let root = bundle.root().to_path_buf();
+    let _ = std::fs::remove_dir_all(bundle.digest_dir());
+    let _ = std::fs::remove_dir(root.join("quarantine"));
+    for lock in ["rows.lock", "artifacts.lock"] {
+        let _ = std::fs::remove_file(root.join(lock));
+    }
+    Ok(t)
+}
+
+/// `pipeline cache import DIR...`: add the rows and stage outputs of other cache folders
+/// (bundles from `cache export`, another machine's cache, a shard's) to this cache. Every
+/// row's checksum is verified on reading; a damaged row is reported and not copied. Rows
+/// are matched by key alone, so an imported row serves only the exact computation
+/// (model file, prompt, method, sampler, seed, engine) that made it.
+pub fn cache_import(cfg: &Config, from: &[PathBuf]) -> Result<Transfer, AppError> {
+    let mut cache = Cache::open(&cfg.cache_dir)?;
+    let mut store = Store::open(&cfg.cache_dir)?;
+    let mut t = Transfer::default();
+    for dir in from {
+        if !dir.join(crate::cache::LAYOUT).is_dir() {
+            return Err(AppError::NotACache(dir.clone()));
+        }
+        let source = Cache::open_read_only(dir)?;
+        let source_store = Store::open_read_only(dir)?;
+        t.problems.extend(source.report.problems());
+        t.problems.extend(source_store.report.problems());
+        let (new, present): (Vec<_>, Vec<_>) =
+            source.rows().partition(|r| cache.get(&r.key).is_none());
+        t.rows += new.len();
+        t.rows_present += present.len();
+        cache.commit(new.into_iter().cloned().collect())?;
+        let (new, present): (Vec<_>, Vec<_>) =
+            source_store.items().partition(|a| !store.contains(&a.key));
+        t.artifacts += new.len();
+        t.artifacts_present += present.len();
+        store.commit(new.into_iter().cloned().collect())?;
+    }
+    cache.compact_if_needed()?;
+    store.compact(None)?;
+    Ok(t)
 }
 
 /// `pipeline cache verify`: read every segment and check every row's checksum; damaged

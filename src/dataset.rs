@@ -377,19 +377,40 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
 /// A seeded sample. Stratified: each label keeps its share (largest remainder); the
 /// order interleaves labels so that any prefix (`--limit`) stays balanced.
 pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
+    sample_excluding(rows, s, n_labels, &|_| false)
+}
+
+/// A seeded sample of the rows `exclude` rejects not. The draw runs over every row and
+/// skips the excluded ones, so the rows chosen do not depend on what else is excluded:
+/// a fit set drawn beside 200 evaluation rows is the one drawn beside 300 (bar the rows
+/// those 100 more exclude), and its cached rows serve both.
+pub fn sample_excluding(
+    rows: Vec<Row>,
+    s: &SampleSpec,
+    n_labels: usize,
+    exclude: &dyn Fn(&Row) -> bool,
+) -> Vec<Row> {
+    let keep = |r: &Row| !exclude(r);
     if !s.stratify {
-        return SplitMix64::for_stream(s.seed, "dataset.sample").choose(&rows, s.n);
+        return SplitMix64::for_stream(s.seed, "dataset.sample").choose_where(&rows, s.n, &keep);
     }
     let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
     for r in rows {
         by_label[r.label].push(r);
     }
-    let total: usize = by_label.iter().map(Vec::len).sum();
+    let total: usize = by_label
+        .iter()
+        .map(|v| v.iter().filter(|r| keep(r)).count())
+        .sum();
     let n = s.n.min(total);
     // Largest-remainder quotas.
-    let exact: Vec<f64> = by_label
+    let available: Vec<usize> = by_label
         .iter()
-        .map(|v| n as f64 * v.len() as f64 / total.max(1) as f64)
+        .map(|v| v.iter().filter(|r| keep(r)).count())
+        .collect();
+    let exact: Vec<f64> = available
+        .iter()
+        .map(|&a| n as f64 * a as f64 / total.max(1) as f64)
         .collect();
     let mut quota: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
     let mut rest: Vec<usize> = (0..n_labels).collect();
@@ -405,7 +426,7 @@ pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
         if missing == 0 {
             break;
         }
-        if quota[c] < by_label[c].len() {
+        if quota[c] < available[c] {
             quota[c] += 1;
             missing -= 1;
         }
@@ -417,7 +438,8 @@ pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
         .zip(&quota)
         .enumerate()
         .map(|(c, (rows, &q))| {
-            SplitMix64::for_stream(s.seed, &format!("dataset.sample.label{c}")).choose(rows, q)
+            SplitMix64::for_stream(s.seed, &format!("dataset.sample.label{c}"))
+                .choose_where(rows, q, &keep)
         })
         .collect();
     interleave(picked)
@@ -493,6 +515,39 @@ mod tests {
             2,
         );
         assert_ne!(a, other, "another seed gives another sample");
+    }
+
+    #[test]
+    fn excluding_rows_changes_only_those_rows_of_a_sample() {
+        let labels: Vec<usize> = (0..200).map(|i| i % 2).collect();
+        let spec = SampleSpec {
+            n: 20,
+            stratify: true,
+            seed: 3,
+        };
+        let ids = |exclude: &dyn Fn(&Row) -> bool| -> Vec<String> {
+            let mut v: Vec<String> = sample_excluding(rows(&labels), &spec, 2, exclude)
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            v.sort();
+            v
+        };
+        let plain = ids(&|_| false);
+        // Excluding a row the sample holds swaps that row alone for another.
+        let gone = plain[0].clone();
+        let without = ids(&|r| r.id == gone);
+        assert_eq!(without.len(), 20);
+        assert!(!without.contains(&gone));
+        let kept = plain.iter().filter(|id| without.contains(id)).count();
+        assert_eq!(kept, 19, "{plain:?} vs {without:?}");
+        // Excluding rows it does not hold changes nothing.
+        let outside: Vec<String> = (0..200)
+            .map(|i| format!("r{i}"))
+            .filter(|id| !plain.contains(id))
+            .take(50)
+            .collect();
+        assert_eq!(ids(&|r| outside.contains(&r.id)), plain);
     }
 
     #[test]

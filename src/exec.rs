@@ -21,6 +21,7 @@ use crate::plan::Plan;
 use crate::progress::{Progress, ProgressMode};
 use crate::prompt::{Example, Messages, Prompts};
 use crate::row::Finish;
+use crate::shard::{JobId, Manifest};
 use crate::spec::MethodKind;
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,15 @@ pub struct ExecOptions {
     pub fail_fast: bool,
     /// Only these cells (by id), when set.
     pub only_cells: Option<HashSet<String>>,
+    /// Only the jobs this shard owns, when set.
+    pub shard: Option<ShardFilter>,
+}
+
+/// One shard's part of a split run.
+#[derive(Debug, Clone)]
+pub struct ShardFilter {
+    pub manifest: Manifest,
+    pub index: usize,
 }
 
 impl Default for ExecOptions {
@@ -46,6 +56,7 @@ impl Default for ExecOptions {
             progress: ProgressMode::Off,
             fail_fast: false,
             only_cells: None,
+            shard: None,
         }
     }
 }
@@ -132,6 +143,48 @@ impl Job {
     pub(crate) fn cells(&self) -> impl Iterator<Item = usize> + '_ {
         self.tasks.iter().map(|t| t.cell)
     }
+
+    fn id(&self) -> JobId {
+        (self.model, self.prompt, self.set, self.row)
+    }
+}
+
+/// A prompt evaluation still to do, as a split sees it.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub id: JobId,
+    /// Its rows (tasks).
+    pub rows: usize,
+    /// Estimated tokens: the prompt's characters / 4, plus the tokens its generations may
+    /// decode. No tokenizer is loaded to plan.
+    pub tokens: u64,
+}
+
+/// Every prompt evaluation the cache lacks, in executor order.
+pub fn pending_jobs(plan: &Plan, cache: &Cache) -> Vec<PendingJob> {
+    collect_work(plan, cache, None)
+        .jobs
+        .iter()
+        .map(|j| {
+            let chars = plan.sets[j.set].messages[j.prompt][j.row]
+                .as_ref()
+                .map(|m| m.system.as_deref().map_or(0, str::len) + m.user.len())
+                .unwrap_or(0);
+            let decode: u64 = j
+                .tasks
+                .iter()
+                .map(|t| match &t.task {
+                    Task::Generate { max_tokens, .. } => u64::from(*max_tokens),
+                    Task::Loglik { .. } => 1,
+                })
+                .sum();
+            PendingJob {
+                id: j.id(),
+                rows: j.tasks.len(),
+                tokens: chars as u64 / 4 + decode,
+            }
+        })
+        .collect()
 }
 
 /// What the worker thread needs of a job, owned.
@@ -250,7 +303,16 @@ pub fn execute(
     cancel: Arc<AtomicBool>,
 ) -> ExecOutcome {
     let start = Instant::now();
-    let work = collect_work(plan, cache, opts.only_cells.as_ref());
+    let mut work = collect_work(plan, cache, opts.only_cells.as_ref());
+    if let Some(f) = &opts.shard {
+        work.jobs.retain(|j| f.manifest.owner(&j.id()) == f.index);
+        let mine: HashSet<Digest> = work
+            .jobs
+            .iter()
+            .flat_map(|j| j.tasks.iter().map(|t| t.key))
+            .collect();
+        work.followers.retain(|(_, k)| mine.contains(k));
+    }
     let mut stats = ExecStats {
         cached_rows: work.cached,
         ..Default::default()

@@ -32,5 +32,6 @@ pub mod rng;
 pub mod row;
 mod segments;
 pub mod serve;
+pub mod shard;
 pub mod spec;
 pub mod store;

@@ -19,6 +19,7 @@ use pipeline::model::HubOptions;
 use pipeline::plan::CellStatus;
 use pipeline::progress::ProgressMode;
 use pipeline::report::html::Scripts;
+use pipeline::shard::{Shard, ShardError};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +75,9 @@ enum Command {
         /// Only the first N sampled rows.
         #[arg(long)]
         limit: Option<usize>,
+        /// Show how the rows still to run split into N shards (`run --shard I/N`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        shards: Option<u64>,
     },
     /// Run every row the cache lacks, then write the report.
     Run {
@@ -91,6 +95,14 @@ enum Command {
         /// with its error and the run goes on).
         #[arg(long)]
         fail_fast: bool,
+        /// Compute only shard I of N (0-based) of the rows the cache lacks, and write no
+        /// report; by default read from SLURM_ARRAY_TASK_ID/_MIN/_COUNT (a Slurm job array)
+        /// or JOB_COMPLETION_INDEX with --shards (a Kubernetes Indexed Job).
+        #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
+        shard: Option<Shard>,
+        /// The number of shards, for schedulers that give only the index.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        shards: Option<u64>,
     },
     /// llama.cpp's raw pp512 / tg32 speed on a model, through this build (for benchmarks).
     #[command(hide = true)]
@@ -169,6 +181,24 @@ enum CacheCommand {
     },
     /// Check every row's checksum; quarantine damaged segments, keeping their good rows.
     Verify,
+    /// Copy the rows and stage outputs the specs need into DIR, a cache folder of its own
+    /// (one segment each): publish it beside a report, or carry it to another machine.
+    Export {
+        /// Specs whose rows are exported (all their rows, as without --limit).
+        #[arg(long, num_args = 1.., required = true)]
+        spec: Vec<PathBuf>,
+        dir: PathBuf,
+        /// Leave the embeddings out (the largest stage output, and the cheapest to compute
+        /// again); neighbour lists and fits are kept.
+        #[arg(long)]
+        without_embeddings: bool,
+    },
+    /// Add the rows and stage outputs of other cache folders (exports, another machine's
+    /// cache) to this one; every row's checksum is verified first.
+    Import {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -222,11 +252,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             json,
             explain,
             limit,
+            shards,
         } => {
             let cfg = config(&cli, None);
             let planned = app::plan(&cfg, spec, *limit)?;
             warn(&planned.warnings());
-            if let Some(cell) = explain {
+            if let Some(n) = shards {
+                let split = app::shard_plan(&planned, *n as usize)?;
+                if *json {
+                    println!("{}", to_json(&split));
+                } else {
+                    print_shards(&split);
+                }
+            } else if let Some(cell) = explain {
                 if *json {
                     println!("{}", to_json(&planned.explain_cell(cell)?));
                 } else {
@@ -242,6 +280,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 if let Some(note) = planned.published_note(&cfg.reports_dir) {
                     println!("{note}");
                 }
+                if let Some(note) = planned.engine_note() {
+                    println!("{note}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -251,8 +292,25 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             threads,
             cdn,
             fail_fast,
+            shard,
+            shards,
         } => {
             let cfg = config(&cli, *threads);
+            let shard = match shard {
+                Some(s) => Some(*s),
+                None => {
+                    let count = shards.map(|n| n as usize);
+                    let found = Shard::from_env(|k| std::env::var(k).ok(), count)
+                        .map_err(AppError::from)?;
+                    if found.is_none() && count.is_some() {
+                        return Err(AppError::from(ShardError::IndexMissing));
+                    }
+                    found
+                }
+            };
+            if let Some(s) = shard {
+                eprintln!("shard {}/{}", s.index, s.count);
+            }
             let cancel = Arc::new(AtomicBool::new(false));
             let handler_cancel = cancel.clone();
             ctrlc::set_handler(move || {
@@ -269,6 +327,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 limit: *limit,
                 scripts: scripts(*cdn),
                 fail_fast: *fail_fast,
+                shard,
             };
             let outcome = app::run(&cfg, spec, &opts, cancel)?;
             warn(&outcome.warnings);
@@ -306,6 +365,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             );
             if let Some(w) = &outcome.written {
                 println!("report: {}", w.index.display());
+            } else if let Some(s) = shard {
+                println!(
+                    "shard {}/{} done; `pipeline report` once every shard is",
+                    s.index, s.count
+                );
             }
             if let Some(e) = outcome.error {
                 eprintln!("error: {e}");
@@ -507,6 +571,36 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        CacheCommand::Export {
+            spec,
+            dir,
+            without_embeddings,
+        } => {
+            let t = app::cache_export(cfg, spec, dir, *without_embeddings)?;
+            warn(&t.problems);
+            println!(
+                "exported {} rows and {} stage outputs to {} ({} rows and {} outputs were there already)",
+                t.rows,
+                t.artifacts,
+                dir.display(),
+                t.rows_present,
+                t.artifacts_present
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Import { dirs } => {
+            let t = app::cache_import(cfg, dirs)?;
+            warn(&t.problems);
+            println!(
+                "imported {} rows and {} stage outputs ({} rows and {} outputs were cached already)",
+                t.rows, t.artifacts, t.rows_present, t.artifacts_present
+            );
+            Ok(if t.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         CacheCommand::Verify => {
             let r = app::cache_verify(cfg)?;
             println!(
@@ -523,6 +617,24 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
             })
         }
     }
+}
+
+fn print_shards(split: &[app::ShardSummary]) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["shard", "prompts", "rows", "est. tokens", "models"]);
+    for s in split {
+        t.add_row(vec![
+            format!("{}/{}", s.index, split.len()),
+            s.prompts.to_string(),
+            s.rows.to_string(),
+            s.estimated_tokens.to_string(),
+            s.models.join(", "),
+        ]);
+    }
+    println!("{t}");
+    let loads: usize = split.iter().map(|s| s.models.len()).sum();
+    println!("{loads} model loads in all");
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

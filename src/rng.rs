@@ -55,6 +55,30 @@ impl SplitMix64 {
     }
 
     /// `k` distinct elements drawn without replacement, in draw order.
+    /// The first `k` items that `keep` accepts, in the order `choose` would draw them: the
+    /// items it rejects drop out without moving the others, so the result over a list
+    /// stays the same whatever else is rejected.
+    pub fn choose_where<T: Clone>(
+        &mut self,
+        items: &[T],
+        k: usize,
+        keep: &dyn Fn(&T) -> bool,
+    ) -> Vec<T> {
+        let mut idx: Vec<usize> = (0..items.len()).collect();
+        let mut out = Vec::with_capacity(k.min(items.len()));
+        for i in 0..items.len() {
+            if out.len() == k {
+                break;
+            }
+            let j = i + self.below((idx.len() - i) as u64) as usize;
+            idx.swap(i, j);
+            if keep(&items[idx[i]]) {
+                out.push(items[idx[i]].clone());
+            }
+        }
+        out
+    }
+
     pub fn choose<T: Clone>(&mut self, items: &[T], k: usize) -> Vec<T> {
         let mut idx: Vec<usize> = (0..items.len()).collect();
         let k = k.min(items.len());
@@ -87,6 +111,19 @@ mod tests {
             seen[x] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn choose_where_drops_rejected_items_without_moving_the_rest() {
+        let items: Vec<u32> = (0..50).collect();
+        let all = SplitMix64::new(3).choose(&items, 50);
+        let kept = SplitMix64::new(3).choose_where(&items, 10, &|x| x % 7 != 0);
+        let expected: Vec<u32> = all.into_iter().filter(|x| x % 7 != 0).take(10).collect();
+        assert_eq!(kept, expected);
+        assert_eq!(
+            SplitMix64::new(3).choose_where(&items, 10, &|_| true),
+            SplitMix64::new(3).choose(&items, 10)
+        );
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl Store {
         self.items.get(key)
     }
 
+    /// Every stored artifact.
+    pub fn items(&self) -> impl Iterator<Item = &Artifact> {
+        self.items.values()
+    }
+
     pub fn contains(&self, key: &Digest) -> bool {
         self.items.contains_key(key)
     }

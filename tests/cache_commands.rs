@@ -30,6 +30,21 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
     out
 }
 
+/// Every file under `dir`, relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    snapshot(dir)
+        .keys()
+        .map(|k| {
+            Path::new(k)
+                .strip_prefix(dir)
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .filter(|k| !dir.join(k).is_dir())
+        .collect()
+}
+
 fn status_json(p: &Project, specs: &[&str]) -> serde_json::Value {
     let mut args = vec!["cache", "status", "--json", "--backend", "fake"];
     args.extend_from_slice(specs);
@@ -238,4 +253,124 @@ fn a_segment_column_of_another_type_is_untrusted_not_a_panic() {
         72
     );
     assert!(run["computed_rows"].as_u64().unwrap() > 0);
+}
+
+/// `cache export` writes what a spec needs as a cache folder of its own; `cache import` on a
+/// fresh cache makes a run compute nothing, embed nothing; a damaged bundle row is reported
+/// and not copied; a folder that is not a cache is a clear error.
+#[test]
+fn an_exported_bundle_imported_elsewhere_serves_the_whole_study() {
+    let p = common::knn_project();
+    p.run();
+    let first = p.run_json();
+    assert!(first["computed_rows"].as_u64().unwrap() > 0, "{first}");
+    let out = p.run_ok(&[
+        "cache",
+        "export",
+        "--spec",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "bundle",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows = first["computed_keys"].as_u64().unwrap();
+    assert!(said.starts_with(&format!("exported {rows} rows")), "{said}");
+    assert!(!said.contains(" 0 stage outputs"), "{said}");
+    let bundle_rows: Vec<_> = std::fs::read_dir(p.path("bundle/v2/rows"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(bundle_rows.len(), 1, "one segment");
+    let mut carried: Vec<String> = walk(&p.path("bundle"));
+    carried.sort();
+    assert_eq!(carried.len(), 2, "{carried:?}");
+    assert!(carried[0].starts_with("v2/artifacts/seg-"), "{carried:?}");
+    assert!(carried[1].starts_with("v2/rows/seg-"), "{carried:?}");
+
+    // Another machine: an empty cache, the bundle imported.
+    let fresh = |args: &[&str]| {
+        let mut c = p.cmd(args);
+        c.env("PIPELINE_CACHE_DIR", p.path("cache2"));
+        c.output().unwrap()
+    };
+    let imported = fresh(&["cache", "import", "bundle"]);
+    assert!(imported.status.success(), "{imported:?}");
+    let said = String::from_utf8_lossy(&imported.stdout).to_string();
+    assert!(said.starts_with(&format!("imported {rows} rows")), "{said}");
+    let again = fresh(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    assert!(again.status.success(), "{again:?}");
+    let run = p.run_json();
+    assert_eq!(run["computed_rows"], 0, "{run}");
+    assert_eq!(run["embed"]["embedded"], 0, "{run}");
+    // Importing twice adds nothing.
+    let twice = fresh(&["cache", "import", "bundle"]);
+    assert!(
+        String::from_utf8_lossy(&twice.stdout).starts_with("imported 0 rows"),
+        "{twice:?}"
+    );
+
+    // Without embeddings: the texts are embedded again, the neighbour lists and rows serve.
+    p.run_ok(&[
+        "cache",
+        "export",
+        "--spec",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--without-embeddings",
+        "slim",
+    ]);
+    let mut c = p.cmd(&["cache", "import", "slim"]);
+    c.env("PIPELINE_CACHE_DIR", p.path("cache4"));
+    assert!(c.output().unwrap().status.success());
+    let mut c = p.cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    c.env("PIPELINE_CACHE_DIR", p.path("cache4"));
+    assert!(c.output().unwrap().status.success());
+    let run = p.run_json();
+    assert_eq!(run["computed_rows"], 0, "{run}");
+    assert!(run["embed"]["embedded"].as_u64().unwrap() > 0, "{run}");
+
+    // A damaged bundle: its bad rows are reported, not copied; exit 1.
+    let seg = bundle_rows[0].path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&seg, bytes).unwrap();
+    let mut c = p.cmd(&["cache", "import", "bundle"]);
+    c.env("PIPELINE_CACHE_DIR", p.path("cache3"));
+    let damaged = c.output().unwrap();
+    assert_eq!(damaged.status.code(), Some(1), "{damaged:?}");
+    assert!(
+        String::from_utf8_lossy(&damaged.stderr).contains("not trusted"),
+        "{damaged:?}"
+    );
+    let status: serde_json::Value = {
+        let mut c = p.cmd(&["cache", "status", "--json"]);
+        c.env("PIPELINE_CACHE_DIR", p.path("cache3"));
+        serde_json::from_slice(&c.output().unwrap().stdout).unwrap()
+    };
+    assert!(status["cache"]["rows"].as_u64().unwrap() < rows, "{status}");
+
+    let not_cache = fresh(&["cache", "import", "data"]);
+    assert_eq!(not_cache.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&not_cache.stderr).contains("not a pipeline cache folder"),
+        "{not_cache:?}"
+    );
+    let into_itself = p
+        .cmd(&[
+            "cache",
+            "export",
+            "--spec",
+            "spec.yaml",
+            "--backend",
+            "fake",
+            "cache",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(into_itself.status.code(), Some(2), "{into_itself:?}");
 }

@@ -46,8 +46,14 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_an_uninterrupted_run() {
     let want = predictions(&reference.path("reports/t/predictions.parquet"));
     let (want_rows, _) = trusted_rows(&reference.path("cache"));
     let mut rng = SplitMix64::for_stream(2026, "faults.sigkill");
-    let mut survived = Vec::new();
-    for kill in 0..20 {
+    let mut survived: Vec<usize> = Vec::new();
+    // Twenty kills, and more (up to forty) while fewer than five landed mid-inference: on a
+    // loaded machine a run's pace differs from the reference run's.
+    let mid_run = |s: &[usize]| s.iter().filter(|&&n| n > 0 && n < 72).count();
+    for kill in 0..40 {
+        if kill >= 20 && mid_run(&survived) >= 5 {
+            break;
+        }
         let p = Project::new();
         // A moment anywhere in the run's life: start-up, inference, commits, report.
         let at = Duration::from_secs_f64(full.as_secs_f64() * 1.1 * rng.unit_f64());
@@ -81,9 +87,10 @@ fn sigkill_at_twenty_random_moments_then_resume_matches_an_uninterrupted_run() {
         assert_eq!(run["cached_rows"].as_u64().unwrap() as usize, rows.len());
         assert_eq!(predictions(&p.path("reports/t/predictions.parquet")), want);
     }
-    let mid = survived.iter().filter(|&&n| n > 0 && n < 72).count();
+    let mid = mid_run(&survived);
     println!(
-        "sigkill: 20 kills over a {:.2} s run; rows kept per kill {survived:?}; {mid} kills mid-inference; 0 corrupt rows trusted; every resume equal to the uninterrupted run",
+        "sigkill: {} kills over a {:.2} s run; rows kept per kill {survived:?}; {mid} kills mid-inference; 0 corrupt rows trusted; every resume equal to the uninterrupted run",
+        survived.len(),
         full.as_secs_f64()
     );
     assert!(mid >= 5, "most kills should land mid-run: {survived:?}");

@@ -220,4 +220,33 @@ fn plan_says_why_a_published_report_is_recomputed_on_a_fresh_cache() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains("was published on"));
+    // With the report's rows published beside it, the note says how to use them.
+    p.run_ok(&[
+        "cache",
+        "export",
+        "--spec",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "reports/t/rows",
+    ]);
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .env("PIPELINE_CACHE_DIR", p.path("fresh-cache"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cache import"), "{text}");
+    // A node whose engine differs (another CPU type): the rows are there but not reused,
+    // and the plan says so.
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .env("PIPELINE_FAKE_ENGINE", "fake-engine other-cpu")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("72 of the rows to run are cached under another engine key"),
+        "{text}"
+    );
 }

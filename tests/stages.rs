@@ -275,3 +275,47 @@ fn bad_input_to_the_new_stages_is_a_located_error_and_loses_nothing() {
     assert_eq!(again["computed_rows"], 0, "{again}");
     assert_eq!(again["embed"]["embedded"], 0, "{again}");
 }
+
+/// A fit waits for all its rows: a calibrated cell has either no rows or exactly the rows of
+/// a complete run, whatever a stop left in the cache (never a fit on the rows that happened
+/// to be there).
+#[test]
+fn a_calibrated_cell_never_shows_a_fit_on_part_of_its_rows() {
+    let full = knn_project();
+    full.run();
+    let cell_lines = |p: &Project| -> Vec<String> {
+        common::predictions(&p.path("reports/t/predictions.parquet"))
+            .into_iter()
+            .filter(|l| l.starts_with("fake-a/knn/ll-fit"))
+            .collect()
+    };
+    let expected = cell_lines(&full);
+    assert_eq!(expected.len(), 12);
+    let mut seen_partial = false;
+    for stop_ms in [400u64, 1200, 1500, 1800, 2100, 2400, 2700, 3000] {
+        let p = knn_project();
+        let mut child = p
+            .cmd(&["run", "spec.yaml", "--backend", "fake", "--quiet"])
+            .env("PIPELINE_FAKE_DELAY_MS", "15")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(stop_ms));
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        child.wait().unwrap();
+        p.run_ok(&["report", "spec.yaml", "--backend", "fake", "--quiet"]);
+        let got = cell_lines(&p);
+        assert!(
+            got.is_empty() || got == expected,
+            "stopped after {stop_ms} ms: {got:?}"
+        );
+        seen_partial |= got.is_empty();
+    }
+    assert!(
+        seen_partial,
+        "some stop came before the fit's rows were all computed"
+    );
+}

@@ -111,16 +111,27 @@ pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, Str
     let c = &plan.calibrations[cal];
     let support = &plan.support[c.support];
     let rows = &plan.sets[support.set].rows;
+    // A fit waits for all its rows (those recorded as failed aside): fitted on whatever
+    // happens to be cached, a calibrated cell's answers would depend on what ran before.
+    let mut failed = 0;
     let scored: Vec<(Vec<f64>, usize)> = support
         .rows
         .iter()
         .zip(rows)
         .filter_map(|(comps, row)| {
-            let r = cache.get(&comps.as_ref()?.row_key())?;
+            let key = comps.as_ref()?.row_key();
+            let Some(r) = cache.get(&key) else {
+                failed += usize::from(cache.failure(&key).is_some());
+                return None;
+            };
             Some((r.logprobs.clone()?, row.label))
         })
         .collect();
-    let needed = if c.content_free { rows.len() } else { 2 };
+    let needed = if c.content_free {
+        rows.len()
+    } else {
+        (rows.len() - failed).max(2)
+    };
     if scored.len() < needed {
         return Err(format!(
             "{} of {} {} rows are computed",

@@ -303,14 +303,9 @@ pub fn build(
                         let eval_texts: HashSet<&str> =
                             dataset.rows.iter().map(|r| r.text.as_str()).collect();
                         let all = dataset::load_pool(from, None, None, &spec.dataset)?;
-                        let clean: Vec<Row> = all
-                            .into_iter()
-                            .filter(|r| {
-                                !eval_ids.contains(r.id.as_str())
-                                    && !eval_texts.contains(r.text.as_str())
-                            })
-                            .collect();
-                        let rows = dataset::sample(clean, sample, labels);
+                        let rows = dataset::sample_excluding(all, sample, labels, &|r| {
+                            eval_ids.contains(r.id.as_str()) || eval_texts.contains(r.text.as_str())
+                        });
                         let file = from.value.file_name().unwrap_or_default().to_string_lossy();
                         sets.push(RowSet::new(
                             &format!("fit:{file}:n={}:seed={}", sample.n, sample.seed),

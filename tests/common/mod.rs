@@ -87,7 +87,10 @@ impl Project {
             .env("PIPELINE_CACHE_DIR", self.path("cache"))
             .env("PIPELINE_REPORTS_DIR", self.path("reports"))
             .env_remove("PIPELINE_MODELS_DIR")
-            .env_remove("PIPELINE_FAKE_DELAY_MS");
+            .env_remove("PIPELINE_FAKE_DELAY_MS")
+            .env_remove("PIPELINE_FAKE_ENGINE")
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX");
         c
     }
 
