@@ -110,11 +110,10 @@ impl Planned {
             )
         };
         let mut note = format!(
-            "note: {} was published on {} UTC with engine `{engine}`; this cache holds {cached} of its {rows} rows ({carried}",
+            "note: {} was published on {} UTC with engine `{engine}`; this cache holds {cached} of its {rows} rows ({carried})",
             dir.display(),
             date,
         );
-        note.push(')');
         if engine != self.plan.engine_version {
             note.push_str(&format!(
                 "; this machine's engine is `{}`, and the engine is part of every row key, so rows cached by that run would not be reused here either",
@@ -411,8 +410,7 @@ fn shard_manifest(
     count: usize,
     create: bool,
 ) -> Result<Manifest, AppError> {
-    let keys: Vec<Digest> = plan.keys().collect();
-    let digest = shard::plan_digest(keys.iter());
+    let digest = shard::plan_digest(plan.keys());
     let dir = cache.root().join("shards");
     let make = || {
         let pending: Vec<_> = exec::pending_jobs(plan, cache)

@@ -253,10 +253,10 @@ impl Manifest {
 
 /// A digest of the jobs of a plan (every row key in executor order): equal plans, equal
 /// manifests; any change to what the plan computes, a new split.
-pub fn plan_digest<'a>(keys: impl Iterator<Item = &'a Digest>) -> Digest {
+pub fn plan_digest(keys: impl IntoIterator<Item = Digest>) -> Digest {
     let mut e = KeyEncoder::new("shard-plan");
     for k in keys {
-        e.digest("row", k);
+        e.digest("row", &k);
     }
     e.finish()
 }
