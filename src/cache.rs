@@ -32,7 +32,7 @@ use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt32Ty
 use crate::fs::tree_size;
 use crate::key::{Components, Digest, KeyEncoder};
 use crate::row::{Finish, RowError};
-use crate::segments::{Access, SegmentDir, io_err, read_batches, read_file};
+use crate::segments::{Access, SegmentDir, added_later, io_err, read_batches, read_file};
 pub use crate::segments::{CacheError, LoadReport};
 
 pub const LAYOUT: &str = "v2";
@@ -62,6 +62,10 @@ pub struct CachedRow {
     pub decode_ms: f64,
     pub created_unix_ms: i64,
     pub error: Option<RowError>,
+    /// Where the row was computed: the host, and the shard as `I/N` when the run was split
+    /// (informational; rows written before these were recorded have neither).
+    pub host: Option<String>,
+    pub shard: Option<String>,
 }
 
 impl CachedRow {
@@ -106,6 +110,13 @@ impl CachedRow {
             .i64("created", self.created_unix_ms)
             .opt_str("error_kind", self.error.as_ref().map(|e| e.kind.as_str()))
             .opt_str("error", self.error.as_ref().map(|e| e.message.as_str()));
+        // Fields added after the layout's first rows count only when set, so those rows
+        // still verify.
+        for (name, v) in [("host", &self.host), ("shard", &self.shard)] {
+            if let Some(v) = v {
+                e.str(name, v);
+            }
+        }
         e.finish()
     }
 }
@@ -459,6 +470,8 @@ fn schema() -> Arc<Schema> {
         Field::new("error_kind", DataType::Utf8, true),
         Field::new("error", DataType::Utf8, true),
         Field::new("checksum", DataType::Utf8, false),
+        added_later(Field::new("host", DataType::Utf8, true)),
+        added_later(Field::new("shard", DataType::Utf8, true)),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -509,6 +522,8 @@ fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, String> {
         opt_strs(&|r| r.error.as_ref().map(|e| e.kind.clone())),
         opt_strs(&|r| r.error.as_ref().map(|e| e.message.clone())),
         strs(&|r| r.checksum().hex()),
+        opt_strs(&|r| r.host.clone()),
+        opt_strs(&|r| r.shard.clone()),
     ]);
     RecordBatch::try_new(schema(), cols).map_err(|e| e.to_string())
 }
@@ -546,6 +561,9 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
         s("checksum"),
     );
     let (error_kind, error) = (s("error_kind"), s("error"));
+    // Absent in segments written before they were recorded.
+    let optional = |name: &str| b.column_by_name(name).map(|c| c.as_string::<i32>().clone());
+    let (host, shard) = (optional("host"), optional("shard"));
     let (pt, et, gt, shared) = (
         u("prompt_tokens"),
         u("evaluated_tokens"),
@@ -586,6 +604,8 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
                 decode_ms: decode.value(i),
                 created_unix_ms: created.value(i),
                 error,
+                host: host.as_ref().and_then(|a| opt(a, i)),
+                shard: shard.as_ref().and_then(|a| opt(a, i)),
             };
             if row.checksum().hex() != checksum.value(i) {
                 return Err("checksum mismatch".into());
@@ -629,6 +649,8 @@ pub(crate) mod tests {
             decode_ms: 1.25,
             created_unix_ms: 1_700_000_000_000,
             error: None,
+            host: (n % 3 != 0).then(|| "node-1".to_string()),
+            shard: (n % 3 == 2).then(|| "1/4".to_string()),
         }
     }
 
@@ -689,6 +711,40 @@ pub(crate) mod tests {
         assert_eq!(c3.len(), 2);
         assert!(c3.report.problems().is_empty());
         drop(c);
+    }
+
+    #[test]
+    fn segments_written_before_host_and_shard_were_recorded_still_verify() {
+        // An older writer: the same rows (without origin), the same columns less the two
+        // added later, their checksums as that writer computed them.
+        let rows: Vec<CachedRow> = (0..4)
+            .map(|n| CachedRow {
+                host: None,
+                shard: None,
+                ..row(n)
+            })
+            .collect();
+        let batch = encode_segment(&rows).unwrap();
+        let keep: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| !["host", "shard"].contains(&batch.schema().field(i).name().as_str()))
+            .collect();
+        let old = batch.project(&keep).unwrap();
+        let mut bytes = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, old.schema(), None).unwrap();
+        w.write(&old).unwrap();
+        w.close().unwrap();
+        let read: Vec<CachedRow> = decode_segment(bytes.into())
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(read, rows);
+        // And a row that records its origin covers it in its checksum.
+        let mut moved = row(2);
+        assert_eq!(moved.shard.as_deref(), Some("1/4"));
+        let sum = moved.checksum();
+        moved.shard = Some("2/4".into());
+        assert_ne!(moved.checksum(), sum);
     }
 
     #[test]

@@ -365,6 +365,7 @@ pub fn execute(
 
     let ids = cells(plan).iter().map(|c| c.id.clone()).collect();
     let progress = Progress::new(ids, &work.jobs, &opts.progress);
+    let origin = Origin::of(opts);
     let mut buffer: Vec<CachedRow> = Vec::new();
     let mut last_commit = Instant::now();
     let mut error = None;
@@ -392,7 +393,7 @@ pub fn execute(
                         finish: o.finish,
                         prefill_ms: out.prefill_ms,
                         decode_ms: o.decode_ms,
-                        ..row_of(plan, j, t, now_ms)
+                        ..row_of(plan, j, t, now_ms, &origin)
                     });
                     keys_done.insert(t.key);
                     stats.computed_rows += 1;
@@ -407,7 +408,7 @@ pub fn execute(
                     buffer.push(CachedRow {
                         finish: Finish::Failed,
                         error: Some(failure.clone()),
-                        ..row_of(plan, j, t, now_ms)
+                        ..row_of(plan, j, t, now_ms, &origin)
                     });
                     keys_failed.insert(t.key);
                     stats.failed_rows += 1;
@@ -464,7 +465,7 @@ pub fn execute(
 }
 
 /// The cache row of one task of a job, with its identity and nothing computed yet.
-fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64) -> CachedRow {
+fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64, origin: &Origin) -> CachedRow {
     CachedRow {
         key: t.key,
         components: t.components,
@@ -482,6 +483,27 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64) -> CachedRow {
         decode_ms: 0.0,
         created_unix_ms: now_ms,
         error: None,
+        host: Some(origin.host.clone()),
+        shard: origin.shard.clone(),
+    }
+}
+
+/// Where this run computes its rows, recorded in each of them.
+struct Origin {
+    host: String,
+    /// `I/N` when the run is one shard of a split.
+    shard: Option<String>,
+}
+
+impl Origin {
+    fn of(opts: &ExecOptions) -> Self {
+        Self {
+            host: crate::row::this_host(),
+            shard: opts
+                .shard
+                .as_ref()
+                .map(|f| format!("{}/{}", f.index, f.manifest.count)),
+        }
     }
 }
 

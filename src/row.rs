@@ -47,3 +47,8 @@ pub struct RowError {
     pub kind: String,
     pub message: String,
 }
+
+/// This machine's host name, as rows record where they were computed.
+pub fn this_host() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}

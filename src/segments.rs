@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Schema};
+use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -270,18 +270,32 @@ pub(crate) fn read_file(path: &Path) -> std::io::Result<bytes::Bytes> {
     fs::read(path).map(bytes::Bytes::from)
 }
 
+/// Field metadata marking a column added to a layout after its first segments were
+/// written: those segments lack it and read as if every value were missing.
+const ADDED_LATER: &str = "pipeline.added_later";
+
+/// `field`, marked as [`ADDED_LATER`] (it must be nullable).
+pub(crate) fn added_later(field: Field) -> Field {
+    debug_assert!(field.is_nullable());
+    field.with_metadata([(ADDED_LATER.to_string(), "true".to_string())].into())
+}
+
 /// Every expected column, with exactly the expected type (list columns by their element
-/// type), and no missing values where none are allowed.
+/// type), and no missing values where none are allowed; no unknown column.
 fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), String> {
-    if b.schema().fields().len() != want.fields().len() {
-        return Err(format!(
-            "{} columns, expected {}",
-            b.schema().fields().len(),
-            want.fields().len()
-        ));
+    if let Some(f) = b
+        .schema()
+        .fields()
+        .iter()
+        .find(|f| want.field_with_name(f.name()).is_err())
+    {
+        return Err(format!("unexpected column {}", f.name()));
     }
     for f in want.fields() {
         let Some(col) = b.column_by_name(f.name()) else {
+            if f.metadata().contains_key(ADDED_LATER) {
+                continue;
+            }
             return Err(format!("missing column {}", f.name()));
         };
         let ok = match (f.data_type(), col.data_type()) {

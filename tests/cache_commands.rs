@@ -64,12 +64,9 @@ fn reading_commands_never_write_to_the_cache() {
     p.run();
     // Damage one segment: reading commands report it but leave it where it is.
     let seg = common::segments(&p)[0].clone();
-    let mut bytes = std::fs::read(&seg).unwrap();
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 32] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&seg, bytes).unwrap();
+    // (Cut in half: flipped bytes may land in page statistics no reader checks.)
+    let bytes = std::fs::read(&seg).unwrap();
+    std::fs::write(&seg, &bytes[..bytes.len() / 2]).unwrap();
     // A stale temporary file of a killed writer is not removed either.
     let tmp = p.path("cache/v2/rows/.tmp-1-seg.parquet");
     std::fs::write(&tmp, b"partial").unwrap();

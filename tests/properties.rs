@@ -54,6 +54,8 @@ fn segment_bytes() -> Vec<u8> {
                 decode_ms: 0.5,
                 created_unix_ms: 0,
                 error: None,
+                host: Some("node-1".into()),
+                shard: (n % 2 == 0).then(|| format!("{n}/5")),
             }
         })
         .collect();

@@ -109,6 +109,15 @@ fn written_keys(p: &Project) -> HashMap<String, usize> {
     out
 }
 
+/// (host, shard) of each row of a report's predictions.
+fn origins(p: &Project) -> Vec<(Option<String>, Option<String>)> {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    common::read_parquet(&p.path("reports/t/predictions.parquet"))
+        .iter()
+        .map(|r| (text(&r["host"]), text(&r["shard"])))
+        .collect()
+}
+
 #[test]
 fn the_split_covers_every_pending_row_once_and_only_what_is_pending() {
     let p = project();
@@ -173,6 +182,31 @@ fn shards_in_turn_compute_each_row_once_and_report_as_one_run() {
     assert_eq!(
         common::predictions(&p.path("reports/t/predictions.parquet")),
         want
+    );
+    // Each row says which host and shard computed it, in the predictions and the provenance.
+    let computed = origins(&p);
+    let host = pipeline::row::this_host();
+    let shards: std::collections::BTreeSet<String> = computed
+        .iter()
+        .map(|(h, s)| {
+            assert_eq!(h.as_deref(), Some(host.as_str()));
+            s.clone().expect("a shard row without its shard")
+        })
+        .collect();
+    assert_eq!(
+        shards,
+        ["0/4", "1/4", "2/4", "3/4"].map(String::from).into()
+    );
+    let record: serde_json::Value = serde_json::from_str(&p.read("reports/t/run.json")).unwrap();
+    let by = record["computed_by"].as_array().unwrap();
+    assert_eq!(by.len(), 4, "{by:?}");
+    let counted: u64 = by.iter().map(|o| o["rows"].as_u64().unwrap()).sum();
+    assert_eq!(counted as usize, computed.len());
+    // The single process records its host and no shard.
+    assert!(
+        origins(&reference)
+            .iter()
+            .all(|(h, s)| h.as_deref() == Some(host.as_str()) && s.is_none())
     );
     // A shard started again after all finished loads nothing and computes nothing.
     assert_eq!(

@@ -44,6 +44,9 @@ pub struct Prediction {
     pub shared_latency_ms: f64,
     /// Served from the cache rather than computed in this run.
     pub from_cache: bool,
+    /// The host and shard (`I/N`) that computed the row, where recorded.
+    pub host: Option<String>,
+    pub shard: Option<String>,
 }
 
 impl Prediction {
@@ -67,6 +70,8 @@ impl Prediction {
             latency_ms: 0.0,
             shared_latency_ms: 0.0,
             from_cache: true,
+            host: None,
+            shard: None,
         }
     }
 
@@ -217,6 +222,8 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
                 latency_ms: r.prefill_ms + r.decode_ms,
                 shared_latency_ms: r.latency_ms(),
                 from_cache: !computed.contains(&key),
+                host: r.host.clone(),
+                shard: r.shard.clone(),
             });
         }
     }

@@ -62,6 +62,35 @@ pub struct Provenance {
     /// measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_run: Option<serde_json::Value>,
+    /// How many of the report's rows each host and shard computed (filled in by [`write`]).
+    pub computed_by: Vec<ComputedBy>,
+}
+
+/// The rows of a report that one host (and shard, in a split run) computed; rows cached
+/// before origins were recorded have neither.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ComputedBy {
+    pub host: Option<String>,
+    pub shard: Option<String>,
+    pub rows: usize,
+}
+
+fn computed_by(preds: &[Prediction]) -> Vec<ComputedBy> {
+    let mut counts: std::collections::BTreeMap<(Option<&str>, Option<&str>), usize> =
+        Default::default();
+    for p in preds {
+        *counts
+            .entry((p.host.as_deref(), p.shard.as_deref()))
+            .or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|((host, shard), rows)| ComputedBy {
+            host: host.map(str::to_string),
+            shard: shard.map(str::to_string),
+            rows,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +134,7 @@ impl Provenance {
             sampled_rows: plan.dataset.rows.len(),
             run,
             last_run: None,
+            computed_by: Vec::new(),
         }
     }
 
@@ -215,6 +245,10 @@ pub fn write(
     let dir = reports_dir.join(&plan.spec.name);
     create_dir(&dir)?;
     let a = analyse(plan, cache, computed);
+    let provenance = &Provenance {
+        computed_by: computed_by(&a.predictions),
+        ..provenance.clone()
+    };
     let mut paths = Vec::new();
     for (name, batch) in table_batches(plan, &a)? {
         let bytes = tables::to_parquet(&batch).map_err(|message| ReportError::Encode {

@@ -218,6 +218,8 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
                 preds.iter().map(|p| Some(p.from_cache)),
             )),
         ),
+        ("host", strs(preds.iter().map(|p| p.host.clone()))),
+        ("shard", strs(preds.iter().map(|p| p.shard.clone()))),
     ]);
     batch(cols)
 }

@@ -696,6 +696,8 @@ fn served_row(
         decode_ms: o.decode_ms,
         created_unix_ms: crate::exec::now_unix_ms(),
         error: None,
+        host: Some(crate::row::this_host()),
+        shard: None,
     }
 }
 
