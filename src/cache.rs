@@ -649,7 +649,7 @@ pub(crate) mod tests {
             decode_ms: 1.25,
             created_unix_ms: 1_700_000_000_000,
             error: None,
-            host: (n % 3 != 0).then(|| "node-1".to_string()),
+            host: (!n.is_multiple_of(3)).then(|| "node-1".to_string()),
             shard: (n % 3 == 2).then(|| "1/4".to_string()),
         }
     }

@@ -55,7 +55,7 @@ fn segment_bytes() -> Vec<u8> {
                 created_unix_ms: 0,
                 error: None,
                 host: Some("node-1".into()),
-                shard: (n % 2 == 0).then(|| format!("{n}/5")),
+                shard: n.is_multiple_of(2).then(|| format!("{n}/5")),
             }
         })
         .collect();
