@@ -202,7 +202,7 @@ impl Planned {
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
     let cache = Cache::open_read_only(&cfg.cache_dir)?;
     let store = Store::open_read_only(&cfg.cache_dir)?;
-    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store)?;
+    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store, &cache)?;
     Ok(Planned { plan, cache, store })
 }
 
@@ -220,6 +220,7 @@ fn load_plan(
     limit: Option<usize>,
     models: Models,
     store: &Store,
+    cache: &Cache,
 ) -> Result<Plan, AppError> {
     let spec = spec::load(spec_path)?;
     let resolver = cfg.resolver(models == Models::LocateOnly);
@@ -227,7 +228,7 @@ fn load_plan(
     let known = resolver.known_models(&spec.models, fetch)?;
     let embedder_specs: Vec<_> = spec.embedders.iter().map(|e| e.model.clone()).collect();
     let embedders = resolver.known_models(&embedder_specs, fetch)?;
-    Ok(plan::build(
+    let mut plan = plan::build(
         spec,
         known,
         embedders,
@@ -236,7 +237,9 @@ fn load_plan(
             engine_version: cfg.backend.engine_version(),
             limit,
         },
-    )?)
+    )?;
+    crate::cascade::resolve(&mut plan, cache, true);
+    Ok(plan)
 }
 
 /// `pipeline run`.
@@ -303,7 +306,7 @@ pub fn run_with_backend(
     let mut report = cache.report.clone();
     report.merge(&store.report);
     let mut warnings = report.problems();
-    let mut plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store)?;
+    let mut plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store, &cache)?;
     // Each stage makes its backend on its own worker thread.
     let backend_for_stage = || -> Box<dyn FnOnce() -> Box<dyn Backend> + Send> {
         let make = make_backend.clone();
@@ -320,7 +323,7 @@ pub fn run_with_backend(
             cancel.clone(),
         )
         .map_err(|e| embed_error(&plan, e))?;
-        plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store)?;
+        plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store, &cache)?;
         stats
     } else {
         embed::EmbedStats {
@@ -329,6 +332,11 @@ pub fn run_with_backend(
         }
     };
     store.commit(std::mem::take(&mut plan.new_artifacts))?;
+    if opts.shard.is_some() {
+        // Every shard must see the same plan: a cascade's later stage only once the stage
+        // before it is complete.
+        crate::cascade::resolve(&mut plan, &cache, false);
+    }
     let shard = match opts.shard {
         Some(s) => Some(ShardFilter {
             manifest: shard_manifest(&plan, &cache, s.count, true)?,
@@ -343,7 +351,50 @@ pub fn run_with_backend(
         shard,
         ..Default::default()
     };
-    let outcome = exec::execute(&plan, &mut cache, backend_for_stage(), &exec_opts, cancel);
+    let mut outcome = exec::execute(
+        &plan,
+        &mut cache,
+        backend_for_stage(),
+        &exec_opts,
+        cancel.clone(),
+    );
+    // A cascade's later stages run the rows its earlier stages send on, known only now;
+    // a chain needs a pass per step (and one per fitted step). A sharded run computes what
+    // is known when it starts: its later stages need another round of shards.
+    if opts.shard.is_none() && !plan.cascades.is_empty() {
+        let passes = 2 * plan
+            .cascades
+            .iter()
+            .map(|c| c.stages.len())
+            .max()
+            .unwrap_or(0);
+        let mut last: Option<HashSet<(shard::JobId, usize)>> = None;
+        for _ in 0..passes {
+            if outcome.error.is_some() || outcome.stats.interrupted {
+                break;
+            }
+            crate::cascade::resolve(&mut plan, &cache, true);
+            let pending: HashSet<(shard::JobId, usize)> = exec::pending_jobs(&plan, &cache)
+                .into_iter()
+                .map(|j| (j.id, j.rows))
+                .collect();
+            // Nothing new (or only rows that just failed again): done.
+            if pending.is_empty() || last.as_ref() == Some(&pending) {
+                break;
+            }
+            last = Some(pending);
+            let later = exec::execute(
+                &plan,
+                &mut cache,
+                backend_for_stage(),
+                &exec_opts,
+                cancel.clone(),
+            );
+            outcome.error = later.error;
+            outcome.stats.absorb(later.stats);
+        }
+        crate::cascade::resolve(&mut plan, &cache, true);
+    }
     // Calibration fits whose rows are all computed are stored as the stage's output.
     let fits: Vec<Artifact> = plan
         .cells
@@ -440,7 +491,8 @@ pub struct ShardSummary {
 
 /// `pipeline plan SPEC --shards N`: what each shard would compute now (by the split the
 /// first shard wrote, if one did).
-pub fn shard_plan(planned: &Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
+pub fn shard_plan(planned: &mut Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
+    crate::cascade::resolve(&mut planned.plan, &planned.cache, false);
     let (plan, cache) = (&planned.plan, &planned.cache);
     let manifest = shard_manifest(plan, cache, count, false)?;
     let mut out: Vec<ShardSummary> = (0..count)
@@ -478,7 +530,7 @@ pub fn serve(
 ) -> Result<(), AppError> {
     let mut cache = Cache::open(&cfg.cache_dir)?;
     let mut store = Store::open(&cfg.cache_dir)?;
-    let mut plan = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
+    let mut plan = load_plan(cfg, spec_path, None, Models::Fetch, &store, &cache)?;
     let unknown = |plan: &Plan| AppError::UnknownCell {
         cell: cell.to_string(),
         known: plan
@@ -502,7 +554,7 @@ pub fn serve(
             cancel.clone(),
         )
         .map_err(|e| embed_error(&plan, e))?;
-        plan = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
+        plan = load_plan(cfg, spec_path, None, Models::Fetch, &store, &cache)?;
     }
     store.commit(std::mem::take(&mut plan.new_artifacts))?;
     let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
@@ -621,7 +673,7 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
     let store = Store::open_read_only(&cfg.cache_dir)?;
     let mut per_spec = Vec::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store, &cache)?;
         let mut total = CellStatus::default();
         for st in plan.status(&cache) {
             total.rows += st.rows;
@@ -651,12 +703,12 @@ pub fn cache_gc(cfg: &Config, keep: &[PathBuf], dry_run: bool) -> Result<GcRepor
     } else {
         Store::open(&cfg.cache_dir)?
     };
-    let (needed, needed_artifacts) = needed_by(cfg, keep, &store)?;
     let mut cache = if dry_run {
         Cache::open_read_only(&cfg.cache_dir)?
     } else {
         Cache::open(&cfg.cache_dir)?
     };
+    let (needed, needed_artifacts) = needed_by(cfg, keep, &store, &cache)?;
     let mut report = cache.gc(&cfg.cache_dir, &needed, dry_run)?;
     report.artifacts_removed = if dry_run {
         store.unneeded(&needed_artifacts)
@@ -672,11 +724,12 @@ fn needed_by(
     cfg: &Config,
     specs: &[PathBuf],
     store: &Store,
+    cache: &Cache,
 ) -> Result<(HashSet<Digest>, HashSet<Digest>), AppError> {
     let mut rows = HashSet::new();
     let mut artifacts = HashSet::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, store)?;
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, store, cache)?;
         if let Some(m) = plan
             .models
             .iter()
@@ -728,7 +781,7 @@ pub fn cache_export(
     }
     let source = Cache::open_read_only(&cfg.cache_dir)?;
     let source_store = Store::open_read_only(&cfg.cache_dir)?;
-    let (needed, needed_artifacts) = needed_by(cfg, specs, &source_store)?;
+    let (needed, needed_artifacts) = needed_by(cfg, specs, &source_store, &source)?;
     let mut t = Transfer {
         problems: source.report.problems(),
         ..Transfer::default()

@@ -32,7 +32,9 @@ use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt32Ty
 use crate::fs::tree_size;
 use crate::key::{Components, Digest, KeyEncoder};
 use crate::row::{Finish, RowError};
-use crate::segments::{Access, SegmentDir, added_later, io_err, read_batches, read_file};
+use crate::segments::{
+    Access, SegmentDir, added_later, damage, intact, io_err, read_batches, read_file,
+};
 pub use crate::segments::{CacheError, LoadReport};
 
 pub const LAYOUT: &str = "v2";
@@ -191,8 +193,8 @@ impl Cache {
 
     fn load(&mut self) -> Result<(), CacheError> {
         for path in self.segments.list()? {
-            let rows = match read_segment(&path) {
-                Ok(rows) => rows,
+            let bytes = match read_file(&path) {
+                Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // compacted meanwhile
                 Err(e) => {
                     self.segments
@@ -200,17 +202,21 @@ impl Cache {
                     continue;
                 }
             };
+            let sound = intact(&path, &bytes);
+            let rows = match decode_segment(bytes) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    self.segments.distrust(&path, &e, &mut self.report)?;
+                    continue;
+                }
+            };
             self.report.segments += 1;
             let total = rows.len();
             let good: Vec<CachedRow> = rows.into_iter().filter_map(Result::ok).collect();
             let bad = total - good.len();
-            if bad > 0 {
+            if let Some(why) = damage(sound, bad, total, "rows") {
                 self.report.corrupt_rows += bad;
-                self.segments.distrust(
-                    &path,
-                    &format!("{bad} of {total} rows failed their checksum"),
-                    &mut self.report,
-                )?;
+                self.segments.distrust(&path, &why, &mut self.report)?;
                 if self.segments.access == Access::ReadWrite && !good.is_empty() {
                     // Keep what verifies, in a fresh segment.
                     self.write_segment(&good)?;
@@ -285,7 +291,9 @@ impl Cache {
         let mut failed: HashMap<Digest, CachedRow> = HashMap::new();
         let mut merged_paths = Vec::new();
         for p in &self.segments.list()? {
-            if let Ok(rows) = read_segment(p)
+            if let Ok(bytes) = read_file(p)
+                && intact(p, &bytes)
+                && let Ok(rows) = decode_segment(bytes)
                 && rows.iter().all(Result::is_ok)
             {
                 for r in rows.into_iter().flatten() {

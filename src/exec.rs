@@ -93,6 +93,27 @@ pub struct ExecStats {
     pub computed: HashSet<Digest>,
 }
 
+impl ExecStats {
+    /// Add a later pass of the same run (a cascade's later stages): its rows were not
+    /// cached before the run, so only what it computed counts.
+    pub fn absorb(&mut self, later: ExecStats) {
+        self.computed_rows += later.computed_rows;
+        self.computed_keys += later.computed_keys;
+        self.failed_rows += later.failed_rows;
+        for (k, n) in later.failed_by_kind {
+            *self.failed_by_kind.entry(k).or_default() += n;
+        }
+        self.prompts_evaluated += later.prompts_evaluated;
+        self.prompt_tokens += later.prompt_tokens;
+        self.evaluated_tokens += later.evaluated_tokens;
+        self.models_loaded += later.models_loaded;
+        self.wall_s += later.wall_s;
+        self.interrupted |= later.interrupted;
+        self.peak_rss_bytes = self.peak_rss_bytes.max(later.peak_rss_bytes);
+        self.computed.extend(later.computed);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("model `{model}`: {source}")]

@@ -11,6 +11,7 @@ pub mod app;
 pub mod backend;
 pub mod cache;
 pub mod calibrate;
+pub mod cascade;
 pub mod config;
 pub mod dataset;
 pub mod diag;

@@ -255,10 +255,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             shards,
         } => {
             let cfg = config(&cli, None);
-            let planned = app::plan(&cfg, spec, *limit)?;
+            let mut planned = app::plan(&cfg, spec, *limit)?;
             warn(&planned.warnings());
             if let Some(n) = shards {
-                let split = app::shard_plan(&planned, *n as usize)?;
+                let split = app::shard_plan(&mut planned, *n as usize)?;
                 if *json {
                     println!("{}", to_json(&split));
                 } else {
@@ -277,6 +277,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 );
             } else {
                 print_plan(&planned);
+                for cp in &planned.plan.cascades {
+                    println!("{}", planned.plan.cascade_note(cp));
+                }
                 if let Some(note) = planned.published_note(&cfg.reports_dir) {
                     println!("{note}");
                 }

@@ -192,14 +192,14 @@ impl SegmentDir {
         Ok(())
     }
 
-    /// Write a new segment from an encoded batch.
+    /// Write a new segment from an encoded batch, named with a digest of its bytes.
     pub fn write(&self, batch: &RecordBatch) -> Result<PathBuf, CacheError> {
         self.writable()?;
-        let path = self.dir.join(new_segment_name());
         let bytes = encode(batch).map_err(|message| CacheError::Segment {
-            path: path.clone(),
+            path: self.dir.clone(),
             message,
         })?;
+        let path = self.dir.join(new_segment_name(&bytes));
         write_atomic(&path, &bytes).map_err(io_err(&path))?;
         Ok(path)
     }
@@ -224,14 +224,47 @@ fn is_stale(path: &Path) -> bool {
         .is_some_and(|age| age > Duration::from_secs(3600))
 }
 
-fn new_segment_name() -> String {
+/// `seg-TIME-PID-N-DIGEST.parquet`: oldest first when sorted, unique per process, and
+/// carrying the first 16 hex digits of the blake3 of its bytes. Row checksums catch a damaged
+/// value; the digest also catches damage to bytes no value is read from (page statistics,
+/// padding), so that no damaged file passes for a sound one.
+fn new_segment_name(bytes: &[u8]) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("seg-{now:017}-{}-{n:05}.parquet", std::process::id())
+    format!(
+        "seg-{now:017}-{}-{n:05}-{}.parquet",
+        std::process::id(),
+        &blake3::hash(bytes).to_hex()[..16]
+    )
+}
+
+/// Whether a segment's bytes match the digest in its name; segments written before names
+/// carried one have nothing to check.
+pub(crate) fn intact(path: &Path, bytes: &[u8]) -> bool {
+    let name = path.file_stem().unwrap_or_default().to_string_lossy();
+    let parts: Vec<&str> = name.split('-').collect();
+    match parts.as_slice() {
+        [_, _, _, _, digest] if digest.len() == 16 => {
+            blake3::hash(bytes).to_hex().starts_with(digest)
+        }
+        _ => true,
+    }
+}
+
+/// Why a segment whose rows were read is distrusted: rows that failed their checksum, or
+/// bytes that do not match its name's digest (`None`: it is sound).
+pub(crate) fn damage(intact: bool, bad: usize, total: usize, what: &str) -> Option<String> {
+    match (intact, bad) {
+        (true, 0) => None,
+        (true, _) => Some(format!("{bad} of {total} {what} failed their checksum")),
+        (false, _) => Some(format!(
+            "its bytes do not match the digest in its name (damaged on disk); {bad} of {total} {what} failed their checksum, the others verified and are kept"
+        )),
+    }
 }
 
 fn encode(batch: &RecordBatch) -> Result<Vec<u8>, String> {

@@ -14,7 +14,9 @@ use arrow::datatypes::{DataType, Field, Schema};
 use crate::cache::LAYOUT;
 use crate::fs::tree_size;
 use crate::key::{Digest, KeyEncoder};
-use crate::segments::{Access, CacheError, LoadReport, SegmentDir, read_batches, read_file};
+use crate::segments::{
+    Access, CacheError, LoadReport, SegmentDir, damage, intact, read_batches, read_file,
+};
 
 /// Segments beyond this many are merged into one at the end of a run.
 const COMPACT_AFTER_SEGMENTS: usize = 16;
@@ -62,8 +64,11 @@ impl Store {
             report: LoadReport::default(),
         };
         for path in store.segments.list()? {
-            let items = match read_file(&path).map_err(|e| e.to_string()).and_then(decode) {
-                Ok(items) => items,
+            let read = read_file(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| Ok((intact(&path, &b), decode(b)?)));
+            let (sound, items) = match read {
+                Ok(x) => x,
                 Err(why) => {
                     store.segments.distrust(&path, &why, &mut store.report)?;
                     continue;
@@ -72,12 +77,8 @@ impl Store {
             store.report.segments += 1;
             let total = items.len();
             let good: Vec<Artifact> = items.into_iter().flatten().collect();
-            if good.len() < total {
+            if let Some(why) = damage(sound, total - good.len(), total, "artifacts") {
                 store.report.corrupt_rows += total - good.len();
-                let why = format!(
-                    "{} of {total} artifacts failed their checksum",
-                    total - good.len()
-                );
                 store.segments.distrust(&path, &why, &mut store.report)?;
                 if access == Access::ReadWrite && !good.is_empty() {
                     store.segments.write(&encode(&good)?)?;
@@ -144,7 +145,9 @@ impl Store {
         let mut merged: HashMap<Digest, Artifact> = HashMap::new();
         let mut read = Vec::new();
         for p in &paths {
-            if let Ok(items) = read_file(p).map_err(|e| e.to_string()).and_then(decode)
+            if let Ok(bytes) = read_file(p)
+                && intact(p, &bytes)
+                && let Ok(items) = decode(bytes)
                 && items.iter().all(Option::is_some)
             {
                 for a in items.into_iter().flatten() {

@@ -36,6 +36,19 @@ pub struct FakeCalls {
     pub models_loaded: AtomicUsize,
     pub embedders_loaded: AtomicUsize,
     pub texts_embedded: AtomicUsize,
+    /// Prompts evaluated per model id.
+    pub prompts_by_model: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl FakeCalls {
+    pub fn prompts_of(&self, model: &str) -> usize {
+        self.prompts_by_model
+            .lock()
+            .expect("not poisoned")
+            .get(model)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 pub struct FakeBackend {
@@ -120,6 +133,7 @@ impl Backend for FakeBackend {
             std::thread::sleep(Duration::from_millis(ms));
         }
         let mut s = FakeSession {
+            model: model.id.clone(),
             model_salt: *blake3::hash(&bytes).as_bytes(),
             n_ctx: model.n_ctx,
             calls: self.calls.clone(),
@@ -130,6 +144,7 @@ impl Backend for FakeBackend {
 }
 
 struct FakeSession {
+    model: String,
     model_salt: [u8; 32],
     n_ctx: u32,
     calls: Arc<FakeCalls>,
@@ -173,6 +188,13 @@ impl Session for FakeSession {
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
         let start = Instant::now();
         self.calls.prompts.fetch_add(1, Ordering::SeqCst);
+        *self
+            .calls
+            .prompts_by_model
+            .lock()
+            .expect("not poisoned")
+            .entry(self.model.clone())
+            .or_default() += 1;
         self.calls.tasks.fetch_add(tasks.len(), Ordering::SeqCst);
         let prompt = prompt.text.as_str();
         let prompt_tokens = prompt.split_whitespace().count();

@@ -12,8 +12,7 @@ use crate::cache::Cache;
 use crate::calibrate::{self, Params};
 use crate::key::Digest;
 use crate::neighbours::{self, PoolEntry};
-use crate::plan::Plan;
-use crate::plan::Source;
+use crate::plan::{Cell, Plan, Source};
 use crate::row::Finish;
 use crate::spec::MethodKind;
 
@@ -47,6 +46,8 @@ pub struct Prediction {
     /// The host and shard (`I/N`) that computed the row, where recorded.
     pub host: Option<String>,
     pub shard: Option<String>,
+    /// In a cascade cell: the stage that answered (0: the first).
+    pub stage: Option<usize>,
 }
 
 impl Prediction {
@@ -72,6 +73,7 @@ impl Prediction {
             from_cache: true,
             host: None,
             shard: None,
+            stage: None,
         }
     }
 
@@ -158,7 +160,6 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
     let labels = plan.dataset.label_names();
     let mut out = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
-        let method = &plan.spec.methods[cell.method];
         if let Source::Vote { retrieval } = cell.source {
             let r = &plan.retrievals[retrieval];
             let pool = &plan.pools[r.pool].rows;
@@ -183,51 +184,72 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
             }
             continue;
         }
+        if let Source::Cascade { cascade } = cell.source {
+            out.extend(crate::cascade::predictions(plan, cache, cascade, computed));
+            continue;
+        }
         let params = cell.calibration.map(|c| calibration(plan, cache, c));
-        for (ri, comps) in cell.rows.iter().enumerate() {
-            let Some(comps) = comps else { continue };
-            let key = comps.row_key();
-            let Some(r) = cache.get(&key) else { continue };
-            let (logprobs, uncalibrated) = match &params {
-                None => (r.logprobs.clone(), None),
-                // Not fitted yet: the calibrated cell has no rows.
-                Some(Err(_)) => continue,
-                Some(Ok(p)) => (
-                    r.logprobs.as_deref().map(|lp| p.apply(lp)),
-                    r.logprobs.clone(),
-                ),
-            };
-            let predicted = match method.kind {
-                MethodKind::Generate => r
-                    .text
-                    .as_deref()
-                    .and_then(|t| parse_answer(t, &labels, method.parse)),
-                _ => logprobs.as_deref().and_then(argmax),
-            };
-            out.push(Prediction {
-                cell: ci,
-                row: ri,
-                gold: plan.dataset.rows[ri].label,
-                predicted,
-                raw: r.text.clone(),
-                logprobs,
-                uncalibrated,
-                prompt_tokens: r.prompt_tokens,
-                evaluated_tokens: r.evaluated_tokens,
-                gen_tokens: r.gen_tokens,
-                finish: r.finish,
-                prefill_ms: r.prefill_ms,
-                decode_ms: r.decode_ms,
-                shared_by: r.shared_by,
-                latency_ms: r.prefill_ms + r.decode_ms,
-                shared_latency_ms: r.latency_ms(),
-                from_cache: !computed.contains(&key),
-                host: r.host.clone(),
-                shard: r.shard.clone(),
-            });
+        for ri in 0..cell.rows.len() {
+            if let Some(p) = predict(plan, cache, ci, cell, ri, params.as_ref(), computed) {
+                out.push(p);
+            }
         }
     }
     out
+}
+
+/// Row `ri` of a model cell as the cache holds it (`None`: not computed yet, or a
+/// calibrated cell not fitted yet), calibrated with `params` (the cell's calibration).
+pub fn predict(
+    plan: &Plan,
+    cache: &Cache,
+    ci: usize,
+    cell: &Cell,
+    ri: usize,
+    params: Option<&Result<Params, String>>,
+    computed: &HashSet<Digest>,
+) -> Option<Prediction> {
+    let labels = plan.dataset.label_names();
+    let method = &plan.spec.methods[cell.method];
+    let key = cell.rows.get(ri)?.as_ref()?.row_key();
+    let r = cache.get(&key)?;
+    let (logprobs, uncalibrated) = match params {
+        None => (r.logprobs.clone(), None),
+        Some(Err(_)) => return None,
+        Some(Ok(p)) => (
+            r.logprobs.as_deref().map(|lp| p.apply(lp)),
+            r.logprobs.clone(),
+        ),
+    };
+    let predicted = match method.kind {
+        MethodKind::Generate => r
+            .text
+            .as_deref()
+            .and_then(|t| parse_answer(t, &labels, method.parse)),
+        _ => logprobs.as_deref().and_then(argmax),
+    };
+    Some(Prediction {
+        cell: ci,
+        row: ri,
+        gold: plan.sets[cell.set].rows[ri].label,
+        predicted,
+        raw: r.text.clone(),
+        logprobs,
+        uncalibrated,
+        prompt_tokens: r.prompt_tokens,
+        evaluated_tokens: r.evaluated_tokens,
+        gen_tokens: r.gen_tokens,
+        finish: r.finish,
+        prefill_ms: r.prefill_ms,
+        decode_ms: r.decode_ms,
+        shared_by: r.shared_by,
+        latency_ms: r.prefill_ms + r.decode_ms,
+        shared_latency_ms: r.latency_ms(),
+        from_cache: !computed.contains(&key),
+        host: r.host.clone(),
+        shard: r.shard.clone(),
+        stage: None,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -286,6 +308,8 @@ pub struct CellMetrics {
     pub predicted_share: Vec<f64>,
     pub calibration: Option<CalibrationInfo>,
     pub uncalibrated: Option<Uncalibrated>,
+    /// Cascade cells: the stages, how many rows went on, the cost against each stage alone.
+    pub cascade: Option<crate::cascade::Summary>,
 }
 
 impl CellMetrics {
@@ -409,7 +433,7 @@ pub fn compute(
                 })
                 .collect();
             let planned = match cell.source {
-                Source::Vote { .. } => plan.dataset.rows.len(),
+                Source::Vote { .. } | Source::Cascade { .. } => plan.dataset.rows.len(),
                 Source::Llm { .. } => cell.rows.len(),
             } as u64;
             CellMetrics {
@@ -417,10 +441,11 @@ pub fn compute(
                 model,
                 prompt,
                 method: method_id,
-                kind: match method.kind {
-                    MethodKind::Generate => "generate".into(),
-                    MethodKind::Loglik => "loglik".into(),
-                    MethodKind::KnnVote => "knn_vote".into(),
+                kind: match (cell.source, method.kind) {
+                    (Source::Cascade { .. }, _) => "cascade".into(),
+                    (_, MethodKind::Generate) => "generate".into(),
+                    (_, MethodKind::Loglik) => "loglik".into(),
+                    (_, MethodKind::KnnVote) => "knn_vote".into(),
                 },
                 temperature: cell.point.map(|p| p.temperature),
                 seed: cell.point.map(|p| p.seed),
@@ -456,6 +481,10 @@ pub fn compute(
                 predicted_share,
                 calibration,
                 uncalibrated,
+                cascade: match cell.source {
+                    Source::Cascade { cascade } => crate::cascade::summary(plan, cache, cascade),
+                    _ => None,
+                },
             }
         })
         .collect()

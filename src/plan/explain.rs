@@ -15,6 +15,7 @@ pub enum StageKind {
     Render,
     Infer,
     Calibrate,
+    Cascade,
     Metrics,
     Report,
 }
@@ -100,6 +101,8 @@ impl Plan {
                         Some(k) => {
                             keys.insert(k.row_key());
                         }
+                        // A masked cascade stage does not need the rows not let in.
+                        None if c.masked.is_some() => {}
                         None => unknown += 1,
                     }
                 }
@@ -121,6 +124,16 @@ impl Plan {
                 1,
                 cached,
                 "fits",
+            ));
+        }
+        for cp in &self.cascades {
+            let res = cp.resolution.as_ref();
+            out.push(stage(
+                format!("cascade:{}", self.spec.cascades[cp.spec].id),
+                StageKind::Cascade,
+                self.dataset.rows.len(),
+                res.map_or(0, |r| r.answered()),
+                "rows answered (from the stages' cached rows)",
             ));
         }
         out.push(stage(
@@ -161,6 +174,10 @@ impl Plan {
             StageKind::Render => "prompts are rendered on every run (milliseconds); their text keys the inference rows".into(),
             StageKind::Infer => format!("{todo} rows to run; `plan --explain CELL` says which key components changed"),
             StageKind::Calibrate => "the fit is computed from its rows' cached scores once they are all computed".into(),
+            StageKind::Cascade => {
+                let cp = self.cascades.iter().find(|c| format!("cascade:{}", self.spec.cascades[c.spec].id) == id)?;
+                self.cascade_note(cp)
+            }
             StageKind::Metrics | StageKind::Report => "computed from the cache on every run and report".into(),
         };
         Some(format!(
@@ -187,6 +204,58 @@ impl Plan {
             "fit"
         };
         Some(CalibrationPart { kind, rows: &rows? }.digest())
+    }
+
+    /// What a cascade's rows wait for, and how many go on at each step.
+    pub fn cascade_note(&self, cp: &super::CascadePlan) -> String {
+        let spec = &self.spec.cascades[cp.spec];
+        let Some(res) = &cp.resolution else {
+            return format!("cascade {}: not resolved against the cache", spec.id);
+        };
+        let mut out = format!(
+            "cascade {}: {} of {} rows answered",
+            spec.id,
+            res.answered(),
+            self.dataset.rows.len()
+        );
+        for (k, e) in spec.escalate.iter().enumerate() {
+            let to = &self.cell(cp.stages[k + 1]).id;
+            let rule = match (e, res.thresholds[k]) {
+                (crate::spec::Escalate::Margin(m), _) => format!("margin < {m}"),
+                (crate::spec::Escalate::Fraction { fraction, .. }, Some(t)) => format!(
+                    "margin < {t:.3}, fitted to send on {:.0}% of {} fit rows",
+                    fraction * 100.0,
+                    res.fit_rows[k].unwrap_or(0)
+                ),
+                (
+                    crate::spec::Escalate::Fraction {
+                        fraction, sample, ..
+                    },
+                    None,
+                ) => format!(
+                    "{:.0}% with the smallest margins; the threshold is fitted once the {} fit rows are computed",
+                    fraction * 100.0,
+                    sample.n
+                ),
+            };
+            out.push_str(&format!(
+                "; {} rows go on to {to} so far ({rule})",
+                res.reached[k + 1]
+            ));
+        }
+        if res.pending > 0 {
+            out.push_str(&format!(
+                "; {} stage rows to run before the rest is known",
+                res.pending
+            ));
+        }
+        if res.failed > 0 {
+            out.push_str(&format!(
+                "; {} rows wait on a stage row that failed",
+                res.failed
+            ));
+        }
+        out
     }
 
     /// Whether a cell's source is a model (not a vote).

@@ -25,7 +25,7 @@ use crate::key::{
 use crate::model::KnownModel;
 use crate::neighbours::{Neighbours, Search};
 use crate::prompt::{Example, Messages, Prompts, Shots};
-use crate::spec::{Calibration, Located, MethodKind, SamplerPoint, ShotOrder, Spec};
+use crate::spec::{Calibration, Escalate, Located, MethodKind, SamplerPoint, ShotOrder, Spec};
 use crate::store::{Artifact, Store};
 
 /// What a cell is computed from.
@@ -35,6 +35,8 @@ pub enum Source {
     Llm { model: usize, prompt: usize },
     /// The label vote of a retrieval's neighbours (`knn_vote`).
     Vote { retrieval: usize },
+    /// Other cells in turn, each answering only what the one before was unsure of.
+    Cascade { cascade: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -52,22 +54,52 @@ pub struct Cell {
     pub rows: Vec<Option<Components>>,
     /// Index into [`Plan::calibrations`] for calibrated cells.
     pub calibration: Option<usize>,
+    /// A cascade stage that computes only the rows the cascade sends it: every row's key,
+    /// of which `rows` holds those let in (`cascade::resolve`); a `None` row there is not
+    /// needed rather than not known.
+    pub masked: Option<Vec<Option<Components>>>,
 }
 
 impl Cell {
     pub fn model(&self) -> Option<usize> {
         match self.source {
             Source::Llm { model, .. } => Some(model),
-            Source::Vote { .. } => None,
+            Source::Vote { .. } | Source::Cascade { .. } => None,
         }
     }
 
     pub fn prompt(&self) -> Option<usize> {
         match self.source {
             Source::Llm { prompt, .. } => Some(prompt),
-            Source::Vote { .. } => None,
+            Source::Vote { .. } | Source::Cascade { .. } => None,
         }
     }
+}
+
+/// Cascade cells are named `cascade/ID`.
+pub const CASCADE_PREFIX: &str = "cascade/";
+
+/// A cell of the plan: reported, or a support cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellRef {
+    Reported(usize),
+    Support(usize),
+}
+
+/// A cascade's cells and what is known of its escalations.
+#[derive(Debug, Clone)]
+pub struct CascadePlan {
+    /// Index into the spec's cascades.
+    pub spec: usize,
+    /// Its reported cell.
+    pub cell: usize,
+    /// Each stage's cell on the evaluation rows.
+    pub stages: Vec<CellRef>,
+    /// Each stage's support cell on the fit rows, for the steps fitted by `fraction`.
+    pub fit_stages: Vec<Option<usize>>,
+    pub fit_set: Option<usize>,
+    /// Set by `cascade::resolve` from the cache.
+    pub resolution: Option<crate::cascade::Resolution>,
 }
 
 /// Rows that prompts are rendered for: the evaluation rows (set 0) or rows used only to
@@ -115,6 +147,7 @@ pub struct Plan {
     /// Cells computed only to calibrate others.
     pub support: Vec<Cell>,
     pub calibrations: Vec<CalibrationPlan>,
+    pub cascades: Vec<CascadePlan>,
     pub pools: Vec<Pool>,
     pub retrievals: Vec<Retrieval>,
     /// Texts to embed, one request per distinct key.
@@ -290,33 +323,28 @@ pub fn build(
                 Some((i, true))
             }
             Some(Calibration::Fit { from, sample }) => {
-                let found = fit_sets
-                    .iter()
-                    .find(|(f, s, _)| *f == from.value && s == sample)
-                    .map(|x| x.2);
-                let i = match found {
-                    Some(i) => i,
-                    None => {
-                        // The evaluation rows never take part in a fit.
-                        let eval_ids: HashSet<&str> =
-                            dataset.rows.iter().map(|r| r.id.as_str()).collect();
-                        let eval_texts: HashSet<&str> =
-                            dataset.rows.iter().map(|r| r.text.as_str()).collect();
-                        let all = dataset::load_pool(from, None, None, &spec.dataset)?;
-                        let rows = dataset::sample_excluding(all, sample, labels, &|r| {
-                            eval_ids.contains(r.id.as_str()) || eval_texts.contains(r.text.as_str())
-                        });
-                        let file = from.value.file_name().unwrap_or_default().to_string_lossy();
-                        sets.push(RowSet::new(
-                            &format!("fit:{file}:n={}:seed={}", sample.n, sample.seed),
-                            rows,
-                        ));
-                        fit_sets.push((from.value.clone(), sample.clone(), sets.len() - 1));
-                        sets.len() - 1
-                    }
-                };
+                let i = fit_set(&mut sets, &mut fit_sets, &dataset, &spec, from, sample)?;
                 Some((i, false))
             }
+        });
+    }
+    // The rows each cascade's `fraction` steps are fitted on (one set per cascade).
+    let mut cascade_sets = Vec::new();
+    for c in &spec.cascades {
+        let fit = c.escalate.iter().find_map(|e| match e {
+            crate::spec::Escalate::Fraction { from, sample, .. } => Some((from, sample)),
+            crate::spec::Escalate::Margin(_) => None,
+        });
+        cascade_sets.push(match fit {
+            Some((from, sample)) => Some(fit_set(
+                &mut sets,
+                &mut fit_sets,
+                &dataset,
+                &spec,
+                from,
+                sample,
+            )?),
+            None => None,
         });
     }
 
@@ -408,16 +436,16 @@ pub fn build(
         }
     }
 
-    let (cells, support, calibrations) = expand_cells(
-        &spec,
-        &models,
-        &prompts,
-        &sets,
-        &method_sets,
-        &retrievals,
-        engine,
-        &embedders,
-    );
+    let factory = CellFactory::new(&spec, &models, &prompts, &sets, &method_sets, engine);
+    let (mut cells, mut support, mut calibrations) =
+        expand_cells(&factory, &retrievals, &embedders);
+    let cascades = plan_cascades(
+        &factory,
+        &cascade_sets,
+        &mut cells,
+        &mut support,
+        &mut calibrations,
+    )?;
     check_compare_ids(&spec, &cells)?;
     Ok(Plan {
         spec,
@@ -430,11 +458,44 @@ pub fn build(
         cells,
         support,
         calibrations,
+        cascades,
         pools,
         retrievals,
         embed_requests: requests,
         new_artifacts,
     })
+}
+
+/// The row set of labelled rows drawn from `from` for a fit, shared by every fit that
+/// names the same file and sample. The evaluation rows never take part in a fit.
+fn fit_set(
+    sets: &mut Vec<RowSet>,
+    fit_sets: &mut Vec<(std::path::PathBuf, crate::spec::SampleSpec, usize)>,
+    dataset: &Dataset,
+    spec: &Spec,
+    from: &Located<std::path::PathBuf>,
+    sample: &crate::spec::SampleSpec,
+) -> Result<usize, Diagnostic> {
+    if let Some((_, _, i)) = fit_sets
+        .iter()
+        .find(|(f, s, _)| *f == from.value && s == sample)
+    {
+        return Ok(*i);
+    }
+    let eval_ids: HashSet<&str> = dataset.rows.iter().map(|r| r.id.as_str()).collect();
+    let eval_texts: HashSet<&str> = dataset.rows.iter().map(|r| r.text.as_str()).collect();
+    let all = dataset::load_pool(from, None, None, &spec.dataset)?;
+    let labels = spec.dataset.labels.len();
+    let rows = dataset::sample_excluding(all, sample, labels, &|r| {
+        eval_ids.contains(r.id.as_str()) || eval_texts.contains(r.text.as_str())
+    });
+    let file = from.value.file_name().unwrap_or_default().to_string_lossy();
+    sets.push(RowSet::new(
+        &format!("fit:{file}:n={}:seed={}", sample.n, sample.seed),
+        rows,
+    ));
+    fit_sets.push((from.value.clone(), sample.clone(), sets.len() - 1));
+    Ok(sets.len() - 1)
 }
 
 impl RowSet {
@@ -491,128 +552,210 @@ fn shown_examples(pool: &Pool, n: &Neighbours, labels: &[String]) -> Shown {
     }
 }
 
-/// Reported cells, support cells and calibrations.
-#[allow(clippy::too_many_arguments)]
-fn expand_cells(
-    spec: &Spec,
-    models: &[KnownModel],
-    prompts: &Prompts,
-    sets: &[RowSet],
-    method_sets: &[Option<(usize, bool)>],
-    retrievals: &[Retrieval],
-    engine_version: &str,
-    embedders: &[KnownModel],
-) -> (Vec<Cell>, Vec<Cell>, Vec<CalibrationPlan>) {
-    let label_names: Vec<String> = spec.dataset.labels.iter().map(|l| l.name.clone()).collect();
-    let engine = EnginePart {
-        version: engine_version,
-    }
-    .digest();
-    // `[set][prompt][row]`
-    let prompt_digests: Vec<Vec<Vec<Option<Digest>>>> = sets
-        .iter()
-        .map(|set| {
-            set.messages
-                .iter()
-                .map(|rows| {
-                    rows.iter()
-                        .map(|m| {
-                            m.as_ref().map(|m| {
-                                PromptPart {
-                                    messages: m,
-                                    max_text_tokens: spec.dataset.max_text_tokens,
-                                }
-                                .digest()
+/// Makes the cells of one spec: each model × prompt × method × grid point on a row set,
+/// with the support cell its calibration is fitted on.
+struct CellFactory<'a> {
+    spec: &'a Spec,
+    models: &'a [KnownModel],
+    prompts: &'a Prompts,
+    sets: &'a [RowSet],
+    method_sets: &'a [Option<(usize, bool)>],
+    label_names: Vec<String>,
+    engine: Digest,
+    /// `[set][prompt][row]`
+    prompt_digests: Vec<Vec<Vec<Option<Digest>>>>,
+}
+
+/// The parts of a cell's identity: model, prompt, method and grid point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CellSpec {
+    model: usize,
+    prompt: usize,
+    method: usize,
+    point: Option<SamplerPoint>,
+}
+
+impl<'a> CellFactory<'a> {
+    fn new(
+        spec: &'a Spec,
+        models: &'a [KnownModel],
+        prompts: &'a Prompts,
+        sets: &'a [RowSet],
+        method_sets: &'a [Option<(usize, bool)>],
+        engine_version: &str,
+    ) -> Self {
+        let prompt_digests = sets
+            .iter()
+            .map(|set| {
+                set.messages
+                    .iter()
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|m| {
+                                m.as_ref().map(|m| {
+                                    PromptPart {
+                                        messages: m,
+                                        max_text_tokens: spec.dataset.max_text_tokens,
+                                    }
+                                    .digest()
+                                })
                             })
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
-    let points = spec.sampling.points();
-    let mut cells = Vec::new();
-    let mut support = Vec::new();
-    let mut calibrations = Vec::new();
-    let rows_for = |set: usize, pi: usize, model: Option<Digest>, m: Digest, sampler, seed| {
-        prompt_digests[set][pi]
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            spec,
+            models,
+            prompts,
+            sets,
+            method_sets,
+            label_names: spec.dataset.labels.iter().map(|l| l.name.clone()).collect(),
+            engine: EnginePart {
+                version: engine_version,
+            }
+            .digest(),
+            prompt_digests,
+        }
+    }
+
+    /// Every model cell the spec's grid names, `grid: false` models included, in plan order.
+    fn all(&self) -> Vec<CellSpec> {
+        let points = self.spec.sampling.points();
+        let mut out = Vec::new();
+        for model in 0..self.models.len() {
+            for prompt in 0..self.prompts.len() {
+                for (method, m) in self.spec.methods.iter().enumerate() {
+                    match m.kind {
+                        MethodKind::KnnVote => {}
+                        MethodKind::Generate => {
+                            for p in &points {
+                                out.push(CellSpec {
+                                    model,
+                                    prompt,
+                                    method,
+                                    point: Some(*p),
+                                });
+                            }
+                        }
+                        MethodKind::Loglik => out.push(CellSpec {
+                            model,
+                            prompt,
+                            method,
+                            point: None,
+                        }),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn id(&self, c: &CellSpec) -> String {
+        let mut id = format!(
+            "{}/{}/{}",
+            self.models[c.model].id,
+            self.prompts.id(c.prompt),
+            self.spec.methods[c.method].id
+        );
+        if let Some(p) = &c.point {
+            id.push('@');
+            id.push_str(&self.spec.sampling.label(p));
+        }
+        id
+    }
+
+    /// The keys of a cell's rows on a row set.
+    fn rows(&self, c: &CellSpec, set: usize) -> Vec<Option<Components>> {
+        let model = self.models[c.model]
+            .sha256
+            .as_deref()
+            .map(|s| ModelPart { sha256: s }.digest());
+        let method = MethodPart {
+            method: &self.spec.methods[c.method],
+            labels: &self.label_names,
+        }
+        .digest();
+        let sampler = SamplerPart {
+            point: c.point.as_ref(),
+        }
+        .digest();
+        let seed = SeedPart {
+            point: c.point.as_ref(),
+        }
+        .digest();
+        self.prompt_digests[set][c.prompt]
             .iter()
             .map(|prompt| {
                 Some(Components {
                     model: model?,
                     prompt: (*prompt)?,
-                    method: m,
+                    method,
                     sampler,
                     seed,
-                    engine,
+                    engine: self.engine,
                 })
             })
-            .collect::<Vec<_>>()
-    };
-    for (mi, model) in models.iter().enumerate() {
-        let model_digest = model
-            .sha256
-            .as_deref()
-            .map(|s| ModelPart { sha256: s }.digest());
-        for pi in 0..prompts.len() {
-            for (ki, method) in spec.methods.iter().enumerate() {
-                if method.kind == MethodKind::KnnVote {
-                    continue;
-                }
-                let method_digest = MethodPart {
-                    method,
-                    labels: &label_names,
-                }
-                .digest();
-                let cell_points: Vec<Option<SamplerPoint>> = match method.kind {
-                    MethodKind::Generate => points.iter().copied().map(Some).collect(),
-                    _ => vec![None],
-                };
-                for point in cell_points {
-                    let sampler = SamplerPart {
-                        point: point.as_ref(),
-                    }
-                    .digest();
-                    let seed = SeedPart {
-                        point: point.as_ref(),
-                    }
-                    .digest();
-                    let mut id = format!("{}/{}/{}", model.id, prompts.id(pi), method.id);
-                    if let Some(p) = &point {
-                        id.push('@');
-                        id.push_str(&spec.sampling.label(p));
-                    }
-                    let source = Source::Llm {
-                        model: mi,
-                        prompt: pi,
-                    };
-                    let calibration = method_sets[ki].map(|(set, content_free)| {
-                        support.push(Cell {
-                            id: format!("{id}#{}", sets[set].name),
-                            source,
-                            method: ki,
-                            point,
-                            set,
-                            rows: rows_for(set, pi, model_digest, method_digest, sampler, seed),
-                            calibration: None,
-                        });
-                        calibrations.push(CalibrationPlan {
-                            content_free,
-                            support: support.len() - 1,
-                        });
-                        calibrations.len() - 1
-                    });
-                    cells.push(Cell {
-                        id,
-                        source,
-                        method: ki,
-                        point,
-                        set: 0,
-                        rows: rows_for(0, pi, model_digest, method_digest, sampler, seed),
-                        calibration,
-                    });
-                }
-            }
+            .collect()
+    }
+
+    /// A cell on the evaluation rows, and the support cell and calibration it is fitted
+    /// with (pushed onto `support` and `calibrations`).
+    fn cell(
+        &self,
+        c: &CellSpec,
+        support: &mut Vec<Cell>,
+        calibrations: &mut Vec<CalibrationPlan>,
+    ) -> Cell {
+        let id = self.id(c);
+        let source = Source::Llm {
+            model: c.model,
+            prompt: c.prompt,
+        };
+        let calibration = self.method_sets[c.method].map(|(set, content_free)| {
+            support.push(Cell {
+                id: format!("{id}#{}", self.sets[set].name),
+                source,
+                method: c.method,
+                point: c.point,
+                set,
+                rows: self.rows(c, set),
+                calibration: None,
+                masked: None,
+            });
+            calibrations.push(CalibrationPlan {
+                content_free,
+                support: support.len() - 1,
+            });
+            calibrations.len() - 1
+        });
+        Cell {
+            id,
+            source,
+            method: c.method,
+            point: c.point,
+            set: 0,
+            rows: self.rows(c, 0),
+            calibration,
+            masked: None,
+        }
+    }
+}
+
+/// Reported cells, support cells and calibrations.
+fn expand_cells(
+    factory: &CellFactory,
+    retrievals: &[Retrieval],
+    embedders: &[KnownModel],
+) -> (Vec<Cell>, Vec<Cell>, Vec<CalibrationPlan>) {
+    let spec = factory.spec;
+    let mut cells = Vec::new();
+    let mut support = Vec::new();
+    let mut calibrations = Vec::new();
+    for c in factory.all() {
+        if spec.models[c.model].grid {
+            cells.push(factory.cell(&c, &mut support, &mut calibrations));
         }
     }
     for (ki, method) in spec.methods.iter().enumerate() {
@@ -632,9 +775,157 @@ fn expand_cells(
             set: 0,
             rows: Vec::new(),
             calibration: None,
+            masked: None,
         });
     }
     (cells, support, calibrations)
+}
+
+/// Each cascade's stages as cells: a reported cell where the grid has it, otherwise a
+/// support cell computed only for the rows the cascade sends it (`grid: false` models);
+/// on the fit rows, a support cell per step whose threshold is a fitted `fraction`. The
+/// cascade itself becomes a reported cell.
+#[allow(clippy::too_many_arguments)]
+fn plan_cascades(
+    factory: &CellFactory,
+    fit_sets: &[Option<usize>],
+    cells: &mut Vec<Cell>,
+    support: &mut Vec<Cell>,
+    calibrations: &mut Vec<CalibrationPlan>,
+) -> Result<Vec<CascadePlan>, Diagnostic> {
+    let spec = factory.spec;
+    let all = factory.all();
+    let mut out = Vec::new();
+    for (ci, c) in spec.cascades.iter().enumerate() {
+        let mut stages = Vec::new();
+        let mut fit_stages = Vec::new();
+        let fit_set = fit_sets[ci];
+        let id = format!("{CASCADE_PREFIX}{}", c.id);
+        if cells.iter().any(|x| x.id == id) {
+            return Err(c.stages[0].error(format!(
+                "cascade cell `{id}` has the id of another cell: rename the cascade"
+            )));
+        }
+        for (k, name) in c.stages.iter().enumerate() {
+            let last = k + 1 == c.stages.len();
+            let found = all.iter().find(|s| factory.id(s) == name.value);
+            let Some(cs) = found else {
+                let model_cells: Vec<&str> = cells
+                    .iter()
+                    .filter(|c| matches!(c.source, Source::Llm { .. }))
+                    .map(|c| c.id.as_str())
+                    .collect();
+                return Err(name.error(format!(
+                    "no model cell `{}`; a cascade's stages are cells such as {}",
+                    name.value,
+                    model_cells
+                        .iter()
+                        .take(4)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            let method = &spec.methods[cs.method];
+            if !last && method.kind != MethodKind::Loglik {
+                return Err(name.error(format!(
+                    "`{}` answers by generating text, so it has no label scores to be sure or unsure of; every stage but the last must be a `loglik` cell",
+                    name.value
+                )));
+            }
+            if stages[..]
+                .iter()
+                .any(|s: &CellRef| cell_of(cells, support, *s).id == name.value)
+            {
+                return Err(name.error(format!(
+                    "`{}` is already a stage of this cascade",
+                    name.value
+                )));
+            }
+            let stage = match cells.iter().position(|x| x.id == name.value) {
+                Some(i) => CellRef::Reported(i),
+                None => match support
+                    .iter()
+                    .position(|x| x.id == name.value && x.masked.is_some())
+                {
+                    Some(i) => CellRef::Support(i),
+                    None => {
+                        let cell = factory.cell(cs, support, calibrations);
+                        support.push(masked(cell));
+                        CellRef::Support(support.len() - 1)
+                    }
+                },
+            };
+            // The fit rows are scored by every stage up to the last fitted step: the rows
+            // that reach a fitted step are those the steps before it send on.
+            let last_fit = c
+                .escalate
+                .iter()
+                .rposition(|e| matches!(e, Escalate::Fraction { .. }));
+            let fit_stage = match (last_fit, fit_set) {
+                (Some(lf), Some(set)) if k <= lf => {
+                    let calibration = cell_of(cells, support, stage).calibration;
+                    let id = format!("{}#{}", name.value, factory.sets[set].name);
+                    Some(match support.iter().position(|x| x.id == id) {
+                        Some(i) => i,
+                        None => {
+                            support.push(masked(Cell {
+                                id,
+                                source: Source::Llm {
+                                    model: cs.model,
+                                    prompt: cs.prompt,
+                                },
+                                method: cs.method,
+                                point: cs.point,
+                                set,
+                                rows: factory.rows(cs, set),
+                                calibration,
+                                masked: None,
+                            }));
+                            support.len() - 1
+                        }
+                    })
+                }
+                _ => None,
+            };
+            stages.push(stage);
+            fit_stages.push(fit_stage);
+        }
+        let first = cell_of(cells, support, stages[0]);
+        cells.push(Cell {
+            id,
+            source: Source::Cascade { cascade: ci },
+            method: first.method,
+            point: None,
+            set: 0,
+            rows: Vec::new(),
+            calibration: None,
+            masked: None,
+        });
+        out.push(CascadePlan {
+            spec: ci,
+            cell: cells.len() - 1,
+            stages,
+            fit_stages,
+            fit_set,
+            resolution: None,
+        });
+    }
+    Ok(out)
+}
+
+/// A cell that computes only the rows a cascade lets in (`cascade::resolve`): none yet.
+fn masked(mut cell: Cell) -> Cell {
+    let none = vec![None; cell.rows.len()];
+    cell.masked = Some(std::mem::replace(&mut cell.rows, none));
+    cell
+}
+
+fn cell_of<'a>(cells: &'a [Cell], support: &'a [Cell], r: CellRef) -> &'a Cell {
+    match r {
+        CellRef::Reported(i) => &cells[i],
+        CellRef::Support(i) => &support[i],
+    }
 }
 
 /// Every cell named in `compare:` exists.
@@ -657,6 +948,10 @@ fn check_compare_ids(spec: &Spec, cells: &[Cell]) -> Result<(), Diagnostic> {
 }
 
 impl Plan {
+    pub fn cell(&self, r: CellRef) -> &Cell {
+        cell_of(&self.cells, &self.support, r)
+    }
+
     /// Reported cells and support cells: everything inference computes.
     pub fn inference_cells(&self) -> impl Iterator<Item = &Cell> {
         self.cells
@@ -678,6 +973,14 @@ impl Plan {
                         rows: self.dataset.rows.len(),
                         cached: found,
                         failed: 0,
+                    };
+                }
+                if let Source::Cascade { cascade } = c.source {
+                    let res = self.cascades[cascade].resolution.as_ref();
+                    return CellStatus {
+                        rows: self.dataset.rows.len(),
+                        cached: res.map_or(0, |r| r.answered()),
+                        failed: res.map_or(0, |r| r.failed),
                     };
                 }
                 let keys = c.rows.iter().flatten().map(Components::row_key);
@@ -733,11 +1036,46 @@ impl Plan {
                 "-".into(),
                 method,
             ),
+            // Model: the stages' models in turn; prompt: the cascade's id.
+            Source::Cascade { cascade } => {
+                let cp = &self.cascades[cascade];
+                let models: Vec<&str> = cp
+                    .stages
+                    .iter()
+                    .filter_map(|r| self.cell(*r).model())
+                    .map(|m| self.models[m].id.as_str())
+                    .collect();
+                (
+                    models.join("→"),
+                    self.spec.cascades[cp.spec].id.clone(),
+                    "cascade".into(),
+                )
+            }
         }
     }
 
     /// Cell parameters as JSON (sampler settings for generation).
     pub fn params(&self, cell: &Cell) -> serde_json::Value {
+        if let Source::Cascade { cascade } = cell.source {
+            let cp = &self.cascades[cascade];
+            let spec = &self.spec.cascades[cp.spec];
+            let res = cp.resolution.as_ref();
+            return serde_json::json!({
+                "kind": "cascade",
+                "stages": cp.stages.iter().map(|r| self.cell(*r).id.clone()).collect::<Vec<_>>(),
+                "escalate": spec.escalate.iter().enumerate().map(|(k, e)| {
+                    let threshold = res.and_then(|r| r.thresholds[k]);
+                    match e {
+                        Escalate::Margin(m) => serde_json::json!({"margin": m}),
+                        Escalate::Fraction { fraction, sample, .. } => serde_json::json!({
+                            "fraction": fraction, "fit_rows": sample.n, "fit_seed": sample.seed,
+                            "threshold": threshold,
+                        }),
+                    }
+                }).collect::<Vec<_>>(),
+                "reached": res.map(|r| r.reached.clone()),
+            });
+        }
         let m = &self.spec.methods[cell.method];
         match (&cell.point, m.kind) {
             (Some(p), MethodKind::Generate) => serde_json::json!({
@@ -807,9 +1145,28 @@ impl Plan {
                     "queries_with_self_excluded": with, "pool_rows_excluded": excluded})
             })
             .collect();
+        let cascades: Vec<serde_json::Value> = self
+            .cascades
+            .iter()
+            .map(|cp| {
+                let res = cp.resolution.as_ref();
+                serde_json::json!({
+                    "id": self.spec.cascades[cp.spec].id,
+                    "cell": self.cells[cp.cell].id,
+                    "stages": cp.stages.iter().map(|r| self.cell(*r).id.clone()).collect::<Vec<_>>(),
+                    "thresholds": res.map(|r| r.thresholds.clone()),
+                    "fit_rows": res.map(|r| r.fit_rows.clone()),
+                    "reached": res.map(|r| r.reached.clone()),
+                    "answered": res.map(|r| r.answered()),
+                    "pending": res.map(|r| r.pending),
+                    "note": self.cascade_note(cp),
+                })
+            })
+            .collect();
         serde_json::json!({
             "name": self.spec.name,
             "engine": self.engine_version,
+            "cascades": cascades,
             "dataset_rows": self.dataset.rows.len(),
             "stages": stages,
             "cells": cells,

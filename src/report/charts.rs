@@ -499,3 +499,64 @@ pub fn calibration_shift(metrics: &[CellMetrics]) -> Option<Value> {
         }
     }))
 }
+
+/// Accuracy against the seconds a review costs: each model cell a point, each cascade a
+/// curve over the share its first step sends on, with the threshold it uses marked.
+pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
+    let cascades: Vec<&CellMetrics> = metrics.iter().filter(|m| m.cascade.is_some()).collect();
+    if cascades.is_empty() {
+        return None;
+    }
+    let mut values: Vec<Value> = metrics
+        .iter()
+        .filter(|m| m.cascade.is_none() && m.n > 0 && m.compute_s > 0.0)
+        .map(|m| {
+            serde_json::json!({
+                "series": m.model, "kind": "cell", "cell": m.cell, "accuracy": m.accuracy,
+                "seconds": m.compute_s / m.n as f64, "escalated": null,
+            })
+        })
+        .collect();
+    for m in &cascades {
+        let s = m.cascade.as_ref().expect("filtered");
+        for p in &s.curve {
+            values.push(serde_json::json!({
+                "series": m.cell, "kind": "curve", "cell": m.cell, "accuracy": p.accuracy,
+                "seconds": p.seconds_per_row, "escalated": p.escalated,
+            }));
+        }
+        if m.n > 0 {
+            values.push(serde_json::json!({
+                "series": m.cell, "kind": "chosen", "cell": m.cell, "accuracy": m.accuracy,
+                "seconds": m.compute_s / m.n as f64,
+                "escalated": s.reached.get(1).map(|&r| r as f64 / s.rows.max(1) as f64),
+            }));
+        }
+    }
+    let x = serde_json::json!({"field": "seconds", "type": "quantitative", "scale": {"type": "log"},
+        "title": "seconds per review, each cell on its own (log scale)"});
+    let y = serde_json::json!({"field": "accuracy", "type": "quantitative", "scale": {"zero": false},
+        "title": "accuracy"});
+    let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".3f"},
+        {"field": "seconds", "format": ".2f", "title": "s/review"},
+        {"field": "escalated", "format": ".0%", "title": "sent on"}]);
+    Some(serde_json::json!({
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "title": "Accuracy vs cost: model cells and cascades over their threshold",
+        "data": {"values": values},
+        "width": 420,
+        "layer": [
+            {"transform": [{"filter": "datum.kind == 'cell'"}],
+             "mark": {"type": "point", "filled": true, "opacity": 0.6},
+             "encoding": {"x": x, "y": y, "color": {"field": "series", "type": "nominal", "title": "model / cascade"},
+                          "tooltip": tip}},
+            {"transform": [{"filter": "datum.kind == 'curve'"}],
+             "mark": {"type": "line", "point": false},
+             "encoding": {"x": x, "y": y, "order": {"field": "escalated", "type": "quantitative"},
+                          "color": {"field": "series", "type": "nominal"}, "tooltip": tip}},
+            {"transform": [{"filter": "datum.kind == 'chosen'"}],
+             "mark": {"type": "point", "shape": "diamond", "size": 140, "filled": true},
+             "encoding": {"x": x, "y": y, "color": {"field": "series", "type": "nominal"}, "tooltip": tip}}
+        ]
+    }))
+}

@@ -57,6 +57,19 @@ pub struct CellView {
     pub reviews_per_s: f64,
     pub words_per_s: f64,
     pub mean_prompt_tokens: f64,
+    /// Cascade cells: the stages and what the cascade costs beside them.
+    pub cascade: Option<CascadeView>,
+}
+
+/// A cascade as the rules see it.
+#[derive(Debug, Clone, Default)]
+pub struct CascadeView {
+    pub first: String,
+    pub last: String,
+    /// Share of the rows the first step sends on.
+    pub escalated: f64,
+    pub time_vs_first: Option<f64>,
+    pub time_vs_last: Option<f64>,
 }
 
 /// Everything the rules read.
@@ -117,6 +130,13 @@ impl Input {
                 } else {
                     0.0
                 },
+                cascade: m.cascade.as_ref().map(|s| CascadeView {
+                    first: s.stages.first().cloned().unwrap_or_default(),
+                    last: s.stages.last().cloned().unwrap_or_default(),
+                    escalated: s.reached.get(1).copied().unwrap_or(0) as f64 / s.rows.max(1) as f64,
+                    time_vs_first: s.time_vs_first,
+                    time_vs_last: s.time_vs_last,
+                }),
             })
             .collect();
         Self {
@@ -152,6 +172,7 @@ pub fn derive(input: &Input) -> Vec<Finding> {
     baseline(input, &mut out);
     validity(input, &mut out);
     cost(input, &mut out);
+    cascades(input, &mut out);
     out
 }
 
@@ -874,6 +895,59 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
                 });
             }
         }
+    }
+}
+
+/// Each cascade against its first and its last cell alone: accuracy with the paired test,
+/// the share sent on, and the time it costs.
+fn cascades(input: &Input, out: &mut Vec<Finding>) {
+    let by_id = |id: &str| input.cells.iter().find(|c| c.id == id && c.n() > 0);
+    for c in input.cells.iter().filter(|c| c.n() > 0) {
+        let Some(v) = &c.cascade else { continue };
+        let Some(acc) = c.accuracy(&input.gold) else {
+            continue;
+        };
+        let times =
+            |r: Option<f64>, who: &str| r.map(|r| format!("{r:.2}× the time of {who} alone"));
+        let cost: Vec<String> = [
+            times(v.time_vs_first, &v.first),
+            times(v.time_vs_last, &v.last),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut text = format!(
+            "The cascade {} sends {} of reviews on from {} to {} and reaches {}{}",
+            c.id,
+            pct(v.escalated),
+            v.first,
+            v.last,
+            pct(acc),
+            if cost.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", cost.join(" and "))
+            }
+        );
+        let mut tests = Vec::new();
+        for (other, who) in [(&v.last, "last"), (&v.first, "first")] {
+            match by_id(other).and_then(|o| paired(input, c, o)) {
+                Some(t) => tests.push(format!("against its {who} cell alone it {}", verdict(&t, other))),
+                None if who == "last" => tests.push(format!(
+                    "{other} computed only the reviews sent to it, so the two cannot be compared on all reviews"
+                )),
+                None => {}
+            }
+        }
+        if !tests.is_empty() {
+            text.push_str("; ");
+            text.push_str(&tests.join("; "));
+        }
+        text.push('.');
+        out.push(Finding {
+            topic: "cascade",
+            text,
+        });
     }
 }
 

@@ -103,6 +103,7 @@ pub struct Page {
     pub comparisons: Table,
     pub disagreements: Vec<Disagreement>,
     pub calibration: Table,
+    pub cascades: Table,
     /// One line per retrieval: what it searched, and what the leak guard left out.
     pub retrieval: Vec<String>,
     pub prov: Json,

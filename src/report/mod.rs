@@ -348,6 +348,10 @@ fn render_page(
         charts_accuracy.push(chart(&mut charts, c));
     }
     charts_accuracy.push(chart(&mut charts, charts::cost_quality(m)));
+    if let Some(c) = charts::cascade_frontier(m) {
+        charts.push(c);
+        charts_accuracy.push(charts.len() - 1);
+    }
     let gold = gold_shares(plan);
     charts.push(charts::label_shares(m, &labels, &gold));
     let mut charts_errors = vec![charts.len() - 1];
@@ -391,6 +395,7 @@ fn render_page(
         comparisons: comparisons_table(a),
         disagreements: disagreements(plan, a),
         calibration: calibration_table(plan, m),
+        cascades: cascades_table(m),
         retrieval: retrieval_notes(plan),
         prov: provenance_json(prov),
         rows_total: a.predictions.len(),
@@ -634,6 +639,69 @@ fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
             "parameters",
         ],
         &[0, 1, 2, 7],
+        rows,
+    )
+}
+
+/// Each cascade beside its first and last stage alone, on the rows it answered.
+fn cascades_table(m: &[CellMetrics]) -> Table {
+    let ratio = |r: Option<f64>| r.map_or("–".into(), |r| format!("{r:.2}×"));
+    let rows = m
+        .iter()
+        .filter_map(|c| {
+            let s = c.cascade.as_ref()?;
+            let steps: Vec<String> = s
+                .thresholds
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    let went = s.reached.get(k + 1).copied().unwrap_or(0);
+                    let rule = match (t, s.fit_rows[k]) {
+                        (Some(t), Some(n)) => format!("margin < {t:.3} (fitted on {n} rows)"),
+                        (Some(t), None) => format!("margin < {t:.3}"),
+                        (None, _) => "not fitted yet".into(),
+                    };
+                    format!(
+                        "{rule}: {went} of {} rows ({}) on to {}",
+                        s.reached[k],
+                        pct(went as f64 / s.reached[k].max(1) as f64),
+                        s.stages[k + 1]
+                    )
+                })
+                .collect();
+            let alone = |a: &crate::cascade::Alone| {
+                let acc = a.accuracy.map_or("–".into(), pct);
+                let est = if a.estimated { ", estimated" } else { "" };
+                format!("{acc}, {:.2} s/review{est}", a.seconds_per_row)
+            };
+            Some(vec![
+                Cell::code(&c.cell),
+                Cell::text(steps.join("; ")),
+                Cell::text(format!("{} ({} rows)", pct(c.accuracy), c.n)),
+                Cell::text(format!("{:.2} s/review", c.compute_s / c.n.max(1) as f64)),
+                Cell::text(alone(&s.first)),
+                Cell::text(alone(&s.last)),
+                Cell::text(ratio(s.time_vs_first)),
+                Cell::text(ratio(s.time_vs_last)),
+                Cell::text(ratio(s.tokens_vs_first)),
+                Cell::text(ratio(s.tokens_vs_last)),
+            ])
+        })
+        .collect();
+    Table::new(
+        &[
+            "cascade",
+            "steps",
+            "accuracy",
+            "cost",
+            "first alone",
+            "last alone",
+            "time vs first",
+            "vs last",
+            "prompt tokens vs first",
+            "vs last",
+        ],
+        &[0, 1],
         rows,
     )
 }

@@ -85,11 +85,7 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
         ),
         (
             "method",
-            strs(
-                preds
-                    .iter()
-                    .map(|p| Some(plan.spec.methods[cell(p).method].id.clone())),
-            ),
+            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).2))),
         ),
         (
             "temperature",
@@ -220,6 +216,12 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
         ),
         ("host", strs(preds.iter().map(|p| p.host.clone()))),
         ("shard", strs(preds.iter().map(|p| p.shard.clone()))),
+        (
+            "cascade_stage",
+            Arc::new(UInt32Array::from_iter(
+                preds.iter().map(|p| p.stage.map(|k| k as u32)),
+            )),
+        ),
     ]);
     batch(cols)
 }
@@ -301,6 +303,32 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
         ("brier".into(), f64s(m.iter().map(|x| x.brier))),
         ("ece".into(), f64s(m.iter().map(|x| x.ece))),
     ]);
+    // Cascade cells: the share the first step sends on, and the cost against the first and
+    // the last stage alone.
+    let cascade = |g: &dyn Fn(&crate::cascade::Summary) -> Option<f64>| {
+        f64s(m.iter().map(|x| x.cascade.as_ref().and_then(g)))
+    };
+    cols.extend([
+        (
+            "cascade_escalated".into(),
+            cascade(&|c| {
+                Some(c.reached.get(1).copied().unwrap_or(0) as f64 / c.rows.max(1) as f64)
+            }),
+        ),
+        (
+            "cascade_time_vs_first".into(),
+            cascade(&|c| c.time_vs_first),
+        ),
+        ("cascade_time_vs_last".into(), cascade(&|c| c.time_vs_last)),
+        (
+            "cascade_tokens_vs_first".into(),
+            cascade(&|c| c.tokens_vs_first),
+        ),
+        (
+            "cascade_tokens_vs_last".into(),
+            cascade(&|c| c.tokens_vs_last),
+        ),
+    ]);
     let refs: Vec<(&str, ArrayRef)> = cols.iter().map(|(n, a)| (n.as_str(), a.clone())).collect();
     batch(refs)
 }
@@ -333,10 +361,7 @@ pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, String> {
         ("cell", s(&|x| cell(x).id.clone())),
         ("model", s(&|x| plan.cell_names(cell(x)).0)),
         ("prompt", s(&|x| plan.cell_names(cell(x)).1)),
-        (
-            "method",
-            s(&|x| plan.spec.methods[cell(x).method].id.clone()),
-        ),
+        ("method", s(&|x| plan.cell_names(cell(x)).2)),
         ("row_id", s(&|x| plan.dataset.rows[x.row].id.clone())),
         ("error_kind", s(&|x| x.kind.clone())),
         ("error", s(&|x| x.message.clone())),

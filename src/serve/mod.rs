@@ -322,7 +322,7 @@ fn load(
             n_ctx: f.n_ctx,
             threads,
         }),
-        Source::Vote { .. } => None,
+        Source::Vote { .. } | Source::Cascade { .. } => None,
     };
     let embedder = scorer.embedder.as_ref().and_then(|e| {
         let known = &plan.embedders[e.index];

@@ -130,6 +130,7 @@ impl Scorer {
         let method = &plan.spec.methods[c.method];
         let retrieval_of = |id: String| plan.retrievals.iter().find(|r| r.id == id);
         let kind = match c.source {
+            Source::Cascade { .. } => return Err("TODO cascade".into()),
             Source::Vote { retrieval } => {
                 let r = &plan.retrievals[retrieval];
                 Kind::Vote {

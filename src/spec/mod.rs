@@ -39,6 +39,33 @@ pub struct Spec {
     pub compare: CompareSpec,
     /// Sentence-embedding models, for retrieved examples and `knn_vote`.
     pub embedders: Vec<EmbedderSpec>,
+    pub cascades: Vec<CascadeSpec>,
+}
+
+/// A cascade of cells: the first answers every row, each next one only the rows the one
+/// before it was unsure of. Its stages are named by cell id and checked against the plan.
+#[derive(Debug, Clone)]
+pub struct CascadeSpec {
+    pub id: String,
+    pub stages: Vec<Located<String>>,
+    /// One rule per step (`stages.len() - 1`).
+    pub escalate: Vec<Escalate>,
+}
+
+/// When a row goes on to the next cell of a cascade. The margin of a row is the distance in
+/// nats between the log-probs of its two best labels (after calibration in calibrated
+/// cells); an answer that names no label always goes on.
+#[derive(Debug, Clone)]
+pub enum Escalate {
+    /// Rows whose margin is below this.
+    Margin(f64),
+    /// The `fraction` of rows with the smallest margins, by a margin threshold fitted on
+    /// labelled rows of another file (never on the rows it is scored on).
+    Fraction {
+        fraction: f64,
+        from: Located<PathBuf>,
+        sample: SampleSpec,
+    },
 }
 
 /// A sentence-embedding model: found, checked and digested like a model; texts are cut to
@@ -147,6 +174,9 @@ pub struct ModelSpec {
     pub gguf: Located<ModelSource>,
     pub sha256: Option<Located<String>>,
     pub n_ctx: u32,
+    /// `false`: the model has no cells of its own and runs only the rows a cascade
+    /// escalates to it.
+    pub grid: bool,
 }
 
 pub const DEFAULT_N_CTX: u32 = 4096;
@@ -476,6 +506,10 @@ impl Validator<'_> {
         let prompts = self.prompts(raw.prompts, &embedders)?;
         let methods = self.methods(raw.methods, &embedders)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
+        let cascades = match raw.cascades {
+            Some(c) => self.cascades(c)?,
+            None => Vec::new(),
+        };
         let report = ReportSpec {
             title: raw.report.and_then(|r| r.title),
         };
@@ -530,7 +564,135 @@ impl Validator<'_> {
             report,
             compare,
             embedders,
+            cascades,
         })
+    }
+
+    fn cascades(
+        &self,
+        cascades: Spanned<Vec<raw::RawCascade>>,
+    ) -> Result<Vec<CascadeSpec>, Diagnostic> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for (i, c) in cascades.value.iter().enumerate() {
+            let field = format!("cascades[{i}]");
+            let id = self.id(&c.id, &format!("{field}.id"), &mut seen)?;
+            let mut stages = vec![self.located(
+                &c.first,
+                format!("{field}.first"),
+                c.first.value.trim().to_string(),
+            )];
+            if c.then.value.0.is_empty() {
+                return Err(self.err(&c.then, format!("{field}.then"), "name at least one cell"));
+            }
+            for (j, t) in c.then.value.0.iter().enumerate() {
+                let at = if c.then.value.0.len() == 1 {
+                    format!("{field}.then")
+                } else {
+                    format!("{field}.then[{j}]")
+                };
+                stages.push(self.located(&c.then, at, t.trim().to_string()));
+            }
+            let steps = stages.len() - 1;
+            let rules = &c.escalate.value.0;
+            if rules.len() != 1 && rules.len() != steps {
+                return Err(self.err(
+                    &c.escalate,
+                    format!("{field}.escalate"),
+                    format!(
+                        "give one rule for every step or one per step ({steps}), not {}",
+                        rules.len()
+                    ),
+                ));
+            }
+            let mut escalate = Vec::new();
+            for j in 0..steps {
+                let rule = &rules[if rules.len() == 1 { 0 } else { j }];
+                let at = if rules.len() == 1 {
+                    format!("{field}.escalate")
+                } else {
+                    format!("{field}.escalate[{j}]")
+                };
+                escalate.push(self.escalate(&c.escalate, &at, rule)?);
+            }
+            let fits: Vec<(&PathBuf, &SampleSpec)> = escalate
+                .iter()
+                .filter_map(|e| match e {
+                    Escalate::Fraction { from, sample, .. } => Some((&from.value, sample)),
+                    Escalate::Margin(_) => None,
+                })
+                .collect();
+            if fits.windows(2).any(|w| w[0] != w[1]) {
+                return Err(self.err(
+                    &c.escalate,
+                    format!("{field}.escalate"),
+                    "the steps of one cascade are fitted on the same rows: give every `fit` the same `from`, `n` and `seed`",
+                ));
+            }
+            out.push(CascadeSpec {
+                id,
+                stages,
+                escalate,
+            });
+        }
+        Ok(out)
+    }
+
+    fn escalate<T>(
+        &self,
+        at: &Spanned<T>,
+        field: &str,
+        rule: &raw::RawEscalate,
+    ) -> Result<Escalate, Diagnostic> {
+        match (rule.margin, rule.fraction, &rule.fit) {
+            (Some(m), None, None) if m.is_finite() && m >= 0.0 => Ok(Escalate::Margin(m)),
+            (Some(_), None, None) => Err(self.err(
+                at,
+                format!("{field}.margin"),
+                "a margin is a distance in nats between two label log-probs: 0 or more",
+            )),
+            (None, Some(f), Some(fit)) => {
+                if !(f > 0.0 && f < 1.0) {
+                    return Err(self.err(
+                        at,
+                        format!("{field}.fraction"),
+                        "a fraction is between 0 and 1 (exclusive)",
+                    ));
+                }
+                if fit.n < 2 {
+                    return Err(self.err(at, format!("{field}.fit.n"), "fit on at least 2 rows"));
+                }
+                Ok(Escalate::Fraction {
+                    fraction: f,
+                    from: self.located(at, format!("{field}.fit.from"), self.path(&fit.from)),
+                    sample: SampleSpec {
+                        n: fit.n,
+                        stratify: true,
+                        seed: fit.seed,
+                    },
+                })
+            }
+            (None, Some(_), None) => Err(self.err(
+                at,
+                format!("{field}.fit"),
+                "a `fraction` is turned into a margin threshold on labelled rows that are not scored: add `fit: {from: PATH, n: N, seed: S}`",
+            )),
+            (Some(_), None, Some(_)) => Err(self.err(
+                at,
+                format!("{field}.fit"),
+                "a `margin` is used as given; `fit` applies to `fraction` only",
+            )),
+            (Some(_), Some(_), _) => Err(self.err(
+                at,
+                field,
+                "give either `margin` or `fraction`, not both",
+            )),
+            (None, None, _) => Err(self.err(
+                at,
+                field,
+                "say when a row goes on: `{margin: M}` (nats) or `{fraction: F, fit: {from: PATH, n: N}}`",
+            )),
+        }
     }
 
     fn dataset(&self, d: raw::RawDataset) -> Result<DatasetSpec, Diagnostic> {
@@ -626,7 +788,16 @@ impl Validator<'_> {
                 Some(n) => n.value,
                 None => DEFAULT_N_CTX,
             };
-            out.push(self.model_file(id, &m.gguf, m.sha256.as_ref(), &field, n_ctx)?);
+            let mut model = self.model_file(id, &m.gguf, m.sha256.as_ref(), &field, n_ctx)?;
+            model.grid = m.grid.as_ref().is_none_or(|g| g.value);
+            out.push(model);
+        }
+        if !out.iter().any(|m| m.grid) {
+            return Err(self.err(
+                &models,
+                "models",
+                "every model has `grid: false`; at least one must have cells of its own",
+            ));
         }
         Ok(out)
     }
@@ -684,6 +855,7 @@ impl Validator<'_> {
             gguf: self.located(gguf, gguf_field, source),
             sha256,
             n_ctx,
+            grid: true,
         })
     }
 

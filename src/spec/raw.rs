@@ -26,6 +26,32 @@ pub struct RawSpec {
     pub compare: Option<RawCompare>,
     #[serde(default)]
     pub embedders: Option<Spanned<Vec<RawEmbedder>>>,
+    #[serde(default)]
+    pub cascades: Option<Spanned<Vec<RawCascade>>>,
+}
+
+/// A cascade: `first` answers every row; rows it is unsure of go on to `then` (a cell, or
+/// a list of cells for a longer chain).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCascade {
+    pub id: Spanned<String>,
+    pub first: Spanned<String>,
+    pub then: Spanned<OneOrMany<String>>,
+    /// One rule for every step, or one per step.
+    pub escalate: Spanned<OneOrMany<RawEscalate>>,
+}
+
+/// When a row goes on to the next cell: `{margin: M}` or `{fraction: F, fit: {from, n, seed}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEscalate {
+    #[serde(default)]
+    pub margin: Option<f64>,
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    #[serde(default)]
+    pub fit: Option<RawFit>,
 }
 
 /// A sentence-embedding model (llama.cpp with embeddings on).
@@ -139,6 +165,9 @@ pub struct RawModel {
     pub sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub n_ctx: Option<Spanned<u32>>,
+    /// `false`: no cells of its own; the model runs only the rows a cascade escalates to it.
+    #[serde(default)]
+    pub grid: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,6 +405,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 T::deserialize(de::value::StrDeserializer::new(v)).map(|x| OneOrMany(vec![x]))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|x| OneOrMany(vec![x]))
             }
         }
         d.deserialize_any(V(PhantomData))
