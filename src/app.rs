@@ -14,7 +14,7 @@ use crate::diag::Diagnostic;
 use crate::embed::{self, EmbedError};
 use crate::exec::{self, ExecError, ExecOptions, ExecStats, ShardFilter};
 use crate::key::Digest;
-use crate::plan::{self, CellStatus, Explanation, Plan, PlanOptions};
+use crate::plan::{self, CellRef, CellStatus, Explanation, Plan, PlanOptions, Source};
 use crate::report::{self, Provenance, ReportError, Written, html::Scripts};
 use crate::shard::{self, Manifest, Shard, ShardError};
 use crate::spec;
@@ -558,44 +558,93 @@ pub fn serve(
     }
     store.commit(std::mem::take(&mut plan.new_artifacts))?;
     let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
-    let calibration = match plan.cells[ci].calibration {
-        None => None,
-        Some(cal) => {
-            // The rows the calibration is fitted on, as `run` computes them.
-            let support = plan.support[plan.calibrations[cal].support].id.clone();
-            let make = make_backend.clone();
-            let outcome = exec::execute(
-                &plan,
-                &mut cache,
-                Box::new(move || make()),
-                &ExecOptions {
-                    threads: cfg.threads,
-                    progress: cfg.progress.clone(),
-                    only_cells: Some([support].into()),
-                    ..Default::default()
-                },
-                cancel,
-            );
-            if let Some(e) = outcome.error {
-                return Err(e.into());
-            }
-            Some(
-                crate::metrics::calibration(&plan, &cache, cal).map_err(|why| {
-                    AppError::Calibration {
-                        cell: cell.to_string(),
-                        why,
-                    }
-                })?,
-            )
+    // The cells that answer: the cell, or a cascade's stages in turn.
+    let stages: Vec<CellRef> = match plan.cells[ci].source {
+        Source::Cascade { cascade } => plan.cascades[cascade].stages.clone(),
+        _ => vec![CellRef::Reported(ci)],
+    };
+    // What they need before the first request, as `run` computes it: the rows each
+    // calibration is fitted on, and a cascade's fit rows for its fitted thresholds.
+    let mut needed: HashSet<String> = stages
+        .iter()
+        .filter_map(|r| plan.cell(*r).calibration)
+        .map(|cal| plan.support[plan.calibrations[cal].support].id.clone())
+        .collect();
+    if let Source::Cascade { cascade } = plan.cells[ci].source {
+        needed.extend(
+            plan.cascades[cascade]
+                .fit_stages
+                .iter()
+                .flatten()
+                .map(|i| plan.support[*i].id.clone()),
+        );
+    }
+    for _ in 0..=2 * stages.len() {
+        crate::cascade::resolve(&mut plan, &cache, true);
+        let pending = exec::pending_jobs(&plan, &cache).len();
+        if needed.is_empty() || pending == 0 {
+            break;
         }
+        let make = make_backend.clone();
+        let outcome = exec::execute(
+            &plan,
+            &mut cache,
+            Box::new(move || make()),
+            &ExecOptions {
+                threads: cfg.threads,
+                progress: cfg.progress.clone(),
+                only_cells: Some(needed.clone()),
+                ..Default::default()
+            },
+            cancel.clone(),
+        );
+        if let Some(e) = outcome.error {
+            return Err(e.into());
+        }
+        if outcome.stats.computed_rows == 0 {
+            break;
+        }
+    }
+    crate::cascade::resolve(&mut plan, &cache, true);
+    let mut answering = Vec::new();
+    for r in &stages {
+        let mut c = plan.cell(*r).clone();
+        if let Some(full) = c.masked.take() {
+            c.rows = full;
+        }
+        let params =
+            match c.calibration {
+                None => None,
+                Some(cal) => Some(crate::metrics::calibration(&plan, &cache, cal).map_err(
+                    |why| AppError::Calibration {
+                        cell: c.id.clone(),
+                        why,
+                    },
+                )?),
+            };
+        answering.push((c, params));
+    }
+    let thresholds = match plan.cells[ci].source {
+        Source::Cascade { cascade } => {
+            let res = plan.cascades[cascade].resolution.as_ref();
+            let known: Option<Vec<f64>> = res.and_then(|r| r.thresholds.iter().copied().collect());
+            known.ok_or_else(|| {
+                AppError::Serve(format!(
+                    "cascade `{cell}`: a threshold could not be fitted ({})",
+                    plan.cascade_note(&plan.cascades[cascade])
+                ))
+            })?
+        }
+        _ => Vec::new(),
     };
     crate::serve::serve(
         crate::serve::Startup {
+            cell: plan.cells[ci].id.clone(),
             plan,
-            cell: ci,
+            stages: answering,
+            thresholds,
             cache,
             store,
-            calibration,
         },
         opts,
         make_backend,

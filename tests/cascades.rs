@@ -9,70 +9,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::Project;
+use common::{Project, cascade_project as project, cascade_spec as spec};
 use pipeline::app::{self, RunOptions, run_with_backend};
 use pipeline::backend::fake::{FakeBackend, FakeCalls};
 use pipeline::backend::{Backend, BackendKind};
 use pipeline::config::Config;
 use pipeline::metrics::{self, Prediction};
-
-/// Two fake models (`b` only where a cascade sends rows) and one loglik prompt.
-fn spec(cascade: &str, b_grid: bool) -> String {
-    format!(
-        r#"name: t
-dataset:
-  path: data/reviews.jsonl
-  id: id
-  text: text
-  label: label
-  labels: {{0: negative, 1: positive}}
-  sample: {{n: 12, stratify: true, seed: 5}}
-models:
-  - id: a
-    gguf: models/a.gguf
-    n_ctx: 512
-  - id: b
-    gguf: models/b.gguf
-    n_ctx: 512
-    grid: {b_grid}
-  - id: c
-    gguf: models/c.gguf
-    n_ctx: 512
-    grid: false
-prompts:
-  - id: p1
-    user: {{file: prompts/p1.j2}}
-methods:
-  - id: ll
-    kind: loglik
-  - id: gen
-    kind: generate
-    max_tokens: 4
-sampling:
-  temperature: 0.0
-cascades:
-{cascade}"#
-    )
-}
-
-const MARGIN: &str = "  - {id: ab, first: a/p1/ll, then: b/p1/ll, escalate: {margin: 2.0}}\n";
-
-fn project(spec_text: &str) -> Project {
-    let p = Project::new();
-    pipeline::model::write_fake_gguf(&p.path("models/b.gguf"), b"fake model b").unwrap();
-    pipeline::model::write_fake_gguf(&p.path("models/c.gguf"), b"fake model c").unwrap();
-    let mut train = String::new();
-    for i in 0..60 {
-        let label = i % 2;
-        let word = if label == 1 { "lovely" } else { "awful" };
-        train.push_str(&format!(
-            "{{\"id\": \"t{i}\", \"text\": \"Training review {i}, {word} and {word} again.\", \"label\": {label}}}\n"
-        ));
-    }
-    p.write("data/train.jsonl", &train);
-    p.write("spec.yaml", spec_text);
-    p
-}
 
 fn cfg(p: &Project) -> Config {
     Config {
@@ -140,7 +82,7 @@ fn gap(p: &Prediction) -> f64 {
 
 #[test]
 fn only_rows_the_first_cell_is_unsure_of_reach_the_second_model() {
-    let p = project(&spec(MARGIN, false));
+    let p = project(&spec(common::CASCADE_MARGIN, false));
     let calls = run(&p, &RunOptions::default());
     let (planned, cells) = predictions(&p);
     let first = cell(&cells, "a/p1/ll");
@@ -225,7 +167,7 @@ fn only_rows_the_first_cell_is_unsure_of_reach_the_second_model() {
 
 #[test]
 fn a_cascade_of_two_grid_cells_computes_nothing_more_and_is_compared_with_both() {
-    let p = project(&spec(MARGIN, true));
+    let p = project(&spec(common::CASCADE_MARGIN, true));
     let calls = run(&p, &RunOptions::default());
     // Both models computed every row as cells of their own; the cascade added nothing.
     assert_eq!(calls.prompts_of("a"), 12);
@@ -371,7 +313,7 @@ fn a_chain_sends_on_fewer_rows_at_each_step() {
 
 #[test]
 fn a_sharded_run_computes_the_first_stage_and_a_later_run_the_rest() {
-    let p = project(&spec(MARGIN, false));
+    let p = project(&spec(common::CASCADE_MARGIN, false));
     for i in 0..2 {
         let calls = run(
             &p,

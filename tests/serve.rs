@@ -33,6 +33,10 @@ fn main() -> ExitCode {
             "health_is_503_until_the_model_is_loaded",
             health_is_503_until_the_model_is_loaded,
         ),
+        Trial::test(
+            "a_served_cascade_sends_only_unsure_reviews_to_its_second_model",
+            a_served_cascade_sends_only_unsure_reviews_to_its_second_model,
+        ),
     ];
     let missing = [
         "SmolLM2-135M-Instruct-Q4_1.gguf",
@@ -289,6 +293,66 @@ fn fake_serve_and_run_give_identical_rows() -> Result<(), Failed> {
         .unwrap()
         .clone();
     assert_eq!(cell["cached"], 12, "{cell}");
+    Ok(())
+}
+
+/// Rows of a cache folder's segments computed for `cell`.
+fn rows_of(cache: &Path, cell: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(cache.join("v2/rows")).unwrap().flatten() {
+        if let Ok(rows) = pipeline::cache::read_segment(&e.path()) {
+            n += rows.iter().flatten().filter(|r| r.cell_id == cell).count();
+        }
+    }
+    n
+}
+
+fn a_served_cascade_sends_only_unsure_reviews_to_its_second_model() -> Result<(), Failed> {
+    // The study's answers: a run of the cascade.
+    let ran = common::cascade_project(&common::cascade_spec(common::CASCADE_MARGIN, false));
+    ran.run();
+    let study = common::predictions(&ran.path("reports/t/predictions.parquet"));
+    // A server of the cascade cell on a fresh cache: both models load; every review gets
+    // the run's answer, and only the reviews the first model is unsure of reach the second.
+    let served = common::cascade_project(&common::cascade_spec(common::CASCADE_MARGIN, false));
+    let s = fake(&served, "cascade/ab", &[], &[]);
+    s.wait_ready();
+    let texts = texts(&served);
+    let mut went_on = 0;
+    for t in &texts {
+        let r = post_json(&s.addr, "/v1/sentiment?k=0", &json!({"review_text": t})).json();
+        assert_eq!(r["cell"], "cascade/ab", "{r}");
+        let stage = r["cascade_stage"].as_u64().unwrap();
+        let stages = r["stages"].as_array().unwrap();
+        assert_eq!(stages.len() as u64, stage + 1, "{r}");
+        assert_eq!(stages[0], "a/p1/ll");
+        went_on += stage as usize;
+        assert_eq!(r["cached"], false);
+        let again = post_json(&s.addr, "/v1/sentiment?k=0", &json!({"review_text": t})).json();
+        assert_eq!(again["cached"], true);
+        assert_eq!(again["sentiment"], r["sentiment"]);
+    }
+    drop(s);
+    assert!(went_on > 0 && went_on < texts.len(), "{went_on}");
+    assert_eq!(rows_of(&served.path("cache"), "a/p1/ll"), texts.len());
+    assert_eq!(
+        rows_of(&served.path("cache"), "b/p1/ll"),
+        went_on,
+        "the second model computed only the reviews sent on"
+    );
+    // The served rows are the study's: a run on the served cache computes no cascade row
+    // and gives the same predictions.
+    served.run();
+    assert_eq!(
+        common::predictions(&served.path("reports/t/predictions.parquet"))
+            .into_iter()
+            .filter(|l| l.starts_with("cascade/"))
+            .collect::<Vec<_>>(),
+        study
+            .into_iter()
+            .filter(|l| l.starts_with("cascade/"))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }
 

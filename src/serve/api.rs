@@ -52,7 +52,14 @@ pub struct SentimentResponse {
     pub examples_shown: Vec<SimilarReview>,
     /// The study cell that answered.
     pub cell: String,
-    /// Answered from the row cache (the study, or an earlier request, computed it).
+    /// A cascade cell: the stage that answered (0: the first), and each stage's cell that
+    /// the review went through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cascade_stage: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
+    /// Answered from the row cache (the study, or an earlier request, computed it; for a
+    /// cascade, every stage the review went through).
     pub cached: bool,
     pub latency_ms: f64,
 }

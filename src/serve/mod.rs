@@ -35,7 +35,7 @@ use write_behind::WriteBehind;
 
 use crate::backend::{Backend, EmbedderLoad, ModelLoad};
 use crate::cache::{Cache, CachedRow};
-use crate::plan::{Plan, Source};
+use crate::plan::Plan;
 use crate::store::Store;
 
 /// How the server runs.
@@ -131,8 +131,9 @@ struct Shared {
     cell: String,
     ready: AtomicBool,
     detail: Mutex<Option<String>>,
-    scorer: Mutex<Option<Arc<Scorer>>>,
-    jobs: mpsc::Sender<Job>,
+    served: Mutex<Option<Arc<Served>>>,
+    /// One queue per model worker.
+    jobs: Vec<mpsc::Sender<Job>>,
     storage: WriteBehind,
     /// Wakes the writer when a batch is due.
     batch_due: tokio::sync::Notify,
@@ -167,13 +168,39 @@ pub fn openapi_json() -> String {
 }
 
 /// A served cell with everything the plan decides ready: its embeddings in the store, its
-/// calibration fitted.
+/// calibration fitted; for a cascade, each stage so, and every threshold known.
 pub struct Startup {
     pub plan: Plan,
-    pub cell: usize,
+    /// The served cell's id.
+    pub cell: String,
+    /// The cells that answer, in turn (one unless the cell is a cascade), each with its
+    /// fitted calibration.
+    pub stages: Vec<(crate::plan::Cell, Option<crate::calibrate::Params>)>,
+    /// A cascade's margin threshold of each step.
+    pub thresholds: Vec<f64>,
     pub cache: Cache,
     pub store: Store,
-    pub calibration: Option<crate::calibrate::Params>,
+}
+
+/// The scorers of the cells that answer, in turn, and the worker each runs on.
+struct Served {
+    stages: Vec<(Scorer, usize)>,
+    thresholds: Vec<f64>,
+}
+
+impl Served {
+    fn first(&self) -> &Scorer {
+        &self.stages[0].0
+    }
+}
+
+impl Shared {
+    fn queue_depth(&self) -> i64 {
+        self.jobs
+            .iter()
+            .map(|j| j.max_capacity() - j.capacity())
+            .sum::<usize>() as i64
+    }
 }
 
 /// Makes a backend on the thread that will own it.
@@ -205,17 +232,28 @@ async fn run_server(
     let Startup {
         plan,
         cell,
+        stages,
+        thresholds,
         cache,
         store,
-        calibration,
     } = startup;
-    let (tx, rx) = mpsc::channel::<Job>(opts.queue.max(1));
+    // One worker per model: a cascade's stages on one model share its worker.
+    let mut models: Vec<Option<usize>> = Vec::new();
+    for (c, _) in &stages {
+        if !models.contains(&c.model()) {
+            models.push(c.model());
+        }
+    }
+    let (txs, rxs): (Vec<_>, Vec<_>) = models
+        .iter()
+        .map(|_| mpsc::channel::<Job>(opts.queue.max(1)))
+        .unzip();
     let shared = Arc::new(Shared {
-        cell: plan.cells[cell].id.clone(),
+        cell,
         ready: AtomicBool::new(false),
         detail: Mutex::new(Some("loading the model".into())),
-        scorer: Mutex::new(None),
-        jobs: tx,
+        served: Mutex::new(None),
+        jobs: txs,
         storage: WriteBehind::new(cache, store),
         batch_due: tokio::sync::Notify::new(),
         telemetry: Telemetry::new(),
@@ -232,7 +270,16 @@ async fn run_server(
         let shared = shared.clone();
         let threads = opts.threads;
         tokio::task::spawn_blocking(move || {
-            load(shared, plan, cell, threads, make_backend, calibration, rx)
+            load(
+                shared,
+                plan,
+                stages,
+                thresholds,
+                models,
+                threads,
+                make_backend,
+                rxs,
+            )
         })
     };
 
@@ -259,12 +306,12 @@ async fn run_server(
     // worker.
     let _ = stop_writer.send(true);
     let _ = writer.await;
-    drop(shared.scorer.lock().expect("not poisoned").take());
+    drop(shared.served.lock().expect("not poisoned").take());
     let closed = shared.storage.close();
-    let worker = loader.await.map_err(|e| e.to_string())?;
+    let workers = loader.await.map_err(|e| e.to_string())?;
     if let Ok(s) = Arc::try_unwrap(shared) {
         drop(s.jobs);
-        if let Some(w) = worker {
+        for w in workers {
             let _ = w.join();
         }
     }
@@ -292,39 +339,39 @@ async fn write_batches(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Rec
     }
 }
 
-/// Build the scorer and start the worker, which loads the models.
+/// Build the scorers and start one worker per model, which loads it (the first also loads
+/// the embedder). Ready once every worker is.
+#[allow(clippy::too_many_arguments)]
 fn load(
     shared: Arc<Shared>,
     plan: Plan,
-    cell: usize,
+    stages: Vec<(crate::plan::Cell, Option<crate::calibrate::Params>)>,
+    thresholds: Vec<f64>,
+    models: Vec<Option<usize>>,
     threads: usize,
     make_backend: MakeBackend,
-    calibration: Option<crate::calibrate::Params>,
-    rx: mpsc::Receiver<Job>,
-) -> Option<std::thread::JoinHandle<()>> {
+    rxs: Vec<mpsc::Receiver<Job>>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let fail = |why: String| {
         *shared.detail.lock().expect("not poisoned") = Some(why);
     };
-    let scorer = {
-        match Scorer::new(&plan, cell, &|k| shared.storage.vector(k), calibration) {
-            Ok(s) => Arc::new(s),
+    let mut scorers = Vec::new();
+    for (c, calibration) in stages {
+        match Scorer::new(&plan, &c, &|k| shared.storage.vector(k), calibration) {
+            Ok(s) => {
+                let worker = models
+                    .iter()
+                    .position(|m| *m == c.model())
+                    .expect("every stage's model has a worker");
+                scorers.push((s, worker));
+            }
             Err(e) => {
                 fail(e);
-                return None;
+                return Vec::new();
             }
         }
-    };
-    let c = &plan.cells[cell];
-    let model = match c.source {
-        Source::Llm { model, .. } => plan.models[model].file.as_ref().map(|f| ModelLoad {
-            id: plan.models[model].id.clone(),
-            path: f.path.clone(),
-            n_ctx: f.n_ctx,
-            threads,
-        }),
-        Source::Vote { .. } | Source::Cascade { .. } => None,
-    };
-    let embedder = scorer.embedder.as_ref().and_then(|e| {
+    }
+    let embedder = scorers[0].0.embedder.as_ref().and_then(|e| {
         let known = &plan.embedders[e.index];
         known.file.as_ref().map(|f| EmbedderLoad {
             id: known.id.clone(),
@@ -333,34 +380,52 @@ fn load(
             threads,
         })
     });
-    let (prompt, task) = match &scorer.kind {
-        Kind::Llm { prompt, task, .. } => (*prompt, Some(task.clone())),
-        Kind::Vote { .. } => (0, None),
-    };
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let handle = worker::spawn(
-        WorkerSpec {
-            model,
-            embedder,
-            prompts: plan.prompts.clone(),
-            prompt,
-            task,
-            budget: plan.spec.dataset.max_text_tokens,
-        },
-        make_backend,
-        rx,
-        ready_tx,
-    );
-    match ready_rx.blocking_recv() {
-        Ok(Ok(())) => {
-            *shared.scorer.lock().expect("not poisoned") = Some(scorer);
-            *shared.detail.lock().expect("not poisoned") = None;
-            shared.ready.store(true, Ordering::SeqCst);
-        }
-        Ok(Err(e)) => fail(e.to_string()),
-        Err(_) => fail("the model worker stopped".into()),
+    let mut handles = Vec::new();
+    let mut readies = Vec::new();
+    for (w, (model, rx)) in models.iter().zip(rxs).enumerate() {
+        let model = model.and_then(|m| {
+            plan.models[m].file.as_ref().map(|f| ModelLoad {
+                id: plan.models[m].id.clone(),
+                path: f.path.clone(),
+                n_ctx: f.n_ctx,
+                threads,
+            })
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        handles.push(worker::spawn(
+            format!("pipeline-serve-{w}"),
+            WorkerSpec {
+                model,
+                embedder: if w == 0 { embedder.clone() } else { None },
+                prompts: plan.prompts.clone(),
+                budget: plan.spec.dataset.max_text_tokens,
+            },
+            make_backend.clone(),
+            rx,
+            ready_tx,
+        ));
+        readies.push(ready_rx);
     }
-    Some(handle)
+    for ready in readies {
+        match ready.blocking_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                fail(e.to_string());
+                return handles;
+            }
+            Err(_) => {
+                fail("the model worker stopped".into());
+                return handles;
+            }
+        }
+    }
+    *shared.served.lock().expect("not poisoned") = Some(Arc::new(Served {
+        stages: scorers,
+        thresholds,
+    }));
+    *shared.detail.lock().expect("not poisoned") = None;
+    shared.ready.store(true, Ordering::SeqCst);
+    handles
 }
 
 async fn shutdown_signal() {
@@ -497,15 +562,18 @@ fn finish<T: IntoResponse>(
     t.latency
         .with_label_values(&[endpoint])
         .observe(start.elapsed().as_secs_f64());
-    t.queue_depth
-        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    t.queue_depth.set(s.queue_depth());
     response
 }
 
-/// Send a job to the worker, or 429 when its queue is full.
-async fn ask<T>(s: &Shared, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, ApiError> {
+/// Send a job to a worker, or 429 when its queue is full.
+async fn ask<T>(
+    s: &Shared,
+    worker: usize,
+    job: impl FnOnce(oneshot::Sender<T>) -> Job,
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    s.jobs.try_send(job(tx)).map_err(|e| match e {
+    s.jobs[worker].try_send(job(tx)).map_err(|e| match e {
         mpsc::error::TrySendError::Full(_) => ApiError::busy(),
         mpsc::error::TrySendError::Closed(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -513,9 +581,7 @@ async fn ask<T>(s: &Shared, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Resu
             None,
         ),
     })?;
-    s.telemetry
-        .queue_depth
-        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    s.telemetry.queue_depth.set(s.queue_depth());
     rx.await.map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -531,8 +597,8 @@ async fn answer(
     k: usize,
     start: Instant,
 ) -> Result<SentimentResponse, ApiError> {
-    let scorer = s
-        .scorer
+    let served = s
+        .served
         .lock()
         .expect("not poisoned")
         .clone()
@@ -543,19 +609,22 @@ async fn answer(
                 None,
             )
         })?;
-    let text = scorer.clean(&review);
+    let first = served.first();
+    let text = first.clean(&review);
     if text.is_empty() {
         return Err(ApiError::unprocessable(
             "review_text",
             "review_text is empty",
         ));
     }
-    // The review's embedding: from the store, else computed (and stored).
-    let vector = match scorer
-        .embedder
-        .as_ref()
-        .filter(|_| scorer.needs_vector(k > 0))
-    {
+    // The review's embedding (one embedder serves every stage): from the store, else
+    // computed by the first worker (and stored).
+    let needs_vector = served
+        .stages
+        .iter()
+        .enumerate()
+        .any(|(i, (sc, _))| sc.needs_vector(i == 0 && k > 0));
+    let vector = match first.embedder.as_ref().filter(|_| needs_vector) {
         None => None,
         Some(e) => {
             let key = (e.key_of)(&text);
@@ -563,7 +632,7 @@ async fn answer(
                 Some(v) => Some(v),
                 None => {
                     let texts = vec![text.clone()];
-                    let mut v = ask(s, |reply| Job::Embed { texts, reply })
+                    let mut v = ask(s, 0, |reply| Job::Embed { texts, reply })
                         .await?
                         .map_err(|e| {
                             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
@@ -580,56 +649,37 @@ async fn answer(
             }
         }
     };
-    let prepared = scorer
-        .prepare(text.clone(), vector.as_deref())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, None))?;
-    let mut cached = false;
-    let (logprobs, raw) = match (&prepared.key, &prepared.messages) {
-        (Some(key), Some(messages)) => match s.storage.row(key) {
-            Some(h) => {
-                cached = true;
-                s.telemetry.cache_hits.inc();
-                h
-            }
-            None => {
-                s.telemetry.cache_misses.inc();
-                let item = InferItem {
-                    text: text.clone(),
-                    messages: messages.clone(),
-                    examples: prepared.examples.clone(),
-                };
-                let out = ask(s, |reply| Job::Infer { item, reply })
-                    .await?
-                    .map_err(|e| {
-                        if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
-                            ApiError::unprocessable("review_text", e.to_string())
-                        } else {
-                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
-                        }
-                    })?;
-                let row = served_row(&scorer, &prepared, &out);
-                let answer = (row.logprobs.clone(), row.text.clone());
-                if s.storage.add_row(row) {
-                    s.batch_due.notify_one();
-                }
-                answer
-            }
-        },
-        _ => (None, None),
-    };
-    let a = scorer.answer(
-        logprobs.as_deref(),
-        raw.as_deref(),
-        prepared.vote.as_deref(),
-    );
+    // Each stage in turn; a cascade goes on while the stage is unsure.
+    let mut cached = true;
+    let mut went = Vec::new();
+    let mut answered = None;
+    for (i, (scorer, worker)) in served.stages.iter().enumerate() {
+        let prepared = scorer
+            .prepare(text.clone(), vector.as_deref())
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, None))?;
+        let (logprobs, raw, hit) = stage_output(s, scorer, *worker, &text, &prepared).await?;
+        cached &= hit;
+        let a = scorer.answer(
+            logprobs.as_deref(),
+            raw.as_deref(),
+            prepared.vote.as_deref(),
+        );
+        went.push(scorer.cell.clone());
+        let sure = served.thresholds.get(i).is_none_or(|t| a.margin() >= *t);
+        if sure {
+            answered = Some((i, a, prepared));
+            break;
+        }
+    }
+    let (stage, a, prepared) = answered.expect("the last stage always answers");
     let similar = match (&vector, k) {
-        (Some(v), k) if k > 0 => scorer.similar(&text, v, k),
+        (Some(v), k) if k > 0 => first.similar(&text, v, k),
         _ => Vec::new(),
     };
     let review = |(row, sim): (crate::dataset::Row, f32)| SimilarReview {
         id: row.id,
         text: row.text,
-        label: scorer.labels[row.label].clone(),
+        label: first.labels[row.label].clone(),
         similarity: sim,
     };
     let examples_shown = prepared
@@ -648,6 +698,7 @@ async fn answer(
                 .collect()
         })
         .unwrap_or_default();
+    let cascade = served.stages.len() > 1;
     Ok(SentimentResponse {
         sentiment: a.sentiment,
         confidence: a.confidence,
@@ -655,10 +706,61 @@ async fn answer(
         raw_answer: a.raw_answer,
         similar_reviews: similar.into_iter().map(review).collect(),
         examples_shown,
-        cell: scorer.cell.clone(),
+        cell: s.cell.clone(),
+        cascade_stage: cascade.then_some(stage),
+        stages: if cascade { went } else { Vec::new() },
         cached,
         latency_ms: start.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// One stage's raw output for a review: its label log-probs and generated text (none for a
+/// vote), from the row cache or computed by the stage's worker (and stored); and whether
+/// it came from the cache.
+async fn stage_output(
+    s: &Shared,
+    scorer: &Scorer,
+    worker: usize,
+    text: &str,
+    prepared: &scorer::Prepared,
+) -> Result<(Option<Vec<f64>>, Option<String>, bool), ApiError> {
+    let (Some(key), Some(messages), Kind::Llm { prompt, task, .. }) =
+        (&prepared.key, &prepared.messages, &scorer.kind)
+    else {
+        // A vote: no model, nothing cached.
+        return Ok((None, None, false));
+    };
+    if let Some((lp, raw)) = s.storage.row(key) {
+        s.telemetry.cache_hits.inc();
+        return Ok((lp, raw, true));
+    }
+    s.telemetry.cache_misses.inc();
+    let item = InferItem {
+        text: text.to_string(),
+        messages: messages.clone(),
+        examples: prepared.examples.clone(),
+    };
+    let (prompt, task) = (*prompt, task.clone());
+    let out = ask(s, worker, |reply| Job::Infer {
+        item,
+        prompt,
+        task,
+        reply,
+    })
+    .await?
+    .map_err(|e| {
+        if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
+            ApiError::unprocessable("review_text", e.to_string())
+        } else {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+        }
+    })?;
+    let row = served_row(scorer, prepared, &out);
+    let answer = (row.logprobs.clone(), row.text.clone());
+    if s.storage.add_row(row) {
+        s.batch_due.notify_one();
+    }
+    Ok((answer.0, answer.1, false))
 }
 
 /// A served answer as a cache row: the same key and content as `pipeline run` would store.
@@ -733,9 +835,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 /// cache hits and misses.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    s.telemetry
-        .queue_depth
-        .set((s.jobs.max_capacity() - s.jobs.capacity()) as i64);
+    s.telemetry.queue_depth.set(s.queue_depth());
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&s.telemetry.registry.gather(), &mut buf);
     (

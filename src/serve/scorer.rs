@@ -8,7 +8,7 @@ use crate::calibrate::{self, Params};
 use crate::dataset::{self, Row};
 use crate::key::{CacheKey, Components, Digest, PromptPart};
 use crate::neighbours::{self, Neighbours, PoolEntry, Query, Search};
-use crate::plan::{Plan, Shown, Source, embedding_key};
+use crate::plan::{Cell, Plan, Shown, Source, embedding_key};
 use crate::prompt::{Example, Messages, Prompts};
 use crate::spec::{CleanSpec, MethodKind, ParseRule};
 
@@ -105,18 +105,36 @@ pub struct Answer {
     pub confidence: Option<f64>,
     pub label_probs: Option<Vec<(String, f64)>>,
     pub raw_answer: Option<String>,
+    /// The label log-probs the answer was read from (calibrated where the cell is).
+    pub scores: Option<Vec<f64>>,
+}
+
+impl Answer {
+    /// Nats between the two best labels' log-probs, exactly as a cascade measures a row
+    /// in a run; an answer that names no label has none.
+    pub fn margin(&self) -> f64 {
+        let Some(lp) = self.scores.as_ref().filter(|_| self.sentiment.is_some()) else {
+            return f64::NEG_INFINITY;
+        };
+        let mut sorted = lp.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        match sorted.as_slice() {
+            [a, b, ..] => a - b,
+            _ => f64::NEG_INFINITY,
+        }
+    }
 }
 
 impl Scorer {
-    /// The scorer of cell `cell` of a plan whose embeddings are all in the store
-    /// (`vectors` reads one) and whose calibration, if any, is fitted (`calibration`).
+    /// The scorer of a model or vote cell of a plan (a reported cell or a cascade's stage)
+    /// whose embeddings are all in the store (`vectors` reads one) and whose calibration, if
+    /// any, is fitted (`calibration`).
     pub fn new(
         plan: &Plan,
-        cell: usize,
+        c: &Cell,
         vectors: &dyn Fn(&Option<Digest>) -> Option<Vec<f32>>,
         calibration: Option<Params>,
     ) -> Result<Self, String> {
-        let c = &plan.cells[cell];
         let mut pools = Vec::new();
         let mut load_pool = |i: usize| -> Result<usize, String> {
             let p = &plan.pools[i];
@@ -130,7 +148,9 @@ impl Scorer {
         let method = &plan.spec.methods[c.method];
         let retrieval_of = |id: String| plan.retrievals.iter().find(|r| r.id == id);
         let kind = match c.source {
-            Source::Cascade { .. } => return Err("TODO cascade".into()),
+            Source::Cascade { .. } => {
+                return Err("a cascade is served stage by stage, each with a scorer".into());
+            }
             Source::Vote { retrieval } => {
                 let r = &plan.retrievals[retrieval];
                 Kind::Vote {
@@ -140,7 +160,9 @@ impl Scorer {
             }
             Source::Llm { prompt, .. } => {
                 let fixed = c
-                    .rows
+                    .masked
+                    .as_ref()
+                    .unwrap_or(&c.rows)
                     .iter()
                     .flatten()
                     .next()
@@ -310,6 +332,7 @@ impl Scorer {
                 confidence: i.map(|i| p[i].1),
                 label_probs: Some(p),
                 raw_answer: None,
+                scores: Some(lp.to_vec()),
             }
         };
         if let Some(shares) = vote {
@@ -328,6 +351,7 @@ impl Scorer {
                 confidence: None,
                 label_probs: None,
                 raw_answer: text.map(str::to_string),
+                scores: None,
             },
             Kind::Llm { calibration, .. } => match logprobs {
                 Some(lp) => match calibration {
@@ -339,6 +363,7 @@ impl Scorer {
                     confidence: None,
                     label_probs: None,
                     raw_answer: None,
+                    scores: None,
                 },
             },
             Kind::Vote { .. } => from_logprobs(&[]),

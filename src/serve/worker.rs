@@ -23,8 +23,12 @@ pub enum Job {
         texts: Vec<String>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, BackendError>>,
     },
+    /// Evaluate `prompt` for the item and run `task` on it (a cascade's stages on one
+    /// model share its worker).
     Infer {
         item: InferItem,
+        prompt: usize,
+        task: Task,
         reply: oneshot::Sender<Result<PromptOutput, BackendError>>,
     },
 }
@@ -34,20 +38,19 @@ pub struct WorkerSpec {
     pub model: Option<ModelLoad>,
     pub embedder: Option<EmbedderLoad>,
     pub prompts: Arc<Prompts>,
-    pub prompt: usize,
-    pub task: Option<Task>,
     pub budget: Option<u32>,
 }
 
 /// Start the worker; `ready` is told once the models are loaded (or why they are not).
 pub fn spawn(
+    name: String,
     spec: WorkerSpec,
     make_backend: super::MakeBackend,
     mut rx: mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<(), BackendError>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
-        .name("pipeline-serve".into())
+        .name(name)
         .spawn(move || {
             let mut ready = Some(ready);
             let mut models = make_backend();
@@ -69,21 +72,26 @@ pub fn spawn(
                             };
                             let _ = reply.send(out);
                         }
-                        Job::Infer { item, reply } => {
-                            let out = match (llm.as_deref_mut(), &spec.task) {
-                                (Some(s), Some(task)) => evaluate(
+                        Job::Infer {
+                            item,
+                            prompt,
+                            task,
+                            reply,
+                        } => {
+                            let out = match llm.as_deref_mut() {
+                                Some(s) => evaluate(
                                     s,
                                     &spec.prompts,
                                     &Evaluation {
-                                        prompt: spec.prompt,
+                                        prompt,
                                         text: &item.text,
                                         messages: &item.messages,
                                         examples: item.examples.as_deref(),
                                         budget: spec.budget,
                                     },
-                                    std::slice::from_ref(task),
+                                    std::slice::from_ref(&task),
                                 ),
-                                _ => Err(BackendError::Job("this cell has no model".into())),
+                                None => Err(BackendError::Job("this cell has no model".into())),
                             };
                             let _ = reply.send(out);
                         }

@@ -412,6 +412,65 @@ pub fn knn_project() -> Project {
 }
 
 /// A minimal HTTP/1.1 client for loopback tests: any bytes as the body, the raw answer back.
+/// A cascade spec: two fake models (`b` only where a cascade sends rows) and one loglik prompt.
+pub fn cascade_spec(cascade: &str, b_grid: bool) -> String {
+    format!(
+        r#"name: t
+dataset:
+  path: data/reviews.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {{0: negative, 1: positive}}
+  sample: {{n: 12, stratify: true, seed: 5}}
+models:
+  - id: a
+    gguf: models/a.gguf
+    n_ctx: 512
+  - id: b
+    gguf: models/b.gguf
+    n_ctx: 512
+    grid: {b_grid}
+  - id: c
+    gguf: models/c.gguf
+    n_ctx: 512
+    grid: false
+prompts:
+  - id: p1
+    user: {{file: prompts/p1.j2}}
+methods:
+  - id: ll
+    kind: loglik
+  - id: gen
+    kind: generate
+    max_tokens: 4
+sampling:
+  temperature: 0.0
+cascades:
+{cascade}"#
+    )
+}
+
+pub const CASCADE_MARGIN: &str =
+    "  - {id: ab, first: a/p1/ll, then: b/p1/ll, escalate: {margin: 2.0}}\n";
+
+pub fn cascade_project(spec_text: &str) -> Project {
+    let p = Project::new();
+    pipeline::model::write_fake_gguf(&p.path("models/b.gguf"), b"fake model b").unwrap();
+    pipeline::model::write_fake_gguf(&p.path("models/c.gguf"), b"fake model c").unwrap();
+    let mut train = String::new();
+    for i in 0..60 {
+        let label = i % 2;
+        let word = if label == 1 { "lovely" } else { "awful" };
+        train.push_str(&format!(
+            "{{\"id\": \"t{i}\", \"text\": \"Training review {i}, {word} and {word} again.\", \"label\": {label}}}\n"
+        ));
+    }
+    p.write("data/train.jsonl", &train);
+    p.write("spec.yaml", spec_text);
+    p
+}
+
 pub mod http {
     use std::io::{Read, Write};
     use std::net::TcpStream;
