@@ -234,7 +234,7 @@ fn load_plan(
         embedders,
         store,
         &PlanOptions {
-            engine_version: cfg.backend.engine_version(),
+            engine_version: cfg.engine_version(),
             limit,
         },
     )?;
@@ -349,6 +349,7 @@ pub fn run_with_backend(
         progress: cfg.progress.clone(),
         fail_fast: opts.fail_fast,
         shard,
+        packing: cfg.packing,
         ..Default::default()
     };
     let mut outcome = exec::execute(
@@ -594,6 +595,7 @@ pub fn serve(
                 threads: cfg.threads,
                 progress: cfg.progress.clone(),
                 only_cells: Some(needed.clone()),
+                packing: cfg.packing,
                 ..Default::default()
             },
             cancel.clone(),
@@ -645,6 +647,7 @@ pub fn serve(
             thresholds,
             cache,
             store,
+            packing: cfg.packing,
         },
         opts,
         make_backend,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, Packing};
 use crate::model::{HubOptions, Resolver};
 use crate::progress::ProgressMode;
 
@@ -13,6 +13,8 @@ pub struct Config {
     pub models_dir: Option<PathBuf>,
     pub threads: usize,
     pub backend: BackendKind,
+    /// One prompt at a time, or several per decode call (part of the engine version).
+    pub packing: Packing,
     pub progress: ProgressMode,
     pub hub: HubOptions,
 }
@@ -26,9 +28,19 @@ impl Config {
             models_dir: None,
             threads: crate::exec::default_threads(),
             backend: BackendKind::Llama,
+            packing: Packing::for_device(None),
             progress: ProgressMode::Off,
             hub: HubOptions::default(),
         }
+    }
+
+    /// The engine version every row key records: the backend's, and how it packs rows.
+    pub fn engine_version(&self) -> String {
+        format!(
+            "{}{}",
+            self.backend.engine_version(),
+            self.packing.key_suffix()
+        )
     }
 
     /// Where models are found. `read_only`: the sha256 memo in the cache is read, never

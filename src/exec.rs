@@ -38,6 +38,8 @@ pub struct ExecOptions {
     pub only_cells: Option<HashSet<String>>,
     /// Only the jobs this shard owns, when set.
     pub shard: Option<ShardFilter>,
+    /// One prompt at a time, or several per decode call.
+    pub packing: crate::backend::Packing,
 }
 
 /// One shard's part of a split run.
@@ -57,6 +59,7 @@ impl Default for ExecOptions {
             fail_fast: false,
             only_cells: None,
             shard: None,
+            packing: crate::backend::Packing::ONE_AT_A_TIME,
         }
     }
 }
@@ -369,6 +372,7 @@ pub fn execute(
                 path: r.path.clone(),
                 n_ctx: r.n_ctx,
                 threads: opts.threads,
+                packing: opts.packing,
             }
         })
         .collect();
@@ -552,15 +556,51 @@ fn run_job(
     evaluate(
         session,
         &ctx.prompts,
-        &Evaluation {
-            prompt: job.prompt,
-            text: &job.text,
-            messages: &job.messages,
-            examples: job.examples.as_deref(),
-            budget: ctx.budget,
-        },
+        &job.evaluation(ctx.budget),
         &job.tasks,
     )
+}
+
+impl WorkerJob {
+    fn evaluation(&self, budget: Option<u32>) -> Evaluation<'_> {
+        Evaluation {
+            prompt: self.prompt,
+            text: &self.text,
+            messages: &self.messages,
+            examples: self.examples.as_deref(),
+            budget,
+        }
+    }
+
+    /// The prompt's length in characters (to sort a packed run by).
+    fn chars(&self) -> usize {
+        self.messages.system.as_deref().map_or(0, str::len) + self.messages.user.len()
+    }
+}
+
+/// Several jobs evaluated together (their prompts packed into shared decode calls); a job
+/// whose prompt cannot be formed fails alone.
+fn run_packed(
+    session: &mut dyn crate::backend::Session,
+    jobs: &[WorkerJob],
+    group: &[usize],
+    ctx: &WorkerContext,
+) -> Vec<(usize, Result<PromptOutput, BackendError>)> {
+    let mut out = Vec::new();
+    let mut ready = Vec::new();
+    let mut chats = Vec::new();
+    for &i in group {
+        let j = &jobs[i];
+        match chat(session, &ctx.prompts, &j.evaluation(ctx.budget)) {
+            Ok(c) => {
+                ready.push(i);
+                chats.push((c, j.tasks.clone()));
+            }
+            Err(e) => out.push((i, Err(e))),
+        }
+    }
+    out.extend(ready.into_iter().zip(session.run_many(&chats)));
+    out
 }
 
 /// One row's prompt, as a run evaluates it.
@@ -585,6 +625,16 @@ pub fn evaluate(
     e: &Evaluation,
     tasks: &[Task],
 ) -> Result<PromptOutput, BackendError> {
+    let chat = chat(session, prompts, e)?;
+    session.run(&chat, tasks)
+}
+
+/// The row's prompt in the model's chat format, its text cut to the budget.
+fn chat(
+    session: &dyn crate::backend::Session,
+    prompts: &Prompts,
+    e: &Evaluation,
+) -> Result<crate::backend::ChatPrompt, BackendError> {
     let truncated = e.budget.map(|b| session.truncate(e.text, b));
     let messages = match truncated {
         Some(t) if t != e.text => prompts
@@ -592,8 +642,7 @@ pub fn evaluate(
             .map_err(|d| BackendError::Job(d.to_string()))?,
         _ => e.messages.clone(),
     };
-    let chat = session.format_chat(&messages)?;
-    session.run(&chat, tasks)
+    session.format_chat(&messages)
 }
 
 fn worker(
@@ -616,21 +665,38 @@ fn worker(
                 .take_while(|j| j.model == model)
                 .count();
         let load = &loads[model];
+        // Packed: the longest prompts first, so that rows of like length share a decode
+        // call (llama.cpp splits a call into ubatches of equal length per row).
+        let mut order: Vec<usize> = (start..end).collect();
+        let pack = load.packing.rows.max(1);
+        if pack > 1 {
+            order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].chars()));
+        }
         let result = backend.with_model(load, &mut |session| {
             let _ = tx.send(Msg::ModelLoaded);
-            for (idx, job) in jobs.iter().enumerate().take(end).skip(start) {
+            for group in order.chunks(pack) {
                 if stop(&ctx) {
                     return Ok(());
                 }
-                let msg = match run_job(session, job, &ctx) {
-                    Ok(out) => Msg::Done { job: idx, out },
-                    Err(error) if error.is_row_error() => {
-                        stopped = ctx.fail_fast;
-                        Msg::RowFailed { job: idx, error }
-                    }
-                    Err(error) => return Err(error),
+                let outs: Vec<(usize, Result<PromptOutput, BackendError>)> = if group.len() == 1 {
+                    vec![(group[0], run_job(session, &jobs[group[0]], &ctx))]
+                } else {
+                    run_packed(session, jobs.as_slice(), group, &ctx)
                 };
-                if tx.send(msg).is_err() || stopped {
+                for (idx, out) in outs {
+                    let msg = match out {
+                        Ok(out) => Msg::Done { job: idx, out },
+                        Err(error) if error.is_row_error() => {
+                            stopped |= ctx.fail_fast;
+                            Msg::RowFailed { job: idx, error }
+                        }
+                        Err(error) => return Err(error),
+                    };
+                    if tx.send(msg).is_err() {
+                        return Ok(());
+                    }
+                }
+                if stopped {
                     return Ok(());
                 }
             }

@@ -55,6 +55,11 @@ struct Cli {
     /// Seconds between progress lines when stderr is not a terminal.
     #[arg(long, global = true, default_value_t = 5.0, hide = true)]
     progress_interval: f64,
+    /// Rows per decode call: 1 evaluates one prompt at a time (a CPU's default), more packs
+    /// that many reviews into each decode call, each in its own KV stream (a GPU's default
+    /// is 16). Packed rows are keyed apart from rows evaluated one at a time.
+    #[arg(long, global = true, env = "PIPELINE_PACK")]
+    pack: Option<usize>,
     /// Inference backend (`fake` is a deterministic stand-in for tests).
     #[arg(long, global = true, value_enum, default_value = "llama", hide = true)]
     backend: BackendKind,
@@ -224,6 +229,7 @@ fn config(cli: &Cli, threads: Option<usize>) -> Config {
         models_dir: cli.models_dir.clone(),
         threads: threads.unwrap_or_else(exec::default_threads),
         backend: cli.backend,
+        packing: pipeline::backend::Packing::for_device(cli.pack),
         progress: ProgressMode::detect(
             cli.quiet,
             Duration::from_secs_f64(cli.progress_interval.max(0.0)),

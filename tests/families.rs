@@ -122,6 +122,7 @@ fn renders_through_the_family_template(
         path: gguf.to_path_buf(),
         n_ctx: 1024,
         threads: 2,
+        packing: pipeline::backend::Packing::ONE_AT_A_TIME,
     };
     let mut chat = String::new();
     LlamaEngine

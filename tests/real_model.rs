@@ -36,6 +36,10 @@ fn main() -> ExitCode {
                 "a_prompt_over_the_context_is_a_failed_row_not_a_failed_run",
                 a_prompt_over_the_context_is_a_failed_row_not_a_failed_run,
             ),
+            (
+                "packed_rows_agree_with_one_at_a_time_within_the_noise_floor",
+                packed_rows_agree_with_one_at_a_time_within_the_noise_floor,
+            ),
         ],
     );
     libtest_mimic::run(&args, trials).exit_code()
@@ -238,6 +242,7 @@ fn rows_are_bitwise_equal_whatever_ran_before() -> Result<(), Failed> {
         path: model()?,
         n_ctx: 2048,
         threads: 2,
+        packing: pipeline::backend::Packing::ONE_AT_A_TIME,
     };
     let reviews = long_reviews(4);
     // A fixed part longer than one decode call, and a short one.
@@ -309,6 +314,131 @@ fn rows_are_bitwise_equal_whatever_ran_before() -> Result<(), Failed> {
     // Two seeds at the same temperature are separate draws; loglik gives finite values.
     let lp = alone[0].tasks[3].logprobs.as_ref().unwrap();
     assert!(lp.iter().all(|x| x.is_finite() && *x < 0.0), "{lp:?}");
+    Ok(())
+}
+
+/// Reviews of many lengths (120 to 1,500 characters), so that packed rows end in different
+/// decode calls.
+fn varied_reviews(n: usize) -> Vec<String> {
+    let batches = pipeline::dataset::read_table(&repo_file("experiments/data/imdb/test.parquet"))
+        .expect("the committed IMDB test split reads");
+    let mut out = Vec::new();
+    for b in &batches {
+        use arrow::array::AsArray;
+        let text = b.column_by_name("text").unwrap().as_string::<i32>();
+        for i in (0..b.num_rows()).step_by(211) {
+            let t = text.value(i);
+            if (120..1500).contains(&t.len()) && out.len() < n {
+                out.push(t.replace("<br />", " "));
+            }
+        }
+    }
+    assert_eq!(out.len(), n, "enough reviews");
+    out
+}
+
+/// Label log-probs (single- and multi-token labels) and greedy answers of every prompt,
+/// evaluated one at a time with 512-token calls (the default), one at a time with 32-token
+/// calls (the noise floor: the same rows, another ubatch layout), and packed 4 and 16 rows
+/// to a call in separate KV streams. Packed values must stay within twice the floor and
+/// packed answers equal, but for near-ties.
+fn packed_rows_agree_with_one_at_a_time_within_the_noise_floor() -> Result<(), Failed> {
+    use pipeline::backend::Packing;
+    let path = model()?;
+    let reviews = varied_reviews(16);
+    // The first two reviews twice each: identical rows in one pack must come out identical
+    // (in a unified KV cache they diverge: ggml-org/llama.cpp#24962).
+    let prompts: Vec<Messages> = [&reviews[0], &reviews[0], &reviews[1], &reviews[1]]
+        .into_iter()
+        .chain(&reviews[2..])
+        .map(|r| messages("", r))
+        .collect();
+    let tasks = vec![
+        Task::Generate {
+            max_tokens: 4,
+            stop: vec![],
+            sampler: Sampler {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed: 0,
+            },
+        },
+        Task::Loglik {
+            continuations: vec!["negative".into(), "positive".into()],
+        },
+        Task::Loglik {
+            continuations: vec!["very negative indeed".into(), "very positive indeed".into()],
+        },
+    ];
+    let mut engine = LlamaEngine::new();
+    let mut run = |packing: Packing| -> Vec<PromptOutput> {
+        let load = ModelLoad {
+            id: "smollm2".into(),
+            path: path.clone(),
+            n_ctx: 1024,
+            threads: 2,
+            packing,
+        };
+        let mut out = Vec::new();
+        engine
+            .with_model(&load, &mut |s| {
+                let chats: Vec<_> = prompts
+                    .iter()
+                    .map(|m| s.format_chat(m).map(|c| (c, tasks.clone())))
+                    .collect::<Result<_, _>>()?;
+                for o in s.run_many(&chats) {
+                    out.push(o?);
+                }
+                Ok(())
+            })
+            .unwrap();
+        out
+    };
+    let lps = |o: &PromptOutput| -> Vec<f64> {
+        o.tasks
+            .iter()
+            .flat_map(|t| t.logprobs.iter().flatten().copied())
+            .collect()
+    };
+    let largest = |a: &[PromptOutput], b: &[PromptOutput]| -> f64 {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| lps(x).into_iter().zip(lps(y)).map(|(p, q)| (p - q).abs()))
+            .fold(0.0, f64::max)
+    };
+    let reference = run(Packing::ONE_AT_A_TIME);
+    let small_calls = run(Packing { rows: 1, batch: 32 });
+    let floor = largest(&reference, &small_calls);
+    eprintln!("noise floor (512- vs 32-token calls, one at a time): {floor:.4} nats");
+    assert!(floor < 0.5, "a sane floor: {floor}");
+    for rows in [4, 16] {
+        let packed = run(Packing { rows, batch: 512 });
+        assert_eq!(exact(&packed[0]), exact(&packed[1]), "twins, packed {rows}");
+        assert_eq!(exact(&packed[2]), exact(&packed[3]), "twins, packed {rows}");
+        let diff = largest(&reference, &packed);
+        eprintln!("packed {rows} rows a call: largest label log-prob difference {diff:.4} nats");
+        assert!(
+            diff <= 2.0 * floor.max(1e-4),
+            "packed {rows}: {diff} nats against a floor of {floor}"
+        );
+        for (i, (r, p)) in reference.iter().zip(&packed).enumerate() {
+            let margin = {
+                let lp = r.tasks[1].logprobs.as_ref().unwrap();
+                (lp[0] - lp[1]).abs()
+            };
+            if r.tasks[0].text != p.tasks[0].text {
+                assert!(
+                    margin < 2.0 * floor.max(1e-4),
+                    "prompt {i}: greedy answers differ ({:?} vs {:?}) away from a tie",
+                    r.tasks[0].text,
+                    p.tasks[0].text
+                );
+            }
+            assert_eq!(r.prompt_tokens, p.prompt_tokens);
+        }
+    }
     Ok(())
 }
 

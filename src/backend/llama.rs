@@ -27,10 +27,12 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
 use super::{
-    Backend, BackendError, ChatPrompt, Finish, ModelLoad, PromptOutput, Sampler, Session, Task,
-    TaskOutput,
+    Backend, BackendError, ChatPrompt, Finish, ModelLoad, Packing, PromptOutput, Sampler, Session,
+    Task, TaskOutput,
 };
 use crate::prompt::Messages;
+
+mod packed;
 
 /// Tokens per decode call while evaluating a prompt.
 const N_BATCH: usize = 512;
@@ -136,11 +138,20 @@ impl Backend for LlamaEngine {
             reason,
         };
         let threads = thread_count(load.threads);
+        let p = load.packing;
+        // Packed: one KV stream of `n_ctx` per row (non-unified: no attention crosses rows),
+        // and decode calls of `batch` tokens.
+        let (n_ctx, batch, seqs) = if p.packed() {
+            (load.n_ctx * p.rows as u32, p.batch, p.rows as u32)
+        } else {
+            (load.n_ctx, p.batch, 1)
+        };
         let ctx_params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(load.n_ctx))
-            .with_n_batch(N_BATCH as u32)
-            .with_n_ubatch(N_BATCH as u32)
-            .with_n_seq_max(1)
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(batch as u32)
+            .with_n_ubatch(batch as u32)
+            .with_n_seq_max(seqs)
+            .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         let ctx = model.new_context(backend, ctx_params).map_err(|e| {
@@ -156,7 +167,8 @@ impl Backend for LlamaEngine {
             kv_tokens: Vec::new(),
             kv_chunks: Vec::new(),
             n_ctx: load.n_ctx,
-            batch: LlamaBatch::new(N_BATCH, 1),
+            batch: LlamaBatch::new(batch, 1),
+            packing: p,
         };
         run(&mut session)
     }
@@ -180,8 +192,10 @@ struct LlamaSession<'m> {
     /// position is reused only when it was computed by the very calls a fresh evaluation
     /// of the new prompt would make.
     kv_chunks: Vec<usize>,
+    /// Context per row.
     n_ctx: u32,
     batch: LlamaBatch<'static>,
+    packing: Packing,
 }
 
 /// Load a GGUF model (every layer on the GPU in CUDA builds).
@@ -214,16 +228,17 @@ enum Logits {
 
 /// The decode calls that evaluate a prompt of `n` tokens whose first `fixed` tokens are the
 /// same for every row of its template, as chunk end positions: the fixed prefix in
-/// `N_BATCH` pieces from 0, then the rest in `N_BATCH` pieces from the prefix's end.
+/// `chunk`-token pieces from 0, then the rest in such pieces from the prefix's end
+/// (`N_BATCH` tokens unless a diagnostic asks for smaller calls).
 /// llama.cpp's numbers depend on how tokens are grouped into ubatches, so the grouping is a
 /// function of the prompt alone, never of what the KV cache held before.
-fn layout(n: usize, fixed: usize) -> Vec<usize> {
+fn layout(n: usize, fixed: usize, chunk: usize) -> Vec<usize> {
     let fixed = fixed.min(n);
-    let mut ends: Vec<usize> = (1..=fixed.div_ceil(N_BATCH))
-        .map(|i| (i * N_BATCH).min(fixed))
+    let mut ends: Vec<usize> = (1..=fixed.div_ceil(chunk))
+        .map(|i| (i * chunk).min(fixed))
         .collect();
     let rest = n - fixed;
-    ends.extend((1..=rest.div_ceil(N_BATCH)).map(|i| fixed + (i * N_BATCH).min(rest)));
+    ends.extend((1..=rest.div_ceil(chunk)).map(|i| fixed + (i * chunk).min(rest)));
     ends
 }
 
@@ -269,9 +284,9 @@ impl LlamaSession<'_> {
         self.kv_chunks.clear();
     }
 
-    /// One decode call appending `tokens` (at most `N_BATCH`) at the end of the sequence.
+    /// One decode call appending `tokens` (at most a chunk) at the end of the sequence.
     fn decode(&mut self, tokens: &[LlamaToken], logits: Logits) -> Result<(), BackendError> {
-        debug_assert!(!tokens.is_empty() && tokens.len() <= N_BATCH);
+        debug_assert!(!tokens.is_empty() && tokens.len() <= self.packing.batch);
         self.batch.clear();
         let start = self.kv_tokens.len();
         for (j, &t) in tokens.iter().enumerate() {
@@ -350,9 +365,10 @@ impl LlamaSession<'_> {
                 // Multi-token label: feed all but its last token in one decode call, read
                 // each next-token logit.
                 let fed = &toks[..toks.len() - 1];
-                if fed.len() > N_BATCH {
+                if fed.len() > self.packing.batch {
                     return Err(BackendError::Job(format!(
-                        "label `{cont}` is longer than {N_BATCH} tokens"
+                        "label `{cont}` is longer than {} tokens",
+                        self.packing.batch
                     )));
                 }
                 self.decode(fed, Logits::All)?;
@@ -380,7 +396,7 @@ impl LlamaSession<'_> {
         tokens: &[LlamaToken],
         fixed: usize,
     ) -> Result<(Vec<f32>, usize), BackendError> {
-        let ends = layout(tokens.len(), fixed);
+        let ends = layout(tokens.len(), fixed, self.packing.batch);
         let reuse = reusable(&self.kv_tokens, &self.kv_chunks, tokens, &ends);
         self.truncate_kv(reuse)?;
         let mut from = reuse;
@@ -419,12 +435,30 @@ impl Session for LlamaSession<'_> {
     }
 
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
+        if self.packing.packed() {
+            // A packed session evaluates every prompt the packed way (its rows' keys say so).
+            let one = [(prompt.clone(), tasks.to_vec())];
+            return self.run_many(&one).remove(0);
+        }
         let result = self.run_prompt(prompt, tasks);
         if result.is_err() {
             // Whatever the failure left in the KV cache is never reused.
             self.reset_kv();
         }
         result
+    }
+
+    fn run_many(
+        &mut self,
+        prompts: &[(ChatPrompt, Vec<Task>)],
+    ) -> Vec<Result<PromptOutput, BackendError>> {
+        if !self.packing.packed() {
+            return prompts.iter().map(|(p, t)| self.run(p, t)).collect();
+        }
+        prompts
+            .chunks(self.packing.rows)
+            .flat_map(|group| self.run_packed(group))
+            .collect()
     }
 }
 
@@ -446,12 +480,12 @@ impl LlamaSession<'_> {
             .map_err(|e| bad(&e))
     }
 
-    fn run_prompt(
-        &mut self,
+    /// The prompt's tokens, if the prompt and its longest task fit the row's context.
+    fn prompt_tokens(
+        &self,
         prompt: &ChatPrompt,
         tasks: &[Task],
-    ) -> Result<PromptOutput, BackendError> {
-        let start = Instant::now();
+    ) -> Result<Vec<LlamaToken>, BackendError> {
         let tokens = self
             .model
             .vocab()
@@ -478,6 +512,16 @@ impl LlamaSession<'_> {
                 n_ctx: self.n_ctx,
             });
         }
+        Ok(tokens)
+    }
+
+    fn run_prompt(
+        &mut self,
+        prompt: &ChatPrompt,
+        tasks: &[Task],
+    ) -> Result<PromptOutput, BackendError> {
+        let start = Instant::now();
+        let tokens = self.prompt_tokens(prompt, tasks)?;
         let fixed = self
             .fixed_tokens(&tokens, prompt.fixed_text())
             .min(tokens.len() - 1);

@@ -23,6 +23,58 @@ pub struct ModelLoad {
     pub path: PathBuf,
     pub n_ctx: u32,
     pub threads: usize,
+    /// How prompts are evaluated: one at a time, or several per decode call.
+    pub packing: Packing,
+}
+
+/// Rows per decode call. `rows` 1: one prompt at a time with shared-prefix reuse (the
+/// default on a CPU, where one prompt already keeps every core busy). More: up to `rows`
+/// prompts decoded together, each in its own KV stream, `batch` tokens per decode call (the
+/// throughput path of a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packing {
+    pub rows: usize,
+    pub batch: usize,
+}
+
+impl Packing {
+    pub const ONE_AT_A_TIME: Packing = Packing {
+        rows: 1,
+        batch: 512,
+    };
+
+    /// This build's default: packed on a GPU, one at a time on a CPU (measured: packing does
+    /// not raise a CPU's throughput, bench/RESULTS.md), or `rows` rows when given.
+    pub fn for_device(rows: Option<usize>) -> Packing {
+        let gpu = cfg!(feature = "cuda");
+        let rows = rows.unwrap_or(if gpu { 16 } else { 1 }).max(1);
+        Packing {
+            rows,
+            batch: if rows == 1 {
+                512
+            } else if gpu {
+                4096
+            } else {
+                512.max(rows * 64)
+            },
+        }
+    }
+
+    pub fn packed(&self) -> bool {
+        self.rows > 1
+    }
+
+    /// What the engine version records: packed rows (or rows evaluated in other than
+    /// 512-token calls) are not bitwise equal to the default's, so they are keyed apart.
+    pub fn key_suffix(&self) -> String {
+        if self.packed() {
+            format!("; packed {}x{}", self.rows, self.batch)
+        } else if *self != Self::ONE_AT_A_TIME {
+            format!("; calls of {}", self.batch)
+        } else {
+            String::new()
+        }
+    }
 }
 
 /// What the embed stage needs to load a sentence-embedding model.
@@ -219,6 +271,15 @@ pub trait Session {
     /// Evaluate `prompt` once and compute every task from that state. The result depends on
     /// the prompt and the tasks alone, never on what the session evaluated before.
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError>;
+
+    /// Several prompts, each with its tasks, evaluated together where the session packs
+    /// rows (see [`Packing`]); one result per prompt. By default, one after another.
+    fn run_many(
+        &mut self,
+        prompts: &[(ChatPrompt, Vec<Task>)],
+    ) -> Vec<Result<PromptOutput, BackendError>> {
+        prompts.iter().map(|(p, t)| self.run(p, t)).collect()
+    }
 }
 
 /// Which backend a run uses.

@@ -180,6 +180,8 @@ pub struct Startup {
     pub thresholds: Vec<f64>,
     pub cache: Cache,
     pub store: Store,
+    /// As the study's rows were evaluated (their keys record it).
+    pub packing: crate::backend::Packing,
 }
 
 /// The scorers of the cells that answer, in turn, and the worker each runs on.
@@ -236,6 +238,7 @@ async fn run_server(
         thresholds,
         cache,
         store,
+        packing,
     } = startup;
     // One worker per model: a cascade's stages on one model share its worker.
     let mut models: Vec<Option<usize>> = Vec::new();
@@ -276,7 +279,7 @@ async fn run_server(
                 stages,
                 thresholds,
                 models,
-                threads,
+                (threads, packing),
                 make_backend,
                 rxs,
             )
@@ -348,7 +351,7 @@ fn load(
     stages: Vec<(crate::plan::Cell, Option<crate::calibrate::Params>)>,
     thresholds: Vec<f64>,
     models: Vec<Option<usize>>,
-    threads: usize,
+    (threads, packing): (usize, crate::backend::Packing),
     make_backend: MakeBackend,
     rxs: Vec<mpsc::Receiver<Job>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
@@ -389,6 +392,7 @@ fn load(
                 path: f.path.clone(),
                 n_ctx: f.n_ctx,
                 threads,
+                packing,
             })
         });
         let (ready_tx, ready_rx) = oneshot::channel();
