@@ -110,6 +110,9 @@ def main():
     ap.add_argument("--out", default="bench")
     ap.add_argument("--skip-rss", action="store_true", help="skip the 1.5B peak-memory run")
     ap.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    ap.add_argument("--only-packing", action="store_true",
+                    help="measure only packed evaluation (--pack) and add it to an existing results.json")
+    ap.add_argument("--packs", default="4,8,16", help="rows per decode call to measure")
     args = ap.parse_args()
     if args.render_only:
         out = Path(args.out)
@@ -125,6 +128,12 @@ def main():
     data = shared / "datasets/imdb/test.parquet"
 
     # The peer's own sampling code, so both sides see exactly the same reviews, in order.
+    if args.only_packing and importlib.util.find_spec("llama_cpp") is None:
+        # Only its sampling is needed here, not llama-cpp-python itself.
+        import types
+        stub, chat = types.ModuleType("llama_cpp"), types.ModuleType("llama_cpp.llama_chat_format")
+        stub.Llama, chat.Jinja2ChatFormatter = None, None
+        sys.modules.update({"llama_cpp": stub, "llama_cpp.llama_chat_format": chat})
     spec_ = importlib.util.spec_from_file_location("peer", shared / "bench/peer_llamacpp_python.py")
     peer_mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(peer_mod)
@@ -145,6 +154,15 @@ def main():
         "seed": args.seed,
     }
     print(f"bench: {model.name}, {args.n} reviews, {args.threads} threads", flush=True)
+    if args.only_packing:
+        previous = out / "results.json"
+        if previous.exists():
+            results = {**json.loads(previous.read_text()), "packing": None}
+        results["packing"] = packing(args, work, model, sample_path)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_packing_section(out, results)
+        print((out / "RESULTS.md").read_text())
+        return
 
     # 1. llama.cpp's raw limits, through both bindings.
     pp_peer = json.loads(subprocess.run(
@@ -203,9 +221,76 @@ def main():
         r = results["rss_1p5b"]
         ratios["t5_peak_rss_minus_gguf_gib"] = (r["peak_rss_bytes"] - r["gguf_bytes"]) / 2**30
     results["ratios"] = ratios
+    results["packing"] = packing(args, work, model, sample_path)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "RESULTS.md").write_text(markdown(results))
     print((out / "RESULTS.md").read_text())
+
+
+def packing(args, work, model, sample_path):
+    """One greedy cell evaluated one prompt at a time and packed P prompts to a decode call
+    (`--pack P`), each against llama.cpp's raw rate for P rows in separate KV streams."""
+    greedy = spec("packing", model, sample_path, USER, GREEDY, {"temperature": 0})
+    one = run_pipeline(args, work, "pack1", greedy)
+    answers = lambda name: [p["raw_answer"] for p in pq.read_table(
+        work / name / "reports/packing/predictions.parquet").sort_by("row_id").to_pylist()]
+    base = answers("pack1")
+    out = {"one_at_a_time": one, "packed": []}
+    for rows in [int(x) for x in args.packs.split(",")]:
+        batch = max(512, rows * 64)
+        raw = json.loads(subprocess.run(
+            [str(args.pipeline), "engine-bench", str(model), "--threads", str(args.threads),
+             "--packed", f"{rows}x{batch}"],
+            check=True, capture_output=True, text=True).stdout)
+        r = run_pipeline(args, work, f"pack{rows}", greedy, ["--pack", str(rows)])
+        got = answers(f"pack{rows}")
+        out["packed"].append({
+            "rows": rows, "batch": batch, "run": r,
+            "raw_packed_pp_tok_s": raw["packed"]["pp_tok_s"], "pp512_tok_s": raw["pp512_tok_s"],
+            "reviews_per_s_vs_one_at_a_time": r["reviews_per_s"] / one["reviews_per_s"],
+            "evaluated_tok_per_s_vs_raw_packed": r["evaluated_tok_per_s"] / raw["packed"]["pp_tok_s"],
+            "same_answers": sum(a == b for a, b in zip(base, got)), "rows_compared": len(base),
+        })
+    return out
+
+
+def packing_lines(r):
+    k = r.get("packing")
+    if not k:
+        return []
+    one = k["one_at_a_time"]
+    lines = [
+        "",
+        f"## Packed evaluation (`--pack P`), {r['n']} reviews, one greedy cell",
+        "",
+        "P reviews per decode call, each in its own KV stream (`kv_unified = false`); the limit is llama.cpp's",
+        "raw rate for P sequences of batch/P tokens in one call (`pipeline engine-bench --packed PxBATCH`).",
+        "",
+        "| evaluation | reviews/s | vs one at a time | evaluated tok/s | raw limit, tok/s | vs raw | same answers |",
+        "|---|---|---|---|---|---|---|",
+        f"| one at a time (default) | {one['reviews_per_s']:.3f} | 1.00× | {one['evaluated_tok_per_s']:.1f} | pp512 {k['packed'][0]['pp512_tok_s']:.1f} | {one['evaluated_tok_per_s'] / k['packed'][0]['pp512_tok_s']:.2f}× | |",
+    ]
+    for p in k["packed"]:
+        run = p["run"]
+        lines.append(
+            f"| packed {p['rows']} × {p['batch'] // p['rows']} tokens per call | {run['reviews_per_s']:.3f} | "
+            f"**{p['reviews_per_s_vs_one_at_a_time']:.2f}×** | {run['evaluated_tok_per_s']:.1f} | "
+            f"{p['raw_packed_pp_tok_s']:.1f} | {p['evaluated_tok_per_s_vs_raw_packed']:.2f}× | "
+            f"{p['same_answers']} of {p['rows_compared']} |")
+    lines += [
+        "",
+        "Packed prompts are evaluated whole (no shared-prefix reuse), so they evaluate more tokens than one at a time.",
+    ]
+    return lines
+
+
+def write_packing_section(out, results):
+    """RESULTS.md with its packed-evaluation section replaced by this run's (the rest of the
+    page is the earlier full run's)."""
+    page = out / "RESULTS.md"
+    text = page.read_text() if page.exists() else ""
+    text = text.split("\n## Packed evaluation")[0].rstrip("\n") + "\n"
+    page.write_text(text + "\n".join(packing_lines(results)) + "\n")
 
 
 def markdown(r):
@@ -244,17 +329,18 @@ def markdown(r):
         "removed so that a row's numbers never depend on which other cells ran beside it).",
         "",
         "Not measured here: the peer on the 4-shot prompt (its script has no few-shot mode), and GPU speed (no GPU on "
-        "this machine; `--features cuda` builds llama.cpp with CUDA). Prompts of several rows in one decode call are "
-        "not offered: with llama-cpp-sys-2 0.1.160 a unified-KV decode mixing sequences with 32+ tokens gives wrong "
-        "logits (ggml-org/llama.cpp#24962, reproduced here).",
+        "this machine; `--features cuda` builds llama.cpp with CUDA). Rows are never packed into one decode call of a "
+        "unified KV cache: with llama-cpp-sys-2 0.1.160 a decode mixing sequences with 32+ tokens gives wrong logits "
+        "there (ggml-org/llama.cpp#24962, reproduced here). They are packed in separate KV streams (`--pack`, below).",
     ]
     lines += [
         "",
         f"Accuracy on the same rows: pipeline greedy {list(g['accuracy'].values())[0]:.3f}, peer greedy {p['accuracy']:.3f}.",
         f"Prompt tokens: pipeline evaluated {g['evaluated_tokens']} of {g['prompt_tokens']} (each template's fixed prefix is evaluated once per model); the peer evaluated {p['prompt_tokens']}.",
         f"Peer prompt tokens/s vs its pp512: {x['peer_prompt_tok_per_s_vs_pp512_llama_cpp_python']:.2f}×; pipeline's binding pp512 vs llama-cpp-python's: {x['binding_pp512_vs_llama_cpp_python']:.2f}×.",
-        "",
     ]
+    lines += packing_lines(r)
+    lines.append("")
     return "\n".join(lines)
 
 

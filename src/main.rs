@@ -120,6 +120,10 @@ enum Command {
         /// An embedding model: one decode of this many tokens with embeddings on.
         #[arg(long)]
         embed_tokens: Option<u32>,
+        /// Also llama.cpp's raw rate at this packing: ROWS sequences of BATCH/ROWS tokens
+        /// each, in separate KV streams, in one decode call (`--packed 16x4096`).
+        #[arg(long, value_parser = parse_packed)]
+        packed: Option<(usize, usize)>,
     },
     /// Write the report's tables as CSV (predictions, metrics, comparisons).
     Export {
@@ -245,6 +249,20 @@ fn warn(warnings: &[String]) {
     for w in warnings {
         eprintln!("warning: {w}");
     }
+}
+
+/// `ROWSxBATCH`, e.g. `16x4096`.
+fn parse_packed(s: &str) -> Result<(usize, usize), String> {
+    let (r, b) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}`: expected ROWSxBATCH, e.g. 16x4096"))?;
+    let n = |v: &str| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("`{s}`: {v} is not a positive number"))
+    };
+    Ok((n(r)?, n(b)?))
 }
 
 fn scripts(cdn: bool) -> Scripts {
@@ -396,6 +414,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             threads,
             reps,
             embed_tokens,
+            packed,
         } => {
             let threads = threads.unwrap_or_else(exec::default_threads);
             let failed = |e| {
@@ -420,6 +439,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             }
             let (pp, tg) =
                 pipeline::backend::llama::raw_throughput(model, threads, *reps).map_err(failed)?;
+            let packed_pp = match packed {
+                Some((rows, batch)) => Some(
+                    pipeline::backend::llama::raw_packed_throughput(
+                        model, threads, *rows, *batch, *reps,
+                    )
+                    .map_err(failed)?,
+                ),
+                None => None,
+            };
             println!(
                 "{}",
                 serde_json::json!({
@@ -428,6 +456,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                     "engine": pipeline::backend::llama::engine_version(),
                     "pp512_tok_s": pp,
                     "tg32_tok_s": tg,
+                    "packed": packed.map(|(r, b)| serde_json::json!({"rows": r, "batch": b, "pp_tok_s": packed_pp})),
                 })
             );
             Ok(ExitCode::SUCCESS)

@@ -64,9 +64,11 @@ impl Shard {
     }
 
     /// The shard the scheduler started this process as, if any: a Slurm job array
-    /// (`SLURM_ARRAY_TASK_ID` from `SLURM_ARRAY_TASK_MIN`, of `SLURM_ARRAY_TASK_COUNT`) or a
-    /// Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, of `count`, which the Job's manifest
-    /// knows as `completions` and passes as `--shards`).
+    /// (`SLURM_ARRAY_TASK_ID` from `SLURM_ARRAY_TASK_MIN`, of `SLURM_ARRAY_TASK_COUNT`; with
+    /// `count` given, the task id itself of `count`, so that a task resubmitted alone,
+    /// `sbatch --array=2`, is shard 2 again) or a Kubernetes Indexed Job
+    /// (`JOB_COMPLETION_INDEX`, of `count`, which the Job's manifest knows as `completions`
+    /// and passes as `--shards`).
     pub fn from_env(
         get: impl Fn(&str) -> Option<String>,
         count: Option<usize>,
@@ -84,9 +86,9 @@ impl Shard {
                 (None, Some(c)) => num("SLURM_ARRAY_TASK_COUNT", c, 0)?,
                 (None, None) => return Err(ShardError::CountMissing),
             };
-            let min = match get("SLURM_ARRAY_TASK_MIN") {
-                Some(m) => num("SLURM_ARRAY_TASK_MIN", m, total)?,
-                None => 0,
+            let min = match (count, get("SLURM_ARRAY_TASK_MIN")) {
+                (None, Some(m)) => num("SLURM_ARRAY_TASK_MIN", m, total)?,
+                _ => 0,
             };
             let index = num("SLURM_ARRAY_TASK_ID", id.clone(), total)?
                 .checked_sub(min)
@@ -287,6 +289,21 @@ mod tests {
         assert_eq!(
             Shard::from_env(env(&slurm), None),
             Ok(Some(Shard { index: 1, count: 3 }))
+        );
+        // Task 2 resubmitted alone (`--array=2`) with the count given: shard 2 again.
+        let rerun = [
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        assert_eq!(
+            Shard::from_env(env(&rerun), Some(4)),
+            Ok(Some(Shard { index: 2, count: 4 }))
+        );
+        assert_eq!(
+            Shard::from_env(env(&rerun), None),
+            Ok(Some(Shard { index: 0, count: 1 })),
+            "without the count, a lone task is the whole run"
         );
         let k8s = [("JOB_COMPLETION_INDEX", "3")];
         assert_eq!(

@@ -724,3 +724,54 @@ pub fn raw_throughput(
     };
     Ok((median(&mut pp), median(&mut tg)))
 }
+
+/// llama.cpp's raw prompt-processing rate when `rows` sequences of `batch / rows` tokens
+/// each are decoded in one call, each in its own KV stream: the limit a packed run works
+/// against. One warm-up and `reps` timed repetitions; the median in tokens per second.
+pub fn raw_packed_throughput(
+    path: &std::path::Path,
+    threads: usize,
+    rows: usize,
+    batch: usize,
+    reps: usize,
+) -> Result<f64, BackendError> {
+    let backend = llama_backend();
+    let model = load_model(path)?;
+    let per_row = (batch / rows.max(1)).max(1);
+    let t = thread_count(threads);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new((rows * per_row.max(256)) as u32))
+        .with_n_batch((rows * per_row) as u32)
+        .with_n_ubatch((rows * per_row) as u32)
+        .with_n_seq_max(rows as u32)
+        .with_kv_unified(false)
+        .with_n_threads(t)
+        .with_n_threads_batch(t);
+    let mut ctx = model
+        .new_context(backend, params)
+        .map_err(|e| BackendError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let nv = model.n_vocab() as usize;
+    let mut b = LlamaBatch::new(rows * per_row, 1);
+    let mut rates = Vec::new();
+    for rep in 0..=reps {
+        ctx.clear_kv_cache();
+        b.clear();
+        for r in 0..rows {
+            for i in 0..per_row {
+                let tok = LlamaToken((((r * per_row + i) * 7919 + 13) % nv) as i32);
+                b.add(tok, i as i32, &[r as i32], i + 1 == per_row)
+                    .map_err(decode_err)?;
+            }
+        }
+        let start = Instant::now();
+        ctx.decode(&mut b).map_err(decode_err)?;
+        if rep > 0 {
+            rates.push((rows * per_row) as f64 / start.elapsed().as_secs_f64());
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
+}
