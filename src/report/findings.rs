@@ -1179,4 +1179,76 @@ mod tests {
         );
         assert!(t[0].contains("−10.0 points on average"), "{}", t[0]);
     }
+
+    /// A cascade of `small` then `large` that answers like `large` on the rows `large` gets
+    /// right among the first `escalate` rows where `small` is wrong.
+    fn cascade(inp: &Input, right: usize, last_reported: bool) -> CellView {
+        let mut c = cell(inp, "small→large", "casc", right);
+        c.id = "cascade/casc".into();
+        c.kind = "cascade".into();
+        c.cascade = Some(CascadeView {
+            first: "small/zero/loglik".into(),
+            last: if last_reported {
+                "large/zero/loglik".into()
+            } else {
+                "large/zero/hidden".into()
+            },
+            escalated: 0.25,
+            time_vs_first: Some(1.8),
+            time_vs_last: Some(0.45),
+        });
+        c
+    }
+
+    #[test]
+    fn a_cascade_is_set_beside_both_its_cells_with_tests_and_cost() {
+        let mut inp = input(200);
+        // small 150/200, large 180/200, cascade 178/200: no different from large, far
+        // better than small.
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 150),
+            cell(&inp, "large", "zero", 180),
+            cascade(&inp, 178, true),
+        ];
+        let c = texts(&derive(&inp), "cascade");
+        assert_eq!(c.len(), 1, "{c:?}");
+        let t = &c[0];
+        assert!(
+            t.starts_with("The cascade cascade/casc sends 25.0% of reviews on from small/zero/loglik to large/zero/loglik and reaches 89.0% at 1.80× the time of small/zero/loglik alone and 0.45× the time of large/zero/loglik alone"),
+            "{t}"
+        );
+        assert!(
+            t.contains("against its last cell alone it does not differ significantly from large/zero/loglik: −1.0 points"),
+            "{t}"
+        );
+        assert!(
+            t.contains("against its first cell alone it beats small/zero/loglik by 14.0 points"),
+            "{t}"
+        );
+        // The cascade is no model: the per-model rules do not count it.
+        assert!(
+            texts(&derive(&inp), "models")
+                .iter()
+                .all(|m| !m.contains("cascade/casc")),
+            "{:?}",
+            texts(&derive(&inp), "models")
+        );
+    }
+
+    #[test]
+    fn a_cascade_whose_last_cell_saw_only_some_rows_is_not_compared_with_it() {
+        let mut inp = input(100);
+        inp.cells = vec![cell(&inp, "small", "zero", 70), cascade(&inp, 85, false)];
+        let c = texts(&derive(&inp), "cascade");
+        assert!(
+            c[0].contains("large/zero/hidden computed only the reviews sent to it"),
+            "{}",
+            c[0]
+        );
+        assert!(
+            c[0].contains("against its first cell alone it beats"),
+            "{}",
+            c[0]
+        );
+    }
 }
