@@ -66,8 +66,8 @@ pub struct CellView {
 pub struct CascadeView {
     pub first: String,
     pub last: String,
-    /// Share of the rows the first step sends on.
-    pub escalated: f64,
+    /// Each later stage, with the share of all rows that reach it.
+    pub onward: Vec<(String, f64)>,
     pub time_vs_first: Option<f64>,
     pub time_vs_last: Option<f64>,
 }
@@ -133,7 +133,13 @@ impl Input {
                 cascade: m.cascade.as_ref().map(|s| CascadeView {
                     first: s.stages.first().cloned().unwrap_or_default(),
                     last: s.stages.last().cloned().unwrap_or_default(),
-                    escalated: s.reached.get(1).copied().unwrap_or(0) as f64 / s.rows.max(1) as f64,
+                    onward: s
+                        .stages
+                        .iter()
+                        .zip(&s.reached)
+                        .skip(1)
+                        .map(|(stage, &n)| (stage.clone(), n as f64 / s.rows.max(1) as f64))
+                        .collect(),
                     time_vs_first: s.time_vs_first,
                     time_vs_last: s.time_vs_last,
                 }),
@@ -293,8 +299,17 @@ fn verdict(t: &Paired, other: &str) -> String {
             t.evidence()
         )
     } else {
+        // The two tests can disagree (few discordant reviews, all one way, give a bootstrap
+        // interval without 0 and an exact McNemar p above 0.05): say which one holds it back.
+        let why = if t.lo > 0.0 || t.hi < 0.0 {
+            "the interval excludes 0 but McNemar's p is not below 0.05, so not significant"
+        } else if t.p < ALPHA {
+            "McNemar's p is below 0.05 but the interval includes 0, so not significant"
+        } else {
+            "not significant"
+        };
         format!(
-            "does not differ significantly from {other}: {} points ({}; not significant)",
+            "does not differ significantly from {other}: {} points ({}; {why})",
             signed(t.diff()),
             t.evidence()
         )
@@ -916,12 +931,19 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
         .into_iter()
         .flatten()
         .collect();
+        // "18.0% of reviews on from A to B" and, for longer chains, "and 4.3% on to C".
+        let path = v
+            .onward
+            .iter()
+            .enumerate()
+            .map(|(i, (stage, share))| match i {
+                0 => format!("{} of reviews on from {} to {stage}", pct(*share), v.first),
+                _ => format!(" and {} on to {stage}", pct(*share)),
+            })
+            .collect::<String>();
         let mut text = format!(
-            "The cascade {} sends {} of reviews on from {} to {} and reaches {}{}",
+            "The cascade {} sends {path} and reaches {}{}",
             c.id,
-            pct(v.escalated),
-            v.first,
-            v.last,
             pct(acc),
             if cost.is_empty() {
                 String::new()
@@ -1031,6 +1053,24 @@ mod tests {
         assert!(m[0].contains("does not differ significantly"), "{}", m[0]);
         assert!(m[0].contains("+3.0 points"), "{}", m[0]);
         assert!(m[0].contains("not significant"), "{}", m[0]);
+    }
+
+    #[test]
+    fn when_the_two_tests_disagree_the_verdict_says_which_holds_it_back() {
+        // Five reviews only the large cell gets right, none the other way: every bootstrap
+        // resample favours it, but the exact McNemar p is 0.0625.
+        let mut inp = input(100);
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 80),
+            cell(&inp, "large", "zero", 85),
+        ];
+        let m = texts(&derive(&inp), "models");
+        assert!(!m[0].contains("beats"), "{}", m[0]);
+        assert!(
+            m[0].contains("p = 0.062, 100 reviews; the interval excludes 0 but McNemar's p is not below 0.05, so not significant"),
+            "{}",
+            m[0]
+        );
     }
 
     #[test]
@@ -1193,7 +1233,14 @@ mod tests {
             } else {
                 "large/zero/hidden".into()
             },
-            escalated: 0.25,
+            onward: vec![(
+                if last_reported {
+                    "large/zero/loglik".into()
+                } else {
+                    "large/zero/hidden".into()
+                },
+                0.25,
+            )],
             time_vs_first: Some(1.8),
             time_vs_last: Some(0.45),
         });
@@ -1232,6 +1279,26 @@ mod tests {
                 .all(|m| !m.contains("cascade/casc")),
             "{:?}",
             texts(&derive(&inp), "models")
+        );
+    }
+
+    #[test]
+    fn a_chain_names_the_share_that_reaches_each_later_stage() {
+        let mut inp = input(200);
+        let mut chain = cascade(&inp, 178, true);
+        if let Some(v) = chain.cascade.as_mut() {
+            v.last = "large/four/loglik".into();
+            v.onward.push(("large/four/loglik".into(), 0.1));
+        }
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 150),
+            cell(&inp, "large", "four", 180),
+            chain,
+        ];
+        let c = texts(&derive(&inp), "cascade");
+        assert!(
+            c[0].starts_with("The cascade cascade/casc sends 25.0% of reviews on from small/zero/loglik to large/zero/loglik and 10.0% on to large/four/loglik and reaches 89.0%"),
+            "{c:?}"
         );
     }
 
