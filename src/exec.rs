@@ -300,7 +300,7 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
                     cell: ci,
                     key,
                     components: *comps,
-                    task: task_for(plan, cell),
+                    task: task_for(plan, cell).for_row(&comps.prompt),
                 });
         }
     }

@@ -213,7 +213,11 @@ impl CacheKey for SeedPart<'_> {
     fn encode(&self, e: &mut KeyEncoder) {
         match self.point {
             Some(p) if p.temperature > 0.0 => {
-                e.u64("seed", p.seed).u64("repeat", u64::from(p.repeat));
+                // "draws": each row's draw is seeded with its prompt too (`Task::for_row`);
+                // rows seeded by the grid point alone were keyed without it.
+                e.u64("seed", p.seed)
+                    .u64("repeat", u64::from(p.repeat))
+                    .str("draws", "per row");
             }
             _ => {
                 e.str("seed", "none");
@@ -478,7 +482,7 @@ mod tests {
         };
         assert_eq!(
             components.row_key().hex(),
-            "bd8e6e1f8f4ccb036658db5f3c14c8085a2ac13dd72def6b243134c12fe0cad4"
+            "b0d8a6b485f3801b53bdb1e96d5597dc6a1a5449840ed72eb4f63239213e3f21"
         );
     }
 }

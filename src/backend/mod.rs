@@ -151,6 +151,24 @@ pub enum Task {
     Loglik { continuations: Vec<String> },
 }
 
+impl Task {
+    /// The task for the row with this prompt digest: a generation's seed mixed with it, so
+    /// that the rows of one cell draw independently. With one seed for every row, every
+    /// review would get the same uniform draw: a cell's accuracy would move with that one
+    /// draw, and its rows would not be independent samples. Still a function of the row
+    /// alone, as a cached row must be.
+    pub fn for_row(&self, prompt: &crate::key::Digest) -> Task {
+        let mut task = self.clone();
+        if let Task::Generate { sampler, .. } = &mut task {
+            sampler.seed = mix_seed(
+                b"pipeline-row-seed",
+                &[&sampler.seed.to_le_bytes(), &prompt.0],
+            );
+        }
+        task
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskOutput {
     /// Generated text (generation only).
@@ -313,11 +331,65 @@ impl BackendKind {
 /// Seed for llama.cpp's `dist` sampler (u32), mixed from the grid seed and repeat index.
 /// `u32::MAX` means "random" to llama.cpp, so it is never returned.
 pub fn sampler_seed(seed: u64, repeat: u32) -> u64 {
+    mix_seed(
+        b"pipeline-sampler-seed",
+        &[&seed.to_le_bytes(), &repeat.to_le_bytes()],
+    )
+}
+
+/// A u32 seed (never `u32::MAX`) from a domain and parts.
+fn mix_seed(domain: &[u8], parts: &[&[u8]]) -> u64 {
     let mut h = blake3::Hasher::new();
-    h.update(b"pipeline-sampler-seed");
-    h.update(&seed.to_le_bytes());
-    h.update(&repeat.to_le_bytes());
+    h.update(domain);
+    for p in parts {
+        h.update(p);
+    }
     let b = h.finalize();
     let s = u32::from_le_bytes(b.as_bytes()[..4].try_into().expect("4 bytes"));
     u64::from(if s == u32::MAX { 0 } else { s })
+}
+
+#[cfg(test)]
+mod row_seed_tests {
+    use super::*;
+    use crate::key::Digest;
+
+    fn generate(seed: u64) -> Task {
+        Task::Generate {
+            max_tokens: 4,
+            stop: Vec::new(),
+            sampler: Sampler {
+                temperature: 0.8,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed,
+            },
+        }
+    }
+
+    fn seed_of(t: &Task) -> Option<u64> {
+        match t {
+            Task::Generate { sampler, .. } => Some(sampler.seed),
+            Task::Loglik { .. } => None,
+        }
+    }
+
+    #[test]
+    fn rows_of_one_cell_draw_with_their_own_seeds_and_a_row_always_with_the_same() {
+        let cell = generate(sampler_seed(1, 0));
+        let a = seed_of(&cell.for_row(&Digest([1; 32])));
+        let b = seed_of(&cell.for_row(&Digest([2; 32])));
+        assert_ne!(a, b);
+        assert_eq!(a, seed_of(&cell.for_row(&Digest([1; 32]))));
+        // Another grid seed moves the same row's draw.
+        let other = generate(sampler_seed(2, 0));
+        assert_ne!(a, seed_of(&other.for_row(&Digest([1; 32]))));
+        assert!(a.is_some_and(|s| s < u64::from(u32::MAX)));
+        // Log-likelihood has nothing to seed.
+        let loglik = Task::Loglik {
+            continuations: vec!["a".into()],
+        };
+        assert_eq!(loglik.for_row(&Digest([1; 32])), loglik);
+    }
 }

@@ -744,7 +744,12 @@ async fn stage_output(
         messages: messages.clone(),
         examples: prepared.examples.clone(),
     };
-    let (prompt, task) = (*prompt, task.clone());
+    // Seeded per row as `run` seeds it, so a served row is the study's row.
+    let row_task = match &prepared.components {
+        Some(c) => task.for_row(&c.prompt),
+        None => task.clone(),
+    };
+    let (prompt, task) = (*prompt, row_task);
     let out = ask(s, worker, |reply| Job::Infer {
         item,
         prompt,
