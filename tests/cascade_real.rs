@@ -83,14 +83,8 @@ cascades:
 type Row = (String, String, Option<u32>, f64, f64);
 
 fn rows(path: &Path) -> Vec<Row> {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut out = Vec::new();
-    for b in reader {
-        let b = b.unwrap();
+    for b in common::parquet_batches(path) {
         let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
         let f = |n: &str| {
             b.column_by_name(n)

@@ -139,17 +139,22 @@ pub fn misses(plan: &serde_json::Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Every record batch of a Parquet file.
+pub fn parquet_batches(path: &Path) -> Vec<arrow::record_batch::RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
 /// The prediction table as sorted text lines (cell, row, raw answer, log-probs), to compare runs.
 pub fn predictions(path: &Path) -> Vec<String> {
     use arrow::array::AsArray;
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut out = Vec::new();
-    for b in reader {
-        let b = b.unwrap();
+    for b in parquet_batches(path) {
         let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
         let (cell, row, raw, pred) = (s("cell"), s("row_id"), s("raw_answer"), s("prediction"));
         let lp = b
