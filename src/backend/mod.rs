@@ -157,15 +157,14 @@ impl Task {
     /// review would get the same uniform draw: a cell's accuracy would move with that one
     /// draw, and its rows would not be independent samples. Still a function of the row
     /// alone, as a cached row must be.
-    pub fn for_row(&self, prompt: &crate::key::Digest) -> Task {
-        let mut task = self.clone();
-        if let Task::Generate { sampler, .. } = &mut task {
+    pub fn for_row(mut self, prompt: &crate::key::Digest) -> Task {
+        if let Task::Generate { sampler, .. } = &mut self {
             sampler.seed = mix_seed(
                 b"pipeline-row-seed",
                 &[&sampler.seed.to_le_bytes(), &prompt.0],
             );
         }
-        task
+        self
     }
 }
 
@@ -378,18 +377,18 @@ mod row_seed_tests {
     #[test]
     fn rows_of_one_cell_draw_with_their_own_seeds_and_a_row_always_with_the_same() {
         let cell = generate(sampler_seed(1, 0));
-        let a = seed_of(&cell.for_row(&Digest([1; 32])));
-        let b = seed_of(&cell.for_row(&Digest([2; 32])));
+        let a = seed_of(&cell.clone().for_row(&Digest([1; 32])));
+        let b = seed_of(&cell.clone().for_row(&Digest([2; 32])));
         assert_ne!(a, b);
-        assert_eq!(a, seed_of(&cell.for_row(&Digest([1; 32]))));
+        assert_eq!(a, seed_of(&cell.clone().for_row(&Digest([1; 32]))));
         // Another grid seed moves the same row's draw.
         let other = generate(sampler_seed(2, 0));
-        assert_ne!(a, seed_of(&other.for_row(&Digest([1; 32]))));
+        assert_ne!(a, seed_of(&other.clone().for_row(&Digest([1; 32]))));
         assert!(a.is_some_and(|s| s < u64::from(u32::MAX)));
         // Log-likelihood has nothing to seed.
         let loglik = Task::Loglik {
             continuations: vec!["a".into()],
         };
-        assert_eq!(loglik.for_row(&Digest([1; 32])), loglik);
+        assert_eq!(loglik.clone().for_row(&Digest([1; 32])), loglik);
     }
 }

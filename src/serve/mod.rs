@@ -728,9 +728,12 @@ async fn stage_output(
     text: &str,
     prepared: &scorer::Prepared,
 ) -> Result<(Option<Vec<f64>>, Option<String>, bool), ApiError> {
-    let (Some(key), Some(messages), Kind::Llm { prompt, task, .. }) =
-        (&prepared.key, &prepared.messages, &scorer.kind)
-    else {
+    let (Some(key), Some(components), Some(messages), Kind::Llm { prompt, task, .. }) = (
+        &prepared.key,
+        &prepared.components,
+        &prepared.messages,
+        &scorer.kind,
+    ) else {
         // A vote: no model, nothing cached.
         return Ok((None, None, false));
     };
@@ -745,11 +748,7 @@ async fn stage_output(
         examples: prepared.examples.clone(),
     };
     // Seeded per row as `run` seeds it, so a served row is the study's row.
-    let row_task = match &prepared.components {
-        Some(c) => task.for_row(&c.prompt),
-        None => task.clone(),
-    };
-    let (prompt, task) = (*prompt, row_task);
+    let (prompt, task) = (*prompt, task.clone().for_row(&components.prompt));
     let out = ask(s, worker, |reply| Job::Infer {
         item,
         prompt,
