@@ -403,3 +403,43 @@ fn bad_cascades_are_located_errors() {
         assert!(err.contains(message), "{message} in {err}");
     }
 }
+
+#[test]
+fn a_model_with_a_prompt_list_has_cells_only_for_those_prompts() {
+    let text = spec(
+        "  - {id: ab2, first: a/p2/ll, then: b/p2/ll, escalate: {margin: 2.0}}\n",
+        true,
+    )
+    .replace("    grid: true\n", "    prompts: [p1]\n")
+    .replace(
+        "prompts:\n  - id: p1\n",
+        "prompts:\n  - id: p2\n    user: {file: prompts/p2.j2}\n  - id: p1\n",
+    );
+    let p = project(&text);
+    let calls = run(&p, &RunOptions::default());
+    let (_, cells) = predictions(&p);
+    let ids: Vec<&str> = cells.iter().map(|(id, _)| id.as_str()).collect();
+    for want in ["a/p2/ll", "a/p1/ll", "b/p1/ll", "b/p1/gen", "cascade/ab2"] {
+        assert!(
+            ids.iter().any(|id| id.starts_with(want)),
+            "{want} in {ids:?}"
+        );
+    }
+    assert!(!ids.iter().any(|id| id.starts_with("b/p2/")), "{ids:?}");
+    // Model b computes its p1 cells for every row, and on p2 only the rows the cascade
+    // sends it: its p2 cell is a cascade's support cell, not a cell of the grid.
+    let first = cell(&cells, "a/p2/ll");
+    let sent = first.iter().filter(|r| gap(r) < 2.0).count();
+    assert!(sent > 0 && sent < 12, "{sent}");
+    assert_eq!(calls.prompts_of("b"), 12 + sent);
+    assert_eq!(cell(&cells, "cascade/ab2").len(), 12);
+
+    // A comparison can only name cells of the grid.
+    let p = project(&format!(
+        "{text}compare:\n  pairs:\n    - [b/p2/ll, a/p2/ll]\n"
+    ));
+    let err = input_error(&p);
+    assert!(err.contains("spec.yaml:"), "located: {err}");
+    assert!(err.contains("compare.pairs[0][0]"), "{err}");
+    assert!(err.contains("no cell `b/p2/ll`"), "{err}");
+}

@@ -754,7 +754,7 @@ fn expand_cells(
     let mut support = Vec::new();
     let mut calibrations = Vec::new();
     for c in factory.all() {
-        if spec.models[c.model].grid {
+        if spec.models[c.model].has_cells(factory.prompts.id(c.prompt)) {
             cells.push(factory.cell(&c, &mut support, &mut calibrations));
         }
     }

@@ -177,6 +177,20 @@ pub struct ModelSpec {
     /// `false`: the model has no cells of its own and runs only the rows a cascade
     /// escalates to it.
     pub grid: bool,
+    /// The prompt ids this model has cells for; `None`: every prompt. A costly model can
+    /// skip the prompts a cheaper one has already ruled out.
+    pub prompts: Option<Vec<String>>,
+}
+
+impl ModelSpec {
+    /// Whether the grid has cells of this model on this prompt.
+    pub fn has_cells(&self, prompt: &str) -> bool {
+        self.grid
+            && self
+                .prompts
+                .as_ref()
+                .is_none_or(|p| p.iter().any(|x| x == prompt))
+    }
 }
 
 pub const DEFAULT_N_CTX: u32 = 4096;
@@ -498,12 +512,12 @@ impl Validator<'_> {
             ));
         }
         let dataset = self.dataset(raw.dataset)?;
-        let models = self.models(raw.models)?;
         let embedders = match raw.embedders {
             Some(e) => self.embedders(e)?,
             None => Vec::new(),
         };
         let prompts = self.prompts(raw.prompts, &embedders)?;
+        let models = self.models(raw.models, &prompts)?;
         let methods = self.methods(raw.methods, &embedders)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
         let cascades = match raw.cascades {
@@ -772,7 +786,11 @@ impl Validator<'_> {
         })
     }
 
-    fn models(&self, models: Spanned<Vec<raw::RawModel>>) -> Result<Vec<ModelSpec>, Diagnostic> {
+    fn models(
+        &self,
+        models: Spanned<Vec<raw::RawModel>>,
+        prompts: &[PromptSpec],
+    ) -> Result<Vec<ModelSpec>, Diagnostic> {
         if models.value.is_empty() {
             return Err(self.err(&models, "models", "list at least one model"));
         }
@@ -790,6 +808,12 @@ impl Validator<'_> {
             };
             let mut model = self.model_file(id, &m.gguf, m.sha256.as_ref(), &field, n_ctx)?;
             model.grid = m.grid.as_ref().is_none_or(|g| g.value);
+            model.prompts = match &m.prompts {
+                Some(list) => {
+                    Some(self.model_prompts(list, &format!("{field}.prompts"), prompts)?)
+                }
+                None => None,
+            };
             out.push(model);
         }
         if !out.iter().any(|m| m.grid) {
@@ -798,6 +822,43 @@ impl Validator<'_> {
                 "models",
                 "every model has `grid: false`; at least one must have cells of its own",
             ));
+        }
+        Ok(out)
+    }
+
+    /// A model's `prompts:` list: ids of prompts the spec defines, each once.
+    fn model_prompts(
+        &self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        field: &str,
+        prompts: &[PromptSpec],
+    ) -> Result<Vec<String>, Diagnostic> {
+        if list.value.is_empty() {
+            return Err(self.err(
+                list,
+                field,
+                "list at least one prompt id, or drop `prompts:` for every prompt (`grid: false` for none)",
+            ));
+        }
+        let mut out: Vec<String> = Vec::new();
+        for (j, id) in list.value.iter().enumerate() {
+            let at = format!("{field}[{j}]");
+            if !prompts.iter().any(|p| p.id == id.value) {
+                let known: Vec<&str> = prompts.iter().map(|p| p.id.as_str()).collect();
+                return Err(self.err(
+                    id,
+                    at,
+                    format!(
+                        "no prompt `{}`; the prompts are {}",
+                        id.value,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if out.contains(&id.value) {
+                return Err(self.err(id, at, format!("`{}` is listed twice", id.value)));
+            }
+            out.push(id.value.clone());
         }
         Ok(out)
     }
@@ -856,6 +917,7 @@ impl Validator<'_> {
             sha256,
             n_ctx,
             grid: true,
+            prompts: None,
         })
     }
 

@@ -168,6 +168,9 @@ pub struct RawModel {
     /// `false`: no cells of its own; the model runs only the rows a cascade escalates to it.
     #[serde(default)]
     pub grid: Option<Spanned<bool>>,
+    /// The prompts this model has cells for (default: every prompt).
+    #[serde(default)]
+    pub prompts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

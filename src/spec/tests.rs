@@ -164,3 +164,50 @@ fn label_names_that_differ_only_in_case_are_rejected() {
     assert_eq!(e.field, "dataset.labels");
     assert!(e.message.contains("differ only in case"), "{e}");
 }
+
+#[test]
+fn a_model_lists_the_prompts_it_has_cells_for() {
+    let two_prompts = GOOD.replace(
+        "prompts:\n",
+        "prompts:\n  - id: other\n    user: \"{{ text }} {{ labels | join(' or ') }}?\"\n",
+    );
+    let s = parse_at(&two_prompts.replace(
+        "    gguf: models/tiny.gguf\n",
+        "    gguf: models/tiny.gguf\n    prompts: [zero]\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        s.models[0].prompts.as_deref(),
+        Some(&["zero".to_string()][..])
+    );
+    assert!(s.models[0].has_cells("zero"));
+    assert!(!s.models[0].has_cells("other"));
+    // Without the list a model has cells for every prompt.
+    let s = parse_at(&two_prompts).unwrap();
+    assert!(s.models[0].has_cells("zero") && s.models[0].has_cells("other"));
+
+    for (list, field, message) in [
+        (
+            "[zero, nope]",
+            "models[0].prompts[1]",
+            "no prompt `nope`; the prompts are other, zero",
+        ),
+        (
+            "[zero, zero]",
+            "models[0].prompts[1]",
+            "`zero` is listed twice",
+        ),
+        ("[]", "models[0].prompts", "list at least one prompt id"),
+    ] {
+        let line = format!("    prompts: {list}\n");
+        let src = two_prompts.replace(
+            "    gguf: models/tiny.gguf\n",
+            &format!("    gguf: models/tiny.gguf\n{line}"),
+        );
+        let e = parse_at(&src).unwrap_err();
+        let at = src.lines().position(|l| l == line.trim_end()).unwrap() + 1;
+        assert_eq!(e.loc.line, at as u64, "{list}: {e}");
+        assert_eq!(e.field, field, "{list}: {e}");
+        assert!(e.message.contains(message), "{list}: {e}");
+    }
+}
