@@ -685,17 +685,32 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
         let prompts: std::collections::BTreeSet<&str> =
             pairs.iter().map(|(a, _)| a.prompt.as_str()).collect();
         let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        // The pair's shared settings, named as its cell ids name them (all but `t=`).
+        let (base, setting) = match a.id.split_once('@') {
+            Some((base, point)) => (
+                base,
+                point
+                    .split(',')
+                    .filter(|p| !p.starts_with("t="))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            None => (a.id.as_str(), String::new()),
+        };
+        let setting = if setting.is_empty() {
+            String::new()
+        } else {
+            format!(" ({setting})")
+        };
         out.push(Finding {
             topic: "temperature",
             text: format!(
-                "On {model}, temperature {high} changes {} of answers against {low} (same seed and sampler; {} cell pairs over {} prompt{}) and moves accuracy by {} points on average; in {} ({}), t={high} at {} {}.",
+                "On {model}, temperature {high} changes {} of answers against {low} (same seed and sampler; {} cell pairs over {} prompt{}) and moves accuracy by {} points on average; in {base}{setting}, t={high} at {} {}.",
                 pct(changed as f64 / both.max(1) as f64),
                 pairs.len(),
                 prompts.len(),
                 if prompts.len() == 1 { "" } else { "s" },
                 signed(mean),
-                a.id.split('@').next().unwrap_or(&a.id),
-                a.seed.map(|s| format!("seed {s}")).unwrap_or_default(),
                 pct(t.a),
                 verdict(&t, &format!("t={low} at {}", pct(t.b)))
             ),
@@ -1204,12 +1219,12 @@ mod tests {
         low.kind = "generate".into();
         low.temperature = Some(0.2);
         low.seed = Some(1);
-        low.id = "small/zero/generate@t=0.2".into();
+        low.id = "small/zero/generate@t=0.2,top_k=40,seed=1".into();
         let mut high = cell(&inp, "small", "zero", 70);
         high.kind = "generate".into();
         high.temperature = Some(0.8);
         high.seed = Some(1);
-        high.id = "small/zero/generate@t=0.8".into();
+        high.id = "small/zero/generate@t=0.8,top_k=40,seed=1".into();
         inp.cells = vec![low, high];
         let t = texts(&derive(&inp), "temperature");
         assert!(
@@ -1218,6 +1233,12 @@ mod tests {
             t[0]
         );
         assert!(t[0].contains("−10.0 points on average"), "{}", t[0]);
+        // The pair shown is named by the settings it shares.
+        assert!(
+            t[0].contains("in small/zero/generate (top_k=40, seed=1), t=0.8 at 70.0%"),
+            "{}",
+            t[0]
+        );
     }
 
     /// A cascade of `small` then `large` that answers like `large` on the rows `large` gets
