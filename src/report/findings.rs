@@ -456,63 +456,89 @@ fn models(input: &Input, out: &mut Vec<Finding>) {
     }
 }
 
-/// Each prompt against the model's first prompt, on the raw scoring cell.
+/// Each prompt against the model's first prompt, on the raw scoring cell and again on the
+/// first calibrated one.
 fn prompts(input: &Input, out: &mut Vec<Finding>) {
     for model in &input.models {
         let prompts = prompts_of(input, model);
-        let Some(first) = prompts.first() else {
-            continue;
-        };
-        let Some(reference) = reference_cell(input, model, first) else {
-            continue;
-        };
-        let mut better = Vec::new();
-        let mut worse = Vec::new();
-        let mut same = Vec::new();
-        for p in &prompts[1..] {
-            let Some(c) = reference_cell(input, model, p) else {
-                continue;
-            };
-            let Some(t) = paired(input, c, reference) else {
-                continue;
-            };
-            let item = format!(
-                "{p} {} ({}, {} to {}, {})",
-                signed(t.diff()),
-                pct(t.a),
-                signed(t.lo),
-                signed(t.hi),
-                p_text(t.p)
-            );
-            match (t.significant(), t.diff() > 0.0) {
-                (true, true) => better.push(item),
-                (true, false) => worse.push(item),
-                (false, _) => same.push(item),
-            }
-        }
-        if better.is_empty() && worse.is_empty() && same.is_empty() {
-            continue;
-        }
-        let mut parts = Vec::new();
-        for (name, items) in [
-            ("better", better),
-            ("worse", worse),
-            ("not significantly different", same),
-        ] {
-            if !items.is_empty() {
-                parts.push(format!("{name}: {}", items.join(", ")));
-            }
-        }
-        out.push(Finding {
-            topic: "prompts",
-            text: format!(
-                "On {model}, against {first} at {} ({} scoring; points, 95% paired bootstrap interval, McNemar p): {}.",
-                pct(reference.accuracy(&input.gold).unwrap_or(0.0)),
-                reference.method,
-                parts.join("; ")
-            ),
+        prompts_compared(input, model, &prompts, out, |p| {
+            reference_cell(input, model, p)
         });
+        // Calibration can remove what a prompt did to the label bias, so prompts are
+        // compared again on the first calibrated scoring.
+        let calibrated = |c: &&CellView| {
+            c.model == *model && c.kind == "loglik" && c.calibration.is_some() && c.n() > 0
+        };
+        if let Some(method) = input.cells.iter().find(calibrated).map(|c| &c.method) {
+            prompts_compared(input, model, &prompts, out, |p| {
+                input
+                    .cells
+                    .iter()
+                    .filter(calibrated)
+                    .find(|c| c.prompt == p && c.method == *method)
+            });
+        }
     }
+}
+
+/// Each prompt's cell against the first prompt's, sorted into better, worse and not
+/// significantly different; `pick` chooses the cell of a prompt (one scoring for all).
+fn prompts_compared<'a>(
+    input: &'a Input,
+    model: &str,
+    prompts: &[String],
+    out: &mut Vec<Finding>,
+    pick: impl Fn(&str) -> Option<&'a CellView>,
+) {
+    let Some((first, reference)) = prompts.iter().find_map(|p| pick(p).map(|c| (p, c))) else {
+        return;
+    };
+    let mut better = Vec::new();
+    let mut worse = Vec::new();
+    let mut same = Vec::new();
+    for p in prompts.iter().filter(|p| *p != first) {
+        let Some(c) = pick(p) else {
+            continue;
+        };
+        let Some(t) = paired(input, c, reference) else {
+            continue;
+        };
+        let item = format!(
+            "{p} {} ({}, {} to {}, {})",
+            signed(t.diff()),
+            pct(t.a),
+            signed(t.lo),
+            signed(t.hi),
+            p_text(t.p)
+        );
+        match (t.significant(), t.diff() > 0.0) {
+            (true, true) => better.push(item),
+            (true, false) => worse.push(item),
+            (false, _) => same.push(item),
+        }
+    }
+    if better.is_empty() && worse.is_empty() && same.is_empty() {
+        return;
+    }
+    let mut parts = Vec::new();
+    for (name, items) in [
+        ("better", better),
+        ("worse", worse),
+        ("not significantly different", same),
+    ] {
+        if !items.is_empty() {
+            parts.push(format!("{name}: {}", items.join(", ")));
+        }
+    }
+    out.push(Finding {
+        topic: "prompts",
+        text: format!(
+            "On {model}, against {first} at {} ({} scoring; points, 95% paired bootstrap interval, McNemar p): {}.",
+            pct(reference.accuracy(&input.gold).unwrap_or(0.0)),
+            reference.method,
+            parts.join("; ")
+        ),
+    });
 }
 
 /// Calibrated cells against their raw cell.
@@ -1121,6 +1147,39 @@ mod tests {
             .collect();
         inp.cells = vec![c];
         assert!(texts(&derive(&inp), "bias").is_empty());
+    }
+
+    #[test]
+    fn prompts_are_compared_again_after_calibration() {
+        let mut inp = input(300);
+        let fitted = |inp: &Input, prompt: &str, right: usize| {
+            let mut c = cell(inp, "small", prompt, right);
+            c.id = format!("small/{prompt}/loglik-fit");
+            c.method = "loglik-fit".into();
+            c.calibration = Some("fit".into());
+            c
+        };
+        // Raw, the reversed label order wins by 20 points; calibrated, the two prompts tie.
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 200),
+            fitted(&inp, "zero", 255),
+            cell(&inp, "small", "reversed", 260),
+            fitted(&inp, "reversed", 255),
+        ];
+        let p = texts(&derive(&inp), "prompts");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("(loglik scoring;"), "{}", p[0]);
+        assert!(p[0].contains("better: reversed +20.0 (86.7%"), "{}", p[0]);
+        assert!(
+            p[1].contains("against zero at 85.0% (loglik-fit scoring;"),
+            "{}",
+            p[1]
+        );
+        assert!(
+            p[1].contains("not significantly different: reversed 0.0 (85.0%"),
+            "{}",
+            p[1]
+        );
     }
 
     #[test]
