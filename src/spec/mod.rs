@@ -114,12 +114,15 @@ pub struct VoteSpec {
     pub pool: Option<SampleSpec>,
 }
 
+/// `[cell, reference]`: the ids of two cells compared on paired rows.
+pub type ComparePair = (Located<String>, Located<String>);
+
 /// Paired comparisons between cells; with neither `baseline` nor `pairs`, every cell is
 /// compared with the most accurate one.
 #[derive(Debug, Clone)]
 pub struct CompareSpec {
     pub baseline: Option<Located<String>>,
-    pub pairs: Vec<(Located<String>, Located<String>)>,
+    pub pairs: Vec<ComparePair>,
     pub resamples: usize,
     pub seed: u64,
 }
@@ -542,17 +545,7 @@ impl Validator<'_> {
                     None => (2000, 0),
                 };
                 let pairs = match &c.pairs {
-                    Some(p) => p
-                        .value
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (a, b))| {
-                            (
-                                self.located(p, format!("compare.pairs[{i}][0]"), a.clone()),
-                                self.located(p, format!("compare.pairs[{i}][1]"), b.clone()),
-                            )
-                        })
-                        .collect(),
+                    Some(p) => self.compare_pairs(p)?,
                     None => Vec::new(),
                 };
                 CompareSpec {
@@ -821,6 +814,38 @@ impl Validator<'_> {
                 &models,
                 "models",
                 "every model has `grid: false`; at least one must have cells of its own",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `compare.pairs`: each `[cell, reference]`, located at its own line.
+    fn compare_pairs(
+        &self,
+        pairs: &Spanned<Vec<Spanned<Vec<String>>>>,
+    ) -> Result<Vec<ComparePair>, Diagnostic> {
+        let mut out = Vec::new();
+        for (i, pair) in pairs.value.iter().enumerate() {
+            let field = format!("compare.pairs[{i}]");
+            let [a, b] = &pair.value[..] else {
+                // An unquoted id such as `m/p/generate@t=0.2,seed=1` splits at its comma.
+                let hint = if pair.value.len() > 2 {
+                    "; quote a cell id that has a comma in it, e.g. \"m/p/generate@t=0.2,seed=1\""
+                } else {
+                    ""
+                };
+                return Err(self.err(
+                    pair,
+                    field,
+                    format!(
+                        "a pair is `[cell, reference]`, two cell ids, not {}{hint}",
+                        pair.value.len()
+                    ),
+                ));
+            };
+            out.push((
+                self.located(pair, format!("{field}[0]"), a.clone()),
+                self.located(pair, format!("{field}[1]"), b.clone()),
             ));
         }
         Ok(out)

@@ -86,7 +86,7 @@ pub struct RawCompare {
     pub baseline: Option<Spanned<String>>,
     /// Explicit pairs `[cell, reference]`.
     #[serde(default)]
-    pub pairs: Option<Spanned<Vec<(String, String)>>>,
+    pub pairs: Option<Spanned<Vec<Spanned<Vec<String>>>>>,
     #[serde(default)]
     pub bootstrap: Option<RawBootstrap>,
 }

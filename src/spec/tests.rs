@@ -211,3 +211,35 @@ fn a_model_lists_the_prompts_it_has_cells_for() {
         assert!(e.message.contains(message), "{list}: {e}");
     }
 }
+
+#[test]
+fn a_compare_pair_is_two_quoted_ids_located_at_its_own_line() {
+    let with_pairs = |pairs: &str| format!("{GOOD}compare:\n  pairs:\n{pairs}");
+    let src = with_pairs(
+        "    - [tiny/zero/ll, tiny/zero/ll]\n    - [tiny/zero/gen@t=0.2,seed=1, tiny/zero/ll]\n",
+    );
+    let e = parse_at(&src).unwrap_err();
+    let at = src
+        .lines()
+        .position(|l| l.contains("seed=1, tiny"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.loc.line, at as u64, "{e}");
+    assert_eq!(e.field, "compare.pairs[1]", "{e}");
+    assert!(e.message.contains("two cell ids, not 3"), "{e}");
+    assert!(e.message.contains("quote a cell id"), "{e}");
+
+    let src = with_pairs("    - [a/b/c]\n");
+    let e = parse_at(&src).unwrap_err();
+    assert!(e.message.contains("two cell ids, not 1"), "{e}");
+    assert!(!e.message.contains("quote"), "{e}");
+
+    let s = parse_at(&with_pairs(
+        "    - [tiny/zero/ll, tiny/zero/ll]\n    - [\"tiny/zero/gen@t=0.2,seed=1\", tiny/zero/ll]\n",
+    ))
+    .unwrap();
+    assert_eq!(s.compare.pairs[1].0.value, "tiny/zero/gen@t=0.2,seed=1");
+    // Each id is located at its pair's line, not at the start of the list.
+    let line = |l: &Located<String>| l.loc.line;
+    assert_eq!(line(&s.compare.pairs[1].0), line(&s.compare.pairs[0].0) + 1);
+}
