@@ -317,9 +317,13 @@ fn verdict(t: &Paired, other: &str) -> String {
 }
 
 /// The most accurate cell among `cells` (ties: the first).
+/// The most accurate of `cells` among those with the most answers: a cell a stopped run
+/// left with a few rows is never called the best on them.
 fn best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<&'a CellView> {
+    let cells: Vec<&CellView> = cells.collect();
+    let most = cells.iter().map(|c| c.n()).max()?;
     let mut top: Option<(&CellView, f64)> = None;
-    for c in cells {
+    for c in cells.into_iter().filter(|c| c.n() == most) {
         if let Some(a) = c.accuracy(&input.gold)
             && top.is_none_or(|(_, b)| a > b)
         {
@@ -497,7 +501,9 @@ fn prompts_compared<'a>(
     let mut worse = Vec::new();
     let mut same = Vec::new();
     for p in prompts.iter().filter(|p| *p != first) {
-        let Some(c) = pick(p) else {
+        // A prompt whose cell has fewer answers than the reference (a stopped run) is
+        // left out rather than judged on part of the reviews.
+        let Some(c) = pick(p).filter(|c| c.n() >= reference.n()) else {
             continue;
         };
         let Some(t) = paired(input, c, reference) else {
@@ -1147,6 +1153,33 @@ mod tests {
             .collect();
         inp.cells = vec![c];
         assert!(texts(&derive(&inp), "bias").is_empty());
+    }
+
+    #[test]
+    fn a_cell_with_few_answers_is_neither_best_nor_compared() {
+        let mut inp = input(300);
+        let mut partial = cell(&inp, "large", "reversed", 3);
+        // Three answers, all right: 100%, on 3 reviews of 300.
+        for p in partial.predictions.iter_mut().skip(3) {
+            *p = None;
+        }
+        inp.cells = vec![
+            cell(&inp, "small", "zero", 210),
+            cell(&inp, "large", "zero", 250),
+            partial,
+        ];
+        let f = derive(&inp);
+        let m = texts(&f, "models");
+        assert!(
+            m[0].starts_with("The best large cell, large/zero/loglik"),
+            "{}",
+            m[0]
+        );
+        assert!(
+            texts(&f, "prompts").iter().all(|p| !p.contains("reversed")),
+            "{:?}",
+            texts(&f, "prompts")
+        );
     }
 
     #[test]
