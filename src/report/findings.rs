@@ -622,7 +622,7 @@ fn bias(input: &Input, out: &mut Vec<Finding>) {
                 // Named only when the Wilson interval of the share excludes the gold share.
                 // Only an over-predicted label counts: with two labels the other one is
                 // under-predicted by the same amount, up to rounding, and must not win.
-                let (lo, hi) = stats::wilson(pred as u64, n as u64, 1.959_964);
+                let (lo, _) = stats::wilson(pred as u64, n as u64, 1.959_964);
                 if share - gold >= BIAS_MIN
                     && gold < lo
                     && worst.is_none_or(|(_, s, g)| share - gold > s - g)
