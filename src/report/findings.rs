@@ -316,9 +316,8 @@ fn verdict(t: &Paired, other: &str) -> String {
     }
 }
 
-/// The most accurate cell among `cells` (ties: the first).
-/// The most accurate of `cells` among those with the most answers: a cell a stopped run
-/// left with a few rows is never called the best on them.
+/// The most accurate of `cells` among those with the most answers (ties: the first): a
+/// cell a stopped run left with a few rows is never called the best on them.
 fn best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<&'a CellView> {
     let cells: Vec<&CellView> = cells.collect();
     let most = cells.iter().map(|c| c.n()).max()?;
@@ -718,21 +717,15 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
             pairs.iter().map(|(a, _)| a.prompt.as_str()).collect();
         let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
         // The pair's shared settings, named as its cell ids name them (all but `t=`).
-        let (base, setting) = match a.id.split_once('@') {
-            Some((base, point)) => (
-                base,
-                point
-                    .split(',')
-                    .filter(|p| !p.starts_with("t="))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ),
-            None => (a.id.as_str(), String::new()),
-        };
-        let setting = if setting.is_empty() {
+        let (base, point) = a.id.split_once('@').unwrap_or((&a.id, ""));
+        let shared: Vec<&str> = point
+            .split(',')
+            .filter(|p| !p.is_empty() && !p.starts_with("t="))
+            .collect();
+        let setting = if shared.is_empty() {
             String::new()
         } else {
-            format!(" ({setting})")
+            format!(" ({})", shared.join(", "))
         };
         out.push(Finding {
             topic: "temperature",
