@@ -1051,6 +1051,16 @@ mod tests {
         }
     }
 
+    /// A raw cell of `model` that says 'negative' to the first `negatives` rows and
+    /// 'positive' to the rest.
+    fn says_negative(inp: &Input, model: &str, negatives: usize) -> CellView {
+        let mut c = cell(inp, model, "zero", 0);
+        c.predictions = (0..inp.gold.len())
+            .map(|i| Some(Some(usize::from(i >= negatives))))
+            .collect();
+        c
+    }
+
     fn texts(f: &[Finding], topic: &str) -> Vec<String> {
         f.iter()
             .filter(|x| x.topic == topic)
@@ -1116,12 +1126,11 @@ mod tests {
     #[test]
     fn a_biased_cell_is_named_with_its_share_and_the_gold_share() {
         let mut inp = input(200);
-        let mut biased = cell(&inp, "small", "zero", 0);
         // Says 'negative' to 170 of 200 reviews (gold: 100).
-        biased.predictions = (0..200)
-            .map(|i| Some(Some(usize::from(i >= 170))))
-            .collect();
-        inp.cells = vec![biased, cell(&inp, "large", "zero", 200)];
+        inp.cells = vec![
+            says_negative(&inp, "small", 170),
+            cell(&inp, "large", "zero", 200),
+        ];
         let b = texts(&derive(&inp), "bias");
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
@@ -1141,11 +1150,7 @@ mod tests {
         // 272 of 300 'negative': |272/300 − 0.5| rounds a hair below |28/300 − 0.5|, which
         // once made the under-predicted label the "worst" and dropped the cell.
         let mut inp = input(300);
-        let mut c = cell(&inp, "small", "zero", 0);
-        c.predictions = (0..300)
-            .map(|i| Some(Some(usize::from(i >= 272))))
-            .collect();
-        inp.cells = vec![c];
+        inp.cells = vec![says_negative(&inp, "small", 272)];
         let b = texts(&derive(&inp), "bias");
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
@@ -1158,12 +1163,8 @@ mod tests {
     #[test]
     fn a_small_lean_is_not_called_a_bias() {
         let mut inp = input(200);
-        let mut c = cell(&inp, "small", "zero", 0);
         // 'negative' for 110 of 200: 5 points off, inside the noise.
-        c.predictions = (0..200)
-            .map(|i| Some(Some(usize::from(i >= 110))))
-            .collect();
-        inp.cells = vec![c];
+        inp.cells = vec![says_negative(&inp, "small", 110)];
         assert!(texts(&derive(&inp), "bias").is_empty());
     }
 
