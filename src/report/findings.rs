@@ -707,11 +707,30 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
                 diffs.push(x - y);
             }
         }
-        let Some(&(a, b)) = pairs.first() else {
+        // Every pair tested; the one shown is the largest significant change, or the first
+        // pair when none is significant, so a large effect on one prompt is not averaged away.
+        let tested: Vec<(&CellView, Paired)> = pairs
+            .iter()
+            .filter_map(|(a, b)| Some((*a, paired(input, b, a)?)))
+            .collect();
+        let significant: Vec<&(&CellView, Paired)> =
+            tested.iter().filter(|(_, t)| t.significant()).collect();
+        let lower = significant.iter().filter(|(_, t)| t.diff() < 0.0).count();
+        let shown = significant
+            .iter()
+            .max_by(|x, y| x.1.diff().abs().total_cmp(&y.1.diff().abs()))
+            .copied()
+            .or(tested.first());
+        let Some((a, t)) = shown else {
             continue;
         };
-        let Some(t) = paired(input, b, a) else {
-            continue;
+        let tally = match (significant.len(), tested.len()) {
+            (0, 1) => "the one pair does not differ significantly".to_string(),
+            (0, n) => format!("none of the {n} pairs differs significantly"),
+            (k, n) => format!(
+                "{k} of {n} pairs {} significantly ({lower} lower at t={high}); the largest",
+                if k == 1 { "differs" } else { "differ" }
+            ),
         };
         let prompts: std::collections::BTreeSet<&str> =
             pairs.iter().map(|(a, _)| a.prompt.as_str()).collect();
@@ -730,14 +749,14 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
         out.push(Finding {
             topic: "temperature",
             text: format!(
-                "On {model}, temperature {high} changes {} of answers against {low} (same seed and sampler; {} cell pairs over {} prompt{}) and moves accuracy by {} points on average; in {base}{setting}, t={high} at {} {}.",
+                "On {model}, temperature {high} changes {} of answers against {low} (same seed and sampler; {} cell pairs over {} prompt{}) and moves accuracy by {} points on average; {tally}: in {base}{setting}, t={high} at {} {}.",
                 pct(changed as f64 / both.max(1) as f64),
                 pairs.len(),
                 prompts.len(),
                 if prompts.len() == 1 { "" } else { "s" },
                 signed(mean),
                 pct(t.a),
-                verdict(&t, &format!("t={low} at {}", pct(t.b)))
+                verdict(t, &format!("t={low} at {}", pct(t.b)))
             ),
         });
     }
@@ -1317,20 +1336,24 @@ mod tests {
         assert!(s[0].contains("beats the worst by 20.0 points"), "{}", s[0]);
     }
 
+    /// A generate cell of `small` on `prompt` at temperature `t`, seed 1, right on the first
+    /// `right` rows.
+    fn generated(inp: &Input, prompt: &str, t: f64, right: usize) -> CellView {
+        let mut c = cell(inp, "small", prompt, right);
+        c.kind = "generate".into();
+        c.temperature = Some(t);
+        c.seed = Some(1);
+        c.id = format!("small/{prompt}/generate@t={t},top_k=40,seed=1");
+        c
+    }
+
     #[test]
     fn temperature_counts_changed_answers_between_paired_cells() {
         let mut inp = input(100);
-        let mut low = cell(&inp, "small", "zero", 80);
-        low.kind = "generate".into();
-        low.temperature = Some(0.2);
-        low.seed = Some(1);
-        low.id = "small/zero/generate@t=0.2,top_k=40,seed=1".into();
-        let mut high = cell(&inp, "small", "zero", 70);
-        high.kind = "generate".into();
-        high.temperature = Some(0.8);
-        high.seed = Some(1);
-        high.id = "small/zero/generate@t=0.8,top_k=40,seed=1".into();
-        inp.cells = vec![low, high];
+        inp.cells = vec![
+            generated(&inp, "zero", 0.2, 80),
+            generated(&inp, "zero", 0.8, 70),
+        ];
         let t = texts(&derive(&inp), "temperature");
         assert!(
             t[0].contains("temperature 0.8 changes 10.0% of answers against 0.2"),
@@ -1344,6 +1367,32 @@ mod tests {
             "{}",
             t[0]
         );
+    }
+
+    #[test]
+    fn temperature_shows_the_largest_significant_change_not_the_first_pair() {
+        let mut inp = input(100);
+        inp.cells = vec![
+            generated(&inp, "plain", 0.2, 80),
+            generated(&inp, "plain", 0.8, 79),
+            generated(&inp, "role", 0.2, 90),
+            generated(&inp, "role", 0.8, 75),
+        ];
+        let t = texts(&derive(&inp), "temperature");
+        assert!(
+            t[0].contains("1 of 2 pairs differs significantly (1 lower at t=0.8); the largest: in small/role/generate (top_k=40, seed=1), t=0.8 at 75.0% trails t=0.2 at 90.0% by 15.0 points"),
+            "{}",
+            t[0]
+        );
+        // With no significant pair, the first is shown and said not to differ.
+        inp.cells.truncate(2);
+        let t = texts(&derive(&inp), "temperature");
+        assert!(
+            t[0].contains("the one pair does not differ significantly: in small/plain/generate"),
+            "{}",
+            t[0]
+        );
+        assert!(t[0].contains("not significant"), "{}", t[0]);
     }
 
     /// A cascade of `small` then `large` that answers like `large` on the rows `large` gets
