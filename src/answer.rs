@@ -1,5 +1,8 @@
 //! Turning raw model output into a label: answer parsing for generation, argmax for
 //! log-likelihood. Parsing runs on cached raw text, so a parser change never re-runs a model.
+//! Chat markers in an answer are ordinary text here: generation ends at the model's
+//! end-of-generation token and renders other control tokens as nothing, so a marker's
+//! characters in an answer were written by the model as text.
 
 use crate::spec::ParseRule;
 
@@ -59,6 +62,22 @@ mod tests {
 
     fn labels() -> Vec<String> {
         vec!["negative".into(), "positive".into()]
+    }
+
+    /// Generation stops at an end-of-generation token and renders other control tokens as
+    /// nothing, so a marker can reach the parser only as characters the model wrote: it is
+    /// ordinary text there, never a boundary the parser trusts.
+    #[test]
+    fn marker_text_in_an_answer_is_ordinary_text() {
+        let l = labels();
+        let answer = "<|im_start|>assistant\nnegative<|im_end|> positive";
+        assert_eq!(parse_answer(answer, &l, ParseRule::FirstLabel), Some(0));
+        assert_eq!(parse_answer(answer, &l, ParseRule::Exact), None);
+        assert_eq!(
+            parse_answer("positive<|im_end|>", &l, ParseRule::FirstLabel),
+            Some(1)
+        );
+        assert_eq!(parse_answer("<|im_end|>", &l, ParseRule::FirstLabel), None);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum AppError {
     Calibration { cell: String, why: String },
     #[error("serve: {0}")]
     Serve(String),
+    #[error("cannot listen for SIGINT and SIGTERM: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("no cell `{cell}` in this plan; cells: {known}")]
     UnknownCell { cell: String, known: String },
     #[error(
@@ -167,7 +169,9 @@ impl Planned {
     pub fn warnings(&self) -> Vec<String> {
         let mut r = self.cache.report.clone();
         r.merge(&self.store.report);
-        r.problems()
+        let mut w = self.plan.warnings.clone();
+        w.extend(r.problems());
+        w
     }
 
     /// Why a cell's rows (or a stage's items, given a stage id such as `embed:minilm`)
@@ -307,6 +311,7 @@ pub fn run_with_backend(
     report.merge(&store.report);
     let mut warnings = report.problems();
     let mut plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store, &cache)?;
+    warnings.extend(plan.warnings.iter().cloned());
     // Each stage makes its backend on its own worker thread.
     let backend_for_stage = || -> Box<dyn FnOnce() -> Box<dyn Backend> + Send> {
         let make = make_backend.clone();
@@ -915,9 +920,29 @@ pub fn cache_import(cfg: &Config, from: &[PathBuf]) -> Result<Transfer, AppError
 
 /// `pipeline cache verify`: read every segment and check every row's checksum; damaged
 /// segments are quarantined and their good rows kept.
-pub fn cache_verify(cfg: &Config) -> Result<LoadReport, AppError> {
+pub fn cache_verify(cfg: &Config) -> Result<Verified, AppError> {
     let mut report = Cache::open(&cfg.cache_dir)?.report;
     let store = Store::open(&cfg.cache_dir)?;
     report.merge(&store.report);
-    Ok(report)
+    let memo = cfg.resolver(false).memo().verify().map_err(|e| {
+        AppError::Cache(CacheError::Io {
+            path: cfg.resolver(false).digest_dir,
+            source: e,
+        })
+    })?;
+    Ok(Verified { rows: report, memo })
+}
+
+/// `pipeline cache verify`: the rows and artifacts, and the model digest memo.
+pub struct Verified {
+    pub rows: LoadReport,
+    pub memo: crate::digest_memo::MemoReport,
+}
+
+impl Verified {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = self.rows.problems();
+        p.extend(self.memo.problems());
+        p
+    }
 }

@@ -329,6 +329,7 @@ impl Cache {
 
     /// What the cache folder holds.
     pub fn status(&self, cache_dir: &Path) -> CacheStatus {
+        let siblings = Siblings::of(cache_dir);
         let (segment_bytes, _) = tree_size(&self.segments.dir);
         let (quarantine_bytes, quarantine_files) = tree_size(&self.segments.quarantine);
         CacheStatus {
@@ -340,7 +341,8 @@ impl Cache {
             quarantine_files,
             quarantine_bytes,
             temp_files: self.segments.temp_files(),
-            other_layouts: other_layouts(cache_dir),
+            other_layouts: siblings.older,
+            unknown_folders: siblings.unknown,
         }
     }
 
@@ -371,6 +373,11 @@ impl Cache {
                 .iter()
                 .map(|(n, _)| n.clone())
                 .collect(),
+            folders_kept: before
+                .unknown_folders
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect(),
             artifacts_removed: 0,
         };
         if dry_run {
@@ -395,6 +402,44 @@ impl Cache {
     }
 }
 
+/// What the cache holds for one row of a cell.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    /// A computed row that fits the cell's context.
+    Hit(&'a CachedRow),
+    /// A computed row whose prompt does not fit the cell's context (it was computed with a
+    /// larger `n_ctx`): under this cell's context the row overflows.
+    TooLong {
+        prompt_tokens: u32,
+        limit: u32,
+    },
+    /// The last attempt failed, and no success is recorded.
+    Failed(&'a CachedRow),
+    Miss,
+}
+
+impl Cache {
+    /// The row `key` as a cell sees it whose prompts may have at most `prompt_limit` tokens
+    /// (`None`: any). A row's numbers do not depend on `n_ctx` once it fits (measured:
+    /// README, "What n_ctx changes"), so a row computed under one context serves every cell
+    /// whose context it fits, and only those.
+    pub fn lookup(&self, key: &Digest, prompt_limit: Option<u32>) -> Lookup<'_> {
+        if let Some(r) = self.get(key) {
+            return match prompt_limit {
+                Some(limit) if r.prompt_tokens > limit => Lookup::TooLong {
+                    prompt_tokens: r.prompt_tokens,
+                    limit,
+                },
+                _ => Lookup::Hit(r),
+            };
+        }
+        match self.failure(key) {
+            Some(r) => Lookup::Failed(r),
+            None => Lookup::Miss,
+        }
+    }
+}
+
 /// `pipeline cache status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CacheStatus {
@@ -406,9 +451,12 @@ pub struct CacheStatus {
     pub quarantine_files: usize,
     pub quarantine_bytes: u64,
     pub temp_files: usize,
-    /// Folders of other cache layouts beside this one (no version of `pipeline` reads
-    /// them once it moved on), with their size.
+    /// Folders of older cache layouts beside this one (no version of `pipeline` reads
+    /// them once it moved on), with their size: `cache gc` removes them.
     pub other_layouts: Vec<(String, u64)>,
+    /// Other folders beside this layout: newer layouts (a later version of `pipeline`
+    /// wrote them) and anything this version does not know. Listed, never removed.
+    pub unknown_folders: Vec<(String, u64)>,
 }
 
 /// `pipeline cache gc`.
@@ -424,32 +472,59 @@ pub struct GcReport {
     pub bytes_after: u64,
     pub quarantine_files_removed: usize,
     pub layouts_removed: Vec<String>,
+    /// Folders beside the layout that gc leaves alone (newer layouts, unknown folders).
+    pub folders_kept: Vec<String>,
     /// Stored stage outputs (embeddings, neighbours, fits) no listed spec needs.
     pub artifacts_removed: usize,
 }
 
-/// Sibling folders named like a cache layout (`v1`, `v3`, ...) other than this one.
-fn other_layouts(cache_dir: &Path) -> Vec<(String, u64)> {
-    let Ok(entries) = fs::read_dir(cache_dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(String, u64)> = entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            n != LAYOUT
-                && n.len() > 1
-                && n.starts_with('v')
-                && n[1..].chars().all(|c| c.is_ascii_digit())
-        })
-        .map(|n| {
-            let size = tree_size(&cache_dir.join(&n)).0;
-            (n, size)
-        })
-        .collect();
-    out.sort();
-    out
+/// The folders beside this layout in a cache folder.
+struct Siblings {
+    /// Layouts older than this one (`v1` beside `v2`): nothing reads them any more.
+    older: Vec<(String, u64)>,
+    /// Newer layouts and folders this version does not know.
+    unknown: Vec<(String, u64)>,
+}
+
+impl Siblings {
+    fn of(cache_dir: &Path) -> Self {
+        let mut s = Siblings {
+            older: Vec::new(),
+            unknown: Vec::new(),
+        };
+        let Ok(entries) = fs::read_dir(cache_dir) else {
+            return s;
+        };
+        let current = layout_version(LAYOUT).expect("LAYOUT is `v<number>`");
+        for e in entries.flatten() {
+            // A link is never followed: gc removes only real folders it knows.
+            let Ok(kind) = e.file_type() else { continue };
+            if !kind.is_dir() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == LAYOUT {
+                continue;
+            }
+            let size = tree_size(&e.path()).0;
+            match layout_version(&name) {
+                Some(v) if v < current => s.older.push((name, size)),
+                _ => s.unknown.push((name, size)),
+            }
+        }
+        s.older.sort();
+        s.unknown.sort();
+        s
+    }
+}
+
+/// The version of a layout folder name: `v2` is 2; anything else (`v02`, `v`, `rows`) none.
+fn layout_version(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix('v')?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn schema() -> Arc<Schema> {
@@ -632,6 +707,15 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_plain_v_number_is_a_layout_version() {
+        assert_eq!(layout_version("v1"), Some(1));
+        assert_eq!(layout_version("v10"), Some(10));
+        for other in ["v", "v02", "v1a", "rows", "V1", "v-1", "v99999999999"] {
+            assert_eq!(layout_version(other), None, "{other}");
+        }
+    }
 
     pub(crate) fn row(n: u8) -> CachedRow {
         let d = |s: &str| KeyEncoder::new(s).u64("n", n.into()).finish();

@@ -31,6 +31,8 @@ pub struct Dataset {
     /// Number of rows in the file before sampling.
     pub source_rows: usize,
     pub labels: Vec<LabelSpec>,
+    /// What was accepted but should be said: rows left out, a sample larger than the file.
+    pub warnings: Vec<String>,
 }
 
 impl Dataset {
@@ -41,8 +43,18 @@ impl Dataset {
 
 /// Load the evaluation rows named by the spec.
 pub fn load(spec: &DatasetSpec) -> Result<Dataset, Diagnostic> {
-    let all = read_labeled(&spec.path, spec)?;
+    let mut warnings = Vec::new();
+    let all = read_labeled(&spec.path, spec, &mut warnings)?;
     let source_rows = all.len();
+    if let Some(s) = &spec.sample
+        && s.n > source_rows
+    {
+        warnings.push(format!(
+            "dataset.sample.n is {} but {} has {source_rows} rows with a text: all {source_rows} are used",
+            s.n,
+            spec.path.value.display()
+        ));
+    }
     let mut rows = match &spec.sample {
         Some(s) => sample(all, s, spec.labels.len()),
         None => all,
@@ -55,6 +67,7 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, Diagnostic> {
         rows,
         source_rows,
         labels: spec.labels.clone(),
+        warnings,
     })
 }
 
@@ -63,8 +76,9 @@ pub fn load_shots(
     shots: &ShotsSpec,
     spec: &DatasetSpec,
     stream: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<Row>, Diagnostic> {
-    let mut all = read_labeled(&shots.from, spec)?;
+    let mut all = read_labeled(&shots.from, spec, warnings)?;
     for r in &mut all {
         r.text = clean(&r.text, &spec.clean);
     }
@@ -123,8 +137,9 @@ pub fn load_pool(
     sample_spec: Option<&SampleSpec>,
     max_chars: Option<usize>,
     spec: &DatasetSpec,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<Row>, Diagnostic> {
-    let mut all = read_labeled(from, spec)?;
+    let mut all = read_labeled(from, spec, warnings)?;
     for r in &mut all {
         r.text = clean(&r.text, &spec.clean);
     }
@@ -138,9 +153,12 @@ pub fn load_pool(
 }
 
 /// Read a file's id, text and label columns and map labels (text is not cleaned yet).
+/// A row without a text (null) is left out and counted in `warnings`; an id that is
+/// repeated or holds a control character is an error naming the rows.
 fn read_labeled(
     path: &Located<std::path::PathBuf>,
     spec: &DatasetSpec,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<Row>, Diagnostic> {
     let batches = read_table(&path.value).map_err(|e| path.error(e))?;
     if batches.iter().all(|b| b.num_rows() == 0) {
@@ -179,7 +197,13 @@ fn read_labeled(
         None => None,
     };
     let mut rows = Vec::with_capacity(texts.len());
+    let mut null_texts: Vec<usize> = Vec::new();
+    let mut seen_ids: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (i, (text, label)) in texts.into_iter().zip(labels).enumerate() {
+        let Some(text) = text else {
+            null_texts.push(i);
+            continue;
+        };
         let label = label.ok_or_else(|| spec.label.error(format!("row {i} has no label")))?;
         let label_idx = spec
             .labels
@@ -200,12 +224,37 @@ fn read_labeled(
             Some(ids) => ids[i].clone().unwrap_or_else(|| i.to_string()),
             None => i.to_string(),
         };
+        if let (Some(at), Some(c)) = (&spec.id, id.chars().find(|c| c.is_control())) {
+            return Err(at.error(format!(
+                "row {i} of {} has the id {:?}, with the control character {c:?}: ids must be printable",
+                path.value.display(),
+                id
+            )));
+        }
+        if let Some(at) = &spec.id
+            && let Some(first) = seen_ids.insert(id.clone(), i)
+        {
+            return Err(at.error(format!(
+                "rows {first} and {i} of {} have the same id `{id}`: ids must be unique (they join predictions, comparisons and the cache's row ids)",
+                path.value.display()
+            )));
+        }
         rows.push(Row {
             index: i,
             id,
-            text: text.unwrap_or_default(),
+            text,
             label: label_idx,
         });
+    }
+    if !null_texts.is_empty() {
+        let shown: Vec<String> = null_texts.iter().take(5).map(usize::to_string).collect();
+        warnings.push(format!(
+            "{}: {} rows have no text (null) and are left out (rows {}{})",
+            path.value.display(),
+            null_texts.len(),
+            shown.join(", "),
+            if null_texts.len() > 5 { ", ..." } else { "" }
+        ));
     }
     Ok(rows)
 }

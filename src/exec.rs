@@ -7,14 +7,15 @@
 //! error and the run goes on; only a failure of the machinery (a model that does not load,
 //! the cache, the worker) is an error of the run, and even then every finished row is kept.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::{Backend, BackendError, ModelLoad, PromptOutput, Sampler, Task, sampler_seed};
-use crate::cache::{Cache, CacheError, CachedRow};
+use crate::cache::{Cache, CacheError, CachedRow, Lookup};
 use crate::key::{Components, Digest};
 use crate::plan::Cell;
 use crate::plan::Plan;
@@ -87,6 +88,9 @@ pub struct ExecStats {
     pub models_loaded: usize,
     pub wall_s: f64,
     pub interrupted: bool,
+    /// Rows computed in this run that could not be stored (the cache refused a commit):
+    /// they are not in the cache and run again next time.
+    pub unstored_rows: usize,
     /// Peak resident memory of the process (VmHWM), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
     /// The embed stage of this run.
@@ -112,6 +116,7 @@ impl ExecStats {
         self.models_loaded += later.models_loaded;
         self.wall_s += later.wall_s;
         self.interrupted |= later.interrupted;
+        self.unstored_rows += later.unstored_rows;
         self.peak_rss_bytes = self.peak_rss_bytes.max(later.peak_rss_bytes);
         self.computed.extend(later.computed);
     }
@@ -168,6 +173,11 @@ impl Job {
         self.tasks.iter().map(|t| t.cell)
     }
 
+    /// The cells of some of its tasks.
+    pub(crate) fn cells_of(&self, tasks: Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        self.tasks[tasks].iter().map(|t| t.cell)
+    }
+
     fn id(&self) -> JobId {
         (self.model, self.prompt, self.set, self.row)
     }
@@ -222,11 +232,24 @@ struct WorkerJob {
     tasks: Vec<Task>,
 }
 
+/// What the worker reports. A job's tasks may come in several parts (`tasks`, a range of
+/// the job's tasks), so that a prompt with thousands of tasks is committed as it goes.
 enum Msg {
-    Done { job: usize, out: PromptOutput },
-    RowFailed { job: usize, error: BackendError },
+    Done {
+        job: usize,
+        tasks: Range<usize>,
+        out: PromptOutput,
+    },
+    RowFailed {
+        job: usize,
+        tasks: Range<usize>,
+        error: BackendError,
+    },
     ModelLoaded,
-    ModelFailed { model: String, error: BackendError },
+    ModelFailed {
+        model: String,
+        error: BackendError,
+    },
 }
 
 /// The work a plan leaves to do.
@@ -275,13 +298,20 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
         if only.is_some_and(|o| !o.contains(&cell.id)) {
             continue;
         }
+        let limit = plan.prompt_limit(cell);
         for (ri, comps) in cell.rows.iter().enumerate() {
             // Unknown keys cannot run (their examples' embeddings failed): left to do.
             let Some(comps) = comps else { continue };
             let key = comps.row_key();
-            if cache.get(&key).is_some() {
-                cached += 1;
-                continue;
+            match cache.lookup(&key, limit) {
+                Lookup::Hit(_) => {
+                    cached += 1;
+                    continue;
+                }
+                // Computed under a larger context; here it would overflow, and running it
+                // would say so again: it is reported failed, not run.
+                Lookup::TooLong { .. } => continue,
+                Lookup::Failed(_) | Lookup::Miss => {}
             }
             if !scheduled.insert(key) {
                 followers.push((ci, key));
@@ -396,40 +426,60 @@ pub fn execute(
     let mut error = None;
     let mut keys_done: HashSet<Digest> = HashSet::new();
     let mut keys_failed: HashSet<Digest> = HashSet::new();
+    // The prompt evaluation of each job whose later tasks are still to come: every row of
+    // a prompt records the evaluation its first part paid for.
+    let mut evaluations: HashMap<usize, (u32, f64)> = HashMap::new();
     for msg in rx {
         match msg {
             Msg::ModelLoaded => stats.models_loaded += 1,
             Msg::ModelFailed { model, error: e } => {
                 error.get_or_insert(ExecError::Backend { model, source: e });
             }
-            Msg::Done { job, out } => {
+            Msg::Done { job, tasks, out } => {
                 let j = &work.jobs[job];
-                stats.prompts_evaluated += 1;
-                stats.prompt_tokens += u64::from(out.prompt_tokens);
-                stats.evaluated_tokens += u64::from(out.evaluated_tokens);
+                let (evaluated_tokens, prefill_ms) = if tasks.start == 0 {
+                    stats.prompts_evaluated += 1;
+                    stats.prompt_tokens += u64::from(out.prompt_tokens);
+                    stats.evaluated_tokens += u64::from(out.evaluated_tokens);
+                    if tasks.end < j.tasks.len() {
+                        evaluations.insert(job, (out.evaluated_tokens, out.prefill_ms));
+                    }
+                    (out.evaluated_tokens, out.prefill_ms)
+                } else {
+                    let first = evaluations.get(&job).copied();
+                    if tasks.end == j.tasks.len() {
+                        evaluations.remove(&job);
+                    }
+                    first.unwrap_or((out.evaluated_tokens, out.prefill_ms))
+                };
                 let now_ms = now_unix_ms();
-                for (t, o) in j.tasks.iter().zip(out.tasks) {
+                for (t, o) in j.tasks[tasks.clone()].iter().zip(out.tasks) {
                     buffer.push(CachedRow {
                         text: o.text,
                         logprobs: o.logprobs,
                         prompt_tokens: out.prompt_tokens,
-                        evaluated_tokens: out.evaluated_tokens,
+                        evaluated_tokens,
                         gen_tokens: o.gen_tokens,
                         finish: o.finish,
-                        prefill_ms: out.prefill_ms,
+                        prefill_ms,
                         decode_ms: o.decode_ms,
                         ..row_of(plan, j, t, now_ms, &origin)
                     });
                     keys_done.insert(t.key);
                     stats.computed_rows += 1;
                 }
-                progress.job_done(plan, j);
+                progress.tasks_done(plan, j, tasks);
             }
-            Msg::RowFailed { job, error: e } => {
+            Msg::RowFailed {
+                job,
+                tasks,
+                error: e,
+            } => {
                 let j = &work.jobs[job];
+                evaluations.remove(&job);
                 let now_ms = now_unix_ms();
                 let failure = e.to_row_error();
-                for t in &j.tasks {
+                for t in &j.tasks[tasks.clone()] {
                     buffer.push(CachedRow {
                         finish: Finish::Failed,
                         error: Some(failure.clone()),
@@ -442,7 +492,7 @@ pub fn execute(
                         .entry(failure.kind.clone())
                         .or_default() += 1;
                 }
-                progress.job_done(plan, j);
+                progress.tasks_done(plan, j, tasks);
                 if opts.fail_fast && error.is_none() {
                     error = Some(ExecError::RowFailed {
                         cell: cells(plan)[j.tasks[0].cell].id.clone(),
@@ -455,15 +505,19 @@ pub fn execute(
         if !buffer.is_empty()
             && (buffer.len() >= opts.commit_rows || last_commit.elapsed() >= opts.commit_interval)
         {
+            let n = buffer.len();
             if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
                 // Without a cache nothing more can be kept: stop the worker.
                 cancel.store(true, Ordering::SeqCst);
+                stats.unstored_rows += n;
                 error.get_or_insert(e.into());
             }
             last_commit = Instant::now();
         }
     }
+    let n = buffer.len();
     if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
+        stats.unstored_rows += n;
         error.get_or_insert(e.into());
     }
     if worker.join().is_err() {
@@ -548,17 +602,98 @@ struct WorkerContext {
     fail_fast: bool,
 }
 
-fn run_job(
+/// How much decoding one part of a prompt's tasks may ask for (generated tokens, and a
+/// token per label for log-likelihood tasks): small enough that a part takes a few seconds
+/// on a CPU, so that commits and progress lines keep coming and a stop request is taken
+/// between parts, whatever the shape of the grid (one prompt with thousands of sampled
+/// cells included).
+const PART_DECODE_BUDGET: u64 = 32;
+
+/// The job's tasks in parts of at most [`PART_DECODE_BUDGET`] decode tokens (at least one
+/// task each).
+fn task_parts(tasks: &[Task]) -> Vec<Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut cost = 0;
+    for (i, t) in tasks.iter().enumerate() {
+        let c = match t {
+            Task::Generate { max_tokens, .. } => u64::from(*max_tokens).max(1),
+            Task::Loglik { continuations } => continuations.len() as u64,
+        };
+        // A part's tasks need the same context past the prompt, so that whether a task
+        // fits the context depends on the task alone (the backend checks a call's longest).
+        let same_context = tasks[start].context_after() == t.context_after();
+        if i > start && (cost + c > PART_DECODE_BUDGET || !same_context) {
+            parts.push(start..i);
+            start = i;
+            cost = 0;
+        }
+        cost += c;
+    }
+    if start < tasks.len() {
+        parts.push(start..tasks.len());
+    }
+    parts
+}
+
+/// How sending a job's parts ended.
+enum Sent {
+    All,
+    /// A part failed as a row error: it and the rest of the job's tasks are reported failed.
+    RowFailed,
+    /// The receiving side is gone: stop.
+    ReceiverGone,
+}
+
+/// One job, its prompt formed once and its tasks run in parts (see [`task_parts`]), each
+/// part sent as it finishes. A stop request is taken between parts: the tasks not run yet
+/// stay to do. An error that is not a row's own ends the model's work (`Err`).
+fn run_job_in_parts(
     session: &mut dyn crate::backend::Session,
     job: &WorkerJob,
+    idx: usize,
     ctx: &WorkerContext,
-) -> Result<PromptOutput, BackendError> {
-    evaluate(
-        session,
-        &ctx.prompts,
-        &job.evaluation(ctx.budget),
-        &job.tasks,
-    )
+    tx: &mpsc::Sender<Msg>,
+) -> Result<Sent, BackendError> {
+    let all = 0..job.tasks.len();
+    let failed = |tasks: Range<usize>, error: BackendError| {
+        if !error.is_row_error() {
+            return Err(error);
+        }
+        let sent = tx.send(Msg::RowFailed {
+            job: idx,
+            tasks,
+            error,
+        });
+        Ok(if sent.is_ok() {
+            Sent::RowFailed
+        } else {
+            Sent::ReceiverGone
+        })
+    };
+    let chat = match chat(session, &ctx.prompts, &job.evaluation(ctx.budget)) {
+        Ok(c) => c,
+        Err(e) => return failed(all, e),
+    };
+    for part in task_parts(&job.tasks) {
+        if part.start > 0 && ctx.cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        match session.run(&chat, &job.tasks[part.clone()]) {
+            Ok(out) => {
+                let msg = Msg::Done {
+                    job: idx,
+                    tasks: part,
+                    out,
+                };
+                if tx.send(msg).is_err() {
+                    return Ok(Sent::ReceiverGone);
+                }
+            }
+            Err(e) => return failed(part.start..all.end, e),
+        }
+    }
+    Ok(Sent::All)
 }
 
 impl WorkerJob {
@@ -678,17 +813,32 @@ fn worker(
                 if stop(&ctx) {
                     return Ok(());
                 }
-                let outs: Vec<(usize, Result<PromptOutput, BackendError>)> = if group.len() == 1 {
-                    vec![(group[0], run_job(session, &jobs[group[0]], &ctx))]
-                } else {
-                    run_packed(session, jobs.as_slice(), group, &ctx)
-                };
-                for (idx, out) in outs {
+                if group.len() == 1 {
+                    match run_job_in_parts(session, &jobs[group[0]], group[0], &ctx, &tx)? {
+                        Sent::All => {}
+                        Sent::RowFailed => stopped |= ctx.fail_fast,
+                        Sent::ReceiverGone => return Ok(()),
+                    }
+                    if stopped {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                for (idx, out) in run_packed(session, jobs.as_slice(), group, &ctx) {
+                    let tasks = 0..jobs[idx].tasks.len();
                     let msg = match out {
-                        Ok(out) => Msg::Done { job: idx, out },
+                        Ok(out) => Msg::Done {
+                            job: idx,
+                            tasks,
+                            out,
+                        },
                         Err(error) if error.is_row_error() => {
                             stopped |= ctx.fail_fast;
-                            Msg::RowFailed { job: idx, error }
+                            Msg::RowFailed {
+                                job: idx,
+                                tasks,
+                                error,
+                            }
                         }
                         Err(error) => return Err(error),
                     };

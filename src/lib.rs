@@ -15,15 +15,18 @@ pub mod cascade;
 pub mod config;
 pub mod dataset;
 pub mod diag;
+pub mod digest_memo;
 pub mod embed;
 pub mod exec;
 pub mod fs;
 pub mod guard;
+pub mod interrupt;
 pub mod key;
 #[cfg(test)]
 mod lockfile;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod neighbours;
 pub mod plan;
 pub mod progress;

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -14,12 +13,56 @@ use pipeline::app::{self, AppError, RunOptions};
 use pipeline::backend::BackendKind;
 use pipeline::config::Config;
 use pipeline::exec;
+use pipeline::interrupt::StopRequest;
 use pipeline::metrics::CellMetrics;
 use pipeline::model::HubOptions;
 use pipeline::plan::CellStatus;
 use pipeline::progress::ProgressMode;
 use pipeline::report::html::Scripts;
 use pipeline::shard::{Shard, ShardError};
+
+/// A closed stdout (`pipeline cache status | head`, `pipeline run | true`) ends the output,
+/// not the program: once a write finds the pipe closed, later writes are skipped quietly,
+/// and the command finishes its work and exits with its own status.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Write to stdout; a closed pipe stops the output, any other failure is said on stderr.
+fn write_stdout(args: std::fmt::Arguments, newline: bool) {
+    use std::io::Write as _;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| {
+        if newline {
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    });
+    if let Err(e) = written {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+        }
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `println!` over [`write_stdout`].
+macro_rules! out {
+    () => {
+        write_stdout(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` over [`write_stdout`].
+macro_rules! out_inline {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*), false)
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -284,31 +327,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             if let Some(n) = shards {
                 let split = app::shard_plan(&mut planned, *n as usize)?;
                 if *json {
-                    println!("{}", to_json(&split));
+                    out!("{}", to_json(&split));
                 } else {
                     print_shards(&split);
                 }
             } else if let Some(cell) = explain {
                 if *json {
-                    println!("{}", to_json(&planned.explain_cell(cell)?));
+                    out!("{}", to_json(&planned.explain_cell(cell)?));
                 } else {
-                    print!("{}", planned.explain(cell)?);
+                    out_inline!("{}", planned.explain(cell)?);
                 }
             } else if *json {
-                println!(
+                out!(
                     "{}",
                     to_json(&planned.plan.to_json(&planned.cache, &planned.store))
                 );
             } else {
                 print_plan(&planned);
                 for cp in &planned.plan.cascades {
-                    println!("{}", planned.plan.cascade_note(cp));
+                    out!("{}", planned.plan.cascade_note(cp));
                 }
                 if let Some(note) = planned.published_note(&cfg.reports_dir) {
-                    println!("{note}");
+                    out!("{note}");
                 }
                 if let Some(note) = planned.engine_note() {
-                    println!("{note}");
+                    out!("{note}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -338,18 +381,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             if let Some(s) = shard {
                 eprintln!("shard {}/{}", s.index, s.count);
             }
-            let cancel = Arc::new(AtomicBool::new(false));
-            let handler_cancel = cancel.clone();
-            ctrlc::set_handler(move || {
-                if handler_cancel.swap(true, Ordering::SeqCst) {
-                    eprintln!("\nstopping now");
-                    std::process::exit(130);
-                }
+            let stop = StopRequest::install(|signal| {
                 eprintln!(
-                    "\nstopping after the current prompt; finished rows are kept (Ctrl-C again to quit at once)"
+                    "\n{signal}: stopping; finished rows are committed and the report of what finished is written (send it again to quit at once)"
                 );
             })
-            .expect("the Ctrl-C handler is installed once");
+            .map_err(AppError::Signals)?;
+            let cancel = stop.cancel.clone();
             let opts = RunOptions {
                 limit: *limit,
                 scripts: scripts(*cdn),
@@ -362,7 +400,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             if let Some(w) = &outcome.written {
                 print_summary(&w.analysis.metrics);
             }
-            println!(
+            out!(
                 "{} rows from cache, {} computed in {:.1} s ({} prompts, {} of {} prompt tokens evaluated){}{}",
                 stats.cached_rows,
                 stats.computed_rows,
@@ -391,22 +429,30 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 }
             );
             if let Some(w) = &outcome.written {
-                println!("report: {}", w.index.display());
+                out!("report: {}", w.index.display());
             } else if let Some(s) = shard {
-                println!(
+                out!(
                     "shard {}/{} done; `pipeline report` once every shard is",
-                    s.index, s.count
+                    s.index,
+                    s.count
                 );
             }
             if let Some(e) = outcome.error {
                 eprintln!("error: {e}");
-                eprintln!("finished rows are in the cache; run again to continue");
+                if stats.unstored_rows > 0 {
+                    eprintln!(
+                        "{} rows computed in this run could not be stored and run again next time; the rows committed before are in the cache",
+                        stats.unstored_rows
+                    );
+                } else {
+                    eprintln!("finished rows are in the cache; run again to continue");
+                }
                 return Ok(ExitCode::from(1));
             }
-            Ok(if stats.interrupted {
-                ExitCode::from(130)
-            } else {
-                ExitCode::SUCCESS
+            Ok(match (stats.interrupted, stop.exit_code()) {
+                (true, Some(code)) => ExitCode::from(code),
+                (true, None) => ExitCode::from(130),
+                (false, _) => ExitCode::SUCCESS,
             })
         }
         Command::EngineBench {
@@ -426,7 +472,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             if let Some(n) = embed_tokens {
                 let rate = pipeline::backend::raw_embed_throughput(model, threads, *n, *reps)
                     .map_err(failed)?;
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({
                         "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -448,7 +494,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 ),
                 None => None,
             };
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({
                     "model": model.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -470,7 +516,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             let (paths, warnings) = app::export(&config(&cli, None), spec, *limit, out.as_deref())?;
             warn(&warnings);
             for p in paths {
-                println!("{}", p.display());
+                out!("{}", p.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -479,7 +525,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
                 app::report(&config(&cli, None), spec, *limit, scripts(*cdn))?;
             warn(&warnings);
             print_summary(&written.analysis.metrics);
-            println!("report: {}", written.index.display());
+            out!("report: {}", written.index.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache(c) => cache_command(&config(&cli, None), c),
@@ -531,7 +577,7 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                             "failed": st.failed, "to_run": st.to_run()})
                     })
                     .collect();
-                println!(
+                out!(
                     "{}",
                     to_json(
                         &serde_json::json!({"cache": s, "specs": specs, "artifacts": r.artifacts})
@@ -539,8 +585,8 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("cache {}", s.root.display());
-            println!(
+            out!("cache {}", s.root.display());
+            out!(
                 "  {} rows, {} failed rows, in {} segments ({})",
                 s.rows,
                 s.failures,
@@ -548,29 +594,35 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                 human_bytes(s.segment_bytes)
             );
             if s.quarantine_files > 0 {
-                println!(
+                out!(
                     "  quarantine: {} files ({})",
                     s.quarantine_files,
                     human_bytes(s.quarantine_bytes)
                 );
             }
             if s.temp_files > 0 {
-                println!("  {} temporary files of unfinished writes", s.temp_files);
+                out!("  {} temporary files of unfinished writes", s.temp_files);
             }
             for (name, size) in &s.other_layouts {
-                println!(
+                out!(
                     "  older layout {name}/ ({}) is no longer read; `pipeline cache gc` removes it",
                     human_bytes(*size)
                 );
             }
+            for (name, size) in &s.unknown_folders {
+                out!(
+                    "  {name}/ ({}) is not a layout this version reads (a newer layout, or not the cache's); `cache gc` leaves it",
+                    human_bytes(*size)
+                );
+            }
             for (kind, n) in &r.artifacts {
-                println!("  {n} stored {kind} artifacts");
+                out!("  {n} stored {kind} artifacts");
             }
             if !r.artifacts.is_empty() {
-                println!("  artifacts: {}", human_bytes(r.artifact_bytes));
+                out!("  artifacts: {}", human_bytes(r.artifact_bytes));
             }
             for (name, st) in &r.specs {
-                println!(
+                out!(
                     "  spec {name}: {} rows, {} cached, {} failed, {} to run",
                     st.rows,
                     st.cached,
@@ -583,12 +635,15 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
         CacheCommand::Gc { keep, dry_run } => {
             let r = app::cache_gc(cfg, keep, *dry_run)?;
             let verb = if r.dry_run { "would remove" } else { "removed" };
-            println!(
+            out!(
                 "{verb} {} rows and {} failed rows; kept {} rows and {} failed rows",
-                r.rows_removed, r.failures_removed, r.rows_kept, r.failures_kept
+                r.rows_removed,
+                r.failures_removed,
+                r.rows_kept,
+                r.failures_kept
             );
             if !r.dry_run {
-                println!(
+                out!(
                     "segments: {} ({}) → {}",
                     r.segments_before,
                     human_bytes(r.bytes_before),
@@ -596,16 +651,19 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
                 );
             }
             if r.artifacts_removed > 0 {
-                println!(
+                out!(
                     "{verb} {} stored stage outputs (embeddings, neighbours, fits)",
                     r.artifacts_removed
                 );
             }
             if r.quarantine_files_removed > 0 {
-                println!("{verb} {} quarantined files", r.quarantine_files_removed);
+                out!("{verb} {} quarantined files", r.quarantine_files_removed);
             }
             for l in &r.layouts_removed {
-                println!("{verb} the older layout {l}/");
+                out!("{verb} the older layout {l}/");
+            }
+            for f in &r.folders_kept {
+                out!("kept {f}/: not a layout this version knows to be older");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -616,7 +674,7 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
         } => {
             let t = app::cache_export(cfg, spec, dir, *without_embeddings)?;
             warn(&t.problems);
-            println!(
+            out!(
                 "exported {} rows and {} stage outputs to {} ({} rows and {} outputs were there already)",
                 t.rows,
                 t.artifacts,
@@ -629,9 +687,12 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
         CacheCommand::Import { dirs } => {
             let t = app::cache_import(cfg, dirs)?;
             warn(&t.problems);
-            println!(
+            out!(
                 "imported {} rows and {} stage outputs ({} rows and {} outputs were cached already)",
-                t.rows, t.artifacts, t.rows_present, t.artifacts_present
+                t.rows,
+                t.artifacts,
+                t.rows_present,
+                t.artifacts_present
             );
             Ok(if t.problems.is_empty() {
                 ExitCode::SUCCESS
@@ -640,15 +701,24 @@ fn cache_command(cfg: &Config, c: &CacheCommand) -> Result<ExitCode, AppError> {
             })
         }
         CacheCommand::Verify => {
-            let r = app::cache_verify(cfg)?;
-            println!(
+            let v = app::cache_verify(cfg)?;
+            let r = &v.rows;
+            out!(
                 "{} segments, {} rows, {} failed rows checked",
-                r.segments, r.rows, r.failures
+                r.segments,
+                r.rows,
+                r.failures
             );
-            let problems = r.problems();
+            out!(
+                "{} model digests checked: {} hashed again and match, {} stale (their file changed or is gone; hashed again on next use)",
+                v.memo.entries,
+                v.memo.verified,
+                v.memo.stale
+            );
+            let problems = v.problems();
             warn(&problems);
             Ok(if problems.is_empty() {
-                println!("every row verifies");
+                out!("every row verifies");
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -670,9 +740,9 @@ fn print_shards(split: &[app::ShardSummary]) {
             s.models.join(", "),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     let loads: usize = split.iter().map(|s| s.models.len()).sum();
-    println!("{loads} model loads in all");
+    out!("{loads} model loads in all");
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -701,11 +771,11 @@ fn print_plan(planned: &app::Planned) {
             (s.items - s.cached).to_string(),
         ]);
     }
-    println!("{stages}");
+    out!("{stages}");
     for r in &plan.retrievals {
         let (queries, with, excluded) = r.leaks();
         if excluded > 0 {
-            println!(
+            out!(
                 "leak guard: {}: {excluded} pool rows left out (same id or text) for {with} of {queries} queries",
                 r.id
             );
@@ -720,24 +790,31 @@ fn print_plan(planned: &app::Planned) {
             c.id.clone(),
             st.rows.to_string(),
             st.cached.to_string(),
-            st.failed.to_string(),
+            (st.failed + st.too_long).to_string(),
             st.to_run().to_string(),
         ]);
         total.rows += st.rows;
         total.cached += st.cached;
         total.failed += st.failed;
+        total.too_long += st.too_long;
     }
     t.add_row(vec![
         "total".to_string(),
         total.rows.to_string(),
         total.cached.to_string(),
-        total.failed.to_string(),
+        (total.failed + total.too_long).to_string(),
         total.to_run().to_string(),
     ]);
-    println!("{t}");
+    if total.too_long > 0 {
+        out!(
+            "{} rows were computed with a larger n_ctx and do not fit this spec's: they count as failed (context overflow) and are not run",
+            total.too_long
+        );
+    }
+    out!("{t}");
     for m in plan.models.iter().chain(&plan.embedders) {
         if m.file.is_none() {
-            println!(
+            out!(
                 "note: model `{}` is not on this machine yet; `run` will fetch it",
                 m.id
             );
@@ -763,11 +840,19 @@ fn print_summary(m: &[CellMetrics]) {
         t.add_row(vec![
             c.cell.clone(),
             format!("{}/{}", c.n, c.planned),
-            format!(
-                "{:.3} ({:.3}–{:.3})",
-                c.accuracy, c.accuracy_lo, c.accuracy_hi
-            ),
-            format!("{:.3}", c.macro_f1),
+            if c.n == 0 {
+                "— (no rows)".into()
+            } else {
+                format!(
+                    "{:.3} ({:.3}–{:.3})",
+                    c.accuracy, c.accuracy_lo, c.accuracy_hi
+                )
+            },
+            if c.n == 0 {
+                "—".into()
+            } else {
+                format!("{:.3}", c.macro_f1)
+            },
             c.invalid.to_string(),
             c.failed.to_string(),
             c.reviews_per_s_text(2),
@@ -775,5 +860,5 @@ fn print_summary(m: &[CellMetrics]) {
             c.computed.to_string(),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
 }

@@ -1,10 +1,9 @@
 //! Model files: find them (path, `$PIPELINE_MODELS_DIR`, the Hugging Face cache, download),
-//! check that they are GGUF, and digest them with sha256, memoized by path, size and mtime.
+//! check that they are GGUF, and digest them with sha256 (memoized, see [`crate::digest_memo`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use sha2::{Digest as _, Sha256};
 
@@ -180,35 +179,17 @@ impl Resolver {
         Ok((sha, size))
     }
 
-    /// sha256 of a file, remembered by (absolute path, size, mtime) so a model is digested
-    /// once, not on every run.
+    /// sha256 of a file, remembered in the checked memo of the cache (see
+    /// [`crate::digest_memo`]) so that a model is digested once, not on every run.
     pub fn sha256_memo(&self, path: &Path) -> std::io::Result<(String, u64)> {
-        let abs = std::path::absolute(path)?;
-        let meta = std::fs::metadata(&abs)?;
-        let mtime = meta
-            .modified()?
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let stamp = format!("{}\n{}\n{}\n", abs.display(), meta.len(), mtime);
-        let memo = self.digest_dir.join(format!(
-            "{}.sha256",
-            &blake3::hash(abs.to_string_lossy().as_bytes()).to_hex()[..32]
-        ));
-        if let Ok(text) = std::fs::read_to_string(&memo)
-            && let Some(rest) = text.strip_prefix(&stamp)
-        {
-            let sha = rest.trim();
-            if sha.len() == 64 {
-                return Ok((sha.to_string(), meta.len()));
-            }
+        self.memo().sha256(path)
+    }
+
+    pub fn memo(&self) -> crate::digest_memo::DigestMemo {
+        crate::digest_memo::DigestMemo {
+            dir: self.digest_dir.clone(),
+            read_only: self.memo_read_only,
         }
-        let sha = sha256_file(&abs)?;
-        if !self.memo_read_only {
-            std::fs::create_dir_all(&self.digest_dir)?;
-            crate::fs::write_atomic(&memo, format!("{stamp}{sha}\n").as_bytes())?;
-        }
-        Ok((sha, meta.len()))
     }
 
     fn hub_fetch(
@@ -293,10 +274,22 @@ impl hf_hub::progress::ProgressHandler for DownloadBar {
     }
 }
 
-/// Remove a file from the hub cache: the snapshot link and the blob it points to.
+/// Remove a file from the hub cache: the snapshot link and the blob it points to, and
+/// only inside its repository's folder (`models--OWNER--REPO`): whatever a damaged link
+/// points to elsewhere is never touched.
 fn remove_hub_file(path: &Path) {
+    let Some(repo_dir) = path.ancestors().find(|a| {
+        a.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("models--"))
+    }) else {
+        return;
+    };
+    let Ok(repo_real) = std::fs::canonicalize(repo_dir) else {
+        return;
+    };
     if let Ok(target) = std::fs::canonicalize(path)
         && target != path
+        && target.starts_with(&repo_real)
     {
         let _ = std::fs::remove_file(target);
     }

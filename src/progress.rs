@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -70,12 +71,12 @@ impl Progress {
         }
     }
 
-    /// A job finished (computed or failed): its rows count as done.
-    pub(crate) fn job_done(&self, plan: &Plan, job: &Job) {
+    /// Some of a job's tasks finished (computed or failed): their rows count as done.
+    pub(crate) fn tasks_done(&self, plan: &Plan, job: &Job, tasks: Range<usize>) {
         match self {
             Progress::Off => {}
-            Progress::Bars(b) => b.job_done(plan, job),
-            Progress::Lines(l) => l.borrow_mut().job_done(job),
+            Progress::Bars(b) => b.tasks_done(plan, job, tasks),
+            Progress::Lines(l) => l.borrow_mut().tasks_done(job, tasks),
         }
     }
 
@@ -125,8 +126,8 @@ impl Bars {
         }
     }
 
-    fn job_done(&self, plan: &Plan, job: &Job) {
-        for cell in job.cells() {
+    fn tasks_done(&self, plan: &Plan, job: &Job, tasks: Range<usize>) {
+        for cell in job.cells_of(tasks) {
             self.total.inc(1);
             if let Some(b) = &self.cells[cell] {
                 b.inc(1);
@@ -163,9 +164,9 @@ pub(crate) struct Lines {
 }
 
 impl Lines {
-    fn job_done(&mut self, job: &Job) {
+    fn tasks_done(&mut self, job: &Job, tasks: Range<usize>) {
         let mut cell = None;
-        for c in job.cells() {
+        for c in job.cells_of(tasks) {
             self.done += 1;
             self.done_per_cell[c] += 1;
             cell = Some(c);

@@ -210,6 +210,30 @@ impl Prompts {
                 None => None,
             };
             let user = add("user", &p.user)?;
+            let uses_text = std::iter::once(&user)
+                .chain(system.as_ref())
+                .any(|(key, _)| {
+                    env.get_template(key)
+                        .expect("just added")
+                        .undeclared_variables(false)
+                        .contains("text")
+                });
+            if !uses_text {
+                // Every row would get the same prompt: the model never sees the text.
+                let (loc, field) = template_loc(&p.user, None);
+                let mut d = Diagnostic::new(
+                    loc,
+                    field,
+                    format!(
+                        "prompt `{}` never uses `{{{{ text }}}}`: every row would get the same prompt",
+                        p.id
+                    ),
+                );
+                if p.user.file.is_none() {
+                    d.snippet = None;
+                }
+                return Err(d);
+            }
             compiled.push(Compiled {
                 id: p.id.clone(),
                 system,

@@ -48,6 +48,9 @@ pub struct RowError {
     pub message: String,
 }
 
+/// The kind of a row whose prompt and task do not fit the model's context.
+pub const CONTEXT_OVERFLOW: &str = "context_overflow";
+
 /// This machine's host name, as rows record where they were computed.
 pub fn this_host() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()

@@ -419,8 +419,8 @@ fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("progress:"));
 }
 
-/// Ctrl-C in-process: the library entry point stops after the current prompt when its
-/// cancel flag is set, keeps every finished row and still writes the report.
+/// Ctrl-C in-process: the library entry point stops after the current part of a prompt's
+/// tasks when its cancel flag is set, keeps every finished row and still writes the report.
 #[test]
 fn cancelling_app_run_keeps_finished_rows_and_writes_the_report() {
     use std::sync::Arc;
@@ -466,7 +466,8 @@ fn cancelling_app_run_keeps_finished_rows_and_writes_the_report() {
     assert!(outcome.error.is_none());
     assert!(outcome.stats.interrupted);
     let done = outcome.stats.computed_rows;
-    assert!((15..72).contains(&done), "{done}");
+    // Four prompts done (3 rows each) and at least the first part of the fifth.
+    assert!((13..72).contains(&done), "{done}");
     assert!(outcome.written.is_some() && p.path("reports/t/index.html").is_file());
     let rest = p.run();
     assert_eq!(rest["cached_rows"].as_u64().unwrap() as usize, done);

@@ -135,8 +135,18 @@ fn status_counts_rows_per_spec_and_gc_keeps_only_what_specs_need() {
     // An older layout beside the current one.
     std::fs::create_dir_all(p.path("cache/v1/rows")).unwrap();
     std::fs::write(p.path("cache/v1/rows/seg-old.parquet"), b"old").unwrap();
+    // Newer layouts (a later version wrote them) and folders gc does not know.
+    for newer in ["v3", "v10", "v02", "notes"] {
+        std::fs::create_dir_all(p.path(&format!("cache/{newer}/rows"))).unwrap();
+        std::fs::write(p.path(&format!("cache/{newer}/rows/keep")), b"keep").unwrap();
+    }
     let text = String::from_utf8_lossy(&p.run_ok(&["cache", "status"]).stdout).to_string();
     assert!(text.contains("older layout v1/"), "{text}");
+    assert!(!text.contains("older layout v3/"), "{text}");
+    assert!(
+        text.contains("v10/") && text.contains("`cache gc` leaves it"),
+        "{text}"
+    );
 
     // Dry run: says what would go, changes nothing.
     let before = snapshot(&p.path("cache"));
@@ -162,6 +172,12 @@ fn status_counts_rows_per_spec_and_gc_keeps_only_what_specs_need() {
     assert_eq!(after["cache"]["segments"], 1);
     assert_eq!(after["specs"][0]["cached"], 36);
     assert!(!p.path("cache/v1").exists());
+    for newer in ["v3", "v10", "v02", "notes"] {
+        assert!(
+            p.path(&format!("cache/{newer}/rows/keep")).is_file(),
+            "gc removed {newer}/"
+        );
+    }
     // What was kept still serves the spec: only the edited prompt's rows run.
     let run = p.run();
     assert_eq!(run["cached_rows"], 36);

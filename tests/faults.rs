@@ -129,7 +129,15 @@ fn a_full_disk_is_a_clear_error_and_the_next_run_completes() {
         assert!(stderr.contains("File too large"), "{what}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
         match what {
-            "cache segment" => assert!(stderr.contains("error: cache "), "{stderr}"),
+            "cache segment" => {
+                assert!(stderr.contains("error: cache "), "{stderr}");
+                // The batch that could not be committed is said to be lost, not kept.
+                assert!(
+                    stderr.contains("could not be stored and run again next time")
+                        && !stderr.contains("finished rows are in the cache"),
+                    "{stderr}"
+                );
+            }
             _ => assert!(stderr.contains("index.html"), "{stderr}"),
         }
         // No half-written file is left for a reader, nothing corrupt is trusted.
@@ -595,6 +603,99 @@ fn catalogue() -> Vec<(&'static str, Setup, Expect)> {
                 std::fs::write(seg, b).unwrap();
             }),
             Expect::Counted("corrupt cache segment"),
+        ),
+        // Hostile or careless specs and rows (README, "Threat model").
+        (
+            "spec name climbs out of reports/",
+            spec_edit("name: t\n", "name: \"..\"\n"),
+            loc(s, "name"),
+        ),
+        (
+            "hub file climbs out of the hub cache",
+            spec_edit("gguf: models/a.gguf", "gguf: hf:a/b/../../../../etc/passwd"),
+            loc(s, "models[0].gguf"),
+        ),
+        (
+            "absolute hub file",
+            spec_edit("gguf: models/a.gguf", "gguf: hf:a/b//etc/passwd"),
+            loc(s, "models[0].gguf"),
+        ),
+        (
+            "a million repeats",
+            spec_edit("  seed: 3\n", "  seed: 3\n  repeats: 1000000\n"),
+            loc(s, "sampling.repeats"),
+        ),
+        (
+            "a sampling grid of 40,000 points",
+            Box::new(|p: &Project| {
+                let temps: Vec<String> = (0..200)
+                    .map(|i| format!("{}", f64::from(i) / 100.0))
+                    .collect();
+                let seeds: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+                p.write(
+                    "spec.yaml",
+                    &common::SPEC
+                        .replace(
+                            "temperature: [0.2, 0.8]",
+                            &format!("temperature: [{}]", temps.join(", ")),
+                        )
+                        .replace("  seed: 3\n", &format!("  seed: [{}]\n", seeds.join(", "))),
+                );
+            }),
+            file_only(s, "more than"),
+        ),
+        (
+            "template never uses the text",
+            write("prompts/p1.j2", "Answer {{ labels | join(' or ') }}.\n"),
+            file_only("prompts/p1.j2", "never uses `{{ text }}`"),
+        ),
+        (
+            "empty key in clean.replace",
+            spec_edit(
+                "  sample: {n: 12",
+                "  clean: {replace: {\"\": \"x\"}}\n  sample: {n: 12",
+            ),
+            loc(s, "dataset.clean.replace"),
+        ),
+        (
+            "duplicate row ids",
+            write(
+                "data/reviews.jsonl",
+                "{\"id\": \"a\", \"text\": \"good\", \"label\": 1}\n{\"id\": \"a\", \"text\": \"bad\", \"label\": 0}\n",
+            ),
+            loc(s, "same id `a`"),
+        ),
+        (
+            "row id with a newline",
+            write(
+                "data/reviews.jsonl",
+                "{\"id\": \"a\\nb\", \"text\": \"good\", \"label\": 1}\n{\"id\": \"c\", \"text\": \"bad\", \"label\": 0}\n",
+            ),
+            loc(s, "control character"),
+        ),
+        (
+            "null texts",
+            write_bytes("data/reviews.jsonl", {
+                let mut s = String::new();
+                for i in 0..12 {
+                    let t = if i % 5 == 0 {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::json!(format!("Review {i} fine"))
+                    };
+                    s.push_str(
+                        &serde_json::json!({"id": i, "text": t, "label": i % 2}).to_string(),
+                    );
+                    s.push('\n');
+                }
+                s.into_bytes()
+            }),
+            Expect::Counted("3 rows have no text (null) and are left out"),
+        ),
+        (
+            "sample larger than the dataset",
+            spec_edit("sample: {n: 12,", "sample: {n: 500,"),
+            Expect::Counted("all 30 are used"),
         ),
         (
             "segment of another table",

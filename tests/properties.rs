@@ -1,4 +1,5 @@
-//! Property tests: no input makes the spec parser or the cache segment reader panic.
+//! Property tests: no input makes the spec parser or the cache segment reader panic, and no
+//! accepted spec names a path outside its folder.
 
 use std::path::Path;
 
@@ -116,6 +117,70 @@ proptest! {
             for r in rows.into_iter().flatten() {
                 prop_assert_eq!(r.components.row_key(), r.key);
             }
+        }
+    }
+}
+
+/// Path parts: names, dots, separators and the odd characters a hostile spec would use.
+fn path_part() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("/".to_string()),
+            Just("\\".to_string()),
+            Just("".to_string()),
+            Just("~".to_string()),
+            Just("%2e%2e".to_string()),
+            Just("\u{0}".to_string()),
+            Just(":".to_string()),
+            "[a-zA-Z0-9_.-]{1,6}",
+            ".{1,3}",
+        ],
+        1..6,
+    )
+    .prop_map(|v| v.concat())
+}
+
+/// The spec `GOOD` with another name and hub model, when YAML can carry them.
+fn spec_with(name: &str, owner: &str, repo: &str, file: &str) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    GOOD.replace("name: t\n", &format!("name: {}\n", q(name)))
+        .replace(
+            "gguf: models/a.gguf",
+            &format!("gguf: {}", q(&format!("hf:{owner}/{repo}/{file}"))),
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    /// Whatever a spec names, an accepted spec's report folder is one plain folder inside
+    /// the reports folder, and its hub file stays inside its repository's folder.
+    #[test]
+    fn an_accepted_spec_names_only_paths_inside_their_folders(
+        name in path_part(),
+        owner in path_part(),
+        repo in path_part(),
+        file in path_part(),
+    ) {
+        use std::path::Component;
+        let src = spec_with(&name, &owner, &repo, &file);
+        let Ok(spec) = pipeline::spec::parse(Path::new("/nowhere/spec.yaml"), &src) else {
+            return Ok(());
+        };
+        let report = Path::new(&spec.name);
+        prop_assert_eq!(report.components().count(), 1, "{:?}", spec.name);
+        prop_assert!(matches!(report.components().next(), Some(Component::Normal(_))));
+        prop_assert!(!spec.name.starts_with('.'));
+        if let pipeline::spec::ModelSource::Hub { owner, repo, file } = &spec.models[0].gguf.value {
+            for part in [owner, repo] {
+                let p = Path::new(part);
+                prop_assert_eq!(p.components().count(), 1, "{:?}", part);
+                prop_assert!(matches!(p.components().next(), Some(Component::Normal(_))));
+            }
+            prop_assert!(pipeline::names::stays_inside(Path::new(file)), "{:?}", file);
+            prop_assert!(!file.contains('\\') && !file.chars().any(char::is_control));
         }
     }
 }

@@ -34,6 +34,14 @@ fn main() -> ExitCode {
             health_is_503_until_the_model_is_loaded,
         ),
         Trial::test(
+            "control_characters_in_a_review_are_422_naming_the_field",
+            control_characters_in_a_review_are_422_naming_the_field,
+        ),
+        Trial::test(
+            "a_request_whose_client_left_is_finished_and_cached",
+            a_request_whose_client_left_is_finished_and_cached,
+        ),
+        Trial::test(
             "a_served_cascade_sends_only_unsure_reviews_to_its_second_model",
             a_served_cascade_sends_only_unsure_reviews_to_its_second_model,
         ),
@@ -513,5 +521,106 @@ fn smollm2_serve_answers_every_endpoint_as_run_does() -> Result<(), Failed> {
     let preds_ran = common::predictions(&ran.path("reports/t/predictions.parquet"));
     let preds_served = common::predictions(&served.path("reports/t/predictions.parquet"));
     assert_eq!(preds_ran, preds_served);
+    Ok(())
+}
+
+/// A NUL or other control character in a text is the client's error (422 naming the
+/// field), never a 500; tabs and line breaks are text.
+fn control_characters_in_a_review_are_422_naming_the_field() -> Result<(), Failed> {
+    let p = common::knn_project();
+    let mut s = fake(&p, "fake-a/zero/ll", &[], &[]);
+    s.wait_ready();
+    let a = &s.addr;
+    for bad in [
+        "a\u{0}b",
+        "nul at the end \u{0}",
+        "bell \u{7}",
+        "escape \u{1b}[2J",
+    ] {
+        let r = post_json(a, "/v1/sentiment?k=0", &json!({ "review_text": bad }));
+        assert_eq!(r.status, 422, "{bad:?}: {}", r.body);
+        assert_eq!(r.json()["field"], "review_text", "{}", r.body);
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("control character")
+        );
+    }
+    let r = post_json(
+        a,
+        "/v1/sentiment/batch?k=0",
+        &json!({"reviews": [{"review_text": "fine"}, {"review_text": "not\u{0}fine"}]}),
+    );
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.json()["field"], "reviews[1].review_text");
+    let r = post_json(
+        a,
+        "/v1/sentiment?k=0",
+        &json!({"review_text": "tabs\tand\nline breaks are text"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(s.stop().success());
+    Ok(())
+}
+
+/// The value of a counter in `/metrics`.
+fn counter(addr: &str, name: &str) -> u64 {
+    get(addr, "/metrics")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client that gives up (closes its connection) does not waste the work it queued: the
+/// row is finished and stored, and the client's retry is answered from the cache.
+fn a_request_whose_client_left_is_finished_and_cached() -> Result<(), Failed> {
+    use std::io::Write;
+    let p = common::knn_project();
+    let mut s = fake(
+        &p,
+        "fake-a/zero/ll",
+        &[],
+        &[("PIPELINE_FAKE_DELAY_MS", "400")],
+    );
+    s.wait_ready();
+    let a = s.addr.clone();
+    let body = json!({"review_text": "a review whose client leaves"}).to_string();
+    {
+        let mut c = std::net::TcpStream::connect(&a).unwrap();
+        write!(
+            c,
+            "POST /v1/sentiment?k=0 HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        c.flush().unwrap();
+        // The event: the request reached the model worker (a cache miss is counted).
+        let mut waited = 0;
+        while counter(&a, "pipeline_cache_misses_total") == 0 {
+            assert!(waited < 300, "the request never reached the worker");
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        // Gone before the answer (the fake takes 400 ms).
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    // The event: the row is stored (bounded wait: the fake takes 400 ms a prompt).
+    let mut waited = 0;
+    while counter(&a, "pipeline_rows_stored_total") == 0 {
+        assert!(waited < 300, "the abandoned request's row was never stored");
+        std::thread::sleep(Duration::from_millis(50));
+        waited += 1;
+    }
+    let r = post_json(
+        &a,
+        "/v1/sentiment?k=0",
+        &serde_json::from_str(&body).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["cached"], true, "{}", r.body);
+    assert_eq!(counter(&a, "pipeline_rows_stored_total"), 1);
+    assert!(s.stop().success());
     Ok(())
 }

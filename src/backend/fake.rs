@@ -53,7 +53,8 @@ impl FakeCalls {
 
 pub struct FakeBackend {
     pub calls: Arc<FakeCalls>,
-    /// Sleep this long per evaluated prompt (to test interruption).
+    /// Sleep this long per call of `run` (a prompt's evaluation, or a later part of its
+    /// tasks), to test interruption and commits.
     pub delay: Duration,
 }
 
@@ -138,6 +139,7 @@ impl Backend for FakeBackend {
             n_ctx: model.n_ctx,
             calls: self.calls.clone(),
             delay: self.delay,
+            last_prompt: None,
         };
         run(&mut s)
     }
@@ -149,6 +151,9 @@ struct FakeSession {
     n_ctx: u32,
     calls: Arc<FakeCalls>,
     delay: Duration,
+    /// The prompt of the last call: a call on the same prompt reuses its evaluation, as
+    /// the llama session does for the parts of a prompt's tasks.
+    last_prompt: Option<String>,
 }
 
 impl FakeSession {
@@ -187,14 +192,18 @@ impl Session for FakeSession {
 
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
         let start = Instant::now();
-        self.calls.prompts.fetch_add(1, Ordering::SeqCst);
-        *self
-            .calls
-            .prompts_by_model
-            .lock()
-            .expect("not poisoned")
-            .entry(self.model.clone())
-            .or_default() += 1;
+        let reused = self.last_prompt.as_deref() == Some(prompt.text.as_str());
+        self.last_prompt = None;
+        if !reused {
+            self.calls.prompts.fetch_add(1, Ordering::SeqCst);
+            *self
+                .calls
+                .prompts_by_model
+                .lock()
+                .expect("not poisoned")
+                .entry(self.model.clone())
+                .or_default() += 1;
+        }
         self.calls.tasks.fetch_add(tasks.len(), Ordering::SeqCst);
         let prompt = prompt.text.as_str();
         let prompt_tokens = prompt.split_whitespace().count();
@@ -203,11 +212,18 @@ impl Session for FakeSession {
                 "llama_decode returned -1 (simulated)".into(),
             ));
         }
-        if prompt_tokens + 1 > self.n_ctx as usize {
+        // The llama backend's rule: the prompt and its longest task fit the context.
+        let after = tasks
+            .iter()
+            .map(Task::context_after)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        if prompt_tokens + after > self.n_ctx as usize {
             return Err(BackendError::ContextOverflow {
-                needed: prompt_tokens + 1,
+                needed: prompt_tokens + after,
                 prompt: prompt_tokens,
-                generate: 1,
+                generate: after,
                 n_ctx: self.n_ctx,
             });
         }
@@ -285,9 +301,10 @@ impl Session for FakeSession {
             };
             outs.push(out);
         }
+        self.last_prompt = Some(prompt.to_string());
         Ok(PromptOutput {
             prompt_tokens: prompt_tokens as u32,
-            evaluated_tokens: prompt_tokens as u32,
+            evaluated_tokens: if reused { 0 } else { prompt_tokens as u32 },
             prefill_ms: start.elapsed().as_secs_f64() * 1000.0,
             tasks: outs,
         })

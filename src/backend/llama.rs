@@ -32,6 +32,7 @@ use super::{
 };
 use crate::prompt::Messages;
 
+mod markers;
 mod packed;
 
 /// Tokens per decode call while evaluating a prompt.
@@ -169,6 +170,8 @@ impl Backend for LlamaEngine {
             n_ctx: load.n_ctx,
             batch: LlamaBatch::new(batch, 1),
             packing: p,
+            last_prompt: None,
+            markers: markers::Markers::of(&model),
         };
         run(&mut session)
     }
@@ -196,6 +199,19 @@ struct LlamaSession<'m> {
     n_ctx: u32,
     batch: LlamaBatch<'static>,
     packing: Packing,
+    /// The last prompt evaluated and its last-token logits, while the KV cache still holds
+    /// exactly that prompt from its own layout: the executor runs a prompt's tasks in parts,
+    /// and every part after the first starts from these logits instead of evaluating the
+    /// last chunk again. Same state, same logits: a row's numbers do not change.
+    last_prompt: Option<EvaluatedPrompt>,
+    /// The vocabulary's control-token strings, to keep them plain inside messages.
+    markers: Option<markers::Markers>,
+}
+
+/// A prompt whose evaluation sits in the KV cache.
+struct EvaluatedPrompt {
+    tokens: Vec<LlamaToken>,
+    logits: Vec<f32>,
 }
 
 /// Load a GGUF model (every layer on the GPU in CUDA builds).
@@ -282,6 +298,7 @@ impl LlamaSession<'_> {
         self.ctx.clear_kv_cache();
         self.kv_tokens.clear();
         self.kv_chunks.clear();
+        self.last_prompt = None;
     }
 
     /// One decode call appending `tokens` (at most a chunk) at the end of the sequence.
@@ -397,6 +414,14 @@ impl LlamaSession<'_> {
         fixed: usize,
     ) -> Result<(Vec<f32>, usize), BackendError> {
         let ends = layout(tokens.len(), fixed, self.packing.batch);
+        if let Some(last) = &self.last_prompt
+            && last.tokens == tokens
+            && self.kv_tokens == tokens
+            && self.kv_chunks == ends
+        {
+            return Ok((last.logits.clone(), 0));
+        }
+        self.last_prompt = None;
         let reuse = reusable(&self.kv_tokens, &self.kv_chunks, tokens, &ends);
         self.truncate_kv(reuse)?;
         let mut from = reuse;
@@ -408,10 +433,12 @@ impl LlamaSession<'_> {
         }
         let last_call = ends.len().checked_sub(2).map_or(0, |i| ends[i]);
         let last = (tokens.len() - last_call.max(reuse)) as i32;
-        Ok((
-            self.ctx.get_logits_ith(last - 1).to_vec(),
-            tokens.len() - reuse,
-        ))
+        let logits = self.ctx.get_logits_ith(last - 1).to_vec();
+        self.last_prompt = Some(EvaluatedPrompt {
+            tokens: tokens.to_vec(),
+            logits: logits.clone(),
+        });
+        Ok((logits, tokens.len() - reuse))
     }
 }
 
@@ -431,7 +458,26 @@ impl Session for LlamaSession<'_> {
     fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {
         let text = self.apply_template(m)?;
         let fixed = self.apply_template(&m.fixed_part())?;
-        Ok(ChatPrompt::new(text, &fixed))
+        let plain =
+            markers::plain_ranges(self.markers.as_ref(), m, &text, |m| self.apply_template(m))?;
+        Ok(ChatPrompt::new(text, &fixed).with_plain(plain))
+    }
+
+    fn tokens(&self, prompt: &ChatPrompt) -> Result<Vec<super::PromptToken>, BackendError> {
+        use llama_cpp_2::token_type::LlamaTokenAttr;
+        let vocab = self.model.vocab();
+        Ok(self
+            .tokenize_prompt(prompt)
+            .into_iter()
+            .map(|t| {
+                let attr = vocab.attr(t);
+                super::PromptToken {
+                    id: t.0,
+                    control: attr.contains(LlamaTokenAttr::Control)
+                        || attr.contains(LlamaTokenAttr::Unknown),
+                }
+            })
+            .collect())
     }
 
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
@@ -463,6 +509,17 @@ impl Session for LlamaSession<'_> {
 }
 
 impl LlamaSession<'_> {
+    /// The prompt's tokens: control tokens parsed in the template's text, never in the
+    /// messages' (see [`markers`]); the BOS token first where the model wants one.
+    fn tokenize_prompt(&self, prompt: &ChatPrompt) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        let mut tokens = Vec::new();
+        for (i, (piece, parse_special)) in markers::pieces(prompt).into_iter().enumerate() {
+            vocab.tokenize_into(piece.as_bytes(), &mut tokens, i == 0, parse_special);
+        }
+        tokens
+    }
+
     fn apply_template(&self, m: &Messages) -> Result<String, BackendError> {
         let Some(tmpl) = &self.template else {
             return Err(BackendError::ChatTemplate(
@@ -486,24 +543,12 @@ impl LlamaSession<'_> {
         prompt: &ChatPrompt,
         tasks: &[Task],
     ) -> Result<Vec<LlamaToken>, BackendError> {
-        let tokens = self
-            .model
-            .vocab()
-            .tokenize(prompt.text.as_bytes(), true, true);
+        let tokens = self.tokenize_prompt(prompt);
         if tokens.is_empty() {
             return Err(BackendError::Job("empty prompt".into()));
         }
         // Context needed past the prompt: the longest generation or label.
-        let after = tasks
-            .iter()
-            .map(|t| match t {
-                Task::Generate { max_tokens, .. } => *max_tokens as usize,
-                Task::Loglik { continuations } => {
-                    continuations.iter().map(|c| c.len()).max().unwrap_or(0)
-                }
-            })
-            .max()
-            .unwrap_or(0);
+        let after = tasks.iter().map(Task::context_after).max().unwrap_or(0);
         if tokens.len() + after > self.n_ctx as usize {
             return Err(BackendError::ContextOverflow {
                 needed: tokens.len() + after,

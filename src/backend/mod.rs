@@ -106,6 +106,10 @@ pub struct ChatPrompt {
     pub text: String,
     /// Bytes of `text` that are the same for every row of the template.
     fixed: usize,
+    /// Byte ranges of `text` that spell a control token but come from a message: they are
+    /// tokenized as plain text (texts are data; only the chat template's markers are
+    /// control tokens).
+    plain: Vec<std::ops::Range<usize>>,
 }
 
 impl ChatPrompt {
@@ -119,12 +123,34 @@ impl ChatPrompt {
             }
             fixed = i + a.len_utf8();
         }
-        Self { text, fixed }
+        Self {
+            text,
+            fixed,
+            plain: Vec::new(),
+        }
+    }
+
+    /// The same prompt with these ranges (ascending, within `text`) kept as plain text.
+    pub fn with_plain(mut self, plain: Vec<std::ops::Range<usize>>) -> Self {
+        self.plain = plain;
+        self
+    }
+
+    pub fn plain(&self) -> &[std::ops::Range<usize>] {
+        &self.plain
     }
 
     pub fn fixed_text(&self) -> &str {
         &self.text[..self.fixed]
     }
+}
+
+/// One token of an evaluated prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptToken {
+    pub id: i32,
+    /// A control token of the vocabulary (a chat marker, BOS, EOS).
+    pub control: bool,
 }
 
 /// Sampler settings of one generation; `temperature == 0` is greedy.
@@ -152,6 +178,20 @@ pub enum Task {
 }
 
 impl Task {
+    /// Context the task needs past the prompt: a generation's `max_tokens`; for
+    /// log-likelihood, the longest continuation's length in bytes (a bound on its tokens
+    /// that needs no tokenizer). A prompt fits a model's `n_ctx` with this task when
+    /// `prompt tokens + context_after <= n_ctx`: the same rule runs the row and decides
+    /// whether a cached row is valid for a cell with another `n_ctx`.
+    pub fn context_after(&self) -> usize {
+        match self {
+            Task::Generate { max_tokens, .. } => *max_tokens as usize,
+            Task::Loglik { continuations } => {
+                continuations.iter().map(String::len).max().unwrap_or(0)
+            }
+        }
+    }
+
     /// The task for the row with this prompt digest: a generation's seed mixed with it, so
     /// that the rows of one cell draw independently. With one seed for every row, every
     /// review would get the same uniform draw: a cell's accuracy would move with that one
@@ -219,7 +259,7 @@ impl BackendError {
         match self {
             BackendError::Load { .. } => "load",
             BackendError::NotEmbedding { .. } => "not_embedding",
-            BackendError::ContextOverflow { .. } => "context_overflow",
+            BackendError::ContextOverflow { .. } => crate::row::CONTEXT_OVERFLOW,
             BackendError::ChatTemplate(_) => "chat_template",
             BackendError::Decode(_) => "decode",
             BackendError::Job(_) => "job",
@@ -288,6 +328,12 @@ pub trait Session {
     /// Evaluate `prompt` once and compute every task from that state. The result depends on
     /// the prompt and the tasks alone, never on what the session evaluated before.
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError>;
+
+    /// The tokens `prompt` is evaluated as, each with whether it is a control token. Texts
+    /// are data: only the chat template's own markers are control tokens.
+    fn tokens(&self, _prompt: &ChatPrompt) -> Result<Vec<PromptToken>, BackendError> {
+        Err(BackendError::Job("this backend has no tokenizer".into()))
+    }
 
     /// Several prompts, each with its tasks, evaluated together where the session packs
     /// rows (see [`Packing`]); one result per prompt. By default, one after another.

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::answer::{argmax, parse_answer};
-use crate::cache::Cache;
+use crate::cache::{Cache, Lookup};
 use crate::calibrate::{self, Params};
 use crate::key::Digest;
 use crate::neighbours::{self, PoolEntry};
@@ -95,8 +95,24 @@ pub struct Failure {
 pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
     let mut out = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
+        let limit = plan.prompt_limit(cell);
         for (ri, comps) in cell.rows.iter().enumerate() {
             let Some(comps) = comps else { continue };
+            if let Lookup::TooLong {
+                prompt_tokens,
+                limit,
+            } = cache.lookup(&comps.row_key(), limit)
+            {
+                out.push(Failure {
+                    cell: ci,
+                    row: ri,
+                    kind: crate::row::CONTEXT_OVERFLOW.into(),
+                    message: format!(
+                        "the prompt has {prompt_tokens} tokens, and this cell's n_ctx leaves room for {limit} (the cached row was computed with a larger n_ctx)"
+                    ),
+                });
+                continue;
+            }
             if let Some(e) = cache
                 .failure(&comps.row_key())
                 .and_then(|r| r.error.as_ref())
@@ -127,11 +143,14 @@ pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, Str
         .zip(rows)
         .filter_map(|(comps, row)| {
             let key = comps.as_ref()?.row_key();
-            let Some(r) = cache.get(&key) else {
-                failed += usize::from(cache.failure(&key).is_some());
-                return None;
-            };
-            Some((r.logprobs.clone()?, row.label))
+            match cache.lookup(&key, plan.prompt_limit(support)) {
+                Lookup::Hit(r) => Some((r.logprobs.clone()?, row.label)),
+                Lookup::TooLong { .. } | Lookup::Failed(_) => {
+                    failed += 1;
+                    None
+                }
+                Lookup::Miss => None,
+            }
         })
         .collect();
     let needed = if c.content_free {
@@ -212,7 +231,9 @@ pub fn predict(
     let labels = plan.dataset.label_names();
     let method = &plan.spec.methods[cell.method];
     let key = cell.rows.get(ri)?.as_ref()?.row_key();
-    let r = cache.get(&key)?;
+    let Lookup::Hit(r) = cache.lookup(&key, plan.prompt_limit(cell)) else {
+        return None;
+    };
     let (logprobs, uncalibrated) = match params {
         None => (r.logprobs.clone(), None),
         Some(Err(_)) => return None,

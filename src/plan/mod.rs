@@ -15,7 +15,7 @@ use serde::Serialize;
 pub use explain::{Explanation, StageKind, StageStatus};
 pub use retrieval::{EmbedRequest, Pool, Retrieval, embedding_key, vector, vector_artifact};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Lookup};
 use crate::dataset::{self, Dataset, Row};
 use crate::diag::Diagnostic;
 use crate::key::{
@@ -58,6 +58,17 @@ pub struct Cell {
     /// of which `rows` holds those let in (`cascade::resolve`); a `None` row there is not
     /// needed rather than not known.
     pub masked: Option<Vec<Option<Components>>>,
+}
+
+impl Plan {
+    /// The most prompt tokens a row of `cell` may have and still fit its model's `n_ctx`
+    /// with the cell's task; `None` for cells without a model.
+    pub fn prompt_limit(&self, cell: &Cell) -> Option<u32> {
+        let model = cell.model()?;
+        let n_ctx = self.spec.models[model].n_ctx as usize;
+        let after = crate::exec::task_for(self, cell).context_after();
+        Some(n_ctx.saturating_sub(after) as u32)
+    }
 }
 
 impl Cell {
@@ -154,6 +165,8 @@ pub struct Plan {
     pub embed_requests: Vec<EmbedRequest>,
     /// Neighbour lists computed while planning, for `run` to store.
     pub new_artifacts: Vec<Artifact>,
+    /// Input accepted with a caveat (rows left out, a sample larger than its file).
+    pub warnings: Vec<String>,
 }
 
 /// How to build a plan.
@@ -169,11 +182,14 @@ pub struct CellStatus {
     pub cached: usize,
     /// Rows whose last attempt failed (they run again).
     pub failed: usize,
+    /// Rows computed under a larger `n_ctx` whose prompt does not fit this cell's: they
+    /// would overflow here, so they are reported failed and not run.
+    pub too_long: usize,
 }
 
 impl CellStatus {
     pub fn to_run(&self) -> usize {
-        self.rows - self.cached
+        self.rows - self.cached - self.too_long
     }
 }
 
@@ -201,6 +217,18 @@ pub fn build(
     if let Some(n) = opts.limit {
         dataset.rows.truncate(n);
     }
+    // Warnings about the other labelled files (pools, shots, fit rows), said with the
+    // dataset's own.
+    let file_warnings = std::cell::RefCell::new(Vec::new());
+    let grid_rows = spec.grid_cells().saturating_mul(dataset.rows.len() as u64);
+    if grid_rows > crate::spec::MAX_GRID_ROWS {
+        return Err(spec.dataset.path.error(format!(
+            "{} cells × {} rows is {grid_rows} rows, more than this tool plans in one spec ({}): sample the dataset (`sample: {{n: ...}}`) or split the spec",
+            spec.grid_cells(),
+            dataset.rows.len(),
+            crate::spec::MAX_GRID_ROWS
+        )));
+    }
     let labels = spec.dataset.labels.len();
 
     // Pools: one per distinct source, shared by the prompts and methods that name it.
@@ -215,8 +243,13 @@ pub fn build(
                     loc: at.loc.clone(),
                     field: at.field.clone(),
                 };
-                let rows =
-                    dataset::load_pool(&from, src.sample.as_ref(), src.max_chars, &spec.dataset)?;
+                let rows = dataset::load_pool(
+                    &from,
+                    src.sample.as_ref(),
+                    src.max_chars,
+                    &spec.dataset,
+                    &mut file_warnings.borrow_mut(),
+                )?;
                 pools.push(retrieval::pool(
                     &spec,
                     &embedders,
@@ -241,6 +274,7 @@ pub fn build(
                     s,
                     &spec.dataset,
                     &format!("shots/{}", p.id),
+                    &mut file_warnings.borrow_mut(),
                 )?),
                 Some(knn) => {
                     let src = PoolSource {
@@ -323,7 +357,15 @@ pub fn build(
                 Some((i, true))
             }
             Some(Calibration::Fit { from, sample }) => {
-                let i = fit_set(&mut sets, &mut fit_sets, &dataset, &spec, from, sample)?;
+                let i = fit_set(
+                    &mut sets,
+                    &mut fit_sets,
+                    &dataset,
+                    &spec,
+                    from,
+                    sample,
+                    &mut file_warnings.borrow_mut(),
+                )?;
                 Some((i, false))
             }
         });
@@ -343,6 +385,7 @@ pub fn build(
                 &spec,
                 from,
                 sample,
+                &mut file_warnings.borrow_mut(),
             )?),
             None => None,
         });
@@ -447,7 +490,10 @@ pub fn build(
         &mut calibrations,
     )?;
     check_compare_ids(&spec, &cells)?;
+    let mut warnings = dataset.warnings.clone();
+    warnings.extend(file_warnings.into_inner());
     Ok(Plan {
+        warnings,
         spec,
         dataset,
         prompts: Arc::new(prompts),
@@ -475,6 +521,7 @@ fn fit_set(
     spec: &Spec,
     from: &Located<std::path::PathBuf>,
     sample: &crate::spec::SampleSpec,
+    warnings: &mut Vec<String>,
 ) -> Result<usize, Diagnostic> {
     if let Some((_, _, i)) = fit_sets
         .iter()
@@ -484,7 +531,7 @@ fn fit_set(
     }
     let eval_ids: HashSet<&str> = dataset.rows.iter().map(|r| r.id.as_str()).collect();
     let eval_texts: HashSet<&str> = dataset.rows.iter().map(|r| r.text.as_str()).collect();
-    let all = dataset::load_pool(from, None, None, &spec.dataset)?;
+    let all = dataset::load_pool(from, None, None, &spec.dataset, warnings)?;
     let labels = spec.dataset.labels.len();
     let rows = dataset::sample_excluding(all, sample, labels, &|r| {
         eval_ids.contains(r.id.as_str()) || eval_texts.contains(r.text.as_str())
@@ -973,6 +1020,7 @@ impl Plan {
                         rows: self.dataset.rows.len(),
                         cached: found,
                         failed: 0,
+                        too_long: 0,
                     };
                 }
                 if let Source::Cascade { cascade } = c.source {
@@ -981,21 +1029,25 @@ impl Plan {
                         rows: self.dataset.rows.len(),
                         cached: res.map_or(0, |r| r.answered()),
                         failed: res.map_or(0, |r| r.failed),
+                        too_long: 0,
                     };
                 }
                 let keys = c.rows.iter().flatten().map(Components::row_key);
-                let (mut cached, mut failed) = (0, 0);
+                let limit = self.prompt_limit(c);
+                let (mut cached, mut failed, mut too_long) = (0, 0, 0);
                 for k in keys {
-                    if cache.get(&k).is_some() {
-                        cached += 1;
-                    } else if cache.failure(&k).is_some() {
-                        failed += 1;
+                    match cache.lookup(&k, limit) {
+                        Lookup::Hit(_) => cached += 1,
+                        Lookup::TooLong { .. } => too_long += 1,
+                        Lookup::Failed(_) => failed += 1,
+                        Lookup::Miss => {}
                     }
                 }
                 CellStatus {
                     rows: c.rows.len(),
                     cached,
                     failed,
+                    too_long,
                 }
             })
             .collect()
@@ -1122,6 +1174,7 @@ impl Plan {
                     "rows": st.rows,
                     "cached": st.cached,
                     "failed": st.failed,
+                    "too_long": st.too_long,
                     "to_run": st.to_run(),
                 })
             })
@@ -1195,9 +1248,16 @@ impl Plan {
                 ex.unknown += 1;
                 continue;
             };
-            if cache.get(&comps.row_key()).is_some() {
-                ex.cached += 1;
-                continue;
+            match cache.lookup(&comps.row_key(), self.prompt_limit(c)) {
+                Lookup::Hit(_) => {
+                    ex.cached += 1;
+                    continue;
+                }
+                Lookup::TooLong { .. } => {
+                    explain::count(&mut ex.failed, crate::row::CONTEXT_OVERFLOW);
+                    continue;
+                }
+                Lookup::Failed(_) | Lookup::Miss => {}
             }
             if let Some(e) = cache
                 .failure(&comps.row_key())

@@ -229,7 +229,8 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
 /// One row per cell.
 pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, String> {
     let s = |f: &dyn Fn(&CellMetrics) -> String| strs(m.iter().map(|x| Some(f(x))));
-    let f = |g: &dyn Fn(&CellMetrics) -> f64| f64s(m.iter().map(|x| Some(g(x))));
+    // A rate of a cell with no answered row is unknown, not 0: null.
+    let f = |g: &dyn Fn(&CellMetrics) -> f64| f64s(m.iter().map(|x| (x.n > 0).then(|| g(x))));
     let u = |g: &dyn Fn(&CellMetrics) -> u64| u64s(m.iter().map(g));
     let mut cols: Vec<(String, ArrayRef)> = vec![
         ("cell".into(), s(&|x| x.cell.clone())),

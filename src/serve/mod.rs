@@ -71,6 +71,8 @@ struct Telemetry {
     queue_depth: IntGauge,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    /// Rows the model computed and the server stored, whether or not their client waited.
+    rows_stored: IntCounter,
 }
 
 impl Telemetry {
@@ -106,8 +108,14 @@ impl Telemetry {
             "Reviews computed by the model",
         )
         .expect("valid metric");
+        let rows_stored = IntCounter::new(
+            "pipeline_rows_stored_total",
+            "Rows computed by the model and kept for the row cache (also when the client left)",
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rows_stored.clone()),
             Box::new(latency.clone()),
             Box::new(queue_depth.clone()),
             Box::new(cache_hits.clone()),
@@ -122,6 +130,7 @@ impl Telemetry {
             queue_depth,
             cache_hits,
             cache_misses,
+            rows_stored,
         }
     }
 }
@@ -596,7 +605,7 @@ async fn ask<T>(
 }
 
 async fn answer(
-    s: &Shared,
+    s: &Arc<Shared>,
     review: String,
     k: usize,
     start: Instant,
@@ -613,6 +622,18 @@ async fn answer(
                 None,
             )
         })?;
+    if let Some((at, c)) = review
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(ApiError::unprocessable(
+            "review_text",
+            format!(
+                "review_text has the control character U+{:04X} at byte {at}: send text (tabs and line breaks are fine)",
+                u32::from(c)
+            ),
+        ));
+    }
     let first = served.first();
     let text = first.clean(&review);
     if text.is_empty() {
@@ -722,7 +743,7 @@ async fn answer(
 /// vote), from the row cache or computed by the stage's worker (and stored); and whether
 /// it came from the cache.
 async fn stage_output(
-    s: &Shared,
+    s: &Arc<Shared>,
     scorer: &Scorer,
     worker: usize,
     text: &str,
@@ -749,52 +770,69 @@ async fn stage_output(
     };
     // Seeded per row as `run` seeds it, so a served row is the study's row.
     let (prompt, task) = (*prompt, task.clone().for_row(&components.prompt));
-    let out = ask(s, worker, |reply| Job::Infer {
-        item,
-        prompt,
-        task,
-        reply,
-    })
-    .await?
-    .map_err(|e| {
-        if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
-            ApiError::unprocessable("review_text", e.to_string())
-        } else {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+    // The computation and its storing run on a task of their own: a client that gives up
+    // (a timeout, a closed connection) drops this request, not the work it queued, so the
+    // row is finished and cached and the client's retry is answered from the cache.
+    let shared = s.clone();
+    let (cell, kind) = (scorer.cell.clone(), crate::exec::task_kind(&task));
+    let (key, components) = (*key, *components);
+    let row_text = prepared.text.clone();
+    let computed = tokio::spawn(async move {
+        let out = ask(&shared, worker, |reply| Job::Infer {
+            item,
+            prompt,
+            task,
+            reply,
+        })
+        .await?
+        .map_err(|e| {
+            if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
+                ApiError::unprocessable("review_text", e.to_string())
+            } else {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+            }
+        })?;
+        let row = served_row(cell, kind, key, components, &row_text, &out);
+        let answer = (row.logprobs.clone(), row.text.clone());
+        if shared.storage.add_row(row) {
+            shared.batch_due.notify_one();
         }
-    })?;
-    let row = served_row(scorer, prepared, &out);
-    let answer = (row.logprobs.clone(), row.text.clone());
-    if s.storage.add_row(row) {
-        s.batch_due.notify_one();
-    }
+        shared.telemetry.rows_stored.inc();
+        Ok::<_, ApiError>(answer)
+    });
+    let answer = computed.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the request's task failed: {e}"),
+            None,
+        )
+    })??;
     Ok((answer.0, answer.1, false))
 }
 
 /// A served answer as a cache row: the same key and content as `pipeline run` would store.
 fn served_row(
-    scorer: &Scorer,
-    p: &scorer::Prepared,
+    cell: String,
+    kind: &str,
+    key: crate::key::Digest,
+    components: crate::key::Components,
+    text: &str,
     out: &crate::backend::PromptOutput,
 ) -> CachedRow {
     let o = &out.tasks[0];
-    let task = match &scorer.kind {
-        Kind::Llm { task, .. } => crate::exec::task_kind(task),
-        Kind::Vote { .. } => "knn_vote",
-    };
     CachedRow {
-        key: p.key.expect("an LLM cell's row has a key"),
-        components: p.components.expect("an LLM cell's row has components"),
+        key,
+        components,
         row_id: format!(
             "served:{}",
-            blake3::hash(p.text.as_bytes())
+            blake3::hash(text.as_bytes())
                 .to_hex()
                 .as_str()
                 .get(..16)
                 .unwrap_or("")
         ),
-        cell_id: scorer.cell.clone(),
-        kind: task.into(),
+        cell_id: cell,
+        kind: kind.into(),
         text: o.text.clone(),
         logprobs: o.logprobs.clone(),
         prompt_tokens: out.prompt_tokens,

@@ -185,6 +185,13 @@ pub struct ModelSpec {
     pub prompts: Option<Vec<String>>,
 }
 
+impl Spec {
+    /// The cells this spec's grid expands to (what [`MAX_GRID_CELLS`] bounds).
+    pub fn grid_cells(&self) -> u64 {
+        grid_cells(&self.models, &self.prompts, &self.methods, &self.sampling)
+    }
+}
+
 impl ModelSpec {
     /// Whether the grid has cells of this model on this prompt.
     pub fn has_cells(&self, prompt: &str) -> bool {
@@ -310,6 +317,19 @@ pub struct SamplerPoint {
 }
 
 impl SamplingGrid {
+    /// How many points [`points`](Self::points) gives, without making them.
+    pub fn point_count(&self) -> u64 {
+        [
+            self.temperature.len(),
+            self.top_p.len(),
+            self.top_k.len(),
+            self.min_p.len(),
+            self.seed.len(),
+        ]
+        .iter()
+        .fold(u64::from(self.repeats), |n, &l| n.saturating_mul(l as u64))
+    }
+
     pub fn points(&self) -> Vec<SamplerPoint> {
         let mut out = Vec::new();
         for &temperature in &self.temperature {
@@ -485,6 +505,23 @@ impl Validator<'_> {
         if id.is_empty() {
             return Err(self.err(s, field, "an id must not be empty"));
         }
+        if let Some(c) = id.chars().find(|c| c.is_control() || *c == '\\') {
+            return Err(self.err(
+                s,
+                field,
+                format!(
+                    "id `{}` must not contain {c:?}: ids are plain names",
+                    id.escape_debug()
+                ),
+            ));
+        }
+        if id.len() > crate::names::MAX_NAME_LEN {
+            return Err(self.err(
+                s,
+                field,
+                format!("an id is at most {} bytes", crate::names::MAX_NAME_LEN),
+            ));
+        }
         if let Some(c) = id.chars().find(|c| CELL_ID_SEPARATORS.contains(c)) {
             return Err(self.err(
                 s,
@@ -503,15 +540,14 @@ impl Validator<'_> {
 
     fn spec(&self, raw: RawSpec) -> Result<Spec, Diagnostic> {
         let name = raw.name.value.trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if let Err(why) = crate::names::check_folder_name(&name) {
             return Err(self.err(
                 &raw.name,
                 "name",
-                "the name names the report folder: use letters, digits, `-`, `_` or `.`",
+                format!(
+                    "the name names the report folder, and `{}` {why}: use letters, digits, `-`, `_` or `.`, not starting with `.`",
+                    name.escape_debug()
+                ),
             ));
         }
         let dataset = self.dataset(raw.dataset)?;
@@ -521,8 +557,25 @@ impl Validator<'_> {
         };
         let prompts = self.prompts(raw.prompts, &embedders)?;
         let models = self.models(raw.models, &prompts)?;
+        let methods_loc = self.loc(&raw.methods.referenced);
         let methods = self.methods(raw.methods, &embedders)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
+        let cells = grid_cells(&models, &prompts, &methods, &sampling);
+        let rows = dataset
+            .sample
+            .as_ref()
+            .map_or(1, |s| s.n as u64)
+            .saturating_mul(cells);
+        if cells > MAX_GRID_CELLS || rows > MAX_GRID_ROWS {
+            return Err(Diagnostic::new(
+                methods_loc,
+                "methods",
+                format!(
+                    "the grid has {cells} cells ({rows} rows with the sample), more than this tool runs in one spec ({MAX_GRID_CELLS} cells, {MAX_GRID_ROWS} rows): split the spec, or narrow the sampling grid"
+                ),
+            )
+            .with_source(self.source));
+        }
         let cascades = match raw.cascades {
             Some(c) => self.cascades(c)?,
             None => Vec::new(),
@@ -751,13 +804,20 @@ impl Validator<'_> {
                 })
             }
         };
-        let clean = d
-            .clean
-            .map(|c| CleanSpec {
-                replace: c.replace.0,
-                collapse_whitespace: c.collapse_whitespace,
-            })
-            .unwrap_or_default();
+        let clean = match d.clean {
+            Some(c) if c.value.replace.0.iter().any(|(from, _)| from.is_empty()) => {
+                return Err(self.err(
+                    &c,
+                    "dataset.clean.replace",
+                    "an empty text to replace matches everywhere: give each `replace` key some text",
+                ));
+            }
+            Some(c) => CleanSpec {
+                replace: c.value.replace.0,
+                collapse_whitespace: c.value.collapse_whitespace,
+            },
+            None => CleanSpec::default(),
+        };
         if let Some(m) = &d.max_text_tokens
             && m.value == 0
         {
@@ -905,6 +965,24 @@ impl Validator<'_> {
                     (Some(o), Some(r), Some(f))
                         if !o.is_empty() && !r.is_empty() && !f.is_empty() =>
                     {
+                        let checked = crate::names::check_folder_name(o)
+                            .map_err(|e| ("owner", o, e))
+                            .and_then(|_| {
+                                crate::names::check_folder_name(r).map_err(|e| ("repository", r, e))
+                            })
+                            .and_then(|_| {
+                                crate::names::check_hub_file(f).map_err(|e| ("file", f, e))
+                            });
+                        if let Err((part, value, why)) = checked {
+                            return Err(self.err(
+                                gguf,
+                                gguf_field,
+                                format!(
+                                    "the hub model's {part} `{}` {why}; a hub model is written `hf:OWNER/REPO/FILE.gguf` with plain names",
+                                    value.escape_debug()
+                                ),
+                            ));
+                        }
                         ModelSource::Hub {
                             owner: o.to_string(),
                             repo: r.to_string(),
@@ -1311,10 +1389,20 @@ impl Validator<'_> {
             Some(r) if r.value == 0 => {
                 return Err(self.err(r, "sampling.repeats", "must be at least 1"));
             }
+            Some(r) if u64::from(r.value) > MAX_GRID_CELLS => {
+                return Err(self.err(
+                    r,
+                    "sampling.repeats",
+                    format!(
+                        "{} repeats is more than the {MAX_GRID_CELLS} cells a spec may have",
+                        r.value
+                    ),
+                ));
+            }
             Some(r) => r.value,
             None => 1,
         };
-        Ok(SamplingGrid {
+        let grid = SamplingGrid {
             temperature: axis(
                 self,
                 s.temperature,
@@ -1349,8 +1437,47 @@ impl Validator<'_> {
             )?,
             seed: axis(self, s.seed, "sampling.seed", d.seed, |_| true, "")?,
             repeats,
-        })
+        };
+        if grid.point_count() > MAX_GRID_CELLS {
+            return Err(Diagnostic::new(
+                SourceLoc::file_only(&self.file),
+                "sampling",
+                format!(
+                    "the sampling grid has {} points, more than the {MAX_GRID_CELLS} cells a spec may have",
+                    grid.point_count()
+                ),
+            ));
+        }
+        Ok(grid)
     }
+}
+
+/// Most cells one spec may expand to: a spec is checked before anything is allocated for
+/// its grid, so a typo (`repeats: 1000000`) is an error, not an out-of-memory abort.
+pub const MAX_GRID_CELLS: u64 = 20_000;
+
+/// Most rows (cells × sampled dataset rows) one spec may plan.
+pub const MAX_GRID_ROWS: u64 = 5_000_000;
+
+/// The cells a spec's grid expands to, counted without expanding it.
+fn grid_cells(
+    models: &[ModelSpec],
+    prompts: &[PromptSpec],
+    methods: &[MethodSpec],
+    sampling: &SamplingGrid,
+) -> u64 {
+    let per_prompt: u64 = methods
+        .iter()
+        .map(|m| match m.kind {
+            MethodKind::Generate => sampling.point_count(),
+            _ => 1,
+        })
+        .fold(0u64, u64::saturating_add);
+    let model_prompts: u64 = models
+        .iter()
+        .map(|m| prompts.iter().filter(|p| m.has_cells(&p.id)).count() as u64)
+        .sum();
+    per_prompt.saturating_mul(model_prompts)
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub struct RawDataset {
     #[serde(default)]
     pub sample: Option<RawSample>,
     #[serde(default)]
-    pub clean: Option<RawClean>,
+    pub clean: Option<Spanned<RawClean>>,
     #[serde(default)]
     pub max_text_tokens: Option<Spanned<u32>>,
 }

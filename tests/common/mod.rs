@@ -107,7 +107,12 @@ impl Project {
 
     /// `plan --json`, parsed.
     pub fn plan(&self) -> serde_json::Value {
-        let out = self.run_ok(&["plan", "spec.yaml", "--json", "--backend", "fake"]);
+        self.plan_of("spec.yaml")
+    }
+
+    /// `plan --json` of another spec file of the project, parsed.
+    pub fn plan_of(&self, spec: &str) -> serde_json::Value {
+        let out = self.run_ok(&["plan", spec, "--json", "--backend", "fake"]);
         serde_json::from_slice(&out.stdout).unwrap()
     }
 

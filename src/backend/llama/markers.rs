@@ -1,0 +1,206 @@
+//! Texts are data. A chat prompt is the model's chat template around the messages; the
+//! template's own markers (`<|im_start|>`, `<|im_end|>`, ...) are control tokens, and
+//! nothing inside a message may become one: a review that contains `<|im_end|>` must not
+//! close the user's turn. llama.cpp parses control tokens in a whole string or in none, so
+//! the prompt is tokenized in pieces: the marker strings that fall inside a message are
+//! tokenized as plain text, everything else as before. llama.cpp already tokenizes the text
+//! between two control tokens on its own, so a prompt whose messages hold no marker is
+//! tokenized exactly as a single call would (and its cached rows stay valid).
+//!
+//! Which tokens are control tokens is the vocabulary's word: those llama.cpp matches only
+//! when asked to parse special tokens (attribute CONTROL or UNKNOWN). A vocabulary's
+//! user-defined tokens are matched in any text, as the model was trained.
+
+use std::ops::Range;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use llama_cpp_2::model::LlamaModel;
+
+use crate::backend::{BackendError, ChatPrompt};
+use crate::prompt::Messages;
+
+/// The model's control-token strings, to find them in message texts.
+pub(super) struct Markers {
+    finder: AhoCorasick,
+}
+
+/// Placeholders that stand for the messages while the template is applied once more, to
+/// find where the messages sit in the prompt (private-use characters no tokenizer merges
+/// with their neighbours in a way that matters: only their position is used).
+const SYSTEM_PLACEHOLDER: &str = "\u{F0001}";
+const USER_PLACEHOLDER: &str = "\u{F0002}";
+
+impl Markers {
+    /// The control tokens of `model`'s vocabulary; `None` when it has none.
+    pub(super) fn of(model: &LlamaModel) -> Option<Self> {
+        use llama_cpp_2::token_type::LlamaTokenAttr;
+        let vocab = model.vocab();
+        let mut strings: Vec<String> = vocab
+            .tokens()
+            .filter(|&t| {
+                let attr = vocab.attr(t);
+                attr.contains(LlamaTokenAttr::Control) || attr.contains(LlamaTokenAttr::Unknown)
+            })
+            .filter_map(|t| vocab.text(t).map(|s| s.to_string_lossy().into_owned()))
+            .filter(|s| !s.is_empty())
+            .collect();
+        strings.sort();
+        strings.dedup();
+        if strings.is_empty() {
+            return None;
+        }
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&strings)
+            .ok()?;
+        Some(Self { finder })
+    }
+
+    /// Byte ranges of `text` that spell a control token.
+    fn find(&self, text: &str) -> Vec<Range<usize>> {
+        self.finder.find_iter(text).map(|m| m.range()).collect()
+    }
+}
+
+/// The byte ranges of `prompt` (the template applied to `m`) that must be tokenized as
+/// plain text: the control-token strings inside the messages. `apply` is the chat
+/// template. Errors only when a message holds a marker and the template rewrites the
+/// messages so that they cannot be found in the prompt.
+pub(super) fn plain_ranges(
+    markers: Option<&Markers>,
+    m: &Messages,
+    prompt: &str,
+    apply: impl Fn(&Messages) -> Result<String, BackendError>,
+) -> Result<Vec<Range<usize>>, BackendError> {
+    let Some(markers) = markers else {
+        return Ok(Vec::new());
+    };
+    let contents: Vec<&str> = m
+        .system
+        .iter()
+        .map(String::as_str)
+        .chain([m.user.as_str()])
+        .collect();
+    if contents.iter().all(|c| markers.find(c).is_empty()) {
+        return Ok(Vec::new());
+    }
+    let Some(spans) = message_spans(m, prompt, apply)? else {
+        let marker = contents
+            .iter()
+            .flat_map(|c| markers.find(c).into_iter().map(move |r| &c[r]))
+            .next()
+            .unwrap_or_default();
+        return Err(BackendError::Job(format!(
+            "the text contains the chat marker `{marker}`, and this model's chat template rewrites messages, so it cannot be kept as plain text"
+        )));
+    };
+    let mut out = Vec::new();
+    for span in spans {
+        out.extend(
+            markers
+                .find(&prompt[span.clone()])
+                .into_iter()
+                .map(|r| span.start + r.start..span.start + r.end),
+        );
+    }
+    Ok(out)
+}
+
+/// Where each message's content sits in `prompt`, found by applying the template to
+/// placeholders and putting the contents back (as they are, or trimmed, as some templates
+/// do); `None` when neither gives the prompt back.
+fn message_spans(
+    m: &Messages,
+    prompt: &str,
+    apply: impl Fn(&Messages) -> Result<String, BackendError>,
+) -> Result<Option<Vec<Range<usize>>>, BackendError> {
+    let placeholders = Messages::new(
+        m.system.as_ref().map(|_| SYSTEM_PLACEHOLDER.to_string()),
+        USER_PLACEHOLDER.to_string(),
+    );
+    let skeleton = apply(&placeholders)?;
+    for trim in [false, true] {
+        let content = |s: &str| {
+            if trim {
+                s.trim().to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let mut parts: Vec<(&str, String)> = vec![(USER_PLACEHOLDER, content(&m.user))];
+        if let Some(s) = &m.system {
+            parts.push((SYSTEM_PLACEHOLDER, content(s)));
+        }
+        if let Some(spans) = fill(&skeleton, &parts)
+            && spans.0 == prompt
+        {
+            return Ok(Some(spans.1));
+        }
+    }
+    Ok(None)
+}
+
+/// `skeleton` with each placeholder (which must occur exactly once) replaced by its text;
+/// the result and the spans of the texts in it.
+fn fill(skeleton: &str, parts: &[(&str, String)]) -> Option<(String, Vec<Range<usize>>)> {
+    let mut at: Vec<(usize, &str, &str)> = Vec::new();
+    for (placeholder, text) in parts {
+        let mut found = skeleton.match_indices(placeholder);
+        let (pos, _) = found.next()?;
+        if found.next().is_some() {
+            return None;
+        }
+        at.push((pos, placeholder, text));
+    }
+    at.sort_by_key(|(pos, _, _)| *pos);
+    let mut out =
+        String::with_capacity(skeleton.len() + parts.iter().map(|p| p.1.len()).sum::<usize>());
+    let mut spans = Vec::new();
+    let mut from = 0;
+    for (pos, placeholder, text) in at {
+        out.push_str(&skeleton[from..pos]);
+        spans.push(out.len()..out.len() + text.len());
+        out.push_str(text);
+        from = pos + placeholder.len();
+    }
+    out.push_str(&skeleton[from..]);
+    Some((out, spans))
+}
+
+/// The prompt's pieces for the tokenizer: `(text, parse control tokens)`, in order.
+pub(super) fn pieces(prompt: &ChatPrompt) -> Vec<(&str, bool)> {
+    let text = prompt.text.as_str();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for r in prompt.plain() {
+        if r.start > from {
+            out.push((&text[from..r.start], true));
+        }
+        out.push((&text[r.clone()], false));
+        from = r.end;
+    }
+    if from < text.len() || out.is_empty() {
+        out.push((&text[from..], true));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_puts_the_texts_back_and_says_where() {
+        let (out, spans) = fill(
+            "<s>A\u{F0001}B\u{F0002}C",
+            &[("\u{F0002}", "user".into()), ("\u{F0001}", "sys".into())],
+        )
+        .unwrap();
+        assert_eq!(out, "<s>AsysBuserC");
+        assert_eq!(&out[spans[0].clone()], "sys");
+        assert_eq!(&out[spans[1].clone()], "user");
+        // A placeholder missing or repeated: no answer.
+        assert!(fill("A", &[("\u{F0002}", "x".into())]).is_none());
+        assert!(fill("\u{F0002}\u{F0002}", &[("\u{F0002}", "x".into())]).is_none());
+    }
+}
