@@ -429,13 +429,22 @@ pub fn execute(
     // The prompt evaluation of each job whose later tasks are still to come: every row of
     // a prompt records the evaluation its first part paid for.
     let mut evaluations: HashMap<usize, (u32, f64)> = HashMap::new();
-    for msg in rx {
+    loop {
+        // Wake up when the next commit is due even if no row arrives: finished rows are
+        // committed on time, however long the part in flight takes.
+        let due = opts.commit_interval.saturating_sub(last_commit.elapsed());
+        let msg = match rx.recv_timeout(due.max(Duration::from_millis(1))) {
+            Ok(msg) => Some(msg),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match msg {
-            Msg::ModelLoaded => stats.models_loaded += 1,
-            Msg::ModelFailed { model, error: e } => {
+            None => {}
+            Some(Msg::ModelLoaded) => stats.models_loaded += 1,
+            Some(Msg::ModelFailed { model, error: e }) => {
                 error.get_or_insert(ExecError::Backend { model, source: e });
             }
-            Msg::Done { job, tasks, out } => {
+            Some(Msg::Done { job, tasks, out }) => {
                 let j = &work.jobs[job];
                 let (evaluated_tokens, prefill_ms) = if tasks.start == 0 {
                     stats.prompts_evaluated += 1;
@@ -470,11 +479,11 @@ pub fn execute(
                 }
                 progress.tasks_done(plan, j, tasks);
             }
-            Msg::RowFailed {
+            Some(Msg::RowFailed {
                 job,
                 tasks,
                 error: e,
-            } => {
+            }) => {
                 let j = &work.jobs[job];
                 evaluations.remove(&job);
                 let now_ms = now_unix_ms();
