@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::{Plan, Source};
-use crate::cache::Cache;
+use crate::cache::{Cache, Lookup};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,13 +93,16 @@ impl Plan {
             ));
         }
         for (m, model) in self.models.iter().enumerate() {
-            let mut keys = std::collections::HashSet::new();
+            // Each distinct row, with the prompt limit of the cells that need it (a key is
+            // one task of one prompt, so its cells share the limit).
+            let mut keys = std::collections::HashMap::new();
             let mut unknown = 0;
             for c in self.inference_cells().filter(|c| c.model() == Some(m)) {
+                let limit = self.prompt_limit(c);
                 for r in &c.rows {
                     match r {
                         Some(k) => {
-                            keys.insert(k.row_key());
+                            keys.insert(k.row_key(), limit);
                         }
                         // A masked cascade stage does not need the rows not let in.
                         None if c.masked.is_some() => {}
@@ -107,7 +110,10 @@ impl Plan {
                     }
                 }
             }
-            let cached = keys.iter().filter(|k| cache.get(k).is_some()).count();
+            let cached = keys
+                .iter()
+                .filter(|(k, limit)| matches!(cache.lookup(k, **limit), Lookup::Hit(_)))
+                .count();
             out.push(stage(
                 format!("infer:{}", model.id),
                 StageKind::Infer,
