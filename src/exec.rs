@@ -428,7 +428,7 @@ pub fn execute(
     let mut keys_failed: HashSet<Digest> = HashSet::new();
     // The prompt evaluation of each job whose later tasks are still to come: every row of
     // a prompt records the evaluation its first part paid for.
-    let mut evaluations: HashMap<usize, (u32, f64)> = HashMap::new();
+    let mut evaluations: HashMap<usize, Prefill> = HashMap::new();
     loop {
         // Wake up when the next commit is due even if no row arrives: finished rows are
         // committed on time, however long the part in flight takes.
@@ -446,20 +446,24 @@ pub fn execute(
             }
             Some(Msg::Done { job, tasks, out }) => {
                 let j = &work.jobs[job];
-                let (evaluated_tokens, prefill_ms) = if tasks.start == 0 {
+                let this = Prefill {
+                    evaluated_tokens: out.evaluated_tokens,
+                    prefill_ms: out.prefill_ms,
+                };
+                let paid = if tasks.start == 0 {
                     stats.prompts_evaluated += 1;
                     stats.prompt_tokens += u64::from(out.prompt_tokens);
                     stats.evaluated_tokens += u64::from(out.evaluated_tokens);
                     if tasks.end < j.tasks.len() {
-                        evaluations.insert(job, (out.evaluated_tokens, out.prefill_ms));
+                        evaluations.insert(job, this);
                     }
-                    (out.evaluated_tokens, out.prefill_ms)
+                    this
                 } else {
                     let first = evaluations.get(&job).copied();
                     if tasks.end == j.tasks.len() {
                         evaluations.remove(&job);
                     }
-                    first.unwrap_or((out.evaluated_tokens, out.prefill_ms))
+                    first.unwrap_or(this)
                 };
                 let now_ms = now_unix_ms();
                 for (t, o) in j.tasks[tasks.clone()].iter().zip(out.tasks) {
@@ -467,10 +471,10 @@ pub fn execute(
                         text: o.text,
                         logprobs: o.logprobs,
                         prompt_tokens: out.prompt_tokens,
-                        evaluated_tokens,
+                        evaluated_tokens: paid.evaluated_tokens,
                         gen_tokens: o.gen_tokens,
                         finish: o.finish,
-                        prefill_ms,
+                        prefill_ms: paid.prefill_ms,
                         decode_ms: o.decode_ms,
                         ..row_of(plan, j, t, now_ms, &origin)
                     });
@@ -609,6 +613,13 @@ struct WorkerContext {
     budget: Option<u32>,
     cancel: Arc<AtomicBool>,
     fail_fast: bool,
+}
+
+/// What evaluating a prompt cost, as its rows record it.
+#[derive(Debug, Clone, Copy)]
+struct Prefill {
+    evaluated_tokens: u32,
+    prefill_ms: f64,
 }
 
 /// How much decoding one part of a prompt's tasks may ask for (generated tokens, and a
@@ -878,4 +889,45 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generate(max_tokens: u32) -> Task {
+        Task::Generate {
+            max_tokens,
+            stop: Vec::new(),
+            sampler: Sampler {
+                temperature: 0.8,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_prompt_with_many_tasks_is_run_in_small_parts() {
+        let mut tasks = vec![generate(4); 400];
+        tasks.push(Task::Loglik {
+            continuations: vec!["negative".into(), "positive".into()],
+        });
+        let parts = task_parts(&tasks);
+        // 8 generations of 4 tokens a part, and the log-likelihood task (other context
+        // needs) in a part of its own.
+        assert_eq!(parts.len(), 51);
+        assert!(parts[..50].iter().all(|p| p.len() == 8));
+        assert_eq!(parts[50], 400..401);
+        // Contiguous and complete.
+        assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!((parts[0].start, parts[50].end), (0, 401));
+        // A task over the budget still gets a part.
+        assert_eq!(
+            task_parts(&[generate(500), generate(500)]),
+            vec![0..1, 1..2]
+        );
+    }
 }

@@ -514,8 +514,13 @@ impl LlamaSession<'_> {
     fn tokenize_prompt(&self, prompt: &ChatPrompt) -> Vec<LlamaToken> {
         let vocab = self.model.vocab();
         let mut tokens = Vec::new();
-        for (i, (piece, parse_special)) in markers::pieces(prompt).into_iter().enumerate() {
-            vocab.tokenize_into(piece.as_bytes(), &mut tokens, i == 0, parse_special);
+        for (i, piece) in markers::pieces(prompt).into_iter().enumerate() {
+            vocab.tokenize_into(
+                piece.text.as_bytes(),
+                &mut tokens,
+                i == 0,
+                piece.parse_control,
+            );
         }
         tokens
     }

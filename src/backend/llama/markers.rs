@@ -167,20 +167,32 @@ fn fill(skeleton: &str, parts: &[(&str, String)]) -> Option<(String, Vec<Range<u
     Some((out, spans))
 }
 
-/// The prompt's pieces for the tokenizer: `(text, parse control tokens)`, in order.
-pub(super) fn pieces(prompt: &ChatPrompt) -> Vec<(&str, bool)> {
+/// A piece of a prompt for the tokenizer.
+pub(super) struct Piece<'a> {
+    pub(super) text: &'a str,
+    /// Whether control-token strings in it are control tokens (the template's text) or
+    /// plain text (a marker inside a message).
+    pub(super) parse_control: bool,
+}
+
+/// The prompt's pieces for the tokenizer, in order.
+pub(super) fn pieces(prompt: &ChatPrompt) -> Vec<Piece<'_>> {
     let text = prompt.text.as_str();
+    let piece = |r: Range<usize>, parse_control| Piece {
+        text: &text[r],
+        parse_control,
+    };
     let mut out = Vec::new();
     let mut from = 0;
     for r in prompt.plain() {
         if r.start > from {
-            out.push((&text[from..r.start], true));
+            out.push(piece(from..r.start, true));
         }
-        out.push((&text[r.clone()], false));
+        out.push(piece(r.clone(), false));
         from = r.end;
     }
     if from < text.len() || out.is_empty() {
-        out.push((&text[from..], true));
+        out.push(piece(from..text.len(), true));
     }
     out
 }
@@ -188,6 +200,23 @@ pub(super) fn pieces(prompt: &ChatPrompt) -> Vec<(&str, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_plain_ranges_are_tokenized_without_control_tokens() {
+        let text = "<s>user: a<e>b</s>".to_string();
+        let prompt = ChatPrompt::new(text, "").with_plain(vec![10..13]);
+        let got: Vec<(&str, bool)> = pieces(&prompt)
+            .iter()
+            .map(|p| (p.text, p.parse_control))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("<s>user: a", true), ("<e>", false), ("b</s>", true)]
+        );
+        // No plain range: the whole prompt in one piece, as a single call tokenizes it.
+        let whole = ChatPrompt::new("<s>x</s>".into(), "");
+        assert_eq!(pieces(&whole).len(), 1);
+    }
 
     #[test]
     fn fill_puts_the_texts_back_and_says_where() {
