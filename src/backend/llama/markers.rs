@@ -203,8 +203,8 @@ mod tests {
 
     #[test]
     fn only_the_plain_ranges_are_tokenized_without_control_tokens() {
-        let text = "<s>user: a<e>b</s>".to_string();
-        let prompt = ChatPrompt::new(text, "").with_plain(vec![10..13]);
+        let text = "<s>user: a<e>b<e></s>".to_string();
+        let prompt = ChatPrompt::new(text, "").with_plain(vec![10..13, 14..17]);
         let got: Vec<(&str, bool)> = pieces(&prompt)
             .iter()
             .map(|p| (p.text, p.parse_control))
