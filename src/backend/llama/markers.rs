@@ -211,7 +211,13 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![("<s>user: a", true), ("<e>", false), ("b</s>", true)]
+            vec![
+                ("<s>user: a", true),
+                ("<e>", false),
+                ("b", true),
+                ("<e>", false),
+                ("</s>", true)
+            ]
         );
         // No plain range: the whole prompt in one piece, as a single call tokenizes it.
         let whole = ChatPrompt::new("<s>x</s>".into(), "");
