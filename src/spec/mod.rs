@@ -515,6 +515,13 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if id.chars().all(|c| c == '.') {
+            return Err(self.err(
+                s,
+                field,
+                format!("`{id}` is not a name: ids are plain names"),
+            ));
+        }
         if id.len() > crate::names::MAX_NAME_LEN {
             return Err(self.err(
                 s,

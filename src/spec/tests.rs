@@ -243,3 +243,18 @@ fn a_compare_pair_is_two_quoted_ids_located_at_its_own_line() {
     let line = |l: &Located<String>| l.loc.line;
     assert_eq!(line(&s.compare.pairs[1].0), line(&s.compare.pairs[0].0) + 1);
 }
+
+#[test]
+fn ids_are_plain_names() {
+    for (from, to) in [
+        ("- id: tiny", "- id: \"..\""),
+        ("- id: zero", "- id: \"a\\\\b\""),
+        ("- id: gen", "- id: \"tab\\there\""),
+    ] {
+        let src = GOOD.replace(from, to);
+        let e = parse_at(&src).unwrap_err();
+        let line = src.lines().position(|l| l.contains(to)).unwrap() + 1;
+        assert_eq!(e.loc.line, line as u64, "{to}: {e}");
+        assert!(e.message.contains("plain names"), "{to}: {e}");
+    }
+}
