@@ -645,6 +645,29 @@ fn catalogue() -> Vec<(&'static str, Setup, Expect)> {
             file_only(s, "more than"),
         ),
         (
+            "a grid of half a billion rows",
+            Box::new(|p: &Project| {
+                let imdb = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("experiments/data/imdb/test.parquet");
+                let temps: Vec<String> = (0..100)
+                    .map(|i| format!("{}", f64::from(i) / 100.0))
+                    .collect();
+                let seeds: Vec<String> = (0..99).map(|i| i.to_string()).collect();
+                p.write(
+                    "spec.yaml",
+                    &common::SPEC
+                        .replace("data/reviews.jsonl", &imdb.display().to_string())
+                        .replace("  sample: {n: 12, stratify: true, seed: 5}\n", "")
+                        .replace(
+                            "temperature: [0.2, 0.8]",
+                            &format!("temperature: [{}]", temps.join(", ")),
+                        )
+                        .replace("  seed: 3\n", &format!("  seed: [{}]\n", seeds.join(", "))),
+                );
+            }),
+            loc(s, "more than this tool plans"),
+        ),
+        (
             "template never uses the text",
             write("prompts/p1.j2", "Answer {{ labels | join(' or ') }}.\n"),
             file_only("prompts/p1.j2", "never uses `{{ text }}`"),
