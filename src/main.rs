@@ -431,11 +431,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode, AppError> {
             if let Some(w) = &outcome.written {
                 out!("report: {}", w.index.display());
             } else if let Some(s) = shard {
-                out!(
-                    "shard {}/{} done; `pipeline report` once every shard is",
-                    s.index,
-                    s.count
-                );
+                if stats.interrupted {
+                    out!(
+                        "shard {}/{} stopped; its finished rows are committed, and running it again goes on from there",
+                        s.index,
+                        s.count
+                    );
+                } else {
+                    out!(
+                        "shard {}/{} done; `pipeline report` once every shard is",
+                        s.index,
+                        s.count
+                    );
+                }
             }
             if let Some(e) = outcome.error {
                 eprintln!("error: {e}");
