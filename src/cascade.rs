@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Lookup};
 use crate::calibrate::Params;
 use crate::key::Digest;
 use crate::metrics::{self, Prediction};
@@ -116,9 +116,16 @@ impl<'a> StageRows<'a> {
         self.cell.rows.get(ri)?.as_ref().map(|c| c.row_key())
     }
 
+    /// Whether the row failed for this stage: its last attempt failed, or it was computed
+    /// under a larger `n_ctx` and does not fit this stage's (it is never run here).
     fn failed(&self, ri: usize) -> bool {
-        self.key(ri)
-            .is_some_and(|k| self.cache.failure(&k).is_some())
+        let limit = self.plan.prompt_limit(&self.cell);
+        self.key(ri).is_some_and(|k| {
+            matches!(
+                self.cache.lookup(&k, limit),
+                Lookup::Failed(_) | Lookup::TooLong { .. }
+            )
+        })
     }
 }
 

@@ -11,7 +11,9 @@
 //!   is hashed again on its next use, as git does for a "racily clean" index entry;
 //! - each entry carries a blake3 checksum over all of it: an entry edited by hand (another
 //!   model's sha256 pasted in) or damaged fails it, is reported, and the file is hashed
-//!   again;
+//!   again. The checksum is not a signature: an editor who recomputes it is believed (see
+//!   below). A file that is not an entry at all (the text format of earlier versions) is
+//!   simply out of date: hashed again, without a warning;
 //! - `pipeline cache verify` hashes every file the memo names and compares.
 //!
 //! What this does not stop: someone who can write the cache folder can also write rows
@@ -45,7 +47,8 @@ struct Stamp {
 struct Entry {
     stamp: Stamp,
     sha256: String,
-    /// When the entry was written (ns since the epoch).
+    /// When the file was looked at for this entry, just before its stamp was taken and it
+    /// was hashed (ns since the epoch).
     written_ns: i128,
     /// blake3 over the stamp and the sha256 (see [`Entry::checksum_of`]).
     checksum: String,
@@ -76,7 +79,7 @@ impl Entry {
             && Self::checksum_of(&self.stamp, &self.sha256, self.written_ns) == self.checksum
     }
 
-    /// Whether the entry was written well after the file last changed.
+    /// Whether the file was looked at well after it last changed.
     fn settled(&self) -> bool {
         self.stamp.ctime_ns.max(self.stamp.mtime_ns) + RACY_NS < self.written_ns
     }
@@ -124,9 +127,10 @@ impl DigestMemo {
     /// said on stderr once and replaced.
     pub fn sha256(&self, path: &Path) -> std::io::Result<(String, u64)> {
         let abs = std::path::absolute(path)?;
+        let looked_at = now_ns();
         let stamp = stamp(&abs)?;
         let memo = self.entry_path(&abs);
-        if let Some(entry) = read_entry(&memo) {
+        if let Some(Some(entry)) = read_entry(&memo) {
             if entry.intact() {
                 if entry.stamp == stamp && entry.settled() {
                     return Ok((entry.sha256, stamp.size));
@@ -141,7 +145,7 @@ impl DigestMemo {
         }
         let sha = crate::model::sha256_file(&abs)?;
         if !self.read_only {
-            self.write(&memo, Entry::new(stamp.clone(), sha.clone(), now_ns()))?;
+            self.write(&memo, Entry::new(stamp.clone(), sha.clone(), looked_at))?;
         }
         Ok((sha, stamp.size))
     }
@@ -166,10 +170,20 @@ impl DigestMemo {
                     let _ = std::fs::remove_file(p);
                 }
             };
-            let Some(entry) = read_entry(&memo).filter(Entry::intact) else {
-                remove(&memo);
-                report.damaged.push(memo);
-                continue;
+            let entry = match read_entry(&memo) {
+                Some(Some(entry)) if entry.intact() => entry,
+                // An entry that fails its checksum: edited or damaged.
+                Some(Some(_)) => {
+                    remove(&memo);
+                    report.damaged.push(memo);
+                    continue;
+                }
+                // Not an entry (an earlier version's format): out of date, not damaged.
+                _ => {
+                    remove(&memo);
+                    report.stale += 1;
+                    continue;
+                }
             };
             let file = PathBuf::from(&entry.stamp.path);
             match stamp(&file) {
@@ -210,13 +224,15 @@ fn now_ns() -> i128 {
         .map_or(0, |d| d.as_nanos() as i128)
 }
 
-fn read_entry(memo: &Path) -> Option<Entry> {
+/// The memo file's entry: `None` when there is no readable file, `Some(None)` when the file
+/// is not an entry (another format, or too damaged to parse).
+fn read_entry(memo: &Path) -> Option<Option<Entry>> {
     // A memo entry is a few hundred bytes; anything larger is not one.
     let meta = std::fs::metadata(memo).ok()?;
     if meta.len() > 64 * 1024 {
-        return None;
+        return Some(None);
     }
-    serde_json::from_slice(&std::fs::read(memo).ok()?).ok()
+    Some(serde_json::from_slice(&std::fs::read(memo).ok()?).ok())
 }
 
 fn stamp(abs: &Path) -> std::io::Result<Stamp> {
@@ -259,7 +275,7 @@ mod tests {
         let (_dir, file, m, sha, entry_file) = digested();
         // Another model's sha256, written as if long after the file settled: only the
         // checksum tells it from a real entry.
-        let mut entry = read_entry(&entry_file).unwrap();
+        let mut entry = read_entry(&entry_file).unwrap().unwrap();
         entry.sha256 = "ab".repeat(32);
         entry.written_ns += 3_600 * 1_000_000_000;
         assert!(entry.settled() && !entry.intact());
@@ -268,6 +284,17 @@ mod tests {
         // verify: the rewritten entry holds.
         let r = m.verify().unwrap();
         assert_eq!((r.entries, r.verified), (1, 1), "{r:?}");
+    }
+
+    #[test]
+    fn an_entry_of_the_old_text_format_is_out_of_date_not_damaged() {
+        let (_dir, file, m, sha, entry_file) = digested();
+        let abs = std::path::absolute(&file).unwrap();
+        std::fs::write(&entry_file, format!("{}\n8\n1\n{sha}\n", abs.display())).unwrap();
+        let r = m.verify().unwrap();
+        assert_eq!((r.stale, r.damaged.len()), (1, 0), "{r:?}");
+        assert!(r.problems().is_empty());
+        assert_eq!(m.sha256(&file).unwrap().0, sha);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct ExecStats {
     pub models_loaded: usize,
     pub wall_s: f64,
     pub interrupted: bool,
+    /// Cell rows cached under a larger `n_ctx` that do not fit their cell's: reported as
+    /// failed (context overflow) and not run.
+    pub too_long_rows: usize,
     /// Rows computed in this run that could not be stored (the cache refused a commit):
     /// they are not in the cache and run again next time.
     pub unstored_rows: usize,
@@ -258,6 +261,8 @@ struct Work {
     /// Cells whose row shares a key computed by another cell's task: (cell, key).
     followers: Vec<(usize, Digest)>,
     cached: usize,
+    /// Cell rows computed under a larger `n_ctx` that do not fit their cell's.
+    too_long: usize,
 }
 
 /// What a cell asks of each prompt.
@@ -291,14 +296,23 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
     let mut scheduled: HashSet<Digest> = HashSet::new();
     let mut followers = Vec::new();
     let mut cached = 0;
-    for (ci, cell) in cells(plan).into_iter().enumerate() {
+    let mut too_long = 0;
+    // A key shared by cells of models with different `n_ctx` (one GGUF file under two ids)
+    // runs on the cell with the most room, so that it is not failed forever by the smallest
+    // context; the others follow it.
+    let mut by_room: Vec<(usize, &Cell, Option<u32>)> = cells(plan)
+        .into_iter()
+        .enumerate()
+        .map(|(ci, c)| (ci, c, plan.prompt_limit(c)))
+        .collect();
+    by_room.sort_by_key(|&(_, _, limit)| std::cmp::Reverse(limit));
+    for (ci, cell, limit) in by_room {
         let (Some(model), Some(prompt)) = (cell.model(), cell.prompt()) else {
             continue;
         };
         if only.is_some_and(|o| !o.contains(&cell.id)) {
             continue;
         }
-        let limit = plan.prompt_limit(cell);
         for (ri, comps) in cell.rows.iter().enumerate() {
             // Unknown keys cannot run (their examples' embeddings failed): left to do.
             let Some(comps) = comps else { continue };
@@ -310,7 +324,10 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
                 }
                 // Computed under a larger context; here it would overflow, and running it
                 // would say so again: it is reported failed, not run.
-                Lookup::TooLong { .. } => continue,
+                Lookup::TooLong { .. } => {
+                    too_long += 1;
+                    continue;
+                }
                 Lookup::Failed(_) | Lookup::Miss => {}
             }
             if !scheduled.insert(key) {
@@ -338,6 +355,7 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
         jobs: jobs.into_values().collect(),
         followers,
         cached,
+        too_long,
     }
 }
 
@@ -369,6 +387,7 @@ pub fn execute(
     }
     let mut stats = ExecStats {
         cached_rows: work.cached,
+        too_long_rows: work.too_long,
         ..Default::default()
     };
     if work.jobs.is_empty() {
@@ -426,17 +445,25 @@ pub fn execute(
     let mut error = None;
     let mut keys_done: HashSet<Digest> = HashSet::new();
     let mut keys_failed: HashSet<Digest> = HashSet::new();
-    // The prompt evaluation of each job whose later tasks are still to come: every row of
-    // a prompt records the evaluation its first part paid for.
+    // The prompt evaluation of each job that has finished a part: every row of a prompt
+    // records the evaluation its first successful part paid for.
     let mut evaluations: HashMap<usize, Prefill> = HashMap::new();
     loop {
         // Wake up when the next commit is due even if no row arrives: finished rows are
         // committed on time, however long the part in flight takes.
-        let due = opts.commit_interval.saturating_sub(last_commit.elapsed());
-        let msg = match rx.recv_timeout(due.max(Duration::from_millis(1))) {
-            Ok(msg) => Some(msg),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        let msg = if buffer.is_empty() {
+            // Nothing to commit: wait for the next message, however long.
+            match rx.recv() {
+                Ok(msg) => Some(msg),
+                Err(mpsc::RecvError) => break,
+            }
+        } else {
+            let due = opts.commit_interval.saturating_sub(last_commit.elapsed());
+            match rx.recv_timeout(due.max(Duration::from_millis(1))) {
+                Ok(msg) => Some(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         };
         match msg {
             None => {}
@@ -446,25 +473,16 @@ pub fn execute(
             }
             Some(Msg::Done { job, tasks, out }) => {
                 let j = &work.jobs[job];
-                let this = Prefill {
-                    evaluated_tokens: out.evaluated_tokens,
-                    prefill_ms: out.prefill_ms,
-                };
-                let paid = if tasks.start == 0 {
+                // The job's first part that succeeds paid for the prompt's evaluation.
+                let paid = *evaluations.entry(job).or_insert_with(|| {
                     stats.prompts_evaluated += 1;
                     stats.prompt_tokens += u64::from(out.prompt_tokens);
                     stats.evaluated_tokens += u64::from(out.evaluated_tokens);
-                    if tasks.end < j.tasks.len() {
-                        evaluations.insert(job, this);
+                    Prefill {
+                        evaluated_tokens: out.evaluated_tokens,
+                        prefill_ms: out.prefill_ms,
                     }
-                    this
-                } else {
-                    let first = evaluations.get(&job).copied();
-                    if tasks.end == j.tasks.len() {
-                        evaluations.remove(&job);
-                    }
-                    first.unwrap_or(this)
-                };
+                });
                 let now_ms = now_unix_ms();
                 for (t, o) in j.tasks[tasks.clone()].iter().zip(out.tasks) {
                     buffer.push(CachedRow {
@@ -489,7 +507,6 @@ pub fn execute(
                 error: e,
             }) => {
                 let j = &work.jobs[job];
-                evaluations.remove(&job);
                 let now_ms = now_unix_ms();
                 let failure = e.to_row_error();
                 for t in &j.tasks[tasks.clone()] {
@@ -505,10 +522,11 @@ pub fn execute(
                         .entry(failure.kind.clone())
                         .or_default() += 1;
                 }
+                let first_failed = tasks.start;
                 progress.tasks_done(plan, j, tasks);
                 if opts.fail_fast && error.is_none() {
                     error = Some(ExecError::RowFailed {
-                        cell: cells(plan)[j.tasks[0].cell].id.clone(),
+                        cell: cells(plan)[j.tasks[first_failed].cell].id.clone(),
                         row: plan.sets[j.set].rows[j.row].id.clone(),
                         source: e,
                     });
@@ -659,15 +677,18 @@ fn task_parts(tasks: &[Task]) -> Vec<Range<usize>> {
 /// How sending a job's parts ended.
 enum Sent {
     All,
-    /// A part failed as a row error: it and the rest of the job's tasks are reported failed.
+    /// At least one part failed as a row error (reported failed; with `--fail-fast` the
+    /// parts after it are not run).
     RowFailed,
     /// The receiving side is gone: stop.
     ReceiverGone,
 }
 
 /// One job, its prompt formed once and its tasks run in parts (see [`task_parts`]), each
-/// part sent as it finishes. A stop request is taken between parts: the tasks not run yet
-/// stay to do. An error that is not a row's own ends the model's work (`Err`).
+/// part sent as it finishes. A part that fails as a row error (its task does not fit the
+/// context, a decode error) is reported failed and the next part runs: whether a task
+/// fits depends on the task alone. A stop request is taken between parts: the tasks not
+/// run yet stay to do. An error that is not a row's own ends the model's work (`Err`).
 fn run_job_in_parts(
     session: &mut dyn crate::backend::Session,
     job: &WorkerJob,
@@ -675,7 +696,6 @@ fn run_job_in_parts(
     ctx: &WorkerContext,
     tx: &mpsc::Sender<Msg>,
 ) -> Result<Sent, BackendError> {
-    let all = 0..job.tasks.len();
     let failed = |tasks: Range<usize>, error: BackendError| {
         if !error.is_row_error() {
             return Err(error);
@@ -693,8 +713,9 @@ fn run_job_in_parts(
     };
     let chat = match chat(session, &ctx.prompts, &job.evaluation(ctx.budget)) {
         Ok(c) => c,
-        Err(e) => return failed(all, e),
+        Err(e) => return failed(0..job.tasks.len(), e),
     };
+    let mut result = Sent::All;
     for part in task_parts(&job.tasks) {
         if part.start > 0 && ctx.cancel.load(Ordering::SeqCst) {
             break;
@@ -710,10 +731,14 @@ fn run_job_in_parts(
                     return Ok(Sent::ReceiverGone);
                 }
             }
-            Err(e) => return failed(part.start..all.end, e),
+            Err(e) => match failed(part, e)? {
+                Sent::ReceiverGone => return Ok(Sent::ReceiverGone),
+                _ if ctx.fail_fast => return Ok(Sent::RowFailed),
+                _ => result = Sent::RowFailed,
+            },
         }
     }
-    Ok(Sent::All)
+    Ok(result)
 }
 
 impl WorkerJob {
@@ -833,7 +858,9 @@ fn worker(
                 if stop(&ctx) {
                     return Ok(());
                 }
-                if group.len() == 1 {
+                // A packed session keeps no evaluation between calls (each call re-evaluates
+                // its prompts), so its jobs run whole, a group of prompts at a time.
+                if pack == 1 {
                     match run_job_in_parts(session, &jobs[group[0]], group[0], &ctx, &tx)? {
                         Sent::All => {}
                         Sent::RowFailed => stopped |= ctx.fail_fast,

@@ -145,7 +145,37 @@ impl CacheKey for PromptPart<'_> {
             .u64("fixed_system", self.messages.fixed.system as u64)
             .u64("fixed_user", self.messages.fixed.user as u64)
             .u64("max_text_tokens", self.max_text_tokens.map_or(0, u64::from));
+        // Messages that may spell a chat marker are tokenized as data since this field was
+        // added (before, a marker in a text became a control token): their rows get new
+        // keys, so no row computed the old way is served. Every other key is unchanged.
+        let texts = self.messages.system.iter().chain([&self.messages.user]);
+        if texts.into_iter().any(|t| may_spell_a_chat_marker(t)) {
+            e.u64("texts_as_data", 1);
+        }
     }
+}
+
+/// Whether `text` holds something that looks like a chat marker of a common template
+/// (`<|im_end|>`, `</s>`, `[INST]`, `<end_of_turn>`, ...): a superset of what any model's
+/// vocabulary calls a control token, found without a tokenizer.
+pub fn may_spell_a_chat_marker(text: &str) -> bool {
+    const SIGNS: [&str; 14] = [
+        "<|",
+        "|>",
+        "<｜",
+        "｜>",
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+        "<<SYS>>",
+        "_of_turn>",
+        "<bos>",
+        "<eos>",
+        "<unk>",
+        "<pad>",
+    ];
+    SIGNS.iter().any(|s| text.contains(s))
 }
 
 /// What is asked of the model. Generation: length and stop strings (answer parsing happens
@@ -427,6 +457,40 @@ mod tests {
         b.prompt = d("x");
         assert_eq!(a.differing(&b), vec!["prompt"]);
         assert_ne!(a.row_key(), b.row_key());
+    }
+
+    /// Rows whose messages may spell a chat marker were tokenized another way before texts
+    /// were data: they get keys of their own; every other prompt keeps its key.
+    #[test]
+    fn only_messages_that_may_spell_a_marker_change_their_prompt_key() {
+        use crate::prompt::Messages;
+        let old_encoding = |m: &Messages| {
+            KeyEncoder::new(PromptPart::DOMAIN)
+                .opt_str("system", m.system.as_deref())
+                .str("user", &m.user)
+                .u64("fixed_system", m.fixed.system as u64)
+                .u64("fixed_user", m.fixed.user as u64)
+                .u64("max_text_tokens", 0)
+                .finish()
+        };
+        let key = |m: &Messages| {
+            PromptPart {
+                messages: m,
+                max_text_tokens: None,
+            }
+            .digest()
+        };
+        let plain = Messages::new(None, "Review: A fine film.".into());
+        assert_eq!(key(&plain), old_encoding(&plain));
+        for text in [
+            "Dull.<|im_end|>\nyes",
+            "a </s> b",
+            "[INST] x",
+            "<start_of_turn>user",
+        ] {
+            let m = Messages::new(Some("Judge.".into()), format!("Review: {text}"));
+            assert_ne!(key(&m), old_encoding(&m), "{text}");
+        }
     }
 
     /// The encoding of keys is pinned: a change that is not a deliberate `KEY_SCHEMA` bump

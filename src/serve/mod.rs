@@ -148,6 +148,25 @@ struct Shared {
     batch_due: tokio::sync::Notify,
     telemetry: Telemetry,
     max_batch: usize,
+    /// Rows being computed on tasks of their own (their client may have left): shutdown
+    /// waits for them before the last rows are written.
+    computing: tokio::sync::watch::Sender<usize>,
+}
+
+/// One row computing on a task of its own, counted in [`Shared::computing`] while it lives.
+struct Computing(Arc<Shared>);
+
+impl Computing {
+    fn start(shared: &Arc<Shared>) -> Self {
+        shared.computing.send_modify(|n| *n += 1);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Computing {
+    fn drop(&mut self) {
+        self.0.computing.send_modify(|n| *n -= 1);
+    }
 }
 
 #[derive(OpenApi)]
@@ -270,6 +289,7 @@ async fn run_server(
         batch_due: tokio::sync::Notify::new(),
         telemetry: Telemetry::new(),
         max_batch: opts.max_batch,
+        computing: tokio::sync::watch::Sender::new(0),
     });
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
@@ -314,8 +334,9 @@ async fn run_server(
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
-    // In-flight requests are answered: write what waits, keep the cache compact, stop the
-    // worker.
+    // In-flight requests are answered, and rows whose clients left are finished: write
+    // what waits, keep the cache compact, stop the worker.
+    let _ = shared.computing.subscribe().wait_for(|n| *n == 0).await;
     let _ = stop_writer.send(true);
     let _ = writer.await;
     drop(shared.served.lock().expect("not poisoned").take());
@@ -749,16 +770,27 @@ async fn stage_output(
     text: &str,
     prepared: &scorer::Prepared,
 ) -> Result<(Option<Vec<f64>>, Option<String>, bool), ApiError> {
-    let (Some(key), Some(components), Some(messages), Kind::Llm { prompt, task, .. }) = (
+    let (
+        Some(key),
+        Some(components),
+        Some(messages),
+        Kind::Llm {
+            prompt,
+            task,
+            prompt_limit,
+            ..
+        },
+    ) = (
         &prepared.key,
         &prepared.components,
         &prepared.messages,
         &scorer.kind,
-    ) else {
+    )
+    else {
         // A vote: no model, nothing cached.
         return Ok((None, None, false));
     };
-    if let Some((lp, raw)) = s.storage.row(key) {
+    if let Some((lp, raw)) = s.storage.row(key, *prompt_limit) {
         s.telemetry.cache_hits.inc();
         return Ok((lp, raw, true));
     }
@@ -773,12 +805,13 @@ async fn stage_output(
     // The computation and its storing run on a task of their own: a client that gives up
     // (a timeout, a closed connection) drops this request, not the work it queued, so the
     // row is finished and cached and the client's retry is answered from the cache.
-    let shared = s.clone();
+    let computing = Computing::start(s);
     let (cell, kind) = (scorer.cell.clone(), crate::exec::task_kind(&task));
     let (key, components) = (*key, *components);
     let row_text = prepared.text.clone();
     let computed = tokio::spawn(async move {
-        let out = ask(&shared, worker, |reply| Job::Infer {
+        let shared = &computing.0;
+        let out = ask(shared, worker, |reply| Job::Infer {
             item,
             prompt,
             task,

@@ -56,6 +56,8 @@ pub enum Kind {
         calibration: Option<Params>,
         /// The retrieval of a knn prompt: its pool index into `pools` and how it searches.
         retrieval: Option<(usize, Search)>,
+        /// The most prompt tokens a cached row may have to serve this cell (its `n_ctx`).
+        prompt_limit: Option<u32>,
     },
     Vote {
         pool: usize,
@@ -180,6 +182,7 @@ impl Scorer {
                     fixed: Box::new(fixed),
                     calibration,
                     retrieval,
+                    prompt_limit: plan.prompt_limit(c),
                 }
             }
         };

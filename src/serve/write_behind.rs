@@ -48,12 +48,19 @@ impl WriteBehind {
     }
 
     /// A row's raw output (label log-probs, generated text), written or waiting.
-    pub fn row(&self, key: &Digest) -> Option<(Option<Vec<f64>>, Option<String>)> {
+    /// A computed row's log-probs and text, stored or waiting, if its prompt has at most
+    /// `prompt_limit` tokens (a row computed under a larger `n_ctx` may not fit the cell's).
+    pub fn row(
+        &self,
+        key: &Digest,
+        prompt_limit: Option<u32>,
+    ) -> Option<(Option<Vec<f64>>, Option<String>)> {
+        let fits = |r: &&CachedRow| prompt_limit.is_none_or(|l| r.prompt_tokens <= l);
         let out = |r: &CachedRow| (r.logprobs.clone(), r.text.clone());
-        if let Some(r) = locked(&self.cache).get(key) {
+        if let Some(r) = locked(&self.cache).get(key).filter(fits) {
             return Some(out(r));
         }
-        locked(&self.pending).rows.get(key).map(out)
+        locked(&self.pending).rows.get(key).filter(fits).map(out)
     }
 
     /// A text's embedding, stored or waiting.
@@ -142,7 +149,7 @@ mod tests {
         assert!(due[BATCH - 1]);
         let key = row(4).key;
         assert_eq!(
-            w.row(&key).unwrap().0,
+            w.row(&key, None).unwrap().0,
             row(4).logprobs,
             "answers while waiting"
         );
@@ -150,10 +157,14 @@ mod tests {
         w.flush().unwrap();
         assert_eq!(w.waiting(), 0);
         assert_eq!(
-            w.row(&key).unwrap().0,
+            w.row(&key, None).unwrap().0,
             row(4).logprobs,
             "answers once written"
         );
+        // A row whose prompt does not fit the cell's context is not an answer for it.
+        let tokens = row(4).prompt_tokens;
+        assert!(w.row(&key, Some(tokens)).is_some());
+        assert!(w.row(&key, Some(tokens - 1)).is_none());
         let on_disk = Cache::open_read_only(dir.path()).unwrap();
         assert_eq!(on_disk.rows().count(), BATCH);
         assert_eq!(on_disk.report.segments, 1, "one segment for the batch");

@@ -3,9 +3,12 @@
 //! nothing inside a message may become one: a review that contains `<|im_end|>` must not
 //! close the user's turn. llama.cpp parses control tokens in a whole string or in none, so
 //! the prompt is tokenized in pieces: the marker strings that fall inside a message are
-//! tokenized as plain text, everything else as before. llama.cpp already tokenizes the text
-//! between two control tokens on its own, so a prompt whose messages hold no marker is
-//! tokenized exactly as a single call would (and its cached rows stay valid).
+//! tokenized as plain text, the rest with control tokens parsed. A prompt whose messages
+//! hold no marker is one piece: tokenized exactly as before (and its cached rows stay
+//! valid). Where a message does hold one, the text right at the marker's edges may be
+//! tokenized a little differently from an untouched text (each piece starts afresh: a
+//! SentencePiece vocabulary adds its space prefix, a BPE one splits at the edge); such rows
+//! have keys of their own (`key::may_spell_a_chat_marker`).
 //!
 //! Which tokens are control tokens is the vocabulary's word: those llama.cpp matches only
 //! when asked to parse special tokens (attribute CONTROL or UNKNOWN). A vocabulary's
@@ -107,8 +110,9 @@ pub(super) fn plain_ranges(
 }
 
 /// Where each message's content sits in `prompt`, found by applying the template to
-/// placeholders and putting the contents back (as they are, or trimmed, as some templates
-/// do); `None` when neither gives the prompt back.
+/// placeholders and putting the contents back (each as it is, or trimmed of ASCII
+/// whitespace, as llama.cpp's templates for some models do); `None` when no way gives the
+/// prompt back.
 fn message_spans(
     m: &Messages,
     prompt: &str,
@@ -119,17 +123,18 @@ fn message_spans(
         USER_PLACEHOLDER.to_string(),
     );
     let skeleton = apply(&placeholders)?;
-    for trim in [false, true] {
-        let content = |s: &str| {
-            if trim {
-                s.trim().to_string()
-            } else {
-                s.to_string()
-            }
-        };
-        let mut parts: Vec<(&str, String)> = vec![(USER_PLACEHOLDER, content(&m.user))];
+    let content = |s: &str, trim: bool| {
+        if trim {
+            s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b')
+                .to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for (trim_user, trim_system) in [(false, false), (true, true), (true, false), (false, true)] {
+        let mut parts: Vec<(&str, String)> = vec![(USER_PLACEHOLDER, content(&m.user, trim_user))];
         if let Some(s) = &m.system {
-            parts.push((SYSTEM_PLACEHOLDER, content(s)));
+            parts.push((SYSTEM_PLACEHOLDER, content(s, trim_system)));
         }
         if let Some(spans) = fill(&skeleton, &parts)
             && spans.0 == prompt
