@@ -1,6 +1,6 @@
 //! Texts are data. A chat prompt is the model's chat template around the messages; the
 //! template's own markers (`<|im_start|>`, `<|im_end|>`, ...) are control tokens, and
-//! nothing inside a message may become one: a review that contains `<|im_end|>` must not
+//! nothing inside a message may become one: a text that contains `<|im_end|>` must not
 //! close the user's turn. llama.cpp parses control tokens in a whole string or in none, so
 //! the prompt is tokenized in pieces: the marker strings that fall inside a message are
 //! tokenized as plain text, the rest with control tokens parsed. A prompt whose messages
