@@ -65,9 +65,10 @@ pub fn check_hub_file(file: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// The checks every segment gets: not empty, not too long, not a dot name, no control
-/// character, no backslash (a separator on Windows) or colon (a drive or stream there).
-fn check_segment(s: &str) -> Result<(), NameError> {
+/// A spec id (model, prompt, method, ...): not empty, not too long, not a dot name, no
+/// control character, no backslash. Ids name cells, not files, so other characters are
+/// the spec's own business (cell-id separators are checked where cell ids are built).
+pub fn check_id(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
         return Err(NameError::Empty);
     }
@@ -80,8 +81,18 @@ fn check_segment(s: &str) -> Result<(), NameError> {
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         return Err(NameError::Control(c));
     }
-    if let Some(c) = s.chars().find(|c| matches!(c, '\\' | ':')) {
-        return Err(NameError::Char(c));
+    if s.contains('\\') {
+        return Err(NameError::Char('\\'));
+    }
+    Ok(())
+}
+
+/// The checks every path segment gets: those of an id, and no colon (a drive or a stream
+/// on Windows).
+fn check_segment(s: &str) -> Result<(), NameError> {
+    check_id(s)?;
+    if s.contains(':') {
+        return Err(NameError::Char(':'));
     }
     Ok(())
 }

@@ -505,28 +505,11 @@ impl Validator<'_> {
         if id.is_empty() {
             return Err(self.err(s, field, "an id must not be empty"));
         }
-        if let Some(c) = id.chars().find(|c| c.is_control() || *c == '\\') {
+        if let Err(why) = crate::names::check_id(id) {
             return Err(self.err(
                 s,
                 field,
-                format!(
-                    "id `{}` must not contain {c:?}: ids are plain names",
-                    id.escape_debug()
-                ),
-            ));
-        }
-        if id.chars().all(|c| c == '.') {
-            return Err(self.err(
-                s,
-                field,
-                format!("`{id}` is not a name: ids are plain names"),
-            ));
-        }
-        if id.len() > crate::names::MAX_NAME_LEN {
-            return Err(self.err(
-                s,
-                field,
-                format!("an id is at most {} bytes", crate::names::MAX_NAME_LEN),
+                format!("id `{}` {why}: ids are plain names", id.escape_debug()),
             ));
         }
         if let Some(c) = id.chars().find(|c| CELL_ID_SEPARATORS.contains(c)) {
