@@ -464,18 +464,13 @@ impl Session for LlamaSession<'_> {
     }
 
     fn tokens(&self, prompt: &ChatPrompt) -> Result<Vec<super::PromptToken>, BackendError> {
-        use llama_cpp_2::token_type::LlamaTokenAttr;
         let vocab = self.model.vocab();
         Ok(self
             .tokenize_prompt(prompt)
             .into_iter()
-            .map(|t| {
-                let attr = vocab.attr(t);
-                super::PromptToken {
-                    id: t.0,
-                    control: attr.contains(LlamaTokenAttr::Control)
-                        || attr.contains(LlamaTokenAttr::Unknown),
-                }
+            .map(|t| super::PromptToken {
+                id: t.0,
+                control: markers::is_control(&vocab, t),
             })
             .collect())
     }

@@ -18,6 +18,9 @@ use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token_type::LlamaTokenAttr;
+use llama_cpp_2::vocab::LlamaVocab;
 
 use crate::backend::{BackendError, ChatPrompt};
 use crate::prompt::Messages;
@@ -33,17 +36,20 @@ pub(super) struct Markers {
 const SYSTEM_PLACEHOLDER: &str = "\u{F0001}";
 const USER_PLACEHOLDER: &str = "\u{F0002}";
 
+/// Whether `token` is a control token: one llama.cpp matches in a text only when asked to
+/// parse special tokens.
+pub(super) fn is_control(vocab: &LlamaVocab<'_>, token: LlamaToken) -> bool {
+    let attr = vocab.attr(token);
+    attr.contains(LlamaTokenAttr::Control) || attr.contains(LlamaTokenAttr::Unknown)
+}
+
 impl Markers {
     /// The control tokens of `model`'s vocabulary; `None` when it has none.
     pub(super) fn of(model: &LlamaModel) -> Option<Self> {
-        use llama_cpp_2::token_type::LlamaTokenAttr;
         let vocab = model.vocab();
         let mut strings: Vec<String> = vocab
             .tokens()
-            .filter(|&t| {
-                let attr = vocab.attr(t);
-                attr.contains(LlamaTokenAttr::Control) || attr.contains(LlamaTokenAttr::Unknown)
-            })
+            .filter(|&t| is_control(&vocab, t))
             .filter_map(|t| vocab.text(t).map(|s| s.to_string_lossy().into_owned()))
             .filter(|s| !s.is_empty())
             .collect();
