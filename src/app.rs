@@ -924,9 +924,10 @@ pub fn cache_verify(cfg: &Config) -> Result<Verified, AppError> {
     let mut report = Cache::open(&cfg.cache_dir)?.report;
     let store = Store::open(&cfg.cache_dir)?;
     report.merge(&store.report);
-    let memo = cfg.resolver(false).memo().verify().map_err(|e| {
+    let memo = cfg.resolver(false).memo();
+    let memo = memo.verify().map_err(|e| {
         AppError::Cache(CacheError::Io {
-            path: cfg.resolver(false).digest_dir,
+            path: memo.dir.clone(),
             source: e,
         })
     })?;

@@ -82,6 +82,8 @@ struct StageRows<'a> {
     cache: &'a Cache,
     cell: Cell,
     params: Option<Result<Params, String>>,
+    /// The most prompt tokens a row of this stage may have (its `n_ctx`).
+    prompt_limit: Option<u32>,
 }
 
 impl<'a> StageRows<'a> {
@@ -96,6 +98,7 @@ impl<'a> StageRows<'a> {
             params: cell
                 .calibration
                 .map(|c| metrics::calibration(plan, cache, c)),
+            prompt_limit: plan.prompt_limit(&cell),
             cell,
         }
     }
@@ -119,10 +122,9 @@ impl<'a> StageRows<'a> {
     /// Whether the row failed for this stage: its last attempt failed, or it was computed
     /// under a larger `n_ctx` and does not fit this stage's (it is never run here).
     fn failed(&self, ri: usize) -> bool {
-        let limit = self.plan.prompt_limit(&self.cell);
         self.key(ri).is_some_and(|k| {
             matches!(
-                self.cache.lookup(&k, limit),
+                self.cache.lookup(&k, self.prompt_limit),
                 Lookup::Failed(_) | Lookup::TooLong { .. }
             )
         })

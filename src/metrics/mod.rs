@@ -137,13 +137,14 @@ pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, Str
     // A fit waits for all its rows (those recorded as failed aside): fitted on whatever
     // happens to be cached, a calibrated cell's answers would depend on what ran before.
     let mut failed = 0;
+    let limit = plan.prompt_limit(support);
     let scored: Vec<(Vec<f64>, usize)> = support
         .rows
         .iter()
         .zip(rows)
         .filter_map(|(comps, row)| {
             let key = comps.as_ref()?.row_key();
-            match cache.lookup(&key, plan.prompt_limit(support)) {
+            match cache.lookup(&key, limit) {
                 Lookup::Hit(r) => Some((r.logprobs.clone()?, row.label)),
                 Lookup::TooLong { .. } | Lookup::Failed(_) => {
                     failed += 1;

@@ -220,11 +220,11 @@ pub fn build(
     // Warnings about the other labelled files (pools, shots, fit rows), said with the
     // dataset's own.
     let file_warnings = std::cell::RefCell::new(Vec::new());
-    let grid_rows = spec.grid_cells().saturating_mul(dataset.rows.len() as u64);
+    let grid_cells = spec.grid_cells();
+    let grid_rows = grid_cells.saturating_mul(dataset.rows.len() as u64);
     if grid_rows > crate::spec::MAX_GRID_ROWS {
         return Err(spec.dataset.path.error(format!(
-            "{} cells × {} rows is {grid_rows} rows, more than this tool plans in one spec ({}): sample the dataset (`sample: {{n: ...}}`) or split the spec",
-            spec.grid_cells(),
+            "{grid_cells} cells × {} rows is {grid_rows} rows, more than this tool plans in one spec ({}): sample the dataset (`sample: {{n: ...}}`) or split the spec",
             dataset.rows.len(),
             crate::spec::MAX_GRID_ROWS
         )));
@@ -1243,12 +1243,13 @@ impl Plan {
             rows: c.rows.len(),
             ..Default::default()
         };
+        let limit = self.prompt_limit(c);
         for (i, comps) in c.rows.iter().enumerate() {
             let Some(comps) = comps else {
                 ex.unknown += 1;
                 continue;
             };
-            match cache.lookup(&comps.row_key(), self.prompt_limit(c)) {
+            match cache.lookup(&comps.row_key(), limit) {
                 Lookup::Hit(_) => {
                     ex.cached += 1;
                     continue;
