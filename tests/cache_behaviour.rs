@@ -3,29 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Project, misses, predictions};
-
-/// Wait until the run in `p` has committed at least one segment.
-fn wait_for_segment(p: &Project) {
-    let rows_dir = p.path("cache/v2/rows");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let segs = std::fs::read_dir(&rows_dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-                    .count()
-            })
-            .unwrap_or(0);
-        if segs > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no segment committed in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn rerun_computes_nothing() {
@@ -180,7 +160,7 @@ fn sigkill_mid_run_then_resume_matches_an_uninterrupted_run() {
         .spawn()
         .unwrap();
     // Wait until at least one batch is committed, then kill without warning.
-    wait_for_segment(&p);
+    common::wait_for_commit(&p);
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -329,7 +309,7 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_rows() {
         .unwrap();
     // The handler is installed before any row runs: once a segment is committed, a signal
     // reaches it (a fixed sleep could signal before it exists).
-    wait_for_segment(&p);
+    common::wait_for_commit(&p);
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -100,14 +100,6 @@ fn a_hub_file_that_climbs_out_is_a_located_error_at_plan() {
 }
 
 /// A spec whose only prompt is `p1`, on `--limit 1` row: one prompt evaluation a model.
-/// Committed segments (a hidden temporary file is a commit in progress, not a commit).
-fn committed(p: &Project) -> usize {
-    common::segments(p)
-        .iter()
-        .filter(|s| !s.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .count()
-}
-
 fn one_prompt_spec(extra_sampling: &str) -> String {
     common::SPEC
         .replace(
@@ -146,13 +138,8 @@ fn sigterm_commits_finished_rows_writes_the_report_and_exits_143() {
         .spawn()
         .unwrap();
     // The event: the first commit (after 32 rows or 3 s).
-    let mut polls = 0;
-    while committed(&p) == 0 {
-        assert!(polls < 2000, "no commit in 20 s");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        polls += 1;
-    }
+    common::wait_for_commit(&p);
+    assert!(child.try_wait().unwrap().is_none(), "the run ended early");
     let pid = child.id().to_string();
     assert!(
         std::process::Command::new("kill")
@@ -201,12 +188,7 @@ fn a_prompt_with_hundreds_of_sampled_cells_is_committed_as_it_goes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut polls = 0;
-    while committed(&p) == 0 {
-        assert!(polls < 6000, "no commit in 30 s");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        polls += 1;
-    }
+    common::wait_for_commit(&p);
     child.kill().unwrap(); // SIGKILL: what was committed is all that is kept
     child.wait().unwrap();
     let kept = pipeline::cache::Cache::open_read_only(&p.path("cache"))

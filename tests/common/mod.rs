@@ -270,11 +270,26 @@ pub fn segments(p: &Project) -> Vec<PathBuf> {
             d.filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                // A hidden temporary file is a commit in progress, not a segment yet.
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
                 .collect()
         })
         .unwrap_or_default();
     out.sort();
     out
+}
+
+/// Wait until the run in `p` has committed at least one segment (the event a test of an
+/// interrupted run waits for, never a fixed sleep), for at most a minute.
+pub fn wait_for_commit(p: &Project) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while segments(p).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no segment committed in time"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// The report page with minijinja's escape of `/` (`&#x2f;`) undone, for text searches.
