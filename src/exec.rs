@@ -923,17 +923,7 @@ mod tests {
     use super::*;
 
     fn generate(max_tokens: u32) -> Task {
-        Task::Generate {
-            max_tokens,
-            stop: Vec::new(),
-            sampler: Sampler {
-                temperature: 0.8,
-                top_p: 1.0,
-                top_k: 0,
-                min_p: 0.0,
-                seed: 1,
-            },
-        }
+        crate::backend::sampled_generation(max_tokens, 1)
     }
 
     #[test]

@@ -394,23 +394,29 @@ fn mix_seed(domain: &[u8], parts: &[&[u8]]) -> u64 {
     u64::from(if s == u32::MAX { 0 } else { s })
 }
 
+/// A sampled generation of `max_tokens` with `seed`, for unit tests.
+#[cfg(test)]
+pub(crate) fn sampled_generation(max_tokens: u32, seed: u64) -> Task {
+    Task::Generate {
+        max_tokens,
+        stop: Vec::new(),
+        sampler: Sampler {
+            temperature: 0.8,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed,
+        },
+    }
+}
+
 #[cfg(test)]
 mod row_seed_tests {
     use super::*;
     use crate::key::Digest;
 
     fn generate(seed: u64) -> Task {
-        Task::Generate {
-            max_tokens: 4,
-            stop: Vec::new(),
-            sampler: Sampler {
-                temperature: 0.8,
-                top_p: 1.0,
-                top_k: 0,
-                min_p: 0.0,
-                seed,
-            },
-        }
+        sampled_generation(4, seed)
     }
 
     fn seed_of(t: &Task) -> Option<u64> {
