@@ -34,9 +34,14 @@ pub enum AppError {
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error("cell `{cell}` cannot be calibrated: {why}")]
-    Calibration { cell: String, why: String },
+    Calibration {
+        cell: String,
+        why: crate::predict::CalibrationError,
+    },
     #[error("serve: {0}")]
-    Serve(String),
+    Serve(#[from] crate::serve::ServeError),
+    #[error("serve: cascade `{cell}`: a threshold could not be fitted ({why})")]
+    ServeThreshold { cell: String, why: String },
     #[error("cannot listen for SIGINT and SIGTERM: {0}")]
     Signals(#[source] std::io::Error),
     #[error("no cell `{cell}` in this plan; cells: {known}")]
@@ -49,6 +54,8 @@ pub enum AppError {
     NotACache(PathBuf),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error("the plan's stages: {0}")]
+    Dag(#[from] crate::dag::DagError),
     #[error("{}: is the cache itself; export into another folder", .0.display())]
     ExportIntoCache(PathBuf),
 }
@@ -163,6 +170,11 @@ impl Planned {
 
     pub fn stages(&self) -> Vec<crate::plan::StageStatus> {
         self.plan.stages(&self.cache, &self.store)
+    }
+
+    /// The stages as one checked graph.
+    pub fn dag(&self) -> Result<crate::dag::Dag, crate::dag::DagError> {
+        crate::dag::Dag::new(self.stages())
     }
 
     /// Cache problems met while opening it (damaged segments, corrupt rows).
@@ -410,7 +422,7 @@ pub fn run_with_backend(
             let params = crate::metrics::calibration(&plan, &cache, c.calibration?).ok()?;
             Some(Artifact {
                 key,
-                kind: "calibration".into(),
+                kind: crate::store::ArtifactKind::Calibration,
                 value: serde_json::to_vec(&params).expect("parameters serialize"),
             })
         })
@@ -515,7 +527,7 @@ pub fn shard_plan(planned: &mut Planned, count: usize) -> Result<Vec<ShardSummar
         s.prompts += 1;
         s.rows += j.rows;
         s.estimated_tokens += j.tokens;
-        let model = &plan.models[j.id.0].id;
+        let model = &plan.models[j.id.model].id;
         if s.models.last() != Some(model) {
             s.models.push(model.clone());
         }
@@ -635,11 +647,9 @@ pub fn serve(
         Source::Cascade { cascade } => {
             let res = plan.cascades[cascade].resolution.as_ref();
             let known: Option<Vec<f64>> = res.and_then(|r| r.thresholds.iter().copied().collect());
-            known.ok_or_else(|| {
-                AppError::Serve(format!(
-                    "cascade `{cell}`: a threshold could not be fitted ({})",
-                    plan.cascade_note(&plan.cascades[cascade])
-                ))
+            known.ok_or_else(|| AppError::ServeThreshold {
+                cell: cell.to_string(),
+                why: plan.cascade_note(&plan.cascades[cascade]),
             })?
         }
         _ => Vec::new(),
@@ -721,7 +731,7 @@ pub struct CacheReport {
     /// Per spec: its name and the total of its cells' status.
     pub specs: Vec<(String, CellStatus)>,
     /// Stored stage outputs by kind (embeddings, neighbour lists, calibration fits).
-    pub artifacts: std::collections::BTreeMap<String, usize>,
+    pub artifacts: std::collections::BTreeMap<crate::store::ArtifactKind, usize>,
     pub artifact_bytes: u64,
 }
 
@@ -859,7 +869,11 @@ pub fn cache_export(
     let mut store = Store::open(out)?;
     let mut needed_artifacts = needed_artifacts;
     if without_embeddings {
-        needed_artifacts.retain(|k| source_store.get(k).is_none_or(|a| a.kind != "embedding"));
+        needed_artifacts.retain(|k| {
+            source_store
+                .get(k)
+                .is_none_or(|a| a.kind != crate::store::ArtifactKind::Embedding)
+        });
     }
     let items: Vec<Artifact> = needed_artifacts
         .iter()

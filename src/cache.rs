@@ -36,6 +36,7 @@ use crate::segments::{
     Access, SegmentDir, added_later, damage, intact, io_err, read_batches, read_file,
 };
 pub use crate::segments::{CacheError, LoadReport};
+use crate::table::TableError;
 
 pub const LAYOUT: &str = "v2";
 
@@ -51,7 +52,7 @@ pub struct CachedRow {
     /// Dataset row id and the cell that first computed it (informational).
     pub row_id: String,
     pub cell_id: String,
-    pub kind: String,
+    pub kind: crate::row::TaskKind,
     pub text: Option<String>,
     pub logprobs: Option<Vec<f64>>,
     pub prompt_tokens: u32,
@@ -89,7 +90,7 @@ impl CachedRow {
         }
         e.str("row_id", &self.row_id)
             .str("cell_id", &self.cell_id)
-            .str("kind", &self.kind)
+            .str("kind", self.kind.as_str())
             .opt_str("text", self.text.as_deref());
         match &self.logprobs {
             Some(lp) => {
@@ -206,7 +207,8 @@ impl Cache {
             let rows = match decode_segment(bytes) {
                 Ok(rows) => rows,
                 Err(e) => {
-                    self.segments.distrust(&path, &e, &mut self.report)?;
+                    self.segments
+                        .distrust(&path, &e.to_string(), &mut self.report)?;
                     continue;
                 }
             };
@@ -262,9 +264,9 @@ impl Cache {
     }
 
     fn write_segment(&self, rows: &[CachedRow]) -> Result<PathBuf, CacheError> {
-        let batch = encode_segment(rows).map_err(|message| CacheError::Segment {
+        let batch = encode_segment(rows).map_err(|e| CacheError::Segment {
             path: self.segments.dir.clone(),
-            message,
+            message: e.to_string(),
         })?;
         self.segments.write(&batch)
     }
@@ -559,7 +561,7 @@ fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, String> {
+fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, TableError> {
     let strs = |f: &dyn Fn(&CachedRow) -> String| -> ArrayRef {
         Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
     };
@@ -589,7 +591,7 @@ fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, String> {
     cols.extend([
         strs(&|r| r.row_id.clone()),
         strs(&|r| r.cell_id.clone()),
-        strs(&|r| r.kind.clone()),
+        strs(&|r| r.kind.as_str().to_string()),
         opt_strs(&|r| r.text.clone()),
         Arc::new(lp.finish()) as ArrayRef,
         u32s(&|r| r.prompt_tokens),
@@ -602,25 +604,27 @@ fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, String> {
         Arc::new(Int64Array::from(
             rows.iter().map(|r| r.created_unix_ms).collect::<Vec<_>>(),
         )) as ArrayRef,
-        opt_strs(&|r| r.error.as_ref().map(|e| e.kind.clone())),
+        opt_strs(&|r| r.error.as_ref().map(|e| e.kind.as_str().to_string())),
         opt_strs(&|r| r.error.as_ref().map(|e| e.message.clone())),
         strs(&|r| r.checksum().hex()),
         opt_strs(&|r| r.host.clone()),
         opt_strs(&|r| r.shard.clone()),
     ]);
-    RecordBatch::try_new(schema(), cols).map_err(|e| e.to_string())
+    RecordBatch::try_new(schema(), cols).map_err(TableError::from)
 }
 
 /// Read a segment. The outer error means the file is unreadable as a whole; each row is
 /// `Err` when it fails verification.
-pub fn read_segment(path: &Path) -> std::io::Result<Vec<Result<CachedRow, String>>> {
+pub fn read_segment(path: &Path) -> std::io::Result<Vec<Result<CachedRow, TableError>>> {
     decode_segment(read_file(path)?)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Decode a segment's bytes; `Err` when the file as a whole cannot be trusted. Never
 /// panics, whatever the bytes.
-pub fn decode_segment(bytes: bytes::Bytes) -> Result<Vec<Result<CachedRow, String>>, String> {
+pub fn decode_segment(
+    bytes: bytes::Bytes,
+) -> Result<Vec<Result<CachedRow, TableError>>, TableError> {
     Ok(read_batches(bytes, &schema())?
         .iter()
         .flat_map(decode_batch)
@@ -628,7 +632,7 @@ pub fn decode_segment(bytes: bytes::Bytes) -> Result<Vec<Result<CachedRow, Strin
 }
 
 /// The rows of a batch whose schema [`read_batches`] checked.
-fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
+fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>> {
     let col = |name: &str| b.column_by_name(name).expect("schema checked");
     let s = |name: &str| col(name).as_string::<i32>().clone();
     let u = |name: &str| col(name).as_primitive::<UInt32Type>().clone();
@@ -665,7 +669,10 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
                 *p = d(a)?;
             }
             let error = match (opt(&error_kind, i), opt(&error, i)) {
-                (Some(kind), Some(message)) => Some(RowError { kind, message }),
+                (Some(kind), Some(message)) => Some(RowError {
+                    kind: kind.parse().map_err(|_| "bad error kind")?,
+                    message,
+                }),
                 (None, None) => None,
                 _ => return Err("error kind without message".into()),
             };
@@ -674,7 +681,7 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, String>> {
                 components: Components::from_parts(parts),
                 row_id: row_id.value(i).to_string(),
                 cell_id: cell_id.value(i).to_string(),
-                kind: kind.value(i).to_string(),
+                kind: kind.value(i).parse().map_err(|_| "bad task kind")?,
                 text: opt(&text, i),
                 logprobs: (!lp.is_null(i))
                     .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
@@ -725,7 +732,7 @@ pub(crate) mod tests {
             components,
             row_id: format!("row{n}"),
             cell_id: "cell".into(),
-            kind: "generate".into(),
+            kind: crate::row::TaskKind::Generate,
             text: Some(format!("positive {n}")),
             logprobs: if n.is_multiple_of(2) {
                 Some(vec![-0.5, -1.5])

@@ -11,33 +11,11 @@ use serde::Serialize;
 use crate::cache::{Cache, Lookup};
 use crate::calibrate::Params;
 use crate::key::Digest;
-use crate::metrics::{self, Prediction};
 use crate::plan::{Cell, CellRef, Plan};
+use crate::predict::{self as metrics, Prediction};
 use crate::spec::Escalate;
 
-/// What the cache says about a cascade's rows.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Resolution {
-    /// The margin threshold of each step (`None` while its fit rows are not all computed).
-    pub thresholds: Vec<Option<f64>>,
-    /// How many fit rows each fitted step was fitted on.
-    pub fit_rows: Vec<Option<usize>>,
-    /// For each evaluation row, the stage that answers it (`None` while a row of a stage
-    /// it reaches is not computed).
-    pub answered_by: Vec<Option<usize>>,
-    /// Evaluation rows that reach each stage, as far as known now.
-    pub reached: Vec<usize>,
-    /// Rows of a stage that the cascade needs and that are not cached yet.
-    pub pending: usize,
-    /// Rows waiting for a stage row whose last attempt failed.
-    pub failed: usize,
-}
-
-impl Resolution {
-    pub fn answered(&self) -> usize {
-        self.answered_by.iter().flatten().count()
-    }
-}
+pub use crate::plan::Resolution;
 
 /// The distance in nats between a row's two best label log-probs; an answer that names no
 /// label (or a row without scores) has none and always goes on.
@@ -81,7 +59,7 @@ struct StageRows<'a> {
     plan: &'a Plan,
     cache: &'a Cache,
     cell: Cell,
-    params: Option<Result<Params, String>>,
+    params: Option<Result<Params, metrics::CalibrationError>>,
     /// The most prompt tokens a row of this stage may have (its `n_ctx`).
     prompt_limit: Option<u32>,
 }

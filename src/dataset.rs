@@ -12,6 +12,7 @@ use crate::rng::SplitMix64;
 use crate::spec::{
     CleanSpec, DatasetSpec, LabelSpec, Located, SampleSpec, ShotStrategy, ShotsSpec,
 };
+use crate::table::TableError;
 
 /// One dataset row after label mapping and clean-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +161,7 @@ fn read_labeled(
     spec: &DatasetSpec,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Row>, Diagnostic> {
-    let batches = read_table(&path.value).map_err(|e| path.error(e))?;
+    let batches = read_table(&path.value).map_err(|e| path.error(e.to_string()))?;
     if batches.iter().all(|b| b.num_rows() == 0) {
         return Err(path.error(format!("{} holds no rows", path.value.display())));
     }
@@ -186,7 +187,7 @@ fn read_labeled(
         let mut out = Vec::new();
         for b in &batches {
             let col = b.column_by_name(&name.value).expect("checked above");
-            out.extend(strings(col).map_err(|e| name.error(e))?);
+            out.extend(strings(col).map_err(|e| name.error(e.to_string()))?);
         }
         Ok(out)
     };
@@ -274,13 +275,16 @@ pub fn clean(text: &str, c: &CleanSpec) -> String {
 }
 
 /// Read a whole table; the format follows the file extension.
-pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, String> {
+pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let file = File::open(path)
+        .map_err(|e| TableError::Invalid(format!("cannot open {}: {e}", path.display())))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        TableError::Invalid(format!("cannot read {}: {e}", path.display()))
+    };
     match ext.as_str() {
         "parquet" | "pq" => {
             // The Parquet decoder is not hardened against every damaged file: a panic in it
@@ -297,18 +301,20 @@ pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, String> {
         }
         "csv" => read_csv(path),
         "jsonl" | "ndjson" | "json" => read_jsonl(path),
-        other => Err(format!(
+        other => Err(TableError::Invalid(format!(
             "{}: unknown table format `.{other}` (use .parquet, .csv or .jsonl)",
             path.display()
-        )),
+        ))),
     }
 }
 
 /// A CSV file with every column read as text, so that an id `007` stays `007` and a
 /// column's type never depends on its first rows.
-fn read_csv(path: &Path) -> Result<Vec<RecordBatch>, String> {
+fn read_csv(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     use arrow::datatypes::{Field, Schema};
-    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let bad = |e: &dyn std::fmt::Display| {
+        TableError::Invalid(format!("cannot read {}: {e}", path.display()))
+    };
     let mut f = File::open(path).map_err(|e| bad(&e))?;
     let (header, _) = arrow::csv::reader::Format::default()
         .with_header(true)
@@ -332,11 +338,13 @@ fn read_csv(path: &Path) -> Result<Vec<RecordBatch>, String> {
 
 /// A JSON-lines file, one object per line, every value read as text (numbers as written,
 /// nested values as JSON). A line that is not a JSON object is an error naming the line.
-fn read_jsonl(path: &Path) -> Result<Vec<RecordBatch>, String> {
+fn read_jsonl(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     use arrow::array::{ArrayRef, StringBuilder};
     use arrow::datatypes::{Field, Schema};
     use std::io::BufRead;
-    let bad = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let bad = |e: &dyn std::fmt::Display| {
+        TableError::Invalid(format!("cannot read {}: {e}", path.display()))
+    };
     let file = File::open(path).map_err(|e| bad(&e))?;
     let mut names: Vec<String> = Vec::new();
     let mut rows: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
@@ -345,7 +353,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<RecordBatch>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let at = |what: String| format!("{}:{}: {what}", path.display(), i + 1);
+        let at =
+            |what: String| TableError::Invalid(format!("{}:{}: {what}", path.display(), i + 1));
         let obj = match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(serde_json::Value::Object(o)) => o,
             Ok(_) => return Err(at("expected a JSON object on each line".into())),
@@ -403,11 +412,11 @@ fn float_text(v: f64) -> String {
 }
 
 /// A column as optional strings; integers print without a fractional part.
-fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
+fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, TableError> {
     let as_utf8 = match col.data_type() {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => col.clone(),
         DataType::Float32 | DataType::Float64 => {
-            let f = arrow::compute::cast(col, &DataType::Float64).map_err(|e| e.to_string())?;
+            let f = arrow::compute::cast(col, &DataType::Float64).map_err(TableError::from)?;
             let f = f.as_primitive::<arrow::datatypes::Float64Type>();
             return Ok((0..f.len())
                 .map(|i| (!f.is_null(i)).then(|| float_text(f.value(i))))
@@ -416,7 +425,7 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
         _ => arrow::compute::cast(col, &DataType::Utf8)
             .map_err(|e| format!("cannot read as text: {e}"))?,
     };
-    let a = arrow::compute::cast(&as_utf8, &DataType::Utf8).map_err(|e| e.to_string())?;
+    let a = arrow::compute::cast(&as_utf8, &DataType::Utf8).map_err(TableError::from)?;
     let a = a.as_string::<i32>();
     Ok((0..a.len())
         .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
@@ -660,14 +669,14 @@ mod tests {
         for i in 0..1500 {
             csv.push_str(&format!("{i:04},{i},1\n"));
         }
-        csv.push_str("007,\"a review, with a comma\",0\n");
+        csv.push_str("007,\"a text, with a comma\",0\n");
         std::fs::write(&path, csv).unwrap();
         let batches = read_table(&path).unwrap();
         let ids = column(&batches, "id");
         let texts = column(&batches, "text");
         assert_eq!(ids[0].as_deref(), Some("0000"));
         assert_eq!(ids[1500].as_deref(), Some("007"));
-        assert_eq!(texts[1500].as_deref(), Some("a review, with a comma"));
+        assert_eq!(texts[1500].as_deref(), Some("a text, with a comma"));
         assert_eq!(column(&batches, "label")[1500].as_deref(), Some("0"));
     }
 
@@ -693,9 +702,12 @@ mod tests {
         assert_eq!(column(&batches, "x"), vec![None, Some("[1]".into())]);
         std::fs::write(&path, "{\"id\": 1}\n{\"id\": 2,\n").unwrap();
         let e = read_table(&path).unwrap_err();
-        assert!(e.contains("d.jsonl:2: invalid JSON"), "{e}");
+        assert!(e.to_string().contains("d.jsonl:2: invalid JSON"), "{e}");
         std::fs::write(&path, "[1, 2]\n").unwrap();
         let e = read_table(&path).unwrap_err();
-        assert!(e.contains("d.jsonl:1: expected a JSON object"), "{e}");
+        assert!(
+            e.to_string().contains("d.jsonl:1: expected a JSON object"),
+            "{e}"
+        );
     }
 }

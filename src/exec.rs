@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backend, BackendError, ModelLoad, PromptOutput, Sampler, Task, sampler_seed};
+use crate::backend::{Backend, BackendError, FailureKind, ModelLoad, PromptOutput, Task};
 use crate::cache::{Cache, CacheError, CachedRow, Lookup};
 use crate::key::{Components, Digest};
 use crate::plan::Cell;
@@ -23,7 +23,6 @@ use crate::progress::{Progress, ProgressMode};
 use crate::prompt::{Example, Messages, Prompts};
 use crate::row::Finish;
 use crate::shard::{JobId, Manifest};
-use crate::spec::MethodKind;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -81,7 +80,7 @@ pub struct ExecStats {
     /// Cell rows that could not be computed in this run (recorded with their error).
     pub failed_rows: usize,
     /// Failed cell rows by error kind.
-    pub failed_by_kind: BTreeMap<String, usize>,
+    pub failed_by_kind: BTreeMap<FailureKind, usize>,
     pub prompts_evaluated: usize,
     pub prompt_tokens: u64,
     pub evaluated_tokens: u64,
@@ -182,7 +181,12 @@ impl Job {
     }
 
     fn id(&self) -> JobId {
-        (self.model, self.prompt, self.set, self.row)
+        JobId {
+            model: self.model,
+            prompt: self.prompt,
+            set: self.set,
+            row: self.row,
+        }
     }
 }
 
@@ -265,34 +269,13 @@ struct Work {
     too_long: usize,
 }
 
-/// What a cell asks of each prompt.
-pub fn task_for(plan: &Plan, cell: &Cell) -> Task {
-    let method = &plan.spec.methods[cell.method];
-    match (method.kind, &cell.point) {
-        (MethodKind::Generate, Some(p)) => Task::Generate {
-            max_tokens: method.max_tokens,
-            stop: method.stop.clone(),
-            sampler: Sampler {
-                temperature: p.temperature,
-                top_p: p.top_p,
-                top_k: p.top_k,
-                min_p: p.min_p,
-                seed: sampler_seed(p.seed, p.repeat),
-            },
-        },
-        _ => Task::Loglik {
-            continuations: plan.dataset.label_names(),
-        },
-    }
-}
-
 /// Cells by index: the reported cells, then the support cells (vote cells have no rows).
 fn cells(plan: &Plan) -> Vec<&Cell> {
     plan.inference_cells().collect()
 }
 
 fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> Work {
-    let mut jobs: BTreeMap<(usize, usize, usize, usize), Job> = BTreeMap::new();
+    let mut jobs: BTreeMap<JobId, Job> = BTreeMap::new();
     let mut scheduled: HashSet<Digest> = HashSet::new();
     let mut followers = Vec::new();
     let mut cached = 0;
@@ -334,21 +317,26 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
                 followers.push((ci, key));
                 continue;
             }
-            jobs.entry((model, prompt, cell.set, ri))
-                .or_insert_with(|| Job {
-                    model,
-                    prompt,
-                    set: cell.set,
-                    row: ri,
-                    tasks: Vec::new(),
-                })
-                .tasks
-                .push(PendingTask {
-                    cell: ci,
-                    key,
-                    components: *comps,
-                    task: task_for(plan, cell).for_row(&comps.prompt),
-                });
+            jobs.entry(JobId {
+                model,
+                prompt,
+                set: cell.set,
+                row: ri,
+            })
+            .or_insert_with(|| Job {
+                model,
+                prompt,
+                set: cell.set,
+                row: ri,
+                tasks: Vec::new(),
+            })
+            .tasks
+            .push(PendingTask {
+                cell: ci,
+                key,
+                components: *comps,
+                task: plan.task(cell).for_row(&comps.prompt),
+            });
         }
     }
     Work {
@@ -438,7 +426,22 @@ pub fn execute(
         .expect("spawn worker thread");
 
     let ids = cells(plan).iter().map(|c| c.id.clone()).collect();
-    let progress = Progress::new(ids, &work.jobs, &opts.progress);
+    let mut per_cell = vec![0u64; cells(plan).len()];
+    for c in work.jobs.iter().flat_map(Job::cells) {
+        per_cell[c] += 1;
+    }
+    let progress = Progress::new(ids, per_cell, &opts.progress);
+    let rows_done = |j: &Job, tasks: Range<usize>| {
+        let cells: Vec<usize> = j.cells_of(tasks).collect();
+        let what = || {
+            format!(
+                "{} · {}",
+                plan.models[j.model].id,
+                plan.prompts.id(j.prompt)
+            )
+        };
+        progress.rows_done(&what, &cells);
+    };
     let origin = Origin::of(opts);
     let mut buffer: Vec<CachedRow> = Vec::new();
     let mut last_commit = Instant::now();
@@ -499,7 +502,7 @@ pub fn execute(
                     keys_done.insert(t.key);
                     stats.computed_rows += 1;
                 }
-                progress.tasks_done(plan, j, tasks);
+                rows_done(j, tasks);
             }
             Some(Msg::RowFailed {
                 job,
@@ -517,13 +520,10 @@ pub fn execute(
                     });
                     keys_failed.insert(t.key);
                     stats.failed_rows += 1;
-                    *stats
-                        .failed_by_kind
-                        .entry(failure.kind.clone())
-                        .or_default() += 1;
+                    *stats.failed_by_kind.entry(failure.kind).or_default() += 1;
                 }
                 let first_failed = tasks.start;
-                progress.tasks_done(plan, j, tasks);
+                rows_done(j, tasks);
                 if opts.fail_fast && error.is_none() {
                     error = Some(ExecError::RowFailed {
                         cell: cells(plan)[j.tasks[first_failed].cell].id.clone(),
@@ -562,7 +562,7 @@ pub fn execute(
         } else if keys_failed.contains(k) {
             stats.failed_rows += 1;
             if let Some(f) = cache.failure(k).and_then(|r| r.error.as_ref()) {
-                *stats.failed_by_kind.entry(f.kind.clone()).or_default() += 1;
+                *stats.failed_by_kind.entry(f.kind).or_default() += 1;
             }
         }
     }
@@ -581,7 +581,7 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64, origin: &Origin) -
         components: t.components,
         row_id: plan.sets[j.set].rows[j.row].id.clone(),
         cell_id: cells(plan)[t.cell].id.clone(),
-        kind: task_kind(&t.task).into(),
+        kind: t.task.kind(),
         text: None,
         logprobs: None,
         prompt_tokens: 0,
@@ -614,13 +614,6 @@ impl Origin {
                 .as_ref()
                 .map(|f| format!("{}/{}", f.index, f.manifest.count)),
         }
-    }
-}
-
-pub(crate) fn task_kind(t: &Task) -> &'static str {
-    match t {
-        Task::Generate { .. } => "generate",
-        Task::Loglik { .. } => "loglik",
     }
 }
 

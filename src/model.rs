@@ -5,9 +5,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::diag::Diagnostic;
+pub use crate::digest_memo::sha256_file;
 use crate::spec::{ModelSource, ModelSpec};
 
 /// A model ready to load: where its file is and what it contains.
@@ -162,7 +161,7 @@ impl Resolver {
     }
 
     fn check(&self, spec: &ModelSpec, path: &Path) -> Result<(String, u64), Diagnostic> {
-        check_gguf_magic(path).map_err(|m| spec.gguf.error(m))?;
+        check_gguf_magic(path).map_err(|m| spec.gguf.error(m.to_string()))?;
         let (sha, size) = self.sha256_memo(path).map_err(|e| {
             spec.gguf
                 .error(format!("cannot read {}: {e}", path.display()))
@@ -297,34 +296,35 @@ fn remove_hub_file(path: &Path) {
 }
 
 /// Fail unless the file starts with the GGUF magic.
-pub fn check_gguf_magic(path: &Path) -> Result<(), String> {
+pub fn check_gguf_magic(path: &Path) -> Result<(), NotGguf> {
     let mut head = [0u8; 4];
-    let mut f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let n = f
-        .read(&mut head)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut f = File::open(path).map_err(|e| NotGguf::Unreadable {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let n = f.read(&mut head).map_err(|e| NotGguf::Unreadable {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     if n < 4 || &head != GGUF_MAGIC {
-        return Err(format!(
-            "{} is not a GGUF file (it starts with {:?}, expected \"GGUF\")",
-            path.display(),
-            String::from_utf8_lossy(&head[..n])
-        ));
+        return Err(NotGguf::Magic {
+            path: path.to_path_buf(),
+            head: String::from_utf8_lossy(&head[..n]).into_owned(),
+        });
     }
     Ok(())
 }
 
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+/// A model file that is not a GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum NotGguf {
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a GGUF file (it starts with {head:?}, expected \"GGUF\")", path.display())]
+    Magic { path: PathBuf, head: String },
 }
 
 /// Write a tiny stand-in GGUF file (magic + payload), for tests and examples.

@@ -3,13 +3,9 @@
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-use crate::exec::Job;
-use crate::plan::Plan;
 
 /// How a run shows its progress on stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,14 +38,8 @@ pub(crate) enum Progress {
 }
 
 impl Progress {
-    /// `cells`: the ids of the cells the jobs' tasks index.
-    pub(crate) fn new(cells: Vec<String>, jobs: &[Job], mode: &ProgressMode) -> Self {
-        let mut per_cell = vec![0u64; cells.len()];
-        for j in jobs {
-            for c in j.cells() {
-                per_cell[c] += 1;
-            }
-        }
+    /// `cells`: the ids of the cells; `per_cell`: the rows each has to compute.
+    pub(crate) fn new(cells: Vec<String>, per_cell: Vec<u64>, mode: &ProgressMode) -> Self {
         match mode {
             ProgressMode::Off => Progress::Off,
             ProgressMode::Bars => Progress::Bars(Bars::new(&cells, &per_cell)),
@@ -71,12 +61,13 @@ impl Progress {
         }
     }
 
-    /// Some of a job's tasks finished (computed or failed): their rows count as done.
-    pub(crate) fn tasks_done(&self, plan: &Plan, job: &Job, tasks: Range<usize>) {
+    /// Rows of these cells finished (computed or failed) while working on `what` (a
+    /// model and a prompt, shown beside the bars).
+    pub(crate) fn rows_done(&self, what: &dyn Fn() -> String, cells: &[usize]) {
         match self {
             Progress::Off => {}
-            Progress::Bars(b) => b.tasks_done(plan, job, tasks),
-            Progress::Lines(l) => l.borrow_mut().tasks_done(job, tasks),
+            Progress::Bars(b) => b.rows_done(what, cells),
+            Progress::Lines(l) => l.borrow_mut().rows_done(cells),
         }
     }
 
@@ -126,8 +117,8 @@ impl Bars {
         }
     }
 
-    fn tasks_done(&self, plan: &Plan, job: &Job, tasks: Range<usize>) {
-        for cell in job.cells_of(tasks) {
+    fn rows_done(&self, what: &dyn Fn() -> String, cells: &[usize]) {
+        for &cell in cells {
             self.total.inc(1);
             if let Some(b) = &self.cells[cell] {
                 b.inc(1);
@@ -137,11 +128,7 @@ impl Bars {
                 }
             }
         }
-        self.total.set_message(format!(
-            "{} · {}",
-            plan.models[job.model].id,
-            plan.prompts.id(job.prompt)
-        ));
+        self.total.set_message(what());
     }
 
     fn finish(&self) {
@@ -164,9 +151,9 @@ pub(crate) struct Lines {
 }
 
 impl Lines {
-    fn tasks_done(&mut self, job: &Job, tasks: Range<usize>) {
+    fn rows_done(&mut self, cells: &[usize]) {
         let mut cell = None;
-        for c in job.cells_of(tasks) {
+        for &c in cells {
             self.done += 1;
             self.done_per_cell[c] += 1;
             cell = Some(c);

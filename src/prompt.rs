@@ -298,7 +298,7 @@ impl Prompts {
         &self.labels
     }
 
-    /// Render the messages of prompt `prompt` for a review `text`.
+    /// Render the messages of prompt `prompt` for a row's `text`.
     pub fn render(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
         self.render_with(prompt, text, None)
     }
@@ -454,17 +454,13 @@ mod tests {
 
     #[test]
     fn the_fixed_part_ends_where_the_row_begins() {
-        let p = prompts(
-            Some("You judge reviews."),
-            "Review: {{ text }}\nAnswer.",
-            None,
-        );
+        let p = prompts(Some("You judge texts."), "Text: {{ text }}\nAnswer.", None);
         let m = p.render(0, "Great film.").unwrap();
-        assert_eq!(m.fixed.system, "You judge reviews.".len());
-        assert_eq!(&m.user[..m.fixed.user], "Review: ");
+        assert_eq!(m.fixed.system, "You judge texts.".len());
+        assert_eq!(&m.user[..m.fixed.user], "Text: ");
         let f = m.fixed_part();
-        assert_eq!(f.system.as_deref(), Some("You judge reviews."));
-        assert_eq!(f.user, "Review: ");
+        assert_eq!(f.system.as_deref(), Some("You judge texts."));
+        assert_eq!(f.user, "Text: ");
         // Every row of the prompt shares it.
         assert_eq!(p.render(0, "Awful.").unwrap().fixed, m.fixed);
     }
@@ -474,18 +470,18 @@ mod tests {
         let rows = vec![Row {
             index: 0,
             id: "e".into(),
-            text: "An example review.".into(),
+            text: "An example text.".into(),
             label: 1,
         }];
         let p = prompts(
             None,
-            "{% for e in examples %}{{ e.text }} -> {{ e.label }}\n{% endfor %}Review: {{ text }}",
+            "{% for e in examples %}{{ e.text }} -> {{ e.label }}\n{% endfor %}Text: {{ text }}",
             Some(rows),
         );
-        let m = p.render(0, "New review.").unwrap();
+        let m = p.render(0, "New text.").unwrap();
         assert_eq!(
             &m.user[..m.fixed.user],
-            "An example review. -> positive\nReview: "
+            "An example text. -> positive\nText: "
         );
     }
 
@@ -503,7 +499,7 @@ mod tests {
 
     #[test]
     fn a_row_that_starts_like_the_probe_still_gets_the_template_prefix_only() {
-        let p = prompts(None, "{{ text }} is the review.", None);
+        let p = prompts(None, "{{ text }} is the text.", None);
         let m = p.render(0, "Anything").unwrap();
         assert_eq!(m.fixed.user, 0);
         let q = prompts(None, "R: {{ text }}", None);

@@ -40,16 +40,80 @@ impl Finish {
     }
 }
 
-/// Why one row could not be computed: a short machine-readable kind
-/// (`context_overflow`, `chat_template`, `decode`, `job`) and a message for people.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RowError {
-    pub kind: String,
-    pub message: String,
+/// What a row computed: a generation, or the log-probabilities of the labels.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum TaskKind {
+    Generate,
+    Loglik,
 }
 
-/// The kind of a row whose prompt and task do not fit the model's context.
-pub const CONTEXT_OVERFLOW: &str = "context_overflow";
+/// Why a row (or a model) could not be computed, as rows, stats and reports name it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum FailureKind {
+    /// The prompt and its task do not fit the model's context.
+    ContextOverflow,
+    /// The chat template could not be applied.
+    ChatTemplate,
+    /// The engine failed to evaluate the prompt or decode.
+    Decode,
+    /// The worker lost the job (a panic or a dropped channel).
+    Job,
+    /// The model would not load.
+    Load,
+    /// An embedder that is not an embedding model.
+    NotEmbedding,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// Why one row could not be computed: its kind and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RowError {
+    pub kind: FailureKind,
+    pub message: String,
+}
 
 /// This machine's host name, as rows record where they were computed.
 pub fn this_host() -> String {

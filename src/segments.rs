@@ -14,6 +14,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::fs::write_atomic;
+use crate::table::TableError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -197,7 +198,7 @@ impl SegmentDir {
         self.writable()?;
         let bytes = encode(batch).map_err(|message| CacheError::Segment {
             path: self.dir.clone(),
-            message,
+            message: message.to_string(),
         })?;
         let path = self.dir.join(new_segment_name(&bytes));
         write_atomic(&path, &bytes).map_err(io_err(&path))?;
@@ -267,11 +268,11 @@ pub(crate) fn damage(intact: bool, bad: usize, total: usize, what: &str) -> Opti
     }
 }
 
-fn encode(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
     let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| e.to_string())?;
-    w.write(batch).map_err(|e| e.to_string())?;
-    w.close().map_err(|e| e.to_string())?;
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(TableError::from)?;
+    w.write(batch).map_err(TableError::from)?;
+    w.close().map_err(TableError::from)?;
     Ok(buf)
 }
 
@@ -281,21 +282,21 @@ fn encode(batch: &RecordBatch) -> Result<Vec<u8>, String> {
 pub(crate) fn read_batches(
     bytes: bytes::Bytes,
     schema: &Schema,
-) -> Result<Vec<RecordBatch>, String> {
+) -> Result<Vec<RecordBatch>, TableError> {
     crate::guard::catch(move || {
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|e| e.to_string())?
+            .map_err(TableError::from)?
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(TableError::from)?;
         let mut out = Vec::new();
         for batch in reader {
-            let batch = batch.map_err(|e| e.to_string())?;
+            let batch = batch.map_err(TableError::from)?;
             check_schema(&batch, schema)?;
             out.push(batch);
         }
         Ok(out)
     })
-    .unwrap_or_else(|| Err("the Parquet reader failed on this file".into()))
+    .unwrap_or_else(|| Err(TableError::ReaderPanicked))
 }
 
 /// The whole file, for [`read_batches`].
@@ -315,36 +316,42 @@ pub(crate) fn added_later(field: Field) -> Field {
 
 /// Every expected column, with exactly the expected type (list columns by their element
 /// type), and no missing values where none are allowed; no unknown column.
-fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), String> {
+fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), TableError> {
     if let Some(f) = b
         .schema()
         .fields()
         .iter()
         .find(|f| want.field_with_name(f.name()).is_err())
     {
-        return Err(format!("unexpected column {}", f.name()));
+        return Err(TableError::Invalid(format!(
+            "unexpected column {}",
+            f.name()
+        )));
     }
     for f in want.fields() {
         let Some(col) = b.column_by_name(f.name()) else {
             if f.metadata().contains_key(ADDED_LATER) {
                 continue;
             }
-            return Err(format!("missing column {}", f.name()));
+            return Err(TableError::Invalid(format!("missing column {}", f.name())));
         };
         let ok = match (f.data_type(), col.data_type()) {
             (DataType::List(want), DataType::List(got)) => got.data_type() == want.data_type(),
             (a, b) => a == b,
         };
         if !ok {
-            return Err(format!(
+            return Err(TableError::Invalid(format!(
                 "column {} is {}, expected {}",
                 f.name(),
                 col.data_type(),
                 f.data_type()
-            ));
+            )));
         }
         if !f.is_nullable() && col.null_count() > 0 {
-            return Err(format!("column {} has missing values", f.name()));
+            return Err(TableError::Invalid(format!(
+                "column {} has missing values",
+                f.name()
+            )));
         }
     }
     Ok(())

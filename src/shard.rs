@@ -17,8 +17,38 @@ use serde::{Deserialize, Serialize};
 
 use crate::key::{Digest, KeyEncoder};
 
-/// A job's place in executor order: (model, prompt, row set, row).
-pub type JobId = (usize, usize, usize, usize);
+/// One prompt evaluation, by its place in executor order (fields in this order: jobs sort
+/// model by model, so a worker loads each model once). Stored in shard manifests as the
+/// array `[model, prompt, set, row]`, as earlier versions wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(
+    from = "(usize, usize, usize, usize)",
+    into = "(usize, usize, usize, usize)"
+)]
+pub struct JobId {
+    pub model: usize,
+    pub prompt: usize,
+    /// The row set (0: the evaluation rows).
+    pub set: usize,
+    pub row: usize,
+}
+
+impl From<(usize, usize, usize, usize)> for JobId {
+    fn from((model, prompt, set, row): (usize, usize, usize, usize)) -> Self {
+        JobId {
+            model,
+            prompt,
+            set,
+            row,
+        }
+    }
+}
+
+impl From<JobId> for (usize, usize, usize, usize) {
+    fn from(j: JobId) -> Self {
+        (j.model, j.prompt, j.set, j.row)
+    }
+}
 
 /// Shard `index` of `count` (0-based, as Slurm array task ids and Kubernetes completion
 /// indexes are).
@@ -205,7 +235,7 @@ impl Manifest {
             path: path.clone(),
             message,
         };
-        if let Some(m) = Self::read(&path).map_err(err)? {
+        if let Some(m) = Self::read(&path).map_err(|e| err(e.to_string()))? {
             return Ok(m);
         }
         std::fs::create_dir_all(shards_dir).map_err(|e| err(e.to_string()))?;
@@ -223,7 +253,7 @@ impl Manifest {
         match linked {
             Ok(()) => Ok(made),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::read(&path)
-                .map_err(err)?
+                .map_err(|e| err(e.to_string()))?
                 .ok_or_else(|| ShardError::Manifest {
                     path: path.clone(),
                     message: "vanished after another shard wrote it".into(),
@@ -239,18 +269,28 @@ impl Manifest {
         count: usize,
     ) -> Result<Option<Self>, ShardError> {
         let path = Self::path(shards_dir, plan, count);
-        Self::read(&path).map_err(|message| ShardError::Manifest { path, message })
+        Self::read(&path).map_err(|e| ShardError::Manifest {
+            path,
+            message: e.to_string(),
+        })
     }
 
-    fn read(path: &Path) -> Result<Option<Self>, String> {
+    fn read(path: &Path) -> Result<Option<Self>, ManifestReadError> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(Into::into),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Why a manifest file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestReadError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 /// A digest of the jobs of a plan (every row key in executor order): equal plans, equal
@@ -334,7 +374,12 @@ mod tests {
     #[test]
     fn every_pending_job_has_exactly_one_owner() {
         let pending: Vec<(JobId, u64)> = (0..50)
-            .map(|i| ((i / 25, (i % 25) / 5, 0, i), 100 + (i as u64 * 37) % 300))
+            .map(|i| {
+                (
+                    (i / 25, (i % 25) / 5, 0, i).into(),
+                    100 + (i as u64 * 37) % 300,
+                )
+            })
             .collect();
         let m = Manifest::split(Digest([1; 32]), 4, &pending);
         assert_eq!(m.jobs.iter().sum::<usize>(), 50);
@@ -348,15 +393,23 @@ mod tests {
         let mean = m.tokens.iter().sum::<u64>() / 4;
         assert!(m.tokens.iter().all(|t| t.abs_diff(mean) <= 400), "{m:?}");
         // A job that was not pending at split time still has one owner.
-        assert!(m.owner(&(0, 3, 1, 7)) < 4);
+        assert!(m.owner(&(0, 3, 1, 7).into()) < 4);
     }
 
     #[test]
     fn the_first_manifest_written_stands() {
         let dir = tempfile::tempdir().unwrap();
         let plan = Digest([7; 32]);
-        let a = Manifest::split(plan, 2, &[((0, 0, 0, 0), 1), ((0, 0, 0, 1), 1)]);
-        let b = Manifest::split(plan, 2, &[((0, 0, 0, 1), 1), ((0, 0, 0, 2), 1)]);
+        let a = Manifest::split(
+            plan,
+            2,
+            &[((0, 0, 0, 0).into(), 1), ((0, 0, 0, 1).into(), 1)],
+        );
+        let b = Manifest::split(
+            plan,
+            2,
+            &[((0, 0, 0, 1).into(), 1), ((0, 0, 0, 2).into(), 1)],
+        );
         let got = Manifest::load_or_create(dir.path(), &plan, 2, || a.clone()).unwrap();
         assert_eq!(got, a);
         let again = Manifest::load_or_create(dir.path(), &plan, 2, || b.clone()).unwrap();

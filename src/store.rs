@@ -17,6 +17,7 @@ use crate::key::{Digest, KeyEncoder};
 use crate::segments::{
     Access, CacheError, LoadReport, SegmentDir, damage, intact, read_batches, read_file,
 };
+use crate::table::TableError;
 
 /// Segments beyond this many are merged into one at the end of a run.
 const COMPACT_AFTER_SEGMENTS: usize = 16;
@@ -25,16 +26,44 @@ const COMPACT_AFTER_SEGMENTS: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Artifact {
     pub key: Digest,
-    /// `embedding`, `neighbours` or `calibration`.
-    pub kind: String,
+    pub kind: ArtifactKind,
     pub value: Vec<u8>,
+}
+
+/// The stage that made an artifact.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ArtifactKind {
+    Embedding,
+    Neighbours,
+    Calibration,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 impl Artifact {
     fn checksum(&self) -> Digest {
         KeyEncoder::new("artifact")
             .digest("key", &self.key)
-            .str("kind", &self.kind)
+            .str("kind", self.kind.as_str())
             .bytes("value", &self.value)
             .finish()
     }
@@ -65,12 +94,14 @@ impl Store {
         };
         for path in store.segments.list()? {
             let read = read_file(&path)
-                .map_err(|e| e.to_string())
+                .map_err(TableError::from)
                 .and_then(|b| Ok((intact(&path, &b), decode(b)?)));
             let (sound, items) = match read {
                 Ok(x) => x,
                 Err(why) => {
-                    store.segments.distrust(&path, &why, &mut store.report)?;
+                    store
+                        .segments
+                        .distrust(&path, &why.to_string(), &mut store.report)?;
                     continue;
                 }
             };
@@ -79,7 +110,9 @@ impl Store {
             let good: Vec<Artifact> = items.into_iter().flatten().collect();
             if let Some(why) = damage(sound, total - good.len(), total, "artifacts") {
                 store.report.corrupt_rows += total - good.len();
-                store.segments.distrust(&path, &why, &mut store.report)?;
+                store
+                    .segments
+                    .distrust(&path, &why.to_string(), &mut store.report)?;
                 if access == Access::ReadWrite && !good.is_empty() {
                     store.segments.write(&encode(&good)?)?;
                 }
@@ -123,10 +156,10 @@ impl Store {
     }
 
     /// Artifacts by kind, and the bytes of their segments.
-    pub fn status(&self) -> (BTreeMap<String, usize>, u64) {
+    pub fn status(&self) -> (BTreeMap<ArtifactKind, usize>, u64) {
         let mut by_kind = BTreeMap::new();
         for a in self.items.values() {
-            *by_kind.entry(a.kind.clone()).or_default() += 1;
+            *by_kind.entry(a.kind).or_default() += 1;
         }
         (by_kind, tree_size(&self.segments.dir).0)
     }
@@ -196,7 +229,7 @@ fn encode(items: &[Artifact]) -> Result<RecordBatch, CacheError> {
     };
     let cols: Vec<ArrayRef> = vec![
         strs(&|a| a.key.hex()),
-        strs(&|a| a.kind.clone()),
+        strs(&|a| a.kind.as_str().to_string()),
         Arc::new(BinaryArray::from_iter_values(
             items.iter().map(|a| a.value.as_slice()),
         )),
@@ -209,7 +242,7 @@ fn encode(items: &[Artifact]) -> Result<RecordBatch, CacheError> {
 }
 
 /// A segment's artifacts; `None` for one that fails verification.
-fn decode(bytes: bytes::Bytes) -> Result<Vec<Option<Artifact>>, String> {
+fn decode(bytes: bytes::Bytes) -> Result<Vec<Option<Artifact>>, TableError> {
     let mut out = Vec::new();
     for b in read_batches(bytes, &schema())? {
         let col = |n: &str| b.column_by_name(n).expect("schema checked");
@@ -220,11 +253,13 @@ fn decode(bytes: bytes::Bytes) -> Result<Vec<Option<Artifact>>, String> {
         );
         let value = col("value").as_binary::<i32>();
         for i in 0..b.num_rows() {
-            let a = Digest::from_hex(key.value(i)).map(|key| Artifact {
-                key,
-                kind: kind.value(i).to_string(),
-                value: value.value(i).to_vec(),
-            });
+            let a = Digest::from_hex(key.value(i))
+                .zip(kind.value(i).parse().ok())
+                .map(|(key, kind)| Artifact {
+                    key,
+                    kind,
+                    value: value.value(i).to_vec(),
+                });
             out.push(a.filter(|a| a.checksum().hex() == sum.value(i) && !value.is_null(i)));
         }
     }
@@ -238,7 +273,7 @@ mod tests {
     fn artifact(n: u8) -> Artifact {
         Artifact {
             key: KeyEncoder::new("t").u64("n", n.into()).finish(),
-            kind: "embedding".into(),
+            kind: ArtifactKind::Embedding,
             value: vec![n; 8],
         }
     }
@@ -250,7 +285,7 @@ mod tests {
         s.commit((0..4).map(artifact).collect()).unwrap();
         let s2 = Store::open_read_only(dir.path()).unwrap();
         assert_eq!(s2.get(&artifact(2).key), Some(&artifact(2)));
-        assert_eq!(s2.status().0["embedding"], 4);
+        assert_eq!(s2.status().0[&ArtifactKind::Embedding], 4);
         let seg = s.segments.list().unwrap().pop().unwrap();
         fs::write(&seg, b"not parquet").unwrap();
         let s3 = Store::open_read_only(dir.path()).unwrap();

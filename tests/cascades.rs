@@ -154,13 +154,13 @@ fn only_rows_the_first_cell_is_unsure_of_reach_the_second_model() {
     let findings = p.read("reports/t/findings.md");
     assert!(
         findings.contains(&format!(
-            "The cascade cascade/ab sends {:.1}% of reviews on from a/p1/ll to b/p1/ll",
+            "The cascade cascade/ab sends {:.1}% of rows on from a/p1/ll to b/p1/ll",
             100.0 * unsure.len() as f64 / 12.0
         )),
         "{findings}"
     );
     assert!(
-        findings.contains("computed only the reviews sent to it"),
+        findings.contains("computed only the rows sent to it"),
         "{findings}"
     );
 }

@@ -43,7 +43,7 @@ fn segment_bytes() -> Vec<u8> {
                 components,
                 row_id: format!("r{n}"),
                 cell_id: "c".into(),
-                kind: "loglik".into(),
+                kind: pipeline::row::TaskKind::Loglik,
                 text: None,
                 logprobs: Some(vec![-0.5, -1.5]),
                 prompt_tokens: 10,

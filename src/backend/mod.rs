@@ -164,6 +164,8 @@ pub struct Sampler {
     pub seed: u64,
 }
 
+pub use crate::row::{FailureKind, TaskKind};
+
 /// One thing to compute from an evaluated prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
@@ -178,6 +180,14 @@ pub enum Task {
 }
 
 impl Task {
+    /// The kind a row of this task records.
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            Task::Generate { .. } => TaskKind::Generate,
+            Task::Loglik { .. } => TaskKind::Loglik,
+        }
+    }
+
     /// Context the task needs past the prompt: a generation's `max_tokens`; for
     /// log-likelihood, the longest continuation's length in bytes (a bound on its tokens
     /// that needs no tokenizer). A prompt fits a model's `n_ctx` with this task when
@@ -194,7 +204,7 @@ impl Task {
 
     /// The task for the row with this prompt digest: a generation's seed mixed with it, so
     /// that the rows of one cell draw independently. With one seed for every row, every
-    /// review would get the same uniform draw: a cell's accuracy would move with that one
+    /// row would get the same uniform draw: a cell's accuracy would move with that one
     /// draw, and its rows would not be independent samples. Still a function of the row
     /// alone, as a cached row must be.
     pub fn for_row(mut self, prompt: &crate::key::Digest) -> Task {
@@ -255,14 +265,14 @@ pub enum BackendError {
 
 impl BackendError {
     /// A short name for the kind of failure, recorded with a failed row.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> FailureKind {
         match self {
-            BackendError::Load { .. } => "load",
-            BackendError::NotEmbedding { .. } => "not_embedding",
-            BackendError::ContextOverflow { .. } => crate::row::CONTEXT_OVERFLOW,
-            BackendError::ChatTemplate(_) => "chat_template",
-            BackendError::Decode(_) => "decode",
-            BackendError::Job(_) => "job",
+            BackendError::Load { .. } => FailureKind::Load,
+            BackendError::NotEmbedding { .. } => FailureKind::NotEmbedding,
+            BackendError::ContextOverflow { .. } => FailureKind::ContextOverflow,
+            BackendError::ChatTemplate(_) => FailureKind::ChatTemplate,
+            BackendError::Decode(_) => FailureKind::Decode,
+            BackendError::Job(_) => FailureKind::Job,
         }
     }
 
@@ -277,7 +287,7 @@ impl BackendError {
 
     pub fn to_row_error(&self) -> crate::row::RowError {
         crate::row::RowError {
-            kind: self.kind().to_string(),
+            kind: self.kind(),
             message: self.to_string(),
         }
     }

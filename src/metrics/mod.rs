@@ -3,91 +3,26 @@
 
 pub mod stats;
 
+pub use crate::predict::{CalibrationError, Prediction, calibration, predict};
+
 use std::collections::HashSet;
 
 use serde::Serialize;
 
-use crate::answer::{argmax, parse_answer};
+use crate::answer::argmax;
 use crate::cache::{Cache, Lookup};
-use crate::calibrate::{self, Params};
+use crate::calibrate::Params;
 use crate::key::Digest;
 use crate::neighbours::{self, PoolEntry};
-use crate::plan::{Cell, Plan, Source};
-use crate::row::Finish;
+use crate::plan::{Plan, Source};
 use crate::spec::MethodKind;
-
-/// One dataset row under one cell.
-#[derive(Debug, Clone)]
-pub struct Prediction {
-    pub cell: usize,
-    pub row: usize,
-    pub gold: usize,
-    /// `None`: an invalid (unparseable) answer.
-    pub predicted: Option<usize>,
-    pub raw: Option<String>,
-    /// Label log-probs (calibrated and normalised over the labels in calibrated cells;
-    /// the log of the vote shares in `knn_vote` cells).
-    pub logprobs: Option<Vec<f64>>,
-    /// A calibrated cell's scores before calibration.
-    pub uncalibrated: Option<Vec<f64>>,
-    pub prompt_tokens: u32,
-    pub evaluated_tokens: u32,
-    pub gen_tokens: u32,
-    pub finish: Finish,
-    pub prefill_ms: f64,
-    pub decode_ms: f64,
-    pub shared_by: u32,
-    /// Time to compute this row alone: the whole prompt evaluation plus its own decoding.
-    pub latency_ms: f64,
-    /// Its share when the prompt evaluation served `shared_by` cells.
-    pub shared_latency_ms: f64,
-    /// Served from the cache rather than computed in this run.
-    pub from_cache: bool,
-    /// The host and shard (`I/N`) that computed the row, where recorded.
-    pub host: Option<String>,
-    pub shard: Option<String>,
-    /// In a cascade cell: the stage that answered (0: the first).
-    pub stage: Option<usize>,
-}
-
-impl Prediction {
-    /// A row with nothing computed by a model (a vote's row).
-    fn empty(cell: usize, row: usize, gold: usize) -> Self {
-        Self {
-            cell,
-            row,
-            gold,
-            predicted: None,
-            raw: None,
-            logprobs: None,
-            uncalibrated: None,
-            prompt_tokens: 0,
-            evaluated_tokens: 0,
-            gen_tokens: 0,
-            finish: Finish::Scored,
-            prefill_ms: 0.0,
-            decode_ms: 0.0,
-            shared_by: 1,
-            latency_ms: 0.0,
-            shared_latency_ms: 0.0,
-            from_cache: true,
-            host: None,
-            shard: None,
-            stage: None,
-        }
-    }
-
-    pub fn correct(&self) -> bool {
-        self.predicted == Some(self.gold)
-    }
-}
 
 /// A row of a cell whose last attempt failed (and that no run has computed since).
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub cell: usize,
     pub row: usize,
-    pub kind: String,
+    pub kind: crate::row::FailureKind,
     pub message: String,
 }
 
@@ -106,7 +41,7 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
                 out.push(Failure {
                     cell: ci,
                     row: ri,
-                    kind: crate::row::CONTEXT_OVERFLOW.into(),
+                    kind: crate::row::FailureKind::ContextOverflow,
                     message: format!(
                         "the prompt has {prompt_tokens} tokens, and this cell's n_ctx leaves room for {limit} (the cached row was computed with a larger n_ctx)"
                     ),
@@ -120,59 +55,13 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
                 out.push(Failure {
                     cell: ci,
                     row: ri,
-                    kind: e.kind.clone(),
+                    kind: e.kind,
                     message: e.message.clone(),
                 });
             }
         }
     }
     out
-}
-
-/// A calibration's parameters, or why it cannot be fitted yet.
-pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, String> {
-    let c = &plan.calibrations[cal];
-    let support = &plan.support[c.support];
-    let rows = &plan.sets[support.set].rows;
-    // A fit waits for all its rows (those recorded as failed aside): fitted on whatever
-    // happens to be cached, a calibrated cell's answers would depend on what ran before.
-    let mut failed = 0;
-    let limit = plan.prompt_limit(support);
-    let scored: Vec<(Vec<f64>, usize)> = support
-        .rows
-        .iter()
-        .zip(rows)
-        .filter_map(|(comps, row)| {
-            let key = comps.as_ref()?.row_key();
-            match cache.lookup(&key, limit) {
-                Lookup::Hit(r) => Some((r.logprobs.clone()?, row.label)),
-                Lookup::TooLong { .. } | Lookup::Failed(_) => {
-                    failed += 1;
-                    None
-                }
-                Lookup::Miss => None,
-            }
-        })
-        .collect();
-    let needed = if c.content_free {
-        rows.len()
-    } else {
-        (rows.len() - failed).max(2)
-    };
-    if scored.len() < needed {
-        return Err(format!(
-            "{} of {} {} rows are computed",
-            scored.len(),
-            rows.len(),
-            plan.sets[support.set].name
-        ));
-    }
-    let fitted = if c.content_free {
-        calibrate::content_free(&scored.into_iter().map(|(lp, _)| lp).collect::<Vec<_>>())
-    } else {
-        calibrate::fit(&scored)
-    };
-    fitted.ok_or_else(|| "no labels to fit".to_string())
 }
 
 /// Every prediction the cache holds for the plan; rows not computed yet are left out.
@@ -218,62 +107,6 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
     out
 }
 
-/// Row `ri` of a model cell as the cache holds it (`None`: not computed yet, or a
-/// calibrated cell not fitted yet), calibrated with `params` (the cell's calibration).
-pub fn predict(
-    plan: &Plan,
-    cache: &Cache,
-    ci: usize,
-    cell: &Cell,
-    ri: usize,
-    params: Option<&Result<Params, String>>,
-    computed: &HashSet<Digest>,
-) -> Option<Prediction> {
-    let labels = plan.dataset.label_names();
-    let method = &plan.spec.methods[cell.method];
-    let key = cell.rows.get(ri)?.as_ref()?.row_key();
-    let Lookup::Hit(r) = cache.lookup(&key, plan.prompt_limit(cell)) else {
-        return None;
-    };
-    let (logprobs, uncalibrated) = match params {
-        None => (r.logprobs.clone(), None),
-        Some(Err(_)) => return None,
-        Some(Ok(p)) => (
-            r.logprobs.as_deref().map(|lp| p.apply(lp)),
-            r.logprobs.clone(),
-        ),
-    };
-    let predicted = match method.kind {
-        MethodKind::Generate => r
-            .text
-            .as_deref()
-            .and_then(|t| parse_answer(t, &labels, method.parse)),
-        _ => logprobs.as_deref().and_then(argmax),
-    };
-    Some(Prediction {
-        cell: ci,
-        row: ri,
-        gold: plan.sets[cell.set].rows[ri].label,
-        predicted,
-        raw: r.text.clone(),
-        logprobs,
-        uncalibrated,
-        prompt_tokens: r.prompt_tokens,
-        evaluated_tokens: r.evaluated_tokens,
-        gen_tokens: r.gen_tokens,
-        finish: r.finish,
-        prefill_ms: r.prefill_ms,
-        decode_ms: r.decode_ms,
-        shared_by: r.shared_by,
-        latency_ms: r.prefill_ms + r.decode_ms,
-        shared_latency_ms: r.latency_ms(),
-        from_cache: !computed.contains(&key),
-        host: r.host.clone(),
-        shard: r.shard.clone(),
-        stage: None,
-    })
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassMetrics {
     pub label: String,
@@ -311,10 +144,10 @@ pub struct CellMetrics {
     /// Time to compute the cell's rows on their own (prompt evaluation paid in full).
     pub compute_s: f64,
     /// Rows per second on their own: the cost of this cell if it were the only one.
-    pub reviews_per_s: f64,
+    pub rows_per_s: f64,
     /// Rows per second with the prompt evaluation shared among the cells that used it.
-    pub reviews_per_s_shared: f64,
-    /// Words of review text per second, on their own (the seed notebooks' unit).
+    pub rows_per_s_shared: f64,
+    /// Words of row text per second, on their own (the seed notebooks' unit).
     pub words_per_s: f64,
     pub prompt_tokens_per_s: f64,
     pub gen_tokens_per_s: f64,
@@ -335,11 +168,11 @@ pub struct CellMetrics {
 }
 
 impl CellMetrics {
-    /// Reviews per second as shown in tables: "–" for cells that no model computed (a vote
+    /// Rows per second as shown in tables: "–" for cells that no model computed (a vote
     /// costs a neighbour search, not an inference).
-    pub fn reviews_per_s_text(&self, digits: usize) -> String {
+    pub fn rows_per_s_text(&self, digits: usize) -> String {
         if self.compute_s > 0.0 {
-            format!("{:.digits$}", self.reviews_per_s)
+            format!("{:.digits$}", self.rows_per_s)
         } else {
             "–".into()
         }
@@ -357,7 +190,7 @@ pub fn compute(
 ) -> Vec<CellMetrics> {
     let labels = plan.dataset.label_names();
     let k = labels.len();
-    let calibrations: Vec<Result<Params, String>> = (0..plan.calibrations.len())
+    let calibrations: Vec<Result<Params, CalibrationError>> = (0..plan.calibrations.len())
         .map(|c| calibration(plan, cache, c))
         .collect();
     plan.cells
@@ -444,7 +277,7 @@ pub fn compute(
                         crate::spec::Calibration::Fit { .. } => "fit".into(),
                     },
                     params: calibrations[ci].clone().ok(),
-                    pending: calibrations[ci].clone().err(),
+                    pending: calibrations[ci].as_ref().err().map(ToString::to_string),
                 }),
                 _ => None,
             };
@@ -489,8 +322,8 @@ pub fn compute(
                 latency_p50_ms: stats::quantile(&lat, 0.5).unwrap_or(0.0),
                 latency_p95_ms: stats::quantile(&lat, 0.95).unwrap_or(0.0),
                 compute_s,
-                reviews_per_s: per_s(n as f64, compute_s),
-                reviews_per_s_shared: per_s(n as f64, shared_s),
+                rows_per_s: per_s(n as f64, compute_s),
+                rows_per_s_shared: per_s(n as f64, shared_s),
                 words_per_s: per_s(words as f64, compute_s),
                 prompt_tokens_per_s: per_s(eval_tokens, prefill_s),
                 gen_tokens_per_s: per_s(gen_tokens, decode_s),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use explain::{Explanation, StageKind, StageStatus};
+pub use explain::{Explanation, LOAD, StageKind, StageStatus};
 pub use retrieval::{EmbedRequest, Pool, Retrieval, embedding_key, vector, vector_artifact};
 
 use crate::cache::{Cache, Lookup};
@@ -61,12 +61,33 @@ pub struct Cell {
 }
 
 impl Plan {
+    /// What a cell asks of each prompt.
+    pub fn task(&self, cell: &Cell) -> crate::backend::Task {
+        let method = &self.spec.methods[cell.method];
+        match (method.kind, &cell.point) {
+            (MethodKind::Generate, Some(p)) => crate::backend::Task::Generate {
+                max_tokens: method.max_tokens,
+                stop: method.stop.clone(),
+                sampler: crate::backend::Sampler {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    top_k: p.top_k,
+                    min_p: p.min_p,
+                    seed: crate::backend::sampler_seed(p.seed, p.repeat),
+                },
+            },
+            _ => crate::backend::Task::Loglik {
+                continuations: self.dataset.label_names(),
+            },
+        }
+    }
+
     /// The most prompt tokens a row of `cell` may have and still fit its model's `n_ctx`
     /// with the cell's task; `None` for cells without a model.
     pub fn prompt_limit(&self, cell: &Cell) -> Option<u32> {
         let model = cell.model()?;
         let n_ctx = self.spec.models[model].n_ctx as usize;
-        let after = crate::exec::task_for(self, cell).context_after();
+        let after = self.task(cell).context_after();
         Some(n_ctx.saturating_sub(after) as u32)
     }
 }
@@ -110,7 +131,31 @@ pub struct CascadePlan {
     pub fit_stages: Vec<Option<usize>>,
     pub fit_set: Option<usize>,
     /// Set by `cascade::resolve` from the cache.
-    pub resolution: Option<crate::cascade::Resolution>,
+    pub resolution: Option<Resolution>,
+}
+
+/// What the cache says about a cascade's rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resolution {
+    /// The margin threshold of each step (`None` while its fit rows are not all computed).
+    pub thresholds: Vec<Option<f64>>,
+    /// How many fit rows each fitted step was fitted on.
+    pub fit_rows: Vec<Option<usize>>,
+    /// For each evaluation row, the stage that answers it (`None` while a row of a stage
+    /// it reaches is not computed).
+    pub answered_by: Vec<Option<usize>>,
+    /// Evaluation rows that reach each stage, as far as known now.
+    pub reached: Vec<usize>,
+    /// Rows of a stage that the cascade needs and that are not cached yet.
+    pub pending: usize,
+    /// Rows waiting for a stage row whose last attempt failed.
+    pub failed: usize,
+}
+
+impl Resolution {
+    pub fn answered(&self) -> usize {
+        self.answered_by.iter().flatten().count()
+    }
 }
 
 /// Rows that prompts are rendered for: the evaluation rows (set 0) or rows used only to
@@ -1185,7 +1230,7 @@ impl Plan {
             .map(|s| {
                 serde_json::json!({
                     "id": s.id, "kind": s.kind, "items": s.items, "cached": s.cached,
-                    "to_run": s.items - s.cached,
+                    "to_run": s.items.saturating_sub(s.cached), "what": s.what, "inputs": s.inputs,
                 })
             })
             .collect();
@@ -1255,7 +1300,10 @@ impl Plan {
                     continue;
                 }
                 Lookup::TooLong { .. } => {
-                    explain::count(&mut ex.failed, crate::row::CONTEXT_OVERFLOW);
+                    explain::count(
+                        &mut ex.failed,
+                        crate::row::FailureKind::ContextOverflow.as_str(),
+                    );
                     continue;
                 }
                 Lookup::Failed(_) | Lookup::Miss => {}
@@ -1264,7 +1312,7 @@ impl Plan {
                 .failure(&comps.row_key())
                 .and_then(|r| r.error.as_ref())
             {
-                explain::count(&mut ex.failed, &e.kind);
+                explain::count(&mut ex.failed, e.kind.as_str());
                 continue;
             }
             let row_id = self.dataset.rows[i].id.as_str();

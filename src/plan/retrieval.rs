@@ -116,7 +116,7 @@ pub fn vector(store: &Store, key: &Option<Digest>) -> Option<Vec<f32>> {
 pub fn vector_artifact(key: Digest, v: &[f32]) -> Artifact {
     Artifact {
         key,
-        kind: "embedding".into(),
+        kind: crate::store::ArtifactKind::Embedding,
         value: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
@@ -209,7 +209,7 @@ pub fn resolve(pool: &Pool, search: Search, queries: &Queries, store: &Store) ->
             let key = keys[s][*i].expect("filtered on a key");
             new.push(Artifact {
                 key,
-                kind: "neighbours".into(),
+                kind: crate::store::ArtifactKind::Neighbours,
                 value: serde_json::to_vec(&n).expect("neighbours serialize"),
             });
             results[s][*i] = Some(n);

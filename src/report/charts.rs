@@ -218,27 +218,27 @@ pub fn accuracy_vs_temperature(metrics: &[CellMetrics]) -> Option<Vegalite> {
     })
 }
 
-/// The cost/quality frontier: accuracy against reviews per second (each cell on its own).
+/// The cost/quality frontier: accuracy against rows per second (each cell on its own).
 pub fn cost_quality(metrics: &[CellMetrics]) -> Vegalite {
     let values: Vec<Value> = metrics
         .iter()
-        .filter(|m| m.n > 0 && m.reviews_per_s > 0.0)
+        .filter(|m| m.n > 0 && m.rows_per_s > 0.0)
         .map(|m| {
             serde_json::json!({
                 "cell": m.cell, "model": m.model, "prompt": m.prompt, "method": m.method,
-                "accuracy": m.accuracy, "reviews_per_s": m.reviews_per_s,
+                "accuracy": m.accuracy, "rows_per_s": m.rows_per_s,
             })
         })
         .collect();
     Vegalite {
-        title: chart_title("Accuracy vs speed (reviews/s, each cell on its own)"),
+        title: chart_title("Accuracy vs speed (rows/s, each cell on its own)"),
         data: inline(values),
         width: Some(HeightUnion::Double(420.0)),
         mark: Some(AnyMark::Enum(Mark::Point)),
         encoding: Some(Box::new(EdEncoding {
             x: Some(quant_x(
-                "reviews_per_s",
-                "reviews per second (log scale)",
+                "rows_per_s",
+                "rows per second (log scale)",
                 RemovableValue::Specified(Scale {
                     scale_type: Some(ScaleType::Log),
                     ..Default::default()
@@ -259,7 +259,7 @@ pub fn cost_quality(metrics: &[CellMetrics]) -> Vegalite {
             tooltip: tooltip(&[
                 ("cell", StandardType::Nominal, "cell"),
                 ("accuracy", StandardType::Quantitative, "accuracy"),
-                ("reviews_per_s", StandardType::Quantitative, "reviews/s"),
+                ("rows_per_s", StandardType::Quantitative, "rows/s"),
             ]),
             ..Default::default()
         })),
@@ -500,7 +500,7 @@ pub fn calibration_shift(metrics: &[CellMetrics]) -> Option<Value> {
     }))
 }
 
-/// Accuracy against the seconds a review costs: each model cell a point, each cascade a
+/// Accuracy against the seconds a row costs: each model cell a point, each cascade a
 /// curve over the share its first step sends on, with the threshold it uses marked.
 pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
     let cascades: Vec<&CellMetrics> = metrics.iter().filter(|m| m.cascade.is_some()).collect();
@@ -534,11 +534,11 @@ pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
         }
     }
     let x = serde_json::json!({"field": "seconds", "type": "quantitative", "scale": {"type": "log"},
-        "title": "seconds per review, each cell on its own (log scale)"});
+        "title": "seconds per row, each cell on its own (log scale)"});
     let y = serde_json::json!({"field": "accuracy", "type": "quantitative", "scale": {"zero": false},
         "title": "accuracy"});
     let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".3f"},
-        {"field": "seconds", "format": ".2f", "title": "s/review"},
+        {"field": "seconds", "format": ".2f", "title": "s/row"},
         {"field": "escalated", "format": ".0%", "title": "sent on"}]);
     Some(serde_json::json!({
         "$schema": "https://vega.github.io/schema/vega-lite/v4.json",

@@ -54,7 +54,7 @@ pub struct CellView {
     /// `Some(None)` for an invalid answer.
     pub predictions: Vec<Option<Option<usize>>>,
     pub invalid: u64,
-    pub reviews_per_s: f64,
+    pub rows_per_s: f64,
     pub words_per_s: f64,
     pub mean_prompt_tokens: f64,
     /// Cascade cells: the stages and what the cascade costs beside them.
@@ -123,7 +123,7 @@ impl Input {
                     .unwrap_or_default(),
                 predictions,
                 invalid: m.invalid,
-                reviews_per_s: speed(m),
+                rows_per_s: speed(m),
                 words_per_s: m.words_per_s,
                 mean_prompt_tokens: if rows > 0 {
                     tok as f64 / rows as f64
@@ -156,13 +156,9 @@ impl Input {
     }
 }
 
-/// Reviews per second of a cell a model computed (0 for a vote).
+/// Rows per second of a cell a model computed (0 for a vote).
 fn speed(m: &CellMetrics) -> f64 {
-    if m.compute_s > 0.0 {
-        m.reviews_per_s
-    } else {
-        0.0
-    }
+    if m.compute_s > 0.0 { m.rows_per_s } else { 0.0 }
 }
 
 /// The findings, in reading order.
@@ -224,10 +220,10 @@ impl Paired {
         (self.lo > 0.0 || self.hi < 0.0) && self.p < ALPHA
     }
 
-    /// "(95% paired bootstrap −3.0 to +2.0, McNemar p = 0.41, 300 reviews)".
+    /// "(95% paired bootstrap −3.0 to +2.0, McNemar p = 0.41, 300 rows)".
     fn evidence(&self) -> String {
         format!(
-            "95% paired bootstrap {} to {}, McNemar {}, {} reviews",
+            "95% paired bootstrap {} to {}, McNemar {}, {} rows",
             signed(self.lo),
             signed(self.hi),
             p_text(self.p),
@@ -299,7 +295,7 @@ fn verdict(t: &Paired, other: &str) -> String {
             t.evidence()
         )
     } else {
-        // The two tests can disagree (few discordant reviews, all one way, give a bootstrap
+        // The two tests can disagree (few discordant rows, all one way, give a bootstrap
         // interval without 0 and an exact McNemar p above 0.05): say which one holds it back.
         let why = if t.lo > 0.0 || t.hi < 0.0 {
             "the interval excludes 0 but McNemar's p is not below 0.05, so not significant"
@@ -391,7 +387,7 @@ fn precision(input: &Input, out: &mut Vec<Finding>) {
     out.push(Finding {
         topic: "sample",
         text: format!(
-            "{n} reviews: a 95% interval on one cell's accuracy is ±{:.1} points at the median cell's {} (±{:.1} at 50%); when two cells answer a tenth of the reviews differently, {}.",
+            "{n} rows: a 95% interval on one cell's accuracy is ±{:.1} points at the median cell's {} (±{:.1} at 50%); when two cells answer a tenth of the rows differently, {}.",
             100.0 * half(median),
             pct(median),
             100.0 * half(0.5),
@@ -501,7 +497,7 @@ fn prompts_compared<'a>(
     let mut same = Vec::new();
     for p in prompts.iter().filter(|p| *p != first) {
         // A prompt whose cell has fewer answers than the reference (a stopped run) is
-        // left out rather than judged on part of the reviews.
+        // left out rather than judged on part of the rows.
         let Some(c) = pick(p).filter(|c| c.n() >= reference.n()) else {
             continue;
         };
@@ -654,7 +650,7 @@ fn bias(input: &Input, out: &mut Vec<Finding>) {
         out.push(Finding {
             topic: "bias",
             text: format!(
-                "{} of {raw} uncalibrated cells of {model} over-predict one label by {:.0}+ points ({lean}); the most, {}, predicts '{}' for {} of reviews (gold {}).",
+                "{} of {raw} uncalibrated cells of {model} over-predict one label by {:.0}+ points ({lean}); the most, {}, predicts '{}' for {} of rows (gold {}).",
                 leaning.len(),
                 100.0 * BIAS_MIN,
                 c.id,
@@ -907,7 +903,7 @@ fn validity(input: &Input, out: &mut Vec<Finding>) {
     });
 }
 
-/// What each prompt costs per review against the first, and the models against each other.
+/// What each prompt costs per row against the first, and the models against each other.
 fn cost(input: &Input, out: &mut Vec<Finding>) {
     for model in &input.models {
         let prompts = prompts_of(input, model);
@@ -917,18 +913,18 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
         else {
             continue;
         };
-        if reference.reviews_per_s <= 0.0 {
+        if reference.rows_per_s <= 0.0 {
             continue;
         }
         let items: Vec<String> = prompts[1..]
             .iter()
             .filter_map(|p| reference_cell(input, model, p))
-            .filter(|c| c.reviews_per_s > 0.0)
+            .filter(|c| c.rows_per_s > 0.0)
             .map(|c| {
                 format!(
                     "{} {:.2}× the time ({:.0} prompt tokens)",
                     c.prompt,
-                    reference.reviews_per_s / c.reviews_per_s,
+                    reference.rows_per_s / c.rows_per_s,
                     c.mean_prompt_tokens
                 )
             })
@@ -936,15 +932,15 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
         out.push(Finding {
             topic: "cost",
             text: format!(
-                "On {model}, {} runs at {:.2} reviews/s ({:.0} words/s, {:.0} prompt tokens a review){}.",
+                "On {model}, {} runs at {:.2} rows/s ({:.0} words/s, {:.0} prompt tokens a row){}.",
                 reference.prompt,
-                reference.reviews_per_s,
+                reference.rows_per_s,
                 reference.words_per_s,
                 reference.mean_prompt_tokens,
                 if items.is_empty() {
                     String::new()
                 } else {
-                    format!("; per review, {}", items.join(", "))
+                    format!("; per row, {}", items.join(", "))
                 }
             ),
         });
@@ -955,16 +951,16 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
             if let (Some(x), Some(y)) = (
                 reference_cell(input, a, &first),
                 reference_cell(input, b, &first),
-            ) && x.reviews_per_s > 0.0
-                && y.reviews_per_s > 0.0
+            ) && x.rows_per_s > 0.0
+                && y.rows_per_s > 0.0
             {
                 out.push(Finding {
                     topic: "cost",
                     text: format!(
-                        "{b} takes {:.2}× the time of {a} per review on {first} ({:.2} vs {:.2} reviews/s).",
-                        x.reviews_per_s / y.reviews_per_s,
-                        y.reviews_per_s,
-                        x.reviews_per_s
+                        "{b} takes {:.2}× the time of {a} per row on {first} ({:.2} vs {:.2} rows/s).",
+                        x.rows_per_s / y.rows_per_s,
+                        y.rows_per_s,
+                        x.rows_per_s
                     ),
                 });
             }
@@ -990,13 +986,13 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
         .into_iter()
         .flatten()
         .collect();
-        // "18.0% of reviews on from A to B" and, for longer chains, "and 4.3% on to C".
+        // "18.0% of rows on from A to B" and, for longer chains, "and 4.3% on to C".
         let path = v
             .onward
             .iter()
             .enumerate()
             .map(|(i, (stage, share))| match i {
-                0 => format!("{} of reviews on from {} to {stage}", pct(*share), v.first),
+                0 => format!("{} of rows on from {} to {stage}", pct(*share), v.first),
                 _ => format!(" and {} on to {stage}", pct(*share)),
             })
             .collect::<String>();
@@ -1015,7 +1011,7 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
             match by_id(other).and_then(|o| paired(input, c, o)) {
                 Some(t) => tests.push(format!("against its {who} cell alone it {}", verdict(&t, other))),
                 None if who == "last" => tests.push(format!(
-                    "{other} computed only the reviews sent to it, so the two cannot be compared on all reviews"
+                    "{other} computed only the rows sent to it, so the two cannot be compared on all rows"
                 )),
                 None => {}
             }
@@ -1063,7 +1059,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, &g)| Some(Some(if i < right { g } else { 1 - g })))
                 .collect(),
-            reviews_per_s: 1.0,
+            rows_per_s: 1.0,
             words_per_s: 200.0,
             mean_prompt_tokens: 300.0,
             ..Default::default()
@@ -1099,7 +1095,7 @@ mod tests {
         assert!(m[0].contains("large/zero/loglik (90.0%"), "{}", m[0]);
         assert!(m[0].contains("beats the best small cell"), "{}", m[0]);
         assert!(m[0].contains("by 20.0 points"), "{}", m[0]);
-        assert!(m[0].contains("McNemar p < 0.001, 300 reviews"), "{}", m[0]);
+        assert!(m[0].contains("McNemar p < 0.001, 300 rows"), "{}", m[0]);
         assert!(
             m[1].contains("large at 90.0% beats small at 70.0% by 20.0 points"),
             "{}",
@@ -1126,7 +1122,7 @@ mod tests {
 
     #[test]
     fn when_the_two_tests_disagree_the_verdict_says_which_holds_it_back() {
-        // Five reviews only the large cell gets right, none the other way: every bootstrap
+        // Five rows only the large cell gets right, none the other way: every bootstrap
         // resample favours it, but the exact McNemar p is 0.0625.
         let mut inp = input(100);
         inp.cells = vec![
@@ -1136,7 +1132,7 @@ mod tests {
         let m = texts(&derive(&inp), "models");
         assert!(!m[0].contains("beats"), "{}", m[0]);
         assert!(
-            m[0].contains("p = 0.062, 100 reviews; the interval excludes 0 but McNemar's p is not below 0.05, so not significant"),
+            m[0].contains("p = 0.062, 100 rows; the interval excludes 0 but McNemar's p is not below 0.05, so not significant"),
             "{}",
             m[0]
         );
@@ -1145,7 +1141,7 @@ mod tests {
     #[test]
     fn a_biased_cell_is_named_with_its_share_and_the_gold_share() {
         let mut inp = input(200);
-        // Says 'negative' to 170 of 200 reviews (gold: 100).
+        // Says 'negative' to 170 of 200 rows (gold: 100).
         inp.cells = vec![
             says_negative(&inp, "small", 170),
             cell(&inp, "large", "zero", 200),
@@ -1153,7 +1149,7 @@ mod tests {
         let b = texts(&derive(&inp), "bias");
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
-            b[0].contains("predicts 'negative' for 85.0% of reviews (gold 50.0%)"),
+            b[0].contains("predicts 'negative' for 85.0% of rows (gold 50.0%)"),
             "{}",
             b[0]
         );
@@ -1173,7 +1169,7 @@ mod tests {
         let b = texts(&derive(&inp), "bias");
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
-            b[0].contains("predicts 'negative' for 90.7% of reviews"),
+            b[0].contains("predicts 'negative' for 90.7% of rows"),
             "{}",
             b[0]
         );
@@ -1191,7 +1187,7 @@ mod tests {
     fn a_cell_with_few_answers_is_neither_best_nor_compared() {
         let mut inp = input(300);
         let mut partial = cell(&inp, "large", "reversed", 3);
-        // Three answers, all right: 100%, on 3 reviews of 300.
+        // Three answers, all right: 100%, on 3 rows of 300.
         for p in partial.predictions.iter_mut().skip(3) {
             *p = None;
         }
@@ -1436,7 +1432,7 @@ mod tests {
         assert_eq!(c.len(), 1, "{c:?}");
         let t = &c[0];
         assert!(
-            t.starts_with("The cascade cascade/casc sends 25.0% of reviews on from small/zero/loglik to large/zero/loglik and reaches 89.0% at 1.80× the time of small/zero/loglik alone and 0.45× the time of large/zero/loglik alone"),
+            t.starts_with("The cascade cascade/casc sends 25.0% of rows on from small/zero/loglik to large/zero/loglik and reaches 89.0% at 1.80× the time of small/zero/loglik alone and 0.45× the time of large/zero/loglik alone"),
             "{t}"
         );
         assert!(
@@ -1472,7 +1468,7 @@ mod tests {
         ];
         let c = texts(&derive(&inp), "cascade");
         assert!(
-            c[0].starts_with("The cascade cascade/casc sends 25.0% of reviews on from small/zero/loglik to large/zero/loglik and 10.0% on to large/four/loglik and reaches 89.0%"),
+            c[0].starts_with("The cascade cascade/casc sends 25.0% of rows on from small/zero/loglik to large/zero/loglik and 10.0% on to large/four/loglik and reaches 89.0%"),
             "{c:?}"
         );
     }
@@ -1483,7 +1479,7 @@ mod tests {
         inp.cells = vec![cell(&inp, "small", "zero", 70), cascade(&inp, 85, false)];
         let c = texts(&derive(&inp), "cascade");
         assert!(
-            c[0].contains("large/zero/hidden computed only the reviews sent to it"),
+            c[0].contains("large/zero/hidden computed only the rows sent to it"),
             "{}",
             c[0]
         );

@@ -41,8 +41,8 @@ pub enum Cell {
         label: Option<String>,
         raw: Option<String>,
     },
-    /// A review text, in a scrolling box.
-    Review {
+    /// A long text (a row's input), in a scrolling box.
+    LongText {
         v: String,
     },
     /// The examples a row was shown, one line each.
@@ -115,7 +115,7 @@ pub struct Page {
 
 #[derive(Debug, Serialize)]
 pub struct KindCount {
-    pub kind: String,
+    pub kind: crate::row::FailureKind,
     pub count: usize,
 }
 

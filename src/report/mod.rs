@@ -212,7 +212,12 @@ fn table_batches(
     plan: &Plan,
     a: &Analysis,
 ) -> Result<Vec<(&'static str, RecordBatch)>, ReportError> {
-    let enc = |what: &'static str| move |message: String| ReportError::Encode { what, message };
+    let enc = |what: &'static str| {
+        move |e: crate::table::TableError| ReportError::Encode {
+            what,
+            message: e.to_string(),
+        }
+    };
     Ok(vec![
         (
             "predictions",
@@ -251,9 +256,9 @@ pub fn write(
     };
     let mut paths = Vec::new();
     for (name, batch) in table_batches(plan, &a)? {
-        let bytes = tables::to_parquet(&batch).map_err(|message| ReportError::Encode {
+        let bytes = tables::to_parquet(&batch).map_err(|e| ReportError::Encode {
             what: name,
-            message,
+            message: e.to_string(),
         })?;
         paths.push(put(&dir, &format!("{name}.parquet"), &bytes)?);
     }
@@ -284,9 +289,9 @@ pub fn export_csv(plan: &Plan, cache: &Cache, dir: &Path) -> Result<Vec<PathBuf>
     let a = analyse(plan, cache, &HashSet::new());
     let mut out = Vec::new();
     for (name, batch) in table_batches(plan, &a)? {
-        let bytes = tables::to_csv(&batch).map_err(|message| ReportError::Encode {
+        let bytes = tables::to_csv(&batch).map_err(|e| ReportError::Encode {
             what: name,
-            message,
+            message: e.to_string(),
         })?;
         out.push(put(dir, &format!("{name}.csv"), &bytes)?);
     }
@@ -368,7 +373,7 @@ fn render_page(
         match kinds.iter_mut().find(|k| k.kind == f.kind) {
             Some(k) => k.count += 1,
             None => kinds.push(KindCount {
-                kind: f.kind.clone(),
+                kind: f.kind,
                 count: 1,
             }),
         }
@@ -433,7 +438,7 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
             "AUC",
             "Brier",
             "ECE",
-            "reviews/s",
+            "rows/s",
             "p50 ms",
             "p95 ms",
             "prompt tok/s",
@@ -465,7 +470,7 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
                     opt3(c.roc_auc),
                     opt3(c.brier),
                     opt3(c.ece),
-                    c.reviews_per_s_text(3),
+                    c.rows_per_s_text(3),
                     format!("{:.0}", c.latency_p50_ms),
                     format!("{:.0}", c.latency_p95_ms),
                     format!("{:.1}", c.prompt_tokens_per_s),
@@ -560,7 +565,7 @@ fn failures_table(plan: &Plan, a: &Analysis) -> Table {
             vec![
                 Cell::code(&plan.cells[f.cell].id),
                 Cell::code(&plan.dataset.rows[f.row].id),
-                Cell::code(&f.kind),
+                Cell::code(f.kind.as_str()),
                 Cell::text(&f.message),
             ]
         })
@@ -672,13 +677,13 @@ fn cascades_table(m: &[CellMetrics]) -> Table {
             let alone = |a: &crate::cascade::Alone| {
                 let acc = a.accuracy.map_or("–".into(), pct);
                 let est = if a.estimated { ", estimated" } else { "" };
-                format!("{acc}, {:.2} s/review{est}", a.seconds_per_row)
+                format!("{acc}, {:.2} s/row{est}", a.seconds_per_row)
             };
             Some(vec![
                 Cell::code(&c.cell),
                 Cell::text(steps.join("; ")),
                 Cell::text(format!("{} ({} rows)", pct(c.accuracy), c.n)),
-                Cell::text(format!("{:.2} s/review", c.compute_s / c.n.max(1) as f64)),
+                Cell::text(format!("{:.2} s/row", c.compute_s / c.n.max(1) as f64)),
                 Cell::text(alone(&s.first)),
                 Cell::text(alone(&s.last)),
                 Cell::text(ratio(s.time_vs_first)),
@@ -788,7 +793,7 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                     Cell::text(&labels[row.label]),
                     answer(x),
                     answer(y),
-                    Cell::Review {
+                    Cell::LongText {
                         v: row.text.clone(),
                     },
                 ];

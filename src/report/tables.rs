@@ -11,21 +11,22 @@ use parquet::arrow::ArrowWriter;
 
 use crate::metrics::{CellMetrics, Comparison, Failure, Prediction};
 use crate::plan::Plan;
+use crate::table::TableError;
 
-pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
     let mut buf = Vec::new();
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
         .build();
     let mut w =
-        ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
-    w.write(batch).map_err(|e| e.to_string())?;
-    w.close().map_err(|e| e.to_string())?;
+        ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(TableError::from)?;
+    w.write(batch).map_err(TableError::from)?;
+    w.close().map_err(TableError::from)?;
     Ok(buf)
 }
 
 /// CSV of a table; list columns are left out (their values also have columns of their own).
-pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
     let keep: Vec<usize> = (0..batch.num_columns())
         .filter(|&i| {
             !matches!(
@@ -34,18 +35,18 @@ pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, String> {
             )
         })
         .collect();
-    let flat = batch.project(&keep).map_err(|e| e.to_string())?;
+    let flat = batch.project(&keep).map_err(TableError::from)?;
     let mut buf = Vec::new();
     {
         let mut w = arrow::csv::WriterBuilder::new()
             .with_header(true)
             .build(&mut buf);
-        w.write(&flat).map_err(|e| e.to_string())?;
+        w.write(&flat).map_err(TableError::from)?;
     }
     Ok(buf)
 }
 
-fn batch(cols: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, String> {
+fn batch(cols: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, TableError> {
     let fields: Vec<Field> = cols
         .iter()
         .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
@@ -54,7 +55,7 @@ fn batch(cols: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, String> {
         Arc::new(Schema::new(fields)),
         cols.into_iter().map(|(_, a)| a).collect(),
     )
-    .map_err(|e| e.to_string())
+    .map_err(TableError::from)
 }
 
 fn strs<I: IntoIterator<Item = Option<String>>>(it: I) -> ArrayRef {
@@ -70,7 +71,7 @@ fn u64s<I: IntoIterator<Item = u64>>(it: I) -> ArrayRef {
 }
 
 /// One row per dataset row × cell.
-pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, String> {
+pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, TableError> {
     let labels = plan.dataset.label_names();
     let cell = |p: &Prediction| &plan.cells[p.cell];
     let mut cols: Vec<(&str, ArrayRef)> = vec![
@@ -227,7 +228,7 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Str
 }
 
 /// One row per cell.
-pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, String> {
+pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, TableError> {
     let s = |f: &dyn Fn(&CellMetrics) -> String| strs(m.iter().map(|x| Some(f(x))));
     // A rate of a cell with no answered row is unknown, not 0: null.
     let f = |g: &dyn Fn(&CellMetrics) -> f64| f64s(m.iter().map(|x| (x.n > 0).then(|| g(x))));
@@ -290,12 +291,9 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
         ("latency_p50_ms".into(), f(&|x| x.latency_p50_ms)),
         ("latency_p95_ms".into(), f(&|x| x.latency_p95_ms)),
         ("compute_s".into(), f(&|x| x.compute_s)),
-        ("reviews_per_s".into(), f(&|x| x.reviews_per_s)),
+        ("rows_per_s".into(), f(&|x| x.rows_per_s)),
         ("words_per_s".into(), f(&|x| x.words_per_s)),
-        (
-            "reviews_per_s_shared".into(),
-            f(&|x| x.reviews_per_s_shared),
-        ),
+        ("rows_per_s_shared".into(), f(&|x| x.rows_per_s_shared)),
         ("prompt_tokens_per_s".into(), f(&|x| x.prompt_tokens_per_s)),
         ("generated_tokens_per_s".into(), f(&|x| x.gen_tokens_per_s)),
         ("cached_rows".into(), u(&|x| x.cached)),
@@ -335,7 +333,7 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Stri
 }
 
 /// One row per paired comparison.
-pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, String> {
+pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, TableError> {
     let s = |f: &dyn Fn(&Comparison) -> String| strs(c.iter().map(|x| Some(f(x))));
     let f = |g: &dyn Fn(&Comparison) -> f64| f64s(c.iter().map(|x| Some(g(x))));
     let u = |g: &dyn Fn(&Comparison) -> u64| u64s(c.iter().map(g));
@@ -355,7 +353,7 @@ pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, String> {
 }
 
 /// One row per cell row whose last attempt failed.
-pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, String> {
+pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, TableError> {
     let s = |g: &dyn Fn(&Failure) -> String| strs(f.iter().map(|x| Some(g(x))));
     let cell = |x: &Failure| &plan.cells[x.cell];
     batch(vec![
@@ -364,7 +362,7 @@ pub fn failures(plan: &Plan, f: &[Failure]) -> Result<RecordBatch, String> {
         ("prompt", s(&|x| plan.cell_names(cell(x)).1)),
         ("method", s(&|x| plan.cell_names(cell(x)).2)),
         ("row_id", s(&|x| plan.dataset.rows[x.row].id.clone())),
-        ("error_kind", s(&|x| x.kind.clone())),
+        ("error_kind", s(&|x| x.kind.as_str().to_string())),
         ("error", s(&|x| x.message.clone())),
     ])
 }

@@ -7,35 +7,35 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A review to classify. The field name is the seed notebook's.
+/// A text to classify.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct SentimentRequest {
-    /// The review, as text (UTF-8, not empty). Cleaned like the study's rows; a review longer
-    /// than the spec's `max_text_tokens` is cut to it, as in the study.
-    pub review_text: String,
+pub struct ClassifyRequest {
+    /// The text (UTF-8, not empty). Cleaned like the study's rows; a text longer than the
+    /// spec's `max_text_tokens` is cut to it, as in the study.
+    pub text: String,
 }
 
-/// Several reviews at once (at most the server's `--max-batch`).
+/// Several texts at once (at most the server's `--max-batch`).
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct BatchRequest {
-    pub reviews: Vec<SentimentRequest>,
+pub struct ClassifyBatchRequest {
+    pub rows: Vec<ClassifyRequest>,
 }
 
-/// A labelled review of the pool, near the one asked about.
+/// A labelled row of the pool, near the text asked about.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SimilarReview {
+pub struct SimilarRow {
     pub id: String,
     pub text: String,
     pub label: String,
-    /// Cosine similarity of the two reviews' sentence embeddings.
+    /// Cosine similarity of the two texts' sentence embeddings.
     pub similarity: f32,
 }
 
-/// The answer, with the seed notebook's field names (`sentiment`, `confidence`) and more.
+/// The answer of the served cell.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SentimentResponse {
+pub struct ClassifyResponse {
     /// The predicted label; `null` when a generated answer names no label.
-    pub sentiment: Option<String>,
+    pub label: Option<String>,
     /// `loglik` cells: the (calibrated, when the cell is calibrated) probability of the
     /// predicted label, normalised over the labels. `knn_vote` cells: the predicted label's
     /// similarity-weighted vote share. `generate` cells: `null`: one generated answer
@@ -45,27 +45,83 @@ pub struct SentimentResponse {
     pub label_probs: Option<std::collections::BTreeMap<String, f64>>,
     /// A `generate` cell's raw answer.
     pub raw_answer: Option<String>,
-    /// The `k` nearest labelled reviews of the spec's pool (`?k=`, default 3; empty when
-    /// the spec has no embedder).
-    pub similar_reviews: Vec<SimilarReview>,
+    /// The `k` nearest labelled rows of the spec's pool (`?k=`, default 3; empty when the
+    /// spec has no embedder).
+    pub similar: Vec<SimilarRow>,
     /// The examples the prompt showed, for cells with retrieved examples.
-    pub examples_shown: Vec<SimilarReview>,
+    pub examples_shown: Vec<SimilarRow>,
     /// The study cell that answered.
     pub cell: String,
     /// A cascade cell: the stage that answered (0: the first), and each stage's cell that
-    /// the review went through.
+    /// the text went through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cascade_stage: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<String>,
     /// Answered from the row cache (the study, or an earlier request, computed it; for a
-    /// cascade, every stage the review went through).
+    /// cascade, every stage the text went through).
     pub cached: bool,
     pub latency_ms: f64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchResponse {
+pub struct ClassifyBatchResponse {
+    pub results: Vec<ClassifyResponse>,
+}
+
+// The seed notebook's API, kept as an alias of the classify endpoints: its field names.
+
+/// `/v1/sentiment`: the text under the seed notebook's field name.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SentimentRequest {
+    pub review_text: String,
+}
+
+/// `/v1/sentiment/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SentimentBatchRequest {
+    pub reviews: Vec<SentimentRequest>,
+}
+
+/// [`ClassifyResponse`] under the seed notebook's names: `sentiment` for `label`,
+/// `similar_reviews` for `similar`; the other fields as there.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SentimentResponse {
+    pub sentiment: Option<String>,
+    pub confidence: Option<f64>,
+    pub label_probs: Option<std::collections::BTreeMap<String, f64>>,
+    pub raw_answer: Option<String>,
+    pub similar_reviews: Vec<SimilarRow>,
+    pub examples_shown: Vec<SimilarRow>,
+    pub cell: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cascade_stage: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
+    pub cached: bool,
+    pub latency_ms: f64,
+}
+
+impl From<ClassifyResponse> for SentimentResponse {
+    fn from(r: ClassifyResponse) -> Self {
+        SentimentResponse {
+            sentiment: r.label,
+            confidence: r.confidence,
+            label_probs: r.label_probs,
+            raw_answer: r.raw_answer,
+            similar_reviews: r.similar,
+            examples_shown: r.examples_shown,
+            cell: r.cell,
+            cascade_stage: r.cascade_stage,
+            stages: r.stages,
+            cached: r.cached,
+            latency_ms: r.latency_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SentimentBatchResponse {
     pub results: Vec<SentimentResponse>,
 }
 

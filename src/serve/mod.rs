@@ -1,6 +1,6 @@
 //! `pipeline serve`: one cell of a study as an HTTP API (axum on tokio). The answers are the
 //! study's: the same clean-up, retrieved examples, prompt, row key, task and calibration, so a
-//! review the study computed is answered from the row cache and a new answer is written to
+//! text the study computed is answered from the row cache and a new answer is written to
 //! it. One worker thread owns the models; requests reach it through a bounded queue.
 
 mod api;
@@ -26,8 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 use utoipa::OpenApi;
 
 pub use api::{
-    ApiError, BatchRequest, BatchResponse, Health, SentimentRequest, SentimentResponse,
-    SimilarReview,
+    ApiError, ClassifyBatchRequest, ClassifyBatchResponse, ClassifyRequest, ClassifyResponse,
+    Health, SentimentBatchRequest, SentimentBatchResponse, SentimentRequest, SentimentResponse,
+    SimilarRow,
 };
 use scorer::{Kind, Scorer};
 use worker::{InferItem, Job, WorkerSpec};
@@ -44,7 +45,7 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// Requests waiting for the model beyond this many are answered 429.
     pub queue: usize,
-    /// Most reviews in one batch request.
+    /// Most texts in one batch request.
     pub max_batch: usize,
     /// Largest request body, in bytes.
     pub body_limit: usize,
@@ -100,14 +101,12 @@ impl Telemetry {
                 .expect("valid metric");
         let cache_hits = IntCounter::new(
             "pipeline_cache_hits_total",
-            "Reviews answered from the row cache",
+            "Texts answered from the row cache",
         )
         .expect("valid metric");
-        let cache_misses = IntCounter::new(
-            "pipeline_cache_misses_total",
-            "Reviews computed by the model",
-        )
-        .expect("valid metric");
+        let cache_misses =
+            IntCounter::new("pipeline_cache_misses_total", "Texts computed by the model")
+                .expect("valid metric");
         let rows_stored = IntCounter::new(
             "pipeline_rows_stored_total",
             "Rows computed by the model and kept for the row cache (also when the client left)",
@@ -175,13 +174,17 @@ impl Drop for Computing {
         title = "pipeline serve",
         description = "One cell of a pipeline study as an HTTP API: the study's model, prompt, method and calibration."
     ),
-    paths(sentiment, sentiment_batch, health, metrics),
+    paths(classify, classify_batch, sentiment, sentiment_batch, health, metrics),
     components(schemas(
+        ClassifyRequest,
+        ClassifyBatchRequest,
+        ClassifyResponse,
+        ClassifyBatchResponse,
         SentimentRequest,
-        BatchRequest,
+        SentimentBatchRequest,
         SentimentResponse,
-        BatchResponse,
-        SimilarReview,
+        SentimentBatchResponse,
+        SimilarRow,
         Health,
         ApiError
     ))
@@ -239,17 +242,35 @@ pub type MakeBackend = Arc<dyn Fn() -> Box<dyn Backend> + Send + Sync>;
 /// Serve `startup.cell` until SIGTERM or Ctrl-C; in-flight requests finish first. The
 /// model loads in the background while `/health` answers 503. `on_listen` is told the
 /// address once the socket is bound.
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the server stopped: {0}")]
+    Http(#[source] std::io::Error),
+    #[error("the model loader stopped: {0}")]
+    Loader(#[source] tokio::task::JoinError),
+    #[error("cannot write the cache: {0}")]
+    Cache(#[source] crate::cache::CacheError),
+}
+
 pub fn serve(
     startup: Startup,
     opts: &ServeOptions,
     make_backend: MakeBackend,
     on_listen: Box<dyn FnOnce(SocketAddr) + Send>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(ServeError::Runtime)?;
     rt.block_on(run_server(startup, opts.clone(), make_backend, on_listen))
 }
 
@@ -258,7 +279,7 @@ async fn run_server(
     opts: ServeOptions,
     make_backend: MakeBackend,
     on_listen: Box<dyn FnOnce(SocketAddr) + Send>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let Startup {
         plan,
         cell,
@@ -293,8 +314,14 @@ async fn run_server(
     });
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.addr))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| ServeError::Listen {
+            addr: opts.addr,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: opts.addr,
+        source,
+    })?;
     on_listen(local);
 
     // Load in the background: /health says 503 until the worker has its models.
@@ -320,6 +347,8 @@ async fn run_server(
     let writer = tokio::spawn(write_batches(shared.clone(), stopped));
 
     let app = Router::new()
+        .route("/v1/classify", post(classify))
+        .route("/v1/classify/batch", post(classify_batch))
         .route("/v1/sentiment", post(sentiment))
         .route("/v1/sentiment/batch", post(sentiment_batch))
         .route("/health", get(health))
@@ -333,7 +362,7 @@ async fn run_server(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ServeError::Http)?;
     // In-flight requests are answered, and rows whose clients left are finished: write
     // what waits, keep the cache compact, stop the worker.
     let _ = shared.computing.subscribe().wait_for(|n| *n == 0).await;
@@ -341,14 +370,14 @@ async fn run_server(
     let _ = writer.await;
     drop(shared.served.lock().expect("not poisoned").take());
     let closed = shared.storage.close();
-    let workers = loader.await.map_err(|e| e.to_string())?;
+    let workers = loader.await.map_err(ServeError::Loader)?;
     if let Ok(s) = Arc::try_unwrap(shared) {
         drop(s.jobs);
         for w in workers {
             let _ = w.join();
         }
     }
-    closed.map_err(|e| format!("cannot write the cache: {e}"))
+    closed.map_err(ServeError::Cache)
 }
 
 /// Write waiting rows and vectors every few seconds, or when a batch is due, until stopped.
@@ -399,7 +428,7 @@ fn load(
                 scorers.push((s, worker));
             }
             Err(e) => {
-                fail(e);
+                fail(e.to_string());
                 return Vec::new();
             }
         }
@@ -477,7 +506,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// `?k=`: how many similar reviews.
+/// `?k=`: how many similar rows.
 #[derive(Debug, serde::Deserialize)]
 struct SimilarQuery {
     k: Option<String>,
@@ -496,20 +525,78 @@ fn similar_k(q: &SimilarQuery) -> Result<usize, ApiError> {
     }
 }
 
-/// Classify one review.
+/// Classify one text.
 #[utoipa::path(
     post,
-    path = "/v1/sentiment",
-    request_body = SentimentRequest,
-    params(("k" = Option<usize>, Query, description = "similar reviews to return (default 3, at most 100)")),
+    path = "/v1/classify",
+    request_body = ClassifyRequest,
+    params(("k" = Option<usize>, Query, description = "similar rows to return (default 3, at most 100)")),
     responses(
-        (status = 200, body = SentimentResponse),
+        (status = 200, body = ClassifyResponse),
         (status = 400, description = "the body is not JSON", body = ApiError),
         (status = 413, description = "the body is over the limit", body = ApiError),
         (status = 422, description = "a field is missing, empty, not UTF-8 or out of range", body = ApiError),
         (status = 429, description = "the queue is full (see Retry-After)", body = ApiError),
         (status = 503, description = "the model is still loading", body = ApiError)
     )
+)]
+async fn classify(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<SimilarQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let start = Instant::now();
+    let result = async {
+        let k = similar_k(&q)?;
+        let req: ClassifyRequest = api::parse_body(&body.map_err(too_large)?, "text")?;
+        answer(&s, req.text, TEXT, k, start).await
+    }
+    .await;
+    finish(&s, "classify", start, result.map(axum::Json))
+}
+
+/// Classify several texts (at most `--max-batch`).
+#[utoipa::path(
+    post,
+    path = "/v1/classify/batch",
+    request_body = ClassifyBatchRequest,
+    responses(
+        (status = 200, body = ClassifyBatchResponse),
+        (status = 413, description = "the body or the number of rows is over the limit", body = ApiError),
+        (status = 422, description = "a text is missing, empty or not UTF-8", body = ApiError),
+        (status = 429, description = "the queue is full", body = ApiError),
+        (status = 503, description = "the model is still loading", body = ApiError)
+    )
+)]
+async fn classify_batch(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<SimilarQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let start = Instant::now();
+    let result = async {
+        let k = similar_k(&q)?;
+        let req: ClassifyBatchRequest = api::parse_body(&body.map_err(too_large)?, "rows")?;
+        let texts = req.rows.into_iter().map(|r| r.text).collect();
+        let results = answer_batch(&s, texts, ("rows", TEXT), k).await?;
+        Ok(axum::Json(ClassifyBatchResponse { results }))
+    }
+    .await;
+    finish(&s, "classify_batch", start, result)
+}
+
+/// The field a single request's text comes in.
+const TEXT: &str = "text";
+/// The same in the seed notebook's API.
+const SEED_TEXT: &str = "review_text";
+
+/// The seed notebook's `/v1/sentiment`: [`classify`] under its field names.
+#[utoipa::path(
+    post,
+    path = "/v1/sentiment",
+    request_body = SentimentRequest,
+    params(("k" = Option<usize>, Query, description = "similar rows to return (default 3, at most 100)")),
+    responses((status = 200, body = SentimentResponse), (status = 422, description = "as /v1/classify", body = ApiError))
 )]
 async fn sentiment(
     State(s): State<Arc<Shared>>,
@@ -519,60 +606,72 @@ async fn sentiment(
     let start = Instant::now();
     let result = async {
         let k = similar_k(&q)?;
-        let body = body.map_err(too_large)?;
-        let req: SentimentRequest = api::parse_body(&body, "review_text")?;
-        answer(&s, req.review_text, k, start).await
+        let req: SentimentRequest = api::parse_body(&body.map_err(too_large)?, SEED_TEXT)?;
+        answer(&s, req.review_text, SEED_TEXT, k, start).await
     }
     .await;
-    finish(&s, "sentiment", start, result.map(axum::Json))
+    finish(
+        &s,
+        "sentiment",
+        start,
+        result.map(|r| axum::Json(SentimentResponse::from(r))),
+    )
 }
 
-/// Classify several reviews (at most `--max-batch`).
+/// The seed notebook's `/v1/sentiment/batch`: [`classify_batch`] under its field names.
 #[utoipa::path(
     post,
     path = "/v1/sentiment/batch",
-    request_body = BatchRequest,
-    responses(
-        (status = 200, body = BatchResponse),
-        (status = 413, description = "the body or the number of reviews is over the limit", body = ApiError),
-        (status = 422, description = "a review is missing, empty or not UTF-8", body = ApiError),
-        (status = 429, description = "the queue is full", body = ApiError),
-        (status = 503, description = "the model is still loading", body = ApiError)
-    )
+    request_body = SentimentBatchRequest,
+    responses((status = 200, body = SentimentBatchResponse), (status = 422, description = "as /v1/classify/batch", body = ApiError))
 )]
 async fn sentiment_batch(
     State(s): State<Arc<Shared>>,
     Query(q): Query<SimilarQuery>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    const LIST: &str = "reviews";
     let start = Instant::now();
     let result = async {
         let k = similar_k(&q)?;
-        let body = body.map_err(too_large)?;
-        let req: BatchRequest = api::parse_body(&body, "reviews")?;
-        if req.reviews.len() > s.max_batch {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("at most {} reviews per batch", s.max_batch),
-                Some("reviews"),
-            ));
-        }
-        let mut results = Vec::with_capacity(req.reviews.len());
-        for (i, r) in req.reviews.into_iter().enumerate() {
-            let one = answer(&s, r.review_text, k, Instant::now())
-                .await
-                .map_err(|mut e| {
-                    if e.field.as_deref() == Some("review_text") {
-                        e.field = Some(format!("reviews[{i}].review_text"));
-                    }
-                    e
-                })?;
-            results.push(one);
-        }
-        Ok(axum::Json(BatchResponse { results }))
+        let req: SentimentBatchRequest = api::parse_body(&body.map_err(too_large)?, LIST)?;
+        let texts = req.reviews.into_iter().map(|r| r.review_text).collect();
+        let results = answer_batch(&s, texts, (LIST, SEED_TEXT), k).await?;
+        let results = results.into_iter().map(SentimentResponse::from).collect();
+        Ok(axum::Json(SentimentBatchResponse { results }))
     }
     .await;
     finish(&s, "batch", start, result)
+}
+
+/// Answer the texts of a batch in turn; `fields`: the list's field and each item's text
+/// field, to name the one at fault in an error.
+async fn answer_batch(
+    s: &Arc<Shared>,
+    texts: Vec<String>,
+    (list, field): (&'static str, &'static str),
+    k: usize,
+) -> Result<Vec<ClassifyResponse>, ApiError> {
+    if texts.len() > s.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {} rows per batch", s.max_batch),
+            Some(list),
+        ));
+    }
+    let mut results = Vec::with_capacity(texts.len());
+    for (i, text) in texts.into_iter().enumerate() {
+        let one = answer(s, text, field, k, Instant::now())
+            .await
+            .map_err(|mut e| {
+                if e.field.as_deref() == Some(field) {
+                    e.field = Some(format!("{list}[{i}].{field}"));
+                }
+                e
+            })?;
+        results.push(one);
+    }
+    Ok(results)
 }
 
 fn too_large(e: axum::extract::rejection::BytesRejection) -> ApiError {
@@ -625,12 +724,14 @@ async fn ask<T>(
     })
 }
 
+/// Answer one text; `field` names it in errors.
 async fn answer(
     s: &Arc<Shared>,
-    review: String,
+    input: String,
+    field: &'static str,
     k: usize,
     start: Instant,
-) -> Result<SentimentResponse, ApiError> {
+) -> Result<ClassifyResponse, ApiError> {
     let served = s
         .served
         .lock()
@@ -643,27 +744,24 @@ async fn answer(
                 None,
             )
         })?;
-    if let Some((at, c)) = review
+    if let Some((at, c)) = input
         .char_indices()
         .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
     {
         return Err(ApiError::unprocessable(
-            "review_text",
+            field,
             format!(
-                "review_text has the control character U+{:04X} at byte {at}: send text (tabs and line breaks are fine)",
+                "{field} has the control character U+{:04X} at byte {at}: send text (tabs and line breaks are fine)",
                 u32::from(c)
             ),
         ));
     }
     let first = served.first();
-    let text = first.clean(&review);
+    let text = first.clean(&input);
     if text.is_empty() {
-        return Err(ApiError::unprocessable(
-            "review_text",
-            "review_text is empty",
-        ));
+        return Err(ApiError::unprocessable(field, format!("{field} is empty")));
     }
-    // The review's embedding (one embedder serves every stage): from the store, else
+    // The text's embedding (one embedder serves every stage): from the store, else
     // computed by the first worker (and stored).
     let needs_vector = served
         .stages
@@ -702,8 +800,9 @@ async fn answer(
     for (i, (scorer, worker)) in served.stages.iter().enumerate() {
         let prepared = scorer
             .prepare(text.clone(), vector.as_deref())
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, None))?;
-        let (logprobs, raw, hit) = stage_output(s, scorer, *worker, &text, &prepared).await?;
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))?;
+        let (logprobs, raw, hit) =
+            stage_output(s, scorer, *worker, &text, &prepared, field).await?;
         cached &= hit;
         let a = scorer.answer(
             logprobs.as_deref(),
@@ -722,7 +821,7 @@ async fn answer(
         (Some(v), k) if k > 0 => first.similar(&text, v, k),
         _ => Vec::new(),
     };
-    let review = |(row, sim): (crate::dataset::Row, f32)| SimilarReview {
+    let similar_row = |(row, sim): (crate::dataset::Row, f32)| SimilarRow {
         id: row.id,
         text: row.text,
         label: first.labels[row.label].clone(),
@@ -735,7 +834,7 @@ async fn answer(
                 .into_iter()
                 .zip(sh.similarity)
                 .zip(sh.examples)
-                .map(|((id, similarity), e)| SimilarReview {
+                .map(|((id, similarity), e)| SimilarRow {
                     id,
                     text: e.text,
                     label: e.label,
@@ -745,12 +844,12 @@ async fn answer(
         })
         .unwrap_or_default();
     let cascade = served.stages.len() > 1;
-    Ok(SentimentResponse {
-        sentiment: a.sentiment,
+    Ok(ClassifyResponse {
+        label: a.sentiment,
         confidence: a.confidence,
         label_probs: a.label_probs.map(|v| v.into_iter().collect()),
         raw_answer: a.raw_answer,
-        similar_reviews: similar.into_iter().map(review).collect(),
+        similar: similar.into_iter().map(similar_row).collect(),
         examples_shown,
         cell: s.cell.clone(),
         cascade_stage: cascade.then_some(stage),
@@ -760,7 +859,7 @@ async fn answer(
     })
 }
 
-/// One stage's raw output for a review: its label log-probs and generated text (none for a
+/// One stage's raw output for a text: its label log-probs and generated text (none for a
 /// vote), from the row cache or computed by the stage's worker (and stored); and whether
 /// it came from the cache.
 async fn stage_output(
@@ -769,6 +868,7 @@ async fn stage_output(
     worker: usize,
     text: &str,
     prepared: &scorer::Prepared,
+    field: &'static str,
 ) -> Result<(Option<Vec<f64>>, Option<String>, bool), ApiError> {
     let (
         Some(key),
@@ -806,7 +906,7 @@ async fn stage_output(
     // (a timeout, a closed connection) drops this request, not the work it queued, so the
     // row is finished and cached and the client's retry is answered from the cache.
     let computing = Computing::start(s);
-    let (cell, kind) = (scorer.cell.clone(), crate::exec::task_kind(&task));
+    let (cell, kind) = (scorer.cell.clone(), task.kind());
     let (key, components) = (*key, *components);
     let row_text = prepared.text.clone();
     let computed = tokio::spawn(async move {
@@ -820,7 +920,7 @@ async fn stage_output(
         .await?
         .map_err(|e| {
             if matches!(e, crate::backend::BackendError::ContextOverflow { .. }) {
-                ApiError::unprocessable("review_text", e.to_string())
+                ApiError::unprocessable(field, e.to_string())
             } else {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
             }
@@ -846,7 +946,7 @@ async fn stage_output(
 /// A served answer as a cache row: the same key and content as `pipeline run` would store.
 fn served_row(
     cell: String,
-    kind: &str,
+    kind: crate::row::TaskKind,
     key: crate::key::Digest,
     components: crate::key::Components,
     text: &str,
@@ -865,7 +965,7 @@ fn served_row(
                 .unwrap_or("")
         ),
         cell_id: cell,
-        kind: kind.into(),
+        kind,
         text: o.text.clone(),
         logprobs: o.logprobs.clone(),
         prompt_tokens: out.prompt_tokens,

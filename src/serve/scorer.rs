@@ -1,4 +1,4 @@
-//! What the server needs of a plan to answer a new review exactly as `pipeline run` would:
+//! What the server needs of a plan to answer a new text exactly as `pipeline run` would:
 //! the same clean-up, the same retrieved examples, the same rendered prompt and so the same
 //! row key, the same task and the same calibration.
 
@@ -32,7 +32,7 @@ impl LoadedPool {
             .collect()
     }
 
-    /// The query's neighbours; a served review has no id, so the leak guard matches its
+    /// The query's neighbours; a served text has no id, so the leak guard matches its
     /// text.
     pub fn search(&self, text: &str, vector: &[f32], how: Search) -> Neighbours {
         let q = Query {
@@ -73,7 +73,7 @@ pub struct Scorer {
     pub prompts: std::sync::Arc<Prompts>,
     pub kind: Kind,
     pub pools: Vec<LoadedPool>,
-    /// The pool `similar_reviews` come from, if the spec has one.
+    /// The pool similar rows come from, if the spec has one.
     pub similar_pool: Option<usize>,
     /// The embedder and the facts its embedding keys need, when anything needs a vector.
     pub embedder: Option<EmbedderKey>,
@@ -89,7 +89,7 @@ pub struct EmbedderKey {
     pub key_of: std::sync::Arc<EmbeddingKeyFn>,
 }
 
-/// A review ready to score: its rendered prompt and row key (LLM cells), or its vote.
+/// A text ready to score: its rendered prompt and row key (LLM cells), or its vote.
 pub struct Prepared {
     pub text: String,
     pub messages: Option<Messages>,
@@ -127,6 +127,21 @@ impl Answer {
     }
 }
 
+/// Why a cell cannot be served, or a text not prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum ScorerError {
+    #[error("the pool's embeddings are not all computed")]
+    PoolNotEmbedded,
+    #[error("a cascade is served stage by stage, each with a scorer")]
+    Cascade,
+    #[error("no embedding")]
+    NoEmbedding,
+    #[error("the cell's model digest is not known")]
+    ModelDigestUnknown,
+    #[error(transparent)]
+    Render(#[from] crate::diag::Diagnostic),
+}
+
 impl Scorer {
     /// The scorer of a model or vote cell of a plan (a reported cell or a cascade's stage)
     /// whose embeddings are all in the store (`vectors` reads one) and whose calibration, if
@@ -136,14 +151,14 @@ impl Scorer {
         c: &Cell,
         vectors: &dyn Fn(&Option<Digest>) -> Option<Vec<f32>>,
         calibration: Option<Params>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ScorerError> {
         let mut pools = Vec::new();
-        let mut load_pool = |i: usize| -> Result<usize, String> {
+        let mut load_pool = |i: usize| -> Result<usize, ScorerError> {
             let p = &plan.pools[i];
             let v: Option<Vec<Vec<f32>>> = p.keys.iter().map(vectors).collect();
             pools.push(LoadedPool {
                 rows: p.rows.clone(),
-                vectors: v.ok_or("the pool's embeddings are not all computed")?,
+                vectors: v.ok_or(ScorerError::PoolNotEmbedded)?,
             });
             Ok(pools.len() - 1)
         };
@@ -151,7 +166,7 @@ impl Scorer {
         let retrieval_of = |id: String| plan.retrievals.iter().find(|r| r.id == id);
         let kind = match c.source {
             Source::Cascade { .. } => {
-                return Err("a cascade is served stage by stage, each with a scorer".into());
+                return Err(ScorerError::Cascade);
             }
             Source::Vote { retrieval } => {
                 let r = &plan.retrievals[retrieval];
@@ -169,14 +184,14 @@ impl Scorer {
                     .flatten()
                     .next()
                     .copied()
-                    .ok_or("the cell's model digest is not known")?;
+                    .ok_or(ScorerError::ModelDigestUnknown)?;
                 let retrieval = match retrieval_of(format!("prompt:{}", plan.prompts.id(prompt))) {
                     Some(r) => Some((load_pool(r.pool)?, r.search)),
                     None => None,
                 };
                 Kind::Llm {
                     prompt,
-                    task: crate::exec::task_for(plan, c),
+                    task: plan.task(c),
                     method: method.kind,
                     parse: method.parse,
                     fixed: Box::new(fixed),
@@ -186,7 +201,7 @@ impl Scorer {
                 }
             }
         };
-        // Similar reviews come from the cell's own pool, else the spec's first one.
+        // Similar rows come from the cell's own pool, else the spec's first one.
         let similar_pool = match &kind {
             Kind::Vote { pool, .. } => Some(*pool),
             Kind::Llm {
@@ -223,13 +238,13 @@ impl Scorer {
         })
     }
 
-    /// The review text as the study's rows are: cleaned the same way.
+    /// The text as the study's rows are: cleaned the same way.
     pub fn clean(&self, text: &str) -> String {
         dataset::clean(text, &self.clean)
     }
 
-    /// Whether answering needs the review's embedding (retrieved examples, a vote, or
-    /// similar reviews).
+    /// Whether answering needs the text's embedding (retrieved examples, a vote, or
+    /// similar rows).
     pub fn needs_vector(&self, similar: bool) -> bool {
         self.embedder.is_some()
             && (similar
@@ -243,11 +258,11 @@ impl Scorer {
                 ))
     }
 
-    /// Render the review's prompt and compute its row key, as the plan does for a row.
-    pub fn prepare(&self, text: String, vector: Option<&[f32]>) -> Result<Prepared, String> {
+    /// Render a text's prompt and compute its row key, as the plan does for a row.
+    pub fn prepare(&self, text: String, vector: Option<&[f32]>) -> Result<Prepared, ScorerError> {
         match &self.kind {
             Kind::Vote { pool, search } => {
-                let v = vector.ok_or("no embedding")?;
+                let v = vector.ok_or(ScorerError::NoEmbedding)?;
                 let p = &self.pools[*pool];
                 let n = p.search(&text, v, *search);
                 let shares = neighbours::vote(&p.entries(), &n, self.labels.len());
@@ -269,7 +284,7 @@ impl Scorer {
             } => {
                 let shown = match retrieval {
                     Some((pool, search)) => {
-                        let v = vector.ok_or("no embedding")?;
+                        let v = vector.ok_or(ScorerError::NoEmbedding)?;
                         let p = &self.pools[*pool];
                         let n = p.search(&text, v, *search);
                         Some(Shown {
@@ -290,8 +305,7 @@ impl Scorer {
                 let examples = shown.as_ref().map(|s| s.examples.clone());
                 let messages = self
                     .prompts
-                    .render_with(*prompt, &text, examples.as_deref())
-                    .map_err(|d| d.to_string())?;
+                    .render_with(*prompt, &text, examples.as_deref())?;
                 let components = Components {
                     prompt: PromptPart {
                         messages: &messages,
@@ -373,7 +387,7 @@ impl Scorer {
         }
     }
 
-    /// The `k` pool reviews nearest the review, nearest first.
+    /// The `k` pool rows nearest the text, nearest first.
     pub fn similar(&self, text: &str, vector: &[f32], k: usize) -> Vec<(Row, f32)> {
         let Some(pool) = self.similar_pool else {
             return Vec::new();

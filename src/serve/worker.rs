@@ -11,7 +11,7 @@ use crate::backend::{BackendError, EmbedderLoad, ModelLoad, PromptOutput, Task};
 use crate::exec::{Evaluation, evaluate};
 use crate::prompt::{Example, Messages, Prompts};
 
-/// A review to evaluate, as prepared by the scorer.
+/// A text to evaluate, as prepared by the scorer.
 pub struct InferItem {
     pub text: String,
     pub messages: Messages,

@@ -1,5 +1,5 @@
 //! The server's row cache and artifact store, with what it computed written in batches
-//! (every 32 rows or 3 seconds, as a run commits) instead of one segment file per review.
+//! (every 32 rows or 3 seconds, as a run commits) instead of one segment file per row.
 //! Until a batch is written its rows answer from memory; a `kill -9` loses at most them.
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@ use super::*;
 const GOOD: &str = r#"
 name: demo
 dataset:
-  path: data/reviews.csv
+  path: data/rows.csv
   text: text
   label: label
   labels: {0: negative, 1: positive}
@@ -13,7 +13,7 @@ models:
     gguf: models/tiny.gguf
 prompts:
   - id: zero
-    user: "Review: {{ text }}\nAnswer with one of {{ labels | join(', ') }}."
+    user: "Text: {{ text }}\nAnswer with one of {{ labels | join(', ') }}."
 methods:
   - id: gen
     kind: generate
@@ -35,7 +35,7 @@ fn good_spec_parses_and_resolves_paths_against_its_folder() {
     assert_eq!(s.name, "demo");
     assert_eq!(
         s.dataset.path.value,
-        PathBuf::from("/work/exp/data/reviews.csv")
+        PathBuf::from("/work/exp/data/rows.csv")
     );
     assert_eq!(
         s.models[0].gguf.value,
@@ -100,7 +100,7 @@ fn out_of_range_value_names_field() {
 #[test]
 fn missing_template_file_names_field_and_line() {
     let src = GOOD.replace(
-        "    user: \"Review: {{ text }}\\nAnswer with one of {{ labels | join(', ') }}.\"",
+        "    user: \"Text: {{ text }}\\nAnswer with one of {{ labels | join(', ') }}.\"",
         "    user: {file: ../prompts/nope.j2}",
     );
     let e = parse_at(&src).unwrap_err();

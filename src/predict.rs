@@ -1,0 +1,192 @@
+//! A cached row as a prediction of its cell: the answer parsed or the label scores
+//! calibrated, with what it cost. Metrics and cascades both read rows through here.
+
+use std::collections::HashSet;
+
+use crate::answer::{argmax, parse_answer};
+use crate::cache::{Cache, Lookup};
+use crate::calibrate::{self, Params};
+use crate::key::Digest;
+use crate::plan::{Cell, Plan};
+use crate::row::Finish;
+use crate::spec::MethodKind;
+
+/// Why a calibration cannot be fitted (yet).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("{computed} of {rows} {set} rows are computed")]
+    RowsMissing {
+        computed: usize,
+        rows: usize,
+        set: String,
+    },
+    #[error("no labels to fit")]
+    NoLabels,
+}
+
+/// One dataset row under one cell.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub cell: usize,
+    pub row: usize,
+    pub gold: usize,
+    /// `None`: an invalid (unparseable) answer.
+    pub predicted: Option<usize>,
+    pub raw: Option<String>,
+    /// Label log-probs (calibrated and normalised over the labels in calibrated cells;
+    /// the log of the vote shares in `knn_vote` cells).
+    pub logprobs: Option<Vec<f64>>,
+    /// A calibrated cell's scores before calibration.
+    pub uncalibrated: Option<Vec<f64>>,
+    pub prompt_tokens: u32,
+    pub evaluated_tokens: u32,
+    pub gen_tokens: u32,
+    pub finish: Finish,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub shared_by: u32,
+    /// Time to compute this row alone: the whole prompt evaluation plus its own decoding.
+    pub latency_ms: f64,
+    /// Its share when the prompt evaluation served `shared_by` cells.
+    pub shared_latency_ms: f64,
+    /// Served from the cache rather than computed in this run.
+    pub from_cache: bool,
+    /// The host and shard (`I/N`) that computed the row, where recorded.
+    pub host: Option<String>,
+    pub shard: Option<String>,
+    /// In a cascade cell: the stage that answered (0: the first).
+    pub stage: Option<usize>,
+}
+
+impl Prediction {
+    /// A row with nothing computed by a model (a vote's row).
+    pub(crate) fn empty(cell: usize, row: usize, gold: usize) -> Self {
+        Self {
+            cell,
+            row,
+            gold,
+            predicted: None,
+            raw: None,
+            logprobs: None,
+            uncalibrated: None,
+            prompt_tokens: 0,
+            evaluated_tokens: 0,
+            gen_tokens: 0,
+            finish: Finish::Scored,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            shared_by: 1,
+            latency_ms: 0.0,
+            shared_latency_ms: 0.0,
+            from_cache: true,
+            host: None,
+            shard: None,
+            stage: None,
+        }
+    }
+
+    pub fn correct(&self) -> bool {
+        self.predicted == Some(self.gold)
+    }
+}
+
+/// A calibration's parameters, or why it cannot be fitted yet.
+pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, CalibrationError> {
+    let c = &plan.calibrations[cal];
+    let support = &plan.support[c.support];
+    let rows = &plan.sets[support.set].rows;
+    // A fit waits for all its rows (those recorded as failed aside): fitted on whatever
+    // happens to be cached, a calibrated cell's answers would depend on what ran before.
+    let mut failed = 0;
+    let limit = plan.prompt_limit(support);
+    let scored: Vec<(Vec<f64>, usize)> = support
+        .rows
+        .iter()
+        .zip(rows)
+        .filter_map(|(comps, row)| {
+            let key = comps.as_ref()?.row_key();
+            match cache.lookup(&key, limit) {
+                Lookup::Hit(r) => Some((r.logprobs.clone()?, row.label)),
+                Lookup::TooLong { .. } | Lookup::Failed(_) => {
+                    failed += 1;
+                    None
+                }
+                Lookup::Miss => None,
+            }
+        })
+        .collect();
+    let needed = if c.content_free {
+        rows.len()
+    } else {
+        (rows.len() - failed).max(2)
+    };
+    if scored.len() < needed {
+        return Err(CalibrationError::RowsMissing {
+            computed: scored.len(),
+            rows: rows.len(),
+            set: plan.sets[support.set].name.clone(),
+        });
+    }
+    let fitted = if c.content_free {
+        calibrate::content_free(&scored.into_iter().map(|(lp, _)| lp).collect::<Vec<_>>())
+    } else {
+        calibrate::fit(&scored)
+    };
+    fitted.ok_or(CalibrationError::NoLabels)
+}
+
+/// Row `ri` of a model cell as the cache holds it (`None`: not computed yet, or a
+/// calibrated cell not fitted yet), calibrated with `params` (the cell's calibration).
+pub fn predict(
+    plan: &Plan,
+    cache: &Cache,
+    ci: usize,
+    cell: &Cell,
+    ri: usize,
+    params: Option<&Result<Params, CalibrationError>>,
+    computed: &HashSet<Digest>,
+) -> Option<Prediction> {
+    let labels = plan.dataset.label_names();
+    let method = &plan.spec.methods[cell.method];
+    let key = cell.rows.get(ri)?.as_ref()?.row_key();
+    let Lookup::Hit(r) = cache.lookup(&key, plan.prompt_limit(cell)) else {
+        return None;
+    };
+    let (logprobs, uncalibrated) = match params {
+        None => (r.logprobs.clone(), None),
+        Some(Err(_)) => return None,
+        Some(Ok(p)) => (
+            r.logprobs.as_deref().map(|lp| p.apply(lp)),
+            r.logprobs.clone(),
+        ),
+    };
+    let predicted = match method.kind {
+        MethodKind::Generate => r
+            .text
+            .as_deref()
+            .and_then(|t| parse_answer(t, &labels, method.parse)),
+        _ => logprobs.as_deref().and_then(argmax),
+    };
+    Some(Prediction {
+        cell: ci,
+        row: ri,
+        gold: plan.sets[cell.set].rows[ri].label,
+        predicted,
+        raw: r.text.clone(),
+        logprobs,
+        uncalibrated,
+        prompt_tokens: r.prompt_tokens,
+        evaluated_tokens: r.evaluated_tokens,
+        gen_tokens: r.gen_tokens,
+        finish: r.finish,
+        prefill_ms: r.prefill_ms,
+        decode_ms: r.decode_ms,
+        shared_by: r.shared_by,
+        latency_ms: r.prefill_ms + r.decode_ms,
+        shared_latency_ms: r.latency_ms(),
+        from_cache: !computed.contains(&key),
+        host: r.host.clone(),
+        shard: r.shard.clone(),
+        stage: None,
+    })
+}
