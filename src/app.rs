@@ -7,80 +7,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::backend::Backend;
 use crate::cache::{Cache, CacheError, CacheStatus, GcReport, LoadReport};
 use crate::config::Config;
-use crate::diag::Diagnostic;
-use crate::embed::{self, EmbedError};
-use crate::exec::{self, ExecError, ExecOptions, ExecStats, ShardFilter};
+use crate::exec::{self, ExecStats};
 use crate::key::Digest;
-use crate::plan::{self, CellRef, CellStatus, Explanation, Plan, PlanOptions, Source};
-use crate::report::{self, Provenance, ReportError, Written, html::Scripts};
-use crate::shard::{self, Manifest, Shard, ShardError};
-use crate::spec;
-use crate::store::{Artifact, Store};
+use crate::plan::{CellRef, CellStatus, Decided, Explanation, Plan, Source};
+use crate::report::{self, Provenance, Written, html::Scripts};
+use crate::schedule::{Models, Scheduler, Target, load_plan, shard_manifest};
+use crate::shard::Shard;
+use crate::store::Store;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    /// Bad input: the spec, a template, a dataset, a model file.
-    #[error(transparent)]
-    Input(#[from] Diagnostic),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error(transparent)]
-    Report(#[from] ReportError),
-    #[error(transparent)]
-    Run(#[from] ExecError),
-    #[error(transparent)]
-    Embed(#[from] EmbedError),
-    #[error("cell `{cell}` cannot be calibrated: {why}")]
-    Calibration {
-        cell: String,
-        why: crate::predict::CalibrationError,
-    },
-    #[error("serve: {0}")]
-    Serve(#[from] crate::serve::ServeError),
-    #[error("serve: cascade `{cell}`: a threshold could not be fitted ({why})")]
-    ServeThreshold { cell: String, why: String },
-    #[error("cannot listen for SIGINT and SIGTERM: {0}")]
-    Signals(#[source] std::io::Error),
-    #[error("no cell `{cell}` in this plan; cells: {known}")]
-    UnknownCell { cell: String, known: String },
-    #[error(
-        "cannot tell which cached rows {spec} needs: model `{model}` is not on this machine and the spec gives no sha256"
-    )]
-    UnknownModelDigest { spec: PathBuf, model: String },
-    #[error("{}: not a pipeline cache folder (it has no {}/ inside)", .0.display(), crate::cache::LAYOUT)]
-    NotACache(PathBuf),
-    #[error(transparent)]
-    Shard(#[from] ShardError),
-    #[error("the plan's stages: {0}")]
-    Dag(#[from] crate::dag::DagError),
-    #[error("{}: is the cache itself; export into another folder", .0.display())]
-    ExportIntoCache(PathBuf),
-}
+pub use crate::error::AppError;
 
-impl AppError {
-    /// 2 for bad input, 1 for everything else.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            AppError::Input(_)
-            | AppError::UnknownCell { .. }
-            | AppError::NotACache(_)
-            | AppError::Shard(_)
-            | AppError::ExportIntoCache(_) => 2,
-            _ => 1,
-        }
-    }
-}
-
-/// Makes an inference backend; called on the worker thread of each stage that needs one
-/// (embedding, inference), which then owns it.
-pub type MakeBackend = Arc<dyn Fn() -> Box<dyn Backend> + Send + Sync>;
+pub use crate::schedule::MakeBackend;
 
 /// A plan and the caches it was checked against.
 pub struct Planned {
     pub plan: Plan,
+    /// What the deciding stages (calibrate, route) decide from the caches as they are.
+    pub decided: Decided,
     pub cache: Cache,
     pub store: Store,
 }
@@ -133,7 +78,7 @@ impl Planned {
     }
 
     pub fn status(&self) -> Vec<CellStatus> {
-        self.plan.status(&self.cache)
+        self.plan.status(&self.cache, &self.decided.routing)
     }
 
     /// When rows this plan lacks are cached under another engine key (another llama.cpp
@@ -147,7 +92,8 @@ impl Planned {
         let mut missing: HashSet<[Digest; 5]> = HashSet::new();
         let mut engine = None;
         for c in self.plan.inference_cells() {
-            for comps in c.rows.iter().flatten() {
+            for (_, comps) in self.plan.needed_rows(c, &self.decided.routing) {
+                let Some(comps) = comps else { continue };
                 engine.get_or_insert(comps.engine);
                 if self.cache.get(&comps.row_key()).is_none() {
                     missing.insert(strip(comps));
@@ -169,7 +115,8 @@ impl Planned {
     }
 
     pub fn stages(&self) -> Vec<crate::plan::StageStatus> {
-        self.plan.stages(&self.cache, &self.store)
+        self.plan
+            .stages(&self.cache, &self.store, &self.decided.routing)
     }
 
     /// The stages as one checked graph.
@@ -189,7 +136,10 @@ impl Planned {
     /// Why a cell's rows (or a stage's items, given a stage id such as `embed:minilm`)
     /// miss the cache.
     pub fn explain(&self, cell: &str) -> Result<String, AppError> {
-        if let Some(text) = self.plan.explain_stage(cell, &self.cache, &self.store) {
+        if let Some(text) =
+            self.plan
+                .explain_stage(cell, &self.cache, &self.store, &self.decided.routing)
+        {
             return Ok(text);
         }
         Ok(self.explain_cell(cell)?.to_string())
@@ -214,48 +164,19 @@ impl Planned {
     }
 }
 
-/// The plan of a spec against the cache; writes nothing, downloads and loads no model.
+/// The plan of a spec against the cache (the scheduler's dry run: what is cached, what
+/// would run); writes nothing, downloads and loads no model.
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
     let cache = Cache::open_read_only(&cfg.cache_dir)?;
     let store = Store::open_read_only(&cfg.cache_dir)?;
-    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store, &cache)?;
-    Ok(Planned { plan, cache, store })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Models {
-    /// Find models on this machine, never download them; the digest memo is not written.
-    LocateOnly,
-    /// Download missing models.
-    Fetch,
-}
-
-fn load_plan(
-    cfg: &Config,
-    spec_path: &Path,
-    limit: Option<usize>,
-    models: Models,
-    store: &Store,
-    cache: &Cache,
-) -> Result<Plan, AppError> {
-    let spec = spec::load(spec_path)?;
-    let resolver = cfg.resolver(models == Models::LocateOnly);
-    let fetch = models == Models::Fetch;
-    let known = resolver.known_models(&spec.models, fetch)?;
-    let embedder_specs: Vec<_> = spec.embedders.iter().map(|e| e.model.clone()).collect();
-    let embedders = resolver.known_models(&embedder_specs, fetch)?;
-    let mut plan = plan::build(
-        spec,
-        known,
-        embedders,
+    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store)?;
+    let decided = crate::cascade::decide(&plan, &cache, &store, true);
+    Ok(Planned {
+        plan,
+        decided,
+        cache,
         store,
-        &PlanOptions {
-            engine_version: cfg.engine_version(),
-            limit,
-        },
-    )?;
-    crate::cascade::resolve(&mut plan, cache, true);
-    Ok(plan)
+    })
 }
 
 /// `pipeline run`.
@@ -322,144 +243,45 @@ pub fn run_with_backend(
     let mut report = cache.report.clone();
     report.merge(&store.report);
     let mut warnings = report.problems();
-    let mut plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store, &cache)?;
-    warnings.extend(plan.warnings.iter().cloned());
-    // Each stage makes its backend on its own worker thread.
-    let backend_for_stage = || -> Box<dyn FnOnce() -> Box<dyn Backend> + Send> {
-        let make = make_backend.clone();
-        Box::new(move || make())
-    };
-    // Embed first: the neighbours, and so the prompts with retrieved examples, need it.
-    let embed_stats = if plan.embed_requests.iter().any(|r| !store.contains(&r.key)) {
-        let stats = embed::run(
-            &plan,
-            &mut store,
-            backend_for_stage(),
-            cfg.threads,
-            cfg.progress == crate::progress::ProgressMode::Off,
-            cancel.clone(),
-        )
-        .map_err(|e| embed_error(&plan, e))?;
-        plan = load_plan(cfg, spec_path, opts.limit, Models::Fetch, &store, &cache)?;
-        stats
-    } else {
-        embed::EmbedStats {
-            cached: plan.embed_requests.len(),
-            ..Default::default()
-        }
-    };
-    store.commit(std::mem::take(&mut plan.new_artifacts))?;
-    if opts.shard.is_some() {
-        // Every shard must see the same plan: a cascade's later stage only once the stage
-        // before it is complete.
-        crate::cascade::resolve(&mut plan, &cache, false);
-    }
-    let shard = match opts.shard {
-        Some(s) => Some(ShardFilter {
-            manifest: shard_manifest(&plan, &cache, s.count, true)?,
-            index: s.index,
-        }),
-        None => None,
-    };
-    let exec_opts = ExecOptions {
-        threads: cfg.threads,
-        progress: cfg.progress.clone(),
+    let scheduler = Scheduler {
+        cfg,
+        spec_path,
+        limit: opts.limit,
         fail_fast: opts.fail_fast,
-        shard,
-        packing: cfg.packing,
-        ..Default::default()
+        make_backend,
+        cancel,
     };
-    let mut outcome = exec::execute(
-        &plan,
-        &mut cache,
-        backend_for_stage(),
-        &exec_opts,
-        cancel.clone(),
-    );
-    // A cascade's later stages run the rows its earlier stages send on, known only now;
-    // a chain needs a pass per step (and one per fitted step). A sharded run computes what
-    // is known when it starts: its later stages need another round of shards.
-    if opts.shard.is_none() && !plan.cascades.is_empty() {
-        let passes = 2 * plan
-            .cascades
-            .iter()
-            .map(|c| c.stages.len())
-            .max()
-            .unwrap_or(0);
-        let mut last: Option<HashSet<(shard::JobId, usize)>> = None;
-        for _ in 0..passes {
-            if outcome.error.is_some() || outcome.stats.interrupted {
-                break;
-            }
-            crate::cascade::resolve(&mut plan, &cache, true);
-            let pending: HashSet<(shard::JobId, usize)> = exec::pending_jobs(&plan, &cache)
-                .into_iter()
-                .map(|j| (j.id, j.rows))
-                .collect();
-            // Nothing new (or only rows that just failed again): done.
-            if pending.is_empty() || last.as_ref() == Some(&pending) {
-                break;
-            }
-            last = Some(pending);
-            let later = exec::execute(
-                &plan,
-                &mut cache,
-                backend_for_stage(),
-                &exec_opts,
-                cancel.clone(),
-            );
-            outcome.error = later.error;
-            outcome.stats.absorb(later.stats);
-        }
-        crate::cascade::resolve(&mut plan, &cache, true);
-    }
-    // Calibration fits whose rows are all computed are stored as the stage's output.
-    let fits: Vec<Artifact> = plan
-        .cells
-        .iter()
-        .filter_map(|c| {
-            let key = plan.calibration_key(c)?;
-            let params = crate::metrics::calibration(&plan, &cache, c.calibration?).ok()?;
-            Some(Artifact {
-                key,
-                kind: crate::store::ArtifactKind::Calibration,
-                value: serde_json::to_vec(&params).expect("parameters serialize"),
-            })
-        })
-        .collect();
-    if let Err(e) = store.commit(fits) {
-        warnings.push(format!("calibration fits not stored: {e}"));
-    }
-    if let Err(e) = cache.compact_if_needed() {
-        warnings.push(format!("cache compaction skipped: {e}"));
-    }
-    if let Err(e) = store.compact(None) {
-        warnings.push(format!("artifact compaction skipped: {e}"));
-    }
-    let mut stats = outcome.stats;
-    stats.embed = embed_stats;
+    let target = match opts.shard {
+        Some(s) => Target::Shard(s),
+        None => Target::Everything,
+    };
+    let done = scheduler.run(&mut cache, &mut store, &target)?;
+    warnings.extend(done.plan.warnings.iter().cloned());
+    warnings.extend(done.warnings);
+    let stats = done.stats;
     if opts.shard.is_some() {
         return Ok(RunOutcome {
             stats,
             written: None,
             warnings,
-            error: outcome.error.map(AppError::from),
+            error: done.error,
         });
     }
-    let prov = Provenance::new(&plan, cfg.threads, Some(stats.clone()));
+    let prov = Provenance::new(&done.plan, cfg.threads, Some(stats.clone()));
     let written = report::write(
-        &plan,
+        &done.plan,
+        &done.decided,
         &cache,
         &stats.computed,
         &prov,
         &cfg.reports_dir,
         opts.scripts,
     );
-    let (written, error) = match (written, outcome.error) {
-        (Ok(w), e) => (Some(w), e.map(AppError::from)),
+    let (written, error) = match (written, done.error) {
+        (Ok(w), e) => (Some(w), e),
         (Err(r), Some(e)) => {
             warnings.push(format!("the report could not be written: {r}"));
-            (None, Some(e.into()))
+            (None, Some(e))
         }
         (Err(r), None) => (None, Some(r.into())),
     };
@@ -468,30 +290,6 @@ pub fn run_with_backend(
         written,
         warnings,
         error,
-    })
-}
-
-/// The split of the plan's pending rows into `count` shards: the one the first shard wrote,
-/// or (`create`) a new one written now, or (not `create`) what a split made now would be.
-fn shard_manifest(
-    plan: &Plan,
-    cache: &Cache,
-    count: usize,
-    create: bool,
-) -> Result<Manifest, AppError> {
-    let digest = shard::plan_digest(plan.keys());
-    let dir = cache.root().join("shards");
-    let make = || {
-        let pending: Vec<_> = exec::pending_jobs(plan, cache)
-            .into_iter()
-            .map(|j| (j.id, j.tokens))
-            .collect();
-        Manifest::split(digest, count, &pending)
-    };
-    Ok(if create {
-        Manifest::load_or_create(&dir, &digest, count, make)?
-    } else {
-        Manifest::existing(&dir, &digest, count)?.unwrap_or_else(make)
     })
 }
 
@@ -509,10 +307,11 @@ pub struct ShardSummary {
 
 /// `pipeline plan SPEC --shards N`: what each shard would compute now (by the split the
 /// first shard wrote, if one did).
-pub fn shard_plan(planned: &mut Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
-    crate::cascade::resolve(&mut planned.plan, &planned.cache, false);
+pub fn shard_plan(planned: &Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
     let (plan, cache) = (&planned.plan, &planned.cache);
-    let manifest = shard_manifest(plan, cache, count, false)?;
+    // As a shard sees it: a cascade's later stage only once the stage before is complete.
+    let routing = crate::cascade::decide(plan, cache, &planned.store, false).routing;
+    let manifest = shard_manifest(plan, &routing, cache, count, false)?;
     let mut out: Vec<ShardSummary> = (0..count)
         .map(|index| ShardSummary {
             index,
@@ -522,7 +321,7 @@ pub fn shard_plan(planned: &mut Planned, count: usize) -> Result<Vec<ShardSummar
             models: Vec::new(),
         })
         .collect();
-    for j in exec::pending_jobs(plan, cache) {
+    for j in exec::pending_jobs(plan, &routing, cache) {
         let s = &mut out[manifest.owner(&j.id)];
         s.prompts += 1;
         s.rows += j.rows;
@@ -548,7 +347,6 @@ pub fn serve(
 ) -> Result<(), AppError> {
     let mut cache = Cache::open(&cfg.cache_dir)?;
     let mut store = Store::open(&cfg.cache_dir)?;
-    let mut plan = load_plan(cfg, spec_path, None, Models::Fetch, &store, &cache)?;
     let unknown = |plan: &Plan| AppError::UnknownCell {
         cell: cell.to_string(),
         known: plan
@@ -558,98 +356,63 @@ pub fn serve(
             .collect::<Vec<_>>()
             .join(", "),
     };
-    plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let quiet = cfg.progress == crate::progress::ProgressMode::Off;
-    if plan.embed_requests.iter().any(|r| !store.contains(&r.key)) {
-        let make = make_backend.clone();
-        embed::run(
-            &plan,
-            &mut store,
-            Box::new(move || make()),
-            cfg.threads,
-            quiet,
-            cancel.clone(),
-        )
-        .map_err(|e| embed_error(&plan, e))?;
-        plan = load_plan(cfg, spec_path, None, Models::Fetch, &store, &cache)?;
-    }
-    store.commit(std::mem::take(&mut plan.new_artifacts))?;
-    let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
-    // The cells that answer: the cell, or a cascade's stages in turn.
-    let stages: Vec<CellRef> = match plan.cells[ci].source {
-        Source::Cascade { cascade } => plan.cascades[cascade].stages.clone(),
+    // The cells that answer (the cell, or a cascade's stages in turn) and what they need
+    // before the first request, as `run` computes it: the rows each calibration is fitted
+    // on, and a cascade's fit rows for its fitted thresholds.
+    let first = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
+    let ci = first.cell_by_id(cell).ok_or_else(|| unknown(&first))?;
+    let stages: Vec<CellRef> = match first.cells[ci].source {
+        Source::Cascade { cascade } => first.cascades[cascade].stages.clone(),
         _ => vec![CellRef::Reported(ci)],
     };
-    // What they need before the first request, as `run` computes it: the rows each
-    // calibration is fitted on, and a cascade's fit rows for its fitted thresholds.
     let mut needed: HashSet<String> = stages
         .iter()
-        .filter_map(|r| plan.cell(*r).calibration)
-        .map(|cal| plan.support[plan.calibrations[cal].support].id.clone())
+        .filter_map(|r| first.cell(*r).calibration)
+        .map(|cal| first.support[first.calibrations[cal].support].id.clone())
         .collect();
-    if let Source::Cascade { cascade } = plan.cells[ci].source {
+    if let Source::Cascade { cascade } = first.cells[ci].source {
         needed.extend(
-            plan.cascades[cascade]
+            first.cascades[cascade]
                 .fit_stages
                 .iter()
                 .flatten()
-                .map(|i| plan.support[*i].id.clone()),
+                .map(|i| first.support[*i].id.clone()),
         );
     }
-    for _ in 0..=2 * stages.len() {
-        crate::cascade::resolve(&mut plan, &cache, true);
-        let pending = exec::pending_jobs(&plan, &cache).len();
-        if needed.is_empty() || pending == 0 {
-            break;
-        }
-        let make = make_backend.clone();
-        let outcome = exec::execute(
-            &plan,
-            &mut cache,
-            Box::new(move || make()),
-            &ExecOptions {
-                threads: cfg.threads,
-                progress: cfg.progress.clone(),
-                only_cells: Some(needed.clone()),
-                packing: cfg.packing,
-                ..Default::default()
-            },
-            cancel.clone(),
-        );
-        if let Some(e) = outcome.error {
-            return Err(e.into());
-        }
-        if outcome.stats.computed_rows == 0 {
-            break;
-        }
+    drop(first);
+    let scheduler = Scheduler {
+        cfg,
+        spec_path,
+        limit: None,
+        fail_fast: false,
+        make_backend: make_backend.clone(),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    let done = scheduler.run(&mut cache, &mut store, &Target::Cells(needed))?;
+    if let Some(e) = done.error {
+        return Err(e);
     }
-    crate::cascade::resolve(&mut plan, &cache, true);
+    let (plan, decided) = (done.plan, done.decided);
+    let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
     let mut answering = Vec::new();
     for r in &stages {
-        let mut c = plan.cell(*r).clone();
-        if let Some(full) = c.masked.take() {
-            c.rows = full;
-        }
-        let params =
-            match c.calibration {
-                None => None,
-                Some(cal) => Some(crate::metrics::calibration(&plan, &cache, cal).map_err(
-                    |why| AppError::Calibration {
-                        cell: c.id.clone(),
-                        why,
-                    },
-                )?),
-            };
+        let c = plan.cell(*r).clone();
+        let params = match c.calibration {
+            None => None,
+            Some(cal) => Some(decided.fit(cal).map_err(|why| AppError::Calibration {
+                cell: c.id.clone(),
+                why,
+            })?),
+        };
         answering.push((c, params));
     }
     let thresholds = match plan.cells[ci].source {
         Source::Cascade { cascade } => {
-            let res = plan.cascades[cascade].resolution.as_ref();
+            let res = decided.resolution(cascade);
             let known: Option<Vec<f64>> = res.and_then(|r| r.thresholds.iter().copied().collect());
             known.ok_or_else(|| AppError::ServeThreshold {
                 cell: cell.to_string(),
-                why: plan.cascade_note(&plan.cascades[cascade]),
+                why: plan.cascade_note(cascade, &decided.routing),
             })?
         }
         _ => Vec::new(),
@@ -671,21 +434,6 @@ pub fn serve(
     .map_err(AppError::Serve)
 }
 
-/// An embedder that is not an embedding model is bad input, located at its `gguf:` line.
-fn embed_error(plan: &Plan, e: EmbedError) -> AppError {
-    match e {
-        EmbedError::Backend {
-            embedder,
-            source: crate::backend::BackendError::NotEmbedding { reason, .. },
-            ..
-        } => {
-            let spec = &plan.spec.embedders[embedder].model;
-            AppError::Input(spec.gguf.error(format!("not an embedding model: {reason}")))
-        }
-        other => other.into(),
-    }
-}
-
 /// `pipeline report`: every report file from the cache alone (no model is loaded, the
 /// cache is not written).
 pub fn report(
@@ -699,6 +447,7 @@ pub fn report(
     prov.keep_last_run(&cfg.reports_dir.join(&p.plan.spec.name).join("run.json"));
     let written = report::write(
         &p.plan,
+        &p.decided,
         &p.cache,
         &HashSet::new(),
         &prov,
@@ -720,7 +469,10 @@ pub fn export(
     let dir = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.reports_dir.join(&p.plan.spec.name));
-    Ok((report::export_csv(&p.plan, &p.cache, &dir)?, p.warnings()))
+    Ok((
+        report::export_csv(&p.plan, &p.decided, &p.cache, &dir)?,
+        p.warnings(),
+    ))
 }
 
 /// `pipeline cache status`: the cache as a whole, and for each spec given, how many of its
@@ -740,9 +492,10 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
     let store = Store::open_read_only(&cfg.cache_dir)?;
     let mut per_spec = Vec::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store, &cache)?;
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
+        let routing = crate::cascade::decide(&plan, &cache, &store, true).routing;
         let mut total = CellStatus::default();
-        for st in plan.status(&cache) {
+        for st in plan.status(&cache, &routing) {
             total.rows += st.rows;
             total.cached += st.cached;
             total.failed += st.failed;
@@ -796,7 +549,8 @@ fn needed_by(
     let mut rows = HashSet::new();
     let mut artifacts = HashSet::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, store, cache)?;
+        let plan = load_plan(cfg, s, None, Models::LocateOnly, store)?;
+        let routing = crate::cascade::decide(&plan, cache, store, true).routing;
         if let Some(m) = plan
             .models
             .iter()
@@ -808,9 +562,13 @@ fn needed_by(
                 model: m.id.clone(),
             });
         }
-        rows.extend(plan.keys());
+        rows.extend(plan.keys(&routing));
         artifacts.extend(plan.artifact_keys());
-        artifacts.extend(plan.cells.iter().filter_map(|c| plan.calibration_key(c)));
+        artifacts.extend(
+            plan.cells
+                .iter()
+                .filter_map(|c| plan.calibration_key(c, cache)),
+        );
     }
     Ok((rows, artifacts))
 }
@@ -875,7 +633,7 @@ pub fn cache_export(
                 .is_none_or(|a| a.kind != crate::store::ArtifactKind::Embedding)
         });
     }
-    let items: Vec<Artifact> = needed_artifacts
+    let items: Vec<crate::store::Artifact> = needed_artifacts
         .iter()
         .filter_map(|k| source_store.get(k))
         .filter(|a| !store.contains(&a.key))

@@ -5,6 +5,22 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a calibration cannot be fitted (yet).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("{computed} of {rows} {set} rows are computed")]
+    RowsMissing {
+        computed: usize,
+        rows: usize,
+        set: String,
+    },
+    #[error("no labels to fit")]
+    NoLabels,
+    /// A stage read the fits before the calibrate stage ran (a bug, never silently raw).
+    #[error("the calibrate stage has not run")]
+    NotDecided,
+}
+
 /// Log-probs normalised over the labels (a log-softmax).
 pub fn normalise(lp: &[f64]) -> Vec<f64> {
     let max = lp.iter().copied().fold(f64::NEG_INFINITY, f64::max);

@@ -1,21 +1,22 @@
 //! Cascades: the first cell answers every row; a row whose label margin is small goes on to
-//! the next cell, and so on. A stage of the inference DAG like calibration: which rows a
-//! later stage needs is known only once the earlier stage's rows (and, for a `fraction`
-//! rule, its fit rows) are cached, so [`resolve`] reads the cache and lets exactly those rows
-//! into the plan; `run` repeats until nothing new is let in.
+//! the next cell, and so on. The `route` stages of the DAG: which rows a later stage needs
+//! is known only once the earlier stage's rows (and, for a `fraction` rule, its fit rows)
+//! are cached, so [`route`] reads the cache and returns the [`Routing`] (the rows sent to
+//! each gated stage cell); the scheduler runs the gated stages and routes again until
+//! nothing new is sent.
 
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::cache::{Cache, Lookup};
-use crate::calibrate::Params;
+use crate::calibrate::{CalibrationError, Params};
 use crate::key::Digest;
 use crate::plan::{Cell, CellRef, Plan};
 use crate::predict::{self as metrics, Prediction};
 use crate::spec::Escalate;
 
-pub use crate::plan::Resolution;
+pub use crate::plan::{Decided, Resolution, Routing};
 
 /// The distance in nats between a row's two best label log-probs; an answer that names no
 /// label (or a row without scores) has none and always goes on.
@@ -52,9 +53,8 @@ pub fn fit_threshold(margins: &[f64], fraction: f64) -> f64 {
     }
 }
 
-/// A stage cell's rows as predictions, with its calibration fitted once. A masked cell is
-/// read over all its rows: a cascade reads every row its rules reach, whether or not the
-/// plan has let it in yet.
+/// A stage cell's rows as predictions, with its calibration fitted once. A gated cell is
+/// read over all its rows: a cascade reads every row its rules reach.
 struct StageRows<'a> {
     plan: &'a Plan,
     cache: &'a Cache,
@@ -65,17 +65,21 @@ struct StageRows<'a> {
 }
 
 impl<'a> StageRows<'a> {
-    fn new(plan: &'a Plan, cache: &'a Cache, r: CellRef) -> Self {
-        let mut cell = plan.cell(r).clone();
-        if let Some(full) = cell.masked.take() {
-            cell.rows = full;
-        }
+    fn new(
+        plan: &'a Plan,
+        cache: &'a Cache,
+        fits: &[Result<Params, CalibrationError>],
+        r: CellRef,
+    ) -> Self {
+        let cell = plan.cell(r).clone();
         Self {
             plan,
             cache,
-            params: cell
-                .calibration
-                .map(|c| metrics::calibration(plan, cache, c)),
+            params: cell.calibration.map(|c| {
+                fits.get(c)
+                    .cloned()
+                    .unwrap_or(Err(CalibrationError::NotDecided))
+            }),
             prompt_limit: plan.prompt_limit(&cell),
             cell,
         }
@@ -109,11 +113,48 @@ impl<'a> StageRows<'a> {
     }
 }
 
-/// Let into the plan the rows each cascade needs now, and record what is known of each.
-/// `eager`: let a row into a stage as soon as the stage before has sent it on; otherwise
-/// only once that stage has every row (shards, which must all see one plan).
-pub fn resolve(plan: &mut Plan, cache: &Cache, eager: bool) {
-    let mut let_in: HashMap<usize, Vec<bool>> = HashMap::new();
+/// The deciding stages' outputs from the cache: each calibration's fit (the stored one,
+/// else fitted from the cached rows) and then the routing, which reads the fits of
+/// calibrated stage cells.
+pub fn decide(plan: &Plan, cache: &Cache, store: &crate::store::Store, eager: bool) -> Decided {
+    let fits: Vec<Result<Params, CalibrationError>> = (0..plan.calibrations.len())
+        .map(|c| {
+            stored_fit(plan, cache, store, c)
+                .unwrap_or_else(|| metrics::calibration(plan, cache, c))
+        })
+        .collect();
+    let routing = route(plan, cache, &fits, eager);
+    Decided { fits, routing }
+}
+
+/// Calibration `cal`'s fit as the calibrate stage stored it, if it did.
+fn stored_fit(
+    plan: &Plan,
+    cache: &Cache,
+    store: &crate::store::Store,
+    cal: usize,
+) -> Option<Result<Params, CalibrationError>> {
+    let cell = plan
+        .cells
+        .iter()
+        .chain(&plan.support)
+        .find(|c| c.calibration == Some(cal))?;
+    let artifact = store.get(&plan.calibration_key(cell, cache)?)?;
+    serde_json::from_slice::<Params>(&artifact.value)
+        .ok()
+        .map(Ok)
+}
+
+/// The rows each cascade sends to its gated stages now, and what is known of each.
+/// `eager`: send a row on as soon as the stage before has answered it; otherwise only once
+/// that stage has every row (shards, which must all see one plan).
+pub fn route(
+    plan: &Plan,
+    cache: &Cache,
+    fits: &[Result<Params, CalibrationError>],
+    eager: bool,
+) -> Routing {
+    let mut sent: HashMap<String, Vec<bool>> = HashMap::new();
     let mut resolutions = Vec::new();
     for cp in &plan.cascades {
         let rules = &plan.spec.cascades[cp.spec].escalate;
@@ -127,10 +168,10 @@ pub fn resolve(plan: &mut Plan, cache: &Cache, eager: bool) {
             .collect();
         let mut fit_rows = vec![None; steps];
         let mut admit = |r: CellRef, row: usize, n: usize| {
-            if let CellRef::Support(i) = r
-                && plan.support[i].masked.is_some()
-            {
-                let_in.entry(i).or_insert_with(|| vec![false; n])[row] = true;
+            let cell = plan.cell(r);
+            if cell.gated {
+                sent.entry(cell.id.clone())
+                    .or_insert_with(|| vec![false; n])[row] = true;
             }
         };
         // The fit rows: each step's threshold from the rows that reach it.
@@ -139,7 +180,7 @@ pub fn resolve(plan: &mut Plan, cache: &Cache, eager: bool) {
             let mut reaching: Vec<usize> = (0..n).collect();
             for (k, fit_stage) in cp.fit_stages.iter().enumerate() {
                 let Some(fs) = fit_stage else { break };
-                let stage = StageRows::new(plan, cache, CellRef::Support(*fs));
+                let stage = StageRows::new(plan, cache, fits, CellRef::Support(*fs));
                 let mut margins = Vec::new();
                 let mut complete = true;
                 for &r in &reaching {
@@ -169,7 +210,7 @@ pub fn resolve(plan: &mut Plan, cache: &Cache, eager: bool) {
         let stages: Vec<StageRows> = cp
             .stages
             .iter()
-            .map(|r| StageRows::new(plan, cache, *r))
+            .map(|r| StageRows::new(plan, cache, fits, *r))
             .collect();
         let n = plan.dataset.rows.len();
         let mut res = Resolution {
@@ -212,39 +253,26 @@ pub fn resolve(plan: &mut Plan, cache: &Cache, eager: bool) {
         }
         resolutions.push(res);
     }
-    for (cp, res) in plan.cascades.iter_mut().zip(resolutions) {
-        cp.resolution = Some(res);
-    }
-    for cell in plan.support.iter_mut().filter(|c| c.masked.is_some()) {
-        cell.rows = vec![None; cell.rows.len()];
-    }
-    for (i, mask) in let_in {
-        let cell = &mut plan.support[i];
-        let full = cell.masked.as_ref().expect("only masked cells are let in");
-        for (r, on) in mask.into_iter().enumerate() {
-            if on {
-                cell.rows[r] = full[r];
-            }
-        }
-    }
+    Routing { resolutions, sent }
 }
 
 /// The cascade's rows as predictions of its reported cell: the answer of the stage that
 /// answered, the time and tokens of every stage the row went through.
 pub fn predictions(
     plan: &Plan,
+    decided: &Decided,
     cache: &Cache,
     cascade: usize,
     computed: &HashSet<Digest>,
 ) -> Vec<Prediction> {
     let cp = &plan.cascades[cascade];
-    let Some(res) = &cp.resolution else {
+    let Some(res) = decided.resolution(cascade) else {
         return Vec::new();
     };
     let stages: Vec<StageRows> = cp
         .stages
         .iter()
-        .map(|r| StageRows::new(plan, cache, *r))
+        .map(|r| StageRows::new(plan, cache, &decided.fits, *r))
         .collect();
     let mut out = Vec::new();
     for (ri, by) in res.answered_by.iter().enumerate() {
@@ -327,14 +355,14 @@ pub struct CurvePoint {
 /// Points on a cascade's curve, at most.
 const CURVE_POINTS: usize = 41;
 
-pub fn summary(plan: &Plan, cache: &Cache, cascade: usize) -> Option<Summary> {
+pub fn summary(plan: &Plan, decided: &Decided, cache: &Cache, cascade: usize) -> Option<Summary> {
     let cp = &plan.cascades[cascade];
-    let res = cp.resolution.as_ref()?;
+    let res = decided.resolution(cascade)?;
     let none = HashSet::new();
     let stages: Vec<StageRows> = cp
         .stages
         .iter()
-        .map(|r| StageRows::new(plan, cache, *r))
+        .map(|r| StageRows::new(plan, cache, &decided.fits, *r))
         .collect();
     let steps = stages.len() - 1;
     let rows: Vec<(usize, usize)> = res

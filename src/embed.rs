@@ -12,6 +12,7 @@ use crate::key::Digest;
 use crate::plan::{EmbedRequest, Plan, vector_artifact};
 use crate::segments::CacheError;
 use crate::store::Store;
+use crate::worker::{Batch, Next};
 
 /// Texts per message from the worker (and per embed call).
 const CHUNK: usize = 32;
@@ -103,19 +104,24 @@ pub fn run(
             stats.cached
         );
     }
-    let (tx, rx) = mpsc::channel::<Msg>();
     let worker_cancel = cancel.clone();
-    let worker = std::thread::Builder::new()
-        .name("pipeline-embed".into())
-        .spawn(move || worker(make_backend, loads, todo, worker_cancel, tx))
-        .expect("spawn embedding worker");
+    let (rx, worker) = crate::worker::spawn("pipeline-embed", move |tx| {
+        worker(make_backend, loads, todo, worker_cancel, tx)
+    });
     let mut error = None;
-    let mut buffer = Vec::new();
-    let mut last_commit = Instant::now();
+    let mut buffer = Batch::new(COMMIT_VECTORS, COMMIT_INTERVAL);
     let mut last_line = Instant::now();
     let mut busy = Duration::ZERO;
     let mut loaded_at = Instant::now();
-    for msg in rx {
+    loop {
+        let msg = match buffer.next(&rx) {
+            Next::Message(m) => m,
+            Next::CommitDue => {
+                commit(store, &mut buffer, &cancel, &mut error);
+                continue;
+            }
+            Next::Closed => break,
+        };
         match msg {
             Msg::Loaded => {
                 stats.embedders_loaded += 1;
@@ -135,12 +141,8 @@ pub fn run(
                         .zip(&vectors)
                         .map(|(k, v)| vector_artifact(*k, v)),
                 );
-                if buffer.len() >= 512 || last_commit.elapsed() >= Duration::from_secs(3) {
-                    if let Err(e) = store.commit(std::mem::take(&mut buffer)) {
-                        cancel.store(true, Ordering::SeqCst);
-                        error.get_or_insert(e.into());
-                    }
-                    last_commit = Instant::now();
+                if buffer.due() {
+                    commit(store, &mut buffer, &cancel, &mut error);
                 }
                 if !quiet && last_line.elapsed() >= Duration::from_secs(5) {
                     last_line = Instant::now();
@@ -160,7 +162,7 @@ pub fn run(
             }
         }
     }
-    if let Err(e) = store.commit(buffer) {
+    if let Err(e) = store.commit(buffer.take()) {
         error.get_or_insert(e.into());
     }
     if worker.join().is_err() {
@@ -171,6 +173,25 @@ pub fn run(
     match error {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+/// Vectors waiting beyond this many are committed at once.
+const COMMIT_VECTORS: usize = 512;
+/// Waiting vectors are committed at least this often (as rows are).
+const COMMIT_INTERVAL: Duration = crate::worker::COMMIT_INTERVAL;
+
+/// Commit the vectors waiting; without a store nothing more can be kept, so the worker is
+/// stopped.
+fn commit(
+    store: &mut Store,
+    buffer: &mut Batch<crate::store::Artifact>,
+    cancel: &AtomicBool,
+    error: &mut Option<EmbedError>,
+) {
+    if let Err(e) = store.commit(buffer.take()) {
+        cancel.store(true, Ordering::SeqCst);
+        error.get_or_insert(e.into());
     }
 }
 

@@ -18,11 +18,12 @@ use crate::backend::{Backend, BackendError, FailureKind, ModelLoad, PromptOutput
 use crate::cache::{Cache, CacheError, CachedRow, Lookup};
 use crate::key::{Components, Digest};
 use crate::plan::Cell;
-use crate::plan::Plan;
+use crate::plan::{Plan, Routing};
 use crate::progress::{Progress, ProgressMode};
 use crate::prompt::{Example, Messages, Prompts};
 use crate::row::Finish;
 use crate::shard::{JobId, Manifest};
+use crate::worker::{Batch, Next};
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -53,8 +54,8 @@ impl Default for ExecOptions {
     fn default() -> Self {
         Self {
             threads: default_threads(),
-            commit_rows: 32,
-            commit_interval: Duration::from_secs(3),
+            commit_rows: crate::worker::COMMIT_ROWS,
+            commit_interval: crate::worker::COMMIT_INTERVAL,
             progress: ProgressMode::Off,
             fail_fast: false,
             only_cells: None,
@@ -202,8 +203,8 @@ pub struct PendingJob {
 }
 
 /// Every prompt evaluation the cache lacks, in executor order.
-pub fn pending_jobs(plan: &Plan, cache: &Cache) -> Vec<PendingJob> {
-    collect_work(plan, cache, None)
+pub fn pending_jobs(plan: &Plan, routing: &Routing, cache: &Cache) -> Vec<PendingJob> {
+    collect_work(plan, routing, cache, None)
         .jobs
         .iter()
         .map(|j| {
@@ -274,7 +275,12 @@ fn cells(plan: &Plan) -> Vec<&Cell> {
     plan.inference_cells().collect()
 }
 
-fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> Work {
+fn collect_work(
+    plan: &Plan,
+    routing: &Routing,
+    cache: &Cache,
+    only: Option<&HashSet<String>>,
+) -> Work {
     let mut jobs: BTreeMap<JobId, Job> = BTreeMap::new();
     let mut scheduled: HashSet<Digest> = HashSet::new();
     let mut followers = Vec::new();
@@ -296,7 +302,7 @@ fn collect_work(plan: &Plan, cache: &Cache, only: Option<&HashSet<String>>) -> W
         if only.is_some_and(|o| !o.contains(&cell.id)) {
             continue;
         }
-        for (ri, comps) in cell.rows.iter().enumerate() {
+        for (ri, comps) in plan.needed_rows(cell, routing) {
             // Unknown keys cannot run (their examples' embeddings failed): left to do.
             let Some(comps) = comps else { continue };
             let key = comps.row_key();
@@ -357,13 +363,14 @@ pub(crate) fn now_unix_ms() -> i64 {
 /// Run everything the cache lacks. `make_backend` is called on the worker thread.
 pub fn execute(
     plan: &Plan,
+    routing: &Routing,
     cache: &mut Cache,
     make_backend: Box<dyn FnOnce() -> Box<dyn Backend> + Send>,
     opts: &ExecOptions,
     cancel: Arc<AtomicBool>,
 ) -> ExecOutcome {
     let start = Instant::now();
-    let mut work = collect_work(plan, cache, opts.only_cells.as_ref());
+    let mut work = collect_work(plan, routing, cache, opts.only_cells.as_ref());
     if let Some(f) = &opts.shard {
         work.jobs.retain(|j| f.manifest.owner(&j.id()) == f.index);
         let mine: HashSet<Digest> = work
@@ -419,11 +426,9 @@ pub fn execute(
         cancel: cancel.clone(),
         fail_fast: opts.fail_fast,
     };
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let worker = std::thread::Builder::new()
-        .name("pipeline-backend".into())
-        .spawn(move || worker(make_backend, loads, worker_jobs, context, tx))
-        .expect("spawn worker thread");
+    let (rx, worker) = crate::worker::spawn("pipeline-backend", move |tx| {
+        worker(make_backend, loads, worker_jobs, context, tx)
+    });
 
     let ids = cells(plan).iter().map(|c| c.id.clone()).collect();
     let mut per_cell = vec![0u64; cells(plan).len()];
@@ -443,8 +448,7 @@ pub fn execute(
         progress.rows_done(&what, &cells);
     };
     let origin = Origin::of(opts);
-    let mut buffer: Vec<CachedRow> = Vec::new();
-    let mut last_commit = Instant::now();
+    let mut buffer: Batch<CachedRow> = Batch::new(opts.commit_rows, opts.commit_interval);
     let mut error = None;
     let mut keys_done: HashSet<Digest> = HashSet::new();
     let mut keys_failed: HashSet<Digest> = HashSet::new();
@@ -454,19 +458,10 @@ pub fn execute(
     loop {
         // Wake up when the next commit is due even if no row arrives: finished rows are
         // committed on time, however long the part in flight takes.
-        let msg = if buffer.is_empty() {
-            // Nothing to commit: wait for the next message, however long.
-            match rx.recv() {
-                Ok(msg) => Some(msg),
-                Err(mpsc::RecvError) => break,
-            }
-        } else {
-            let due = opts.commit_interval.saturating_sub(last_commit.elapsed());
-            match rx.recv_timeout(due.max(Duration::from_millis(1))) {
-                Ok(msg) => Some(msg),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
+        let msg = match buffer.next(&rx) {
+            Next::Message(m) => Some(m),
+            Next::CommitDue => None,
+            Next::Closed => break,
         };
         match msg {
             None => {}
@@ -533,21 +528,18 @@ pub fn execute(
                 }
             }
         }
-        if !buffer.is_empty()
-            && (buffer.len() >= opts.commit_rows || last_commit.elapsed() >= opts.commit_interval)
-        {
+        if buffer.due() {
             let n = buffer.len();
-            if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
+            if let Err(e) = cache.commit(buffer.take()) {
                 // Without a cache nothing more can be kept: stop the worker.
                 cancel.store(true, Ordering::SeqCst);
                 stats.unstored_rows += n;
                 error.get_or_insert(e.into());
             }
-            last_commit = Instant::now();
         }
     }
     let n = buffer.len();
-    if let Err(e) = cache.commit(std::mem::take(&mut buffer)) {
+    if let Err(e) = cache.commit(buffer.take()) {
         stats.unstored_rows += n;
         error.get_or_insert(e.into());
     }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use crate::prompt::Messages;
-use crate::spec::{MethodKind, MethodSpec, SamplerPoint};
+use crate::spec::{MethodSpec, SamplerPoint};
 
 /// Bump when the encoding below changes meaning: every old key then misses.
 /// 2: the prompt component records the messages' fixed part.
@@ -189,17 +189,18 @@ pub struct MethodPart<'a> {
 impl CacheKey for MethodPart<'_> {
     const DOMAIN: &'static str = "method";
     fn encode(&self, e: &mut KeyEncoder) {
-        match self.method.kind {
-            MethodKind::Generate => {
+        use crate::spec::Method;
+        match &self.method.method {
+            Method::Generate(g) => {
                 e.str("kind", "generate")
-                    .u64("max_tokens", u64::from(self.method.max_tokens))
-                    .strs("stop", &self.method.stop);
+                    .u64("max_tokens", u64::from(g.max_tokens))
+                    .strs("stop", &g.stop);
             }
             // Calibration is not part of the key: it only reweighs the cached scores.
-            MethodKind::Loglik => {
+            Method::Loglik { .. } => {
                 e.str("kind", "loglik").strs("labels", self.labels);
             }
-            MethodKind::KnnVote => {
+            Method::KnnVote(_) => {
                 e.str("kind", "knn_vote").strs("labels", self.labels);
             }
         }
@@ -326,10 +327,16 @@ impl CacheKey for NeighboursPart<'_> {
     }
 }
 
-/// A calibration fit: its kind and the inference rows (with gold labels) it is fitted on.
+/// A calibration fit: its kind, the inference rows (with gold labels) it is fitted on, and
+/// which of them it leaves out because they failed. A row's key names its inputs, not
+/// whether its last attempt failed: a fit made while a row had failed differs from the fit
+/// once that row is computed, so the rows left out are part of the key (a fit stored by a
+/// version before them has another key, and is made again).
 pub struct CalibrationPart<'a> {
     pub kind: &'a str,
     pub rows: &'a [(Digest, Option<usize>)],
+    /// Indices into `rows` of the rows left out.
+    pub left_out: &'a [usize],
 }
 
 impl CacheKey for CalibrationPart<'_> {
@@ -339,6 +346,10 @@ impl CacheKey for CalibrationPart<'_> {
         for (k, gold) in self.rows {
             e.digest("row", k)
                 .u64("gold", gold.map_or(u64::MAX, |g| g as u64));
+        }
+        e.u64("left_out", self.left_out.len() as u64);
+        for i in self.left_out {
+            e.u64("row_left_out", *i as u64);
         }
     }
 }
@@ -517,12 +528,11 @@ mod tests {
         );
         let method = MethodSpec {
             id: "gen".into(),
-            kind: MethodKind::Generate,
-            max_tokens: 4,
-            stop: vec!["\n".into()],
-            parse: Default::default(),
-            calibrate: None,
-            vote: None,
+            method: crate::spec::Method::Generate(crate::spec::GenerateSpec {
+                max_tokens: 4,
+                stop: vec!["\n".into()],
+                parse: Default::default(),
+            }),
         };
         let labels = ["negative".to_string(), "positive".to_string()];
         let p = point(0.8, 2);

@@ -6,6 +6,41 @@
 //! predictions into tables and an HTML page. [`app`] holds the commands as functions over a
 //! settled [`config::Config`]; the CLI in `main.rs` is a thin layer on top.
 
+/// A closed set of names: a fieldless enum whose variants are written in snake_case in
+/// tables, JSON and the cache (`TaskKind::Loglik` is `loglik`), parsed back from that
+/// name, and shown as it.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident,)+ }) => {
+        $(#[$meta])*
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            Hash,
+            PartialOrd,
+            Ord,
+            serde::Serialize,
+            serde::Deserialize,
+            strum::EnumString,
+            strum::IntoStaticStr,
+            strum::Display,
+        )]
+        #[serde(rename_all = "snake_case")]
+        #[strum(serialize_all = "snake_case")]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                self.into()
+            }
+        }
+    };
+}
+
 pub mod answer;
 pub mod app;
 pub mod backend;
@@ -19,6 +54,7 @@ pub mod dataset;
 pub mod diag;
 pub mod digest_memo;
 pub mod embed;
+pub mod error;
 pub mod exec;
 pub mod fs;
 pub mod guard;
@@ -37,9 +73,11 @@ pub mod prompt;
 pub mod report;
 pub mod rng;
 pub mod row;
+pub mod schedule;
 mod segments;
 pub mod serve;
 pub mod shard;
 pub mod spec;
 pub mod store;
 pub mod table;
+pub mod worker;

@@ -9,20 +9,8 @@ use crate::calibrate::{self, Params};
 use crate::key::Digest;
 use crate::plan::{Cell, Plan};
 use crate::row::Finish;
-use crate::spec::MethodKind;
 
-/// Why a calibration cannot be fitted (yet).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CalibrationError {
-    #[error("{computed} of {rows} {set} rows are computed")]
-    RowsMissing {
-        computed: usize,
-        rows: usize,
-        set: String,
-    },
-    #[error("no labels to fit")]
-    NoLabels,
-}
+pub use crate::calibrate::CalibrationError;
 
 /// One dataset row under one cell.
 #[derive(Debug, Clone)]
@@ -160,12 +148,12 @@ pub fn predict(
             r.logprobs.clone(),
         ),
     };
-    let predicted = match method.kind {
-        MethodKind::Generate => r
+    let predicted = match method.generate() {
+        Some(g) => r
             .text
             .as_deref()
-            .and_then(|t| parse_answer(t, &labels, method.parse)),
-        _ => logprobs.as_deref().and_then(argmax),
+            .and_then(|t| parse_answer(t, &labels, g.parse)),
+        None => logprobs.as_deref().and_then(argmax),
     };
     Some(Prediction {
         cell: ci,

@@ -40,71 +40,29 @@ impl Finish {
     }
 }
 
-/// What a row computed: a generation, or the log-probabilities of the labels.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum TaskKind {
-    Generate,
-    Loglik,
-}
-
-/// Why a row (or a model) could not be computed, as rows, stats and reports name it.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum FailureKind {
-    /// The prompt and its task do not fit the model's context.
-    ContextOverflow,
-    /// The chat template could not be applied.
-    ChatTemplate,
-    /// The engine failed to evaluate the prompt or decode.
-    Decode,
-    /// The worker lost the job (a panic or a dropped channel).
-    Job,
-    /// The model would not load.
-    Load,
-    /// An embedder that is not an embedding model.
-    NotEmbedding,
-}
-
-impl TaskKind {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+named_enum! {
+    /// What a row computed: a generation, or the log-probabilities of the labels.
+    pub enum TaskKind {
+        Generate,
+        Loglik,
     }
 }
 
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+named_enum! {
+    /// Why a row (or a model) could not be computed, as rows, stats and reports name it.
+    pub enum FailureKind {
+        /// The prompt and its task do not fit the model's context.
+        ContextOverflow,
+        /// The chat template could not be applied.
+        ChatTemplate,
+        /// The engine failed to evaluate the prompt or decode.
+        Decode,
+        /// The worker lost the job (a panic or a dropped channel).
+        Job,
+        /// The model would not load.
+        Load,
+        /// An embedder that is not an embedding model.
+        NotEmbedding,
     }
 }
 

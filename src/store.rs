@@ -30,32 +30,12 @@ pub struct Artifact {
     pub value: Vec<u8>,
 }
 
-/// The stage that made an artifact.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum ArtifactKind {
-    Embedding,
-    Neighbours,
-    Calibration,
-}
-
-impl ArtifactKind {
-    pub fn as_str(self) -> &'static str {
-        self.into()
+named_enum! {
+    /// The stage that made an artifact.
+    pub enum ArtifactKind {
+        Embedding,
+        Neighbours,
+        Calibration,
     }
 }
 

@@ -46,6 +46,13 @@ fn import_graph() -> BTreeMap<String, Vec<String>> {
             continue;
         }
         let targets = edges.entry(from.clone()).or_default();
+        // Code only: a comment that names a module does not import it.
+        let code: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = code;
         for (i, _) in text.match_indices("crate::") {
             let rest = &text[i + "crate::".len()..];
             let name: String = rest
@@ -113,22 +120,27 @@ fn main_rs_stays_thin() {
     assert!(lines <= 250, "src/main.rs has {lines} lines (at most 250)");
 }
 
-#[test]
-fn no_function_returns_a_string_error() {
+/// Every line of `src/` that `matches`, as `file:line: text`.
+fn lines_where(matches: impl Fn(&str) -> bool) -> Vec<String> {
     let mut files = Vec::new();
     rust_files(&src(), &mut files);
-    let found: Vec<String> = files
+    files
         .iter()
         .flat_map(|(rel, text)| {
             text.lines()
                 .enumerate()
-                .filter(|(_, l)| {
-                    let l = l.replace(' ', "");
-                    l.contains(",String>") && l.contains("Result<")
-                })
+                .filter(|(_, l)| matches(l))
                 .map(move |(i, l)| format!("{rel}:{}: {}", i + 1, l.trim()))
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn no_function_returns_a_string_error() {
+    let found = lines_where(|l| {
+        let l = l.replace(' ', "");
+        l.contains(",String>") && l.contains("Result<")
+    });
     assert!(
         found.is_empty(),
         "Result<_, String> in src/:\n{}",
@@ -138,17 +150,7 @@ fn no_function_returns_a_string_error() {
 
 #[test]
 fn the_core_speaks_of_rows_not_reviews() {
-    let mut files = Vec::new();
-    rust_files(&src(), &mut files);
-    let found: Vec<String> = files
-        .iter()
-        .flat_map(|(rel, text)| {
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| l.to_lowercase().contains("review"))
-                .map(move |(i, l)| format!("{rel}:{}: {}", i + 1, l.trim()))
-        })
-        .collect();
+    let found = lines_where(|l| l.to_lowercase().contains("review"));
     assert!(
         found.len() <= 20,
         "{} lines of src/ say \"review\" (at most 20):\n{}",

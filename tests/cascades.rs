@@ -42,7 +42,12 @@ fn run(p: &Project, opts: &RunOptions) -> Arc<FakeCalls> {
 /// The predictions of each reported cell, by cell id, as the cache holds them now.
 fn predictions(p: &Project) -> (app::Planned, Vec<(String, Vec<Prediction>)>) {
     let planned = app::plan(&cfg(p), &p.path("spec.yaml"), None).unwrap();
-    let preds = metrics::collect(&planned.plan, &planned.cache, &HashSet::new());
+    let preds = metrics::collect(
+        &planned.plan,
+        &planned.decided,
+        &planned.cache,
+        &HashSet::new(),
+    );
     let by_cell = planned
         .plan
         .cells
@@ -224,7 +229,7 @@ fn a_fraction_threshold_is_fitted_on_train_rows_never_on_the_rows_it_scores() {
     let calls = run(&p, &RunOptions::default());
     let (planned, cells) = predictions(&p);
     let plan = &planned.plan;
-    let res = plan.cascades[0].resolution.clone().unwrap();
+    let res = planned.decided.resolution(0).cloned().unwrap();
     let t = res.thresholds[0].expect("fitted");
     assert_eq!(res.fit_rows[0], Some(20));
     // The fit rows are the train file's rows, scored by the first model.
@@ -236,8 +241,8 @@ fn a_fraction_threshold_is_fitted_on_train_rows_never_on_the_rows_it_scores() {
         set.rows.iter().all(|r| r.id.starts_with('t')),
         "train rows only"
     );
-    let mut full = fit_cell.clone();
-    full.rows = full.masked.clone().unwrap();
+    // A gated cell's plan holds every row's key; the routing says which it computes.
+    let full = fit_cell.clone();
     let margins: Vec<f64> = (0..20)
         .map(|r| {
             gap(
@@ -267,7 +272,7 @@ fn a_fraction_threshold_is_fitted_on_train_rows_never_on_the_rows_it_scores() {
     );
     run(&p, &RunOptions::default());
     let (planned, _) = predictions(&p);
-    let res16 = planned.plan.cascades[0].resolution.clone().unwrap();
+    let res16 = planned.decided.resolution(0).cloned().unwrap();
     assert_eq!(res16.thresholds[0], Some(t));
     assert_eq!(res16.answered_by.len(), 16);
     // Other fit rows give another threshold.
@@ -283,7 +288,7 @@ fn a_fraction_threshold_is_fitted_on_train_rows_never_on_the_rows_it_scores() {
     );
     run(&p, &RunOptions::default());
     let (planned, _) = predictions(&p);
-    let other = planned.plan.cascades[0].resolution.clone().unwrap();
+    let other = planned.decided.resolution(0).cloned().unwrap();
     assert_ne!(other.thresholds[0], Some(t));
 }
 
@@ -295,7 +300,7 @@ fn a_chain_sends_on_fewer_rows_at_each_step() {
     let (b, c) = (calls.prompts_of("b"), calls.prompts_of("c"));
     assert!(b > 0 && c > 0 && c <= b, "b {b}, c {c}");
     let (planned, cells) = predictions(&p);
-    let res = planned.plan.cascades[0].resolution.clone().unwrap();
+    let res = planned.decided.resolution(0).cloned().unwrap();
     assert_eq!(res.reached, vec![12, b, c]);
     let stages: Vec<usize> = cell(&cells, "cascade/abc")
         .iter()

@@ -171,7 +171,7 @@ fn findings_open_the_page_and_match_findings_md() {
     // Every sentence of findings.md is on the page (HTML-escaped).
     let items: Vec<&str> = md.lines().filter(|l| l.starts_with("- **")).collect();
     for start in [
-        "- **sample**: 12 reviews",
+        "- **sample**: 12 rows",
         "- **prompts**: On fake-a",
         "- **temperature**: On fake-a, temperature 0.8 changes",
     ] {

@@ -121,6 +121,35 @@ fn check_endpoints(s: &Server, cell: &str, review: &str, labels: &[&str]) {
     assert_eq!(batch.status, 200, "{}", batch.body);
     assert_eq!(batch.json()["results"].as_array().unwrap().len(), 2);
 
+    // The generic endpoint answers the same text with the same numbers, under its names.
+    let c = post_json(a, "/v1/classify", &json!({"text": review}));
+    assert_eq!(c.status, 200, "{}", c.body);
+    let c = c.json();
+    assert_eq!(c["label"], r["sentiment"]);
+    assert_eq!(c["label_probs"], r["label_probs"]);
+    assert_eq!(c["cached"], true);
+    assert_eq!(c["similar"].as_array().unwrap().len(), 3);
+    assert!(
+        c.get("sentiment").is_none() && c.get("similar_reviews").is_none(),
+        "{c}"
+    );
+    let cb = post_json(
+        a,
+        "/v1/classify/batch",
+        &json!({"rows": [{"text": review}, {"text": ""}]}),
+    );
+    assert_eq!(cb.status, 422, "{}", cb.body);
+    assert_eq!(cb.json()["field"], "rows[1].text");
+    let cb = post_json(
+        a,
+        "/v1/classify/batch",
+        &json!({"rows": [{"text": review}]}),
+    );
+    assert_eq!(cb.json()["results"][0]["label"], r["sentiment"]);
+    let missing = post_json(a, "/v1/classify", &json!({"review_text": review}));
+    assert_eq!(missing.status, 422, "{}", missing.body);
+    assert_eq!(missing.json()["field"], "text");
+
     let metrics = get(a, "/metrics");
     assert_eq!(metrics.status, 200);
     for m in [
@@ -133,6 +162,8 @@ fn check_endpoints(s: &Server, cell: &str, review: &str, labels: &[&str]) {
     }
     let doc = get(a, "/openapi.json").json();
     for path in [
+        "/v1/classify",
+        "/v1/classify/batch",
         "/v1/sentiment",
         "/v1/sentiment/batch",
         "/health",
@@ -140,6 +171,12 @@ fn check_endpoints(s: &Server, cell: &str, review: &str, labels: &[&str]) {
     ] {
         assert!(doc["paths"][path].is_object(), "{path}");
     }
+    assert!(
+        doc["components"]["schemas"]["ClassifyResponse"]["properties"]["confidence"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("generate")
+    );
     assert!(doc["components"]["schemas"]["SentimentResponse"]["properties"]["confidence"]["description"]
         .as_str()
         .unwrap()

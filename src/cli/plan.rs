@@ -19,13 +19,13 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
         dot,
     } = args;
     let cfg = config(cli, None);
-    let mut planned = app::plan(&cfg, spec, *limit)?;
+    let planned = app::plan(&cfg, spec, *limit)?;
     warn(&planned.warnings());
     let dag = planned.dag()?;
     if *dot {
         out_inline!("{}", dag.dot());
     } else if let Some(n) = shards {
-        let split = app::shard_plan(&mut planned, *n as usize)?;
+        let split = app::shard_plan(&planned, *n as usize)?;
         if *json {
             out!("{}", to_json(&split));
         } else {
@@ -40,12 +40,19 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
     } else if *json {
         out!(
             "{}",
-            to_json(&planned.plan.to_json(&planned.cache, &planned.store))
+            to_json(&planned.plan.to_json(
+                &planned.cache,
+                &planned.store,
+                &planned.decided.routing
+            ))
         );
     } else {
         print_plan(&planned);
-        for cp in &planned.plan.cascades {
-            out!("{}", planned.plan.cascade_note(cp));
+        for ci in 0..planned.plan.cascades.len() {
+            out!(
+                "{}",
+                planned.plan.cascade_note(ci, &planned.decided.routing)
+            );
         }
         if let Some(note) = planned.published_note(&cfg.reports_dir) {
             out!("{note}");

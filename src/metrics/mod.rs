@@ -14,8 +14,8 @@ use crate::cache::{Cache, Lookup};
 use crate::calibrate::Params;
 use crate::key::Digest;
 use crate::neighbours::{self, PoolEntry};
-use crate::plan::{Plan, Source};
-use crate::spec::MethodKind;
+use crate::plan::{Decided, Plan, Source};
+use crate::spec::{CalibrationKind, MethodKind};
 
 /// A row of a cell whose last attempt failed (and that no run has computed since).
 #[derive(Debug, Clone)]
@@ -65,7 +65,12 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
 }
 
 /// Every prediction the cache holds for the plan; rows not computed yet are left out.
-pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Prediction> {
+pub fn collect(
+    plan: &Plan,
+    decided: &Decided,
+    cache: &Cache,
+    computed: &HashSet<Digest>,
+) -> Vec<Prediction> {
     let labels = plan.dataset.label_names();
     let mut out = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
@@ -94,10 +99,12 @@ pub fn collect(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Vec<Pr
             continue;
         }
         if let Source::Cascade { cascade } = cell.source {
-            out.extend(crate::cascade::predictions(plan, cache, cascade, computed));
+            out.extend(crate::cascade::predictions(
+                plan, decided, cache, cascade, computed,
+            ));
             continue;
         }
-        let params = cell.calibration.map(|c| calibration(plan, cache, c));
+        let params = cell.calibration.map(|c| decided.fit(c));
         for ri in 0..cell.rows.len() {
             if let Some(p) = predict(plan, cache, ci, cell, ri, params.as_ref(), computed) {
                 out.push(p);
@@ -116,13 +123,26 @@ pub struct ClassMetrics {
     pub support: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+named_enum! {
+    /// What computes a cell's answers, as tables and Findings name it.
+    #[derive(Default)]
+    pub enum CellKind {
+        Generate,
+        /// The default of a cell view built in a test.
+        #[default]
+        Loglik,
+        KnnVote,
+        Cascade,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct CellMetrics {
     pub cell: String,
     pub model: String,
     pub prompt: String,
     pub method: String,
-    pub kind: String,
+    pub kind: CellKind,
     pub temperature: Option<f64>,
     pub seed: Option<u64>,
     /// Rows the cell should have, and rows it has.
@@ -184,6 +204,7 @@ pub const RELIABILITY_BINS: usize = 10;
 
 pub fn compute(
     plan: &Plan,
+    decided: &Decided,
     cache: &Cache,
     preds: &[Prediction],
     failures: &[Failure],
@@ -191,7 +212,7 @@ pub fn compute(
     let labels = plan.dataset.label_names();
     let k = labels.len();
     let calibrations: Vec<Result<Params, CalibrationError>> = (0..plan.calibrations.len())
-        .map(|c| calibration(plan, cache, c))
+        .map(|c| decided.fit(c))
         .collect();
     plan.cells
         .iter()
@@ -254,7 +275,7 @@ pub fn compute(
                         })
                         .collect()
                 };
-            let (roc_auc, brier, ece, reliability) = if method.kind != MethodKind::Generate {
+            let (roc_auc, brier, ece, reliability) = if method.kind() != MethodKind::Generate {
                 scores(&scored(&|p| p.logprobs.as_ref()), k)
             } else {
                 (None, None, None, Vec::new())
@@ -270,12 +291,9 @@ pub fn compute(
                 }
             });
             let (model, prompt, method_id) = plan.cell_names(cell);
-            let calibration = match (&method.calibrate, cell.calibration) {
+            let calibration = match (method.calibrate(), cell.calibration) {
                 (Some(c), Some(ci)) => Some(CalibrationInfo {
-                    kind: match c {
-                        crate::spec::Calibration::ContentFree => "content_free".into(),
-                        crate::spec::Calibration::Fit { .. } => "fit".into(),
-                    },
+                    kind: c.kind(),
                     params: calibrations[ci].clone().ok(),
                     pending: calibrations[ci].as_ref().err().map(ToString::to_string),
                 }),
@@ -296,11 +314,11 @@ pub fn compute(
                 model,
                 prompt,
                 method: method_id,
-                kind: match (cell.source, method.kind) {
-                    (Source::Cascade { .. }, _) => "cascade".into(),
-                    (_, MethodKind::Generate) => "generate".into(),
-                    (_, MethodKind::Loglik) => "loglik".into(),
-                    (_, MethodKind::KnnVote) => "knn_vote".into(),
+                kind: match (cell.source, method.kind()) {
+                    (Source::Cascade { .. }, _) => CellKind::Cascade,
+                    (_, MethodKind::Generate) => CellKind::Generate,
+                    (_, MethodKind::Loglik) => CellKind::Loglik,
+                    (_, MethodKind::KnnVote) => CellKind::KnnVote,
                 },
                 temperature: cell.point.map(|p| p.temperature),
                 seed: cell.point.map(|p| p.seed),
@@ -337,7 +355,9 @@ pub fn compute(
                 calibration,
                 uncalibrated,
                 cascade: match cell.source {
-                    Source::Cascade { cascade } => crate::cascade::summary(plan, cache, cascade),
+                    Source::Cascade { cascade } => {
+                        crate::cascade::summary(plan, decided, cache, cascade)
+                    }
                     _ => None,
                 },
             }
@@ -381,8 +401,7 @@ fn scores(
 /// A calibrated cell's calibration.
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationInfo {
-    /// `content_free` or `fit`.
-    pub kind: String,
+    pub kind: CalibrationKind,
     pub params: Option<Params>,
     /// Why it is not fitted yet.
     pub pending: Option<String>,

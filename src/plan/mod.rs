@@ -6,14 +6,20 @@
 
 mod explain;
 mod retrieval;
+mod routing;
+mod stages;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use explain::{Explanation, LOAD, StageKind, StageStatus};
-pub use retrieval::{EmbedRequest, Pool, Retrieval, embedding_key, vector, vector_artifact};
+pub use explain::Explanation;
+pub use retrieval::{
+    EmbedRequest, Pool, Retrieval, Serves, embedding_key, vector, vector_artifact,
+};
+pub use routing::{Decided, Resolution, Routing};
+pub use stages::{LOAD, StageKind, StageStatus};
 
 use crate::cache::{Cache, Lookup};
 use crate::dataset::{self, Dataset, Row};
@@ -25,7 +31,9 @@ use crate::key::{
 use crate::model::KnownModel;
 use crate::neighbours::{Neighbours, Search};
 use crate::prompt::{Example, Messages, Prompts, Shots};
-use crate::spec::{Calibration, Escalate, Located, MethodKind, SamplerPoint, ShotOrder, Spec};
+use crate::spec::{
+    Calibration, Escalate, Located, Method, MethodKind, SamplerPoint, ShotOrder, Spec,
+};
 use crate::store::{Artifact, Store};
 
 /// What a cell is computed from.
@@ -54,20 +62,19 @@ pub struct Cell {
     pub rows: Vec<Option<Components>>,
     /// Index into [`Plan::calibrations`] for calibrated cells.
     pub calibration: Option<usize>,
-    /// A cascade stage that computes only the rows the cascade sends it: every row's key,
-    /// of which `rows` holds those let in (`cascade::resolve`); a `None` row there is not
-    /// needed rather than not known.
-    pub masked: Option<Vec<Option<Components>>>,
+    /// A cascade stage that computes only the rows the cascade's routing sends it (`rows`
+    /// holds every row's key; [`Routing`] says which are needed).
+    pub gated: bool,
 }
 
 impl Plan {
     /// What a cell asks of each prompt.
     pub fn task(&self, cell: &Cell) -> crate::backend::Task {
         let method = &self.spec.methods[cell.method];
-        match (method.kind, &cell.point) {
-            (MethodKind::Generate, Some(p)) => crate::backend::Task::Generate {
-                max_tokens: method.max_tokens,
-                stop: method.stop.clone(),
+        match (method.generate(), &cell.point) {
+            (Some(g), Some(p)) => crate::backend::Task::Generate {
+                max_tokens: g.max_tokens,
+                stop: g.stop.clone(),
                 sampler: crate::backend::Sampler {
                     temperature: p.temperature,
                     top_p: p.top_p,
@@ -130,32 +137,6 @@ pub struct CascadePlan {
     /// Each stage's support cell on the fit rows, for the steps fitted by `fraction`.
     pub fit_stages: Vec<Option<usize>>,
     pub fit_set: Option<usize>,
-    /// Set by `cascade::resolve` from the cache.
-    pub resolution: Option<Resolution>,
-}
-
-/// What the cache says about a cascade's rows.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Resolution {
-    /// The margin threshold of each step (`None` while its fit rows are not all computed).
-    pub thresholds: Vec<Option<f64>>,
-    /// How many fit rows each fitted step was fitted on.
-    pub fit_rows: Vec<Option<usize>>,
-    /// For each evaluation row, the stage that answers it (`None` while a row of a stage
-    /// it reaches is not computed).
-    pub answered_by: Vec<Option<usize>>,
-    /// Evaluation rows that reach each stage, as far as known now.
-    pub reached: Vec<usize>,
-    /// Rows of a stage that the cascade needs and that are not cached yet.
-    pub pending: usize,
-    /// Rows waiting for a stage row whose last attempt failed.
-    pub failed: usize,
-}
-
-impl Resolution {
-    pub fn answered(&self) -> usize {
-        self.answered_by.iter().flatten().count()
-    }
 }
 
 /// Rows that prompts are rendered for: the evaluation rows (set 0) or rows used only to
@@ -310,8 +291,8 @@ pub fn build(
         Ok::<usize, Diagnostic>(i)
     };
     let mut prompt_shots = Vec::new();
-    let mut retrieval_specs: Vec<(String, usize, Search, bool)> = Vec::new();
-    for p in &spec.prompts {
+    let mut retrieval_specs: Vec<(String, usize, Search, Serves)> = Vec::new();
+    for (pi, p) in spec.prompts.iter().enumerate() {
         prompt_shots.push(match &p.shots {
             None => Shots::None,
             Some(s) => match &s.knn {
@@ -344,14 +325,19 @@ pub fn build(
                         per_label: knn.per_label.then_some(labels),
                         nearest_last: knn.order == ShotOrder::NearestLast,
                     };
-                    retrieval_specs.push((format!("prompt:{}", p.id), pool, search, true));
+                    retrieval_specs.push((
+                        format!("prompt:{}", p.id),
+                        pool,
+                        search,
+                        Serves::Prompt(pi),
+                    ));
                     Shots::PerRow { k: s.k }
                 }
             },
         });
     }
-    for m in &spec.methods {
-        if let Some(v) = &m.vote {
+    for (mi, m) in spec.methods.iter().enumerate() {
+        if let Some(v) = m.vote() {
             let src = PoolSource {
                 embedder: v.embedder,
                 from: v.from.value.clone(),
@@ -369,7 +355,7 @@ pub fn build(
                 per_label: None,
                 nearest_last: false,
             };
-            retrieval_specs.push((format!("method:{}", m.id), pool, search, false));
+            retrieval_specs.push((format!("method:{}", m.id), pool, search, Serves::Vote(mi)));
         }
     }
     let prompts = Prompts::compile(&spec.prompts, &spec.dataset.labels, prompt_shots)?;
@@ -379,7 +365,7 @@ pub fn build(
     let mut fit_sets: Vec<(std::path::PathBuf, crate::spec::SampleSpec, usize)> = Vec::new();
     let mut method_sets: Vec<Option<(usize, bool)>> = Vec::new();
     for m in &spec.methods {
-        method_sets.push(match &m.calibrate {
+        method_sets.push(match m.calibrate() {
             None => None,
             Some(Calibration::ContentFree) => {
                 let i = match sets.iter().position(|s| s.name == "content-free") {
@@ -457,14 +443,14 @@ pub fn build(
     }
     let mut retrievals = Vec::new();
     let mut new_artifacts = Vec::new();
-    for (id, pool, search, for_prompt) in retrieval_specs {
+    for (id, pool, search, serves) in retrieval_specs {
         let embedder = pools[pool].embedder;
         // A prompt's retrieval serves every row set; a vote, the evaluation rows.
         let queries: Vec<Option<Vec<retrieval::Query>>> = sets
             .iter()
             .enumerate()
             .map(|(s, set)| {
-                (for_prompt || s == 0).then(|| {
+                (matches!(serves, Serves::Prompt(_)) || s == 0).then(|| {
                     set.rows
                         .iter()
                         .map(|r| {
@@ -484,6 +470,7 @@ pub fn build(
         new_artifacts.extend(new);
         retrievals.push(Retrieval {
             id,
+            serves,
             pool,
             search,
             keys,
@@ -494,9 +481,7 @@ pub fn build(
     // Render every prompt for every row set.
     for (s, set) in sets.iter_mut().enumerate() {
         for p in 0..prompts.len() {
-            let retrieval = retrievals
-                .iter()
-                .find(|r| r.id == format!("prompt:{}", prompts.id(p)));
+            let retrieval = retrievals.iter().find(|r| r.serves == Serves::Prompt(p));
             let mut messages = Vec::with_capacity(set.rows.len());
             let mut shown = Vec::with_capacity(set.rows.len());
             for (i, row) in set.rows.iter().enumerate() {
@@ -719,7 +704,7 @@ impl<'a> CellFactory<'a> {
         for model in 0..self.models.len() {
             for prompt in 0..self.prompts.len() {
                 for (method, m) in self.spec.methods.iter().enumerate() {
-                    match m.kind {
+                    match m.kind() {
                         MethodKind::KnnVote => {}
                         MethodKind::Generate => {
                             for p in &points {
@@ -814,7 +799,7 @@ impl<'a> CellFactory<'a> {
                 set,
                 rows: self.rows(c, set),
                 calibration: None,
-                masked: None,
+                gated: false,
             });
             calibrations.push(CalibrationPlan {
                 content_free,
@@ -830,7 +815,7 @@ impl<'a> CellFactory<'a> {
             set: 0,
             rows: self.rows(c, 0),
             calibration,
-            masked: None,
+            gated: false,
         }
     }
 }
@@ -851,14 +836,14 @@ fn expand_cells(
         }
     }
     for (ki, method) in spec.methods.iter().enumerate() {
-        if method.kind != MethodKind::KnnVote {
+        if method.kind() != MethodKind::KnnVote {
             continue;
         }
         let retrieval = retrievals
             .iter()
-            .position(|r| r.id == format!("method:{}", method.id))
+            .position(|r| r.serves == Serves::Vote(ki))
             .expect("every knn_vote method has its retrieval");
-        let embedder = &embedders[method.vote.as_ref().map_or(0, |v| v.embedder)].id;
+        let embedder = &embedders[method.vote().map_or(0, |v| v.embedder)].id;
         cells.push(Cell {
             id: format!("{embedder}/{}", method.id),
             source: Source::Vote { retrieval },
@@ -867,7 +852,7 @@ fn expand_cells(
             set: 0,
             rows: Vec::new(),
             calibration: None,
-            masked: None,
+            gated: false,
         });
     }
     (cells, support, calibrations)
@@ -919,7 +904,7 @@ fn plan_cascades(
                 )));
             };
             let method = &spec.methods[cs.method];
-            if !last && method.kind != MethodKind::Loglik {
+            if !last && method.kind() != MethodKind::Loglik {
                 return Err(name.error(format!(
                     "`{}` answers by generating text, so it has no label scores to be sure or unsure of; every stage but the last must be a `loglik` cell",
                     name.value
@@ -936,14 +921,11 @@ fn plan_cascades(
             }
             let stage = match cells.iter().position(|x| x.id == name.value) {
                 Some(i) => CellRef::Reported(i),
-                None => match support
-                    .iter()
-                    .position(|x| x.id == name.value && x.masked.is_some())
-                {
+                None => match support.iter().position(|x| x.id == name.value && x.gated) {
                     Some(i) => CellRef::Support(i),
                     None => {
                         let cell = factory.cell(cs, support, calibrations);
-                        support.push(masked(cell));
+                        support.push(gated(cell));
                         CellRef::Support(support.len() - 1)
                     }
                 },
@@ -961,7 +943,7 @@ fn plan_cascades(
                     Some(match support.iter().position(|x| x.id == id) {
                         Some(i) => i,
                         None => {
-                            support.push(masked(Cell {
+                            support.push(gated(Cell {
                                 id,
                                 source: Source::Llm {
                                     model: cs.model,
@@ -972,7 +954,7 @@ fn plan_cascades(
                                 set,
                                 rows: factory.rows(cs, set),
                                 calibration,
-                                masked: None,
+                                gated: false,
                             }));
                             support.len() - 1
                         }
@@ -992,7 +974,7 @@ fn plan_cascades(
             set: 0,
             rows: Vec::new(),
             calibration: None,
-            masked: None,
+            gated: false,
         });
         out.push(CascadePlan {
             spec: ci,
@@ -1000,17 +982,17 @@ fn plan_cascades(
             stages,
             fit_stages,
             fit_set,
-            resolution: None,
         });
     }
     Ok(out)
 }
 
-/// A cell that computes only the rows a cascade lets in (`cascade::resolve`): none yet.
-fn masked(mut cell: Cell) -> Cell {
-    let none = vec![None; cell.rows.len()];
-    cell.masked = Some(std::mem::replace(&mut cell.rows, none));
-    cell
+/// A cell that computes only the rows a cascade's routing sends it.
+fn gated(cell: Cell) -> Cell {
+    Cell {
+        gated: true,
+        ..cell
+    }
 }
 
 fn cell_of<'a>(cells: &'a [Cell], support: &'a [Cell], r: CellRef) -> &'a Cell {
@@ -1052,7 +1034,7 @@ impl Plan {
             .filter(|c| matches!(c.source, Source::Llm { .. }))
     }
 
-    pub fn status(&self, cache: &Cache) -> Vec<CellStatus> {
+    pub fn status(&self, cache: &Cache, routing: &Routing) -> Vec<CellStatus> {
         self.cells
             .iter()
             .map(|c| {
@@ -1069,7 +1051,7 @@ impl Plan {
                     };
                 }
                 if let Source::Cascade { cascade } = c.source {
-                    let res = self.cascades[cascade].resolution.as_ref();
+                    let res = routing.resolution(cascade);
                     return CellStatus {
                         rows: self.dataset.rows.len(),
                         cached: res.map_or(0, |r| r.answered()),
@@ -1098,10 +1080,13 @@ impl Plan {
             .collect()
     }
 
-    /// Every inference row key of the plan (rows whose inputs are unknown have none).
-    pub fn keys(&self) -> impl Iterator<Item = Digest> + '_ {
-        self.inference_cells()
-            .flat_map(|c| c.rows.iter().flatten().map(Components::row_key))
+    /// Every inference row key the plan needs now (rows whose inputs are unknown have none;
+    /// a gated cascade stage needs the rows routed to it).
+    pub fn keys<'a>(&'a self, routing: &'a Routing) -> impl Iterator<Item = Digest> + 'a {
+        self.inference_cells().flat_map(move |c| {
+            self.needed_rows(c, routing)
+                .filter_map(|(_, k)| k.map(Components::row_key))
+        })
     }
 
     /// Every artifact key the plan's stages read (embeddings and neighbour lists).
@@ -1152,11 +1137,11 @@ impl Plan {
     }
 
     /// Cell parameters as JSON (sampler settings for generation).
-    pub fn params(&self, cell: &Cell) -> serde_json::Value {
+    pub fn params(&self, cell: &Cell, routing: &Routing) -> serde_json::Value {
         if let Source::Cascade { cascade } = cell.source {
             let cp = &self.cascades[cascade];
             let spec = &self.spec.cascades[cp.spec];
-            let res = cp.resolution.as_ref();
+            let res = routing.resolution(cascade);
             return serde_json::json!({
                 "kind": "cascade",
                 "stages": cp.stages.iter().map(|r| self.cell(*r).id.clone()).collect::<Vec<_>>(),
@@ -1174,8 +1159,8 @@ impl Plan {
             });
         }
         let m = &self.spec.methods[cell.method];
-        match (&cell.point, m.kind) {
-            (Some(p), MethodKind::Generate) => serde_json::json!({
+        match (&cell.point, &m.method) {
+            (Some(p), Method::Generate(g)) => serde_json::json!({
                 "kind": "generate",
                 "temperature": p.temperature,
                 "top_p": p.top_p,
@@ -1183,17 +1168,17 @@ impl Plan {
                 "min_p": p.min_p,
                 "seed": p.seed,
                 "repeat": p.repeat,
-                "max_tokens": m.max_tokens,
-                "stop": m.stop,
+                "max_tokens": g.max_tokens,
+                "stop": g.stop,
             }),
-            (_, MethodKind::KnnVote) => serde_json::json!({
+            (_, Method::KnnVote(v)) => serde_json::json!({
                 "kind": "knn_vote",
-                "k": m.vote.as_ref().map(|v| v.k.value),
+                "k": v.k.value,
             }),
             _ => serde_json::json!({
                 "kind": "loglik",
                 "labels": self.dataset.label_names(),
-                "calibrate": match &m.calibrate {
+                "calibrate": match m.calibrate() {
                     None => serde_json::Value::Null,
                     Some(Calibration::ContentFree) => "content_free".into(),
                     Some(Calibration::Fit { sample, .. }) => serde_json::json!({"fit": {"n": sample.n, "seed": sample.seed}}),
@@ -1203,11 +1188,11 @@ impl Plan {
     }
 
     /// The plan as `plan --json` prints it.
-    pub fn to_json(&self, cache: &Cache, store: &Store) -> serde_json::Value {
+    pub fn to_json(&self, cache: &Cache, store: &Store, routing: &Routing) -> serde_json::Value {
         let cells: Vec<serde_json::Value> = self
             .cells
             .iter()
-            .zip(self.status(cache))
+            .zip(self.status(cache, routing))
             .map(|(c, st)| {
                 let (model, prompt, method) = self.cell_names(c);
                 serde_json::json!({
@@ -1215,7 +1200,7 @@ impl Plan {
                     "model": model,
                     "prompt": prompt,
                     "method": method,
-                    "params": self.params(c),
+                    "params": self.params(c, routing),
                     "rows": st.rows,
                     "cached": st.cached,
                     "failed": st.failed,
@@ -1225,12 +1210,13 @@ impl Plan {
             })
             .collect();
         let stages: Vec<serde_json::Value> = self
-            .stages(cache, store)
+            .stages(cache, store, routing)
             .iter()
             .map(|s| {
                 serde_json::json!({
                     "id": s.id, "kind": s.kind, "items": s.items, "cached": s.cached,
                     "to_run": s.items.saturating_sub(s.cached), "what": s.what, "inputs": s.inputs,
+                    "key": s.key,
                 })
             })
             .collect();
@@ -1246,8 +1232,9 @@ impl Plan {
         let cascades: Vec<serde_json::Value> = self
             .cascades
             .iter()
-            .map(|cp| {
-                let res = cp.resolution.as_ref();
+            .enumerate()
+            .map(|(ci, cp)| {
+                let res = routing.resolution(ci);
                 serde_json::json!({
                     "id": self.spec.cascades[cp.spec].id,
                     "cell": self.cells[cp.cell].id,
@@ -1257,7 +1244,7 @@ impl Plan {
                     "reached": res.map(|r| r.reached.clone()),
                     "answered": res.map(|r| r.answered()),
                     "pending": res.map(|r| r.pending),
-                    "note": self.cascade_note(cp),
+                    "note": self.cascade_note(ci, routing),
                 })
             })
             .collect();

@@ -31,8 +31,10 @@ pub struct Pool {
 /// One retrieval: a knn prompt's examples or a `knn_vote` method's neighbours.
 #[derive(Debug, Clone)]
 pub struct Retrieval {
-    /// `prompt:ID` or `method:ID`.
+    /// `prompt:ID` or `method:ID`, as stage ids and the report name it.
     pub id: String,
+    /// What it retrieves for.
+    pub serves: Serves,
     pub pool: usize,
     pub search: Search,
     /// `[set][row]`: the neighbours' artifact key (`None` when an input digest is unknown),
@@ -40,6 +42,15 @@ pub struct Retrieval {
     pub keys: Vec<Vec<Option<Digest>>>,
     /// `[set][row]`: the neighbours, when the embeddings they need exist.
     pub results: Vec<Vec<Option<Neighbours>>>,
+}
+
+/// What a retrieval finds neighbours for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    /// The examples of a knn prompt (index into the spec's prompts), in every row set.
+    Prompt(usize),
+    /// The vote of a `knn_vote` method (index into the spec's methods), on the evaluation rows.
+    Vote(usize),
 }
 
 impl Retrieval {

@@ -6,9 +6,11 @@
 use serde::Serialize;
 
 use super::Analysis;
+use crate::metrics::CellKind;
 use crate::metrics::CellMetrics;
 use crate::metrics::stats;
 use crate::plan::Plan;
+use crate::spec::CalibrationKind;
 
 /// A share of predictions this far (or more) from the gold share is a bias worth naming.
 const BIAS_MIN: f64 = 0.15;
@@ -43,9 +45,9 @@ pub struct CellView {
     pub prompt: String,
     pub method: String,
     /// `generate`, `loglik` or `knn_vote`.
-    pub kind: String,
+    pub kind: CellKind,
     /// `fit` or `content_free` for calibrated cells.
-    pub calibration: Option<String>,
+    pub calibration: Option<CalibrationKind>,
     /// Generation cells: the temperature, the seed, and the rest of the sampler setting.
     pub temperature: Option<f64>,
     pub seed: Option<u64>,
@@ -107,8 +109,8 @@ impl Input {
                 model: m.model.clone(),
                 prompt: m.prompt.clone(),
                 method: m.method.clone(),
-                kind: m.kind.clone(),
-                calibration: m.calibration.as_ref().map(|c| c.kind.clone()),
+                kind: m.kind,
+                calibration: m.calibration.as_ref().map(|c| c.kind),
                 temperature: cell.point.as_ref().map(|p| p.temperature),
                 seed: cell.point.as_ref().map(|p| p.seed),
                 sampler_rest: cell
@@ -336,15 +338,21 @@ fn reference_cell<'a>(input: &'a Input, model: &str, prompt: &str) -> Option<&'a
         .cells
         .iter()
         .filter(of)
-        .find(|c| c.kind == "loglik" && c.raw())
-        .or_else(|| input.cells.iter().filter(of).find(|c| c.kind == "generate"))
+        .find(|c| c.kind == CellKind::Loglik && c.raw())
+        .or_else(|| {
+            input
+                .cells
+                .iter()
+                .filter(of)
+                .find(|c| c.kind == CellKind::Generate)
+        })
 }
 
 fn model_cells<'a>(input: &'a Input, model: &'a str) -> impl Iterator<Item = &'a CellView> {
     input
         .cells
         .iter()
-        .filter(move |c| c.model == model && c.kind != "knn_vote")
+        .filter(move |c| c.model == model && c.kind != CellKind::KnnVote)
 }
 
 fn prompts_of(input: &Input, model: &str) -> Vec<String> {
@@ -466,7 +474,7 @@ fn prompts(input: &Input, out: &mut Vec<Finding>) {
         // Calibration can remove what a prompt did to the label bias, so prompts are
         // compared again on the first calibrated scoring.
         let calibrated = |c: &&CellView| {
-            c.model == *model && c.kind == "loglik" && c.calibration.is_some() && c.n() > 0
+            c.model == *model && c.kind == CellKind::Loglik && c.calibration.is_some() && c.n() > 0
         };
         if let Some(method) = input.cells.iter().find(calibrated).map(|c| &c.method) {
             prompts_compared(input, model, &prompts, out, |p| {
@@ -666,7 +674,7 @@ fn bias(input: &Input, out: &mut Vec<Finding>) {
 fn temperature(input: &Input, out: &mut Vec<Finding>) {
     for model in &input.models {
         let gens: Vec<&CellView> = model_cells(input, model)
-            .filter(|c| c.kind == "generate" && c.temperature.is_some())
+            .filter(|c| c.kind == CellKind::Generate && c.temperature.is_some())
             .collect();
         let mut temps: Vec<f64> = gens.iter().filter_map(|c| c.temperature).collect();
         temps.sort_by(f64::total_cmp);
@@ -764,7 +772,7 @@ fn seeds_and_samplers(input: &Input, out: &mut Vec<Finding>) {
     for model in &input.models {
         // (prompt, method, temperature, sampler) -> the cells of its seeds.
         let mut settings: Vec<(String, Vec<&CellView>)> = Vec::new();
-        for c in model_cells(input, model).filter(|c| c.kind == "generate" && c.n() > 0) {
+        for c in model_cells(input, model).filter(|c| c.kind == CellKind::Generate && c.n() > 0) {
             let key = format!(
                 "{}/{}@t={},{}",
                 c.prompt,
@@ -851,7 +859,7 @@ fn baseline(input: &Input, out: &mut Vec<Finding>) {
     for v in input
         .cells
         .iter()
-        .filter(|c| c.kind == "knn_vote" && c.n() > 0)
+        .filter(|c| c.kind == CellKind::KnnVote && c.n() > 0)
     {
         for model in &input.models {
             let Some(b) = best(input, model_cells(input, model)) else {
@@ -1052,7 +1060,7 @@ mod tests {
             model: model.into(),
             prompt: prompt.into(),
             method: "loglik".into(),
-            kind: "loglik".into(),
+            kind: CellKind::Loglik,
             predictions: inp
                 .gold
                 .iter()
@@ -1217,7 +1225,7 @@ mod tests {
             let mut c = cell(inp, "small", prompt, right);
             c.id = format!("small/{prompt}/loglik-fit");
             c.method = "loglik-fit".into();
-            c.calibration = Some("fit".into());
+            c.calibration = Some(CalibrationKind::Fit);
             c
         };
         // Raw, the reversed label order wins by 20 points; calibrated, the two prompts tie.
@@ -1270,7 +1278,7 @@ mod tests {
         let mut fit = cell(&inp, "small", "zero", 270);
         fit.id = "small/zero/loglik-fit".into();
         fit.method = "loglik-fit".into();
-        fit.calibration = Some("fit".into());
+        fit.calibration = Some(CalibrationKind::Fit);
         inp.cells = vec![
             cell(&inp, "small", "zero", 210),
             fit,
@@ -1301,7 +1309,7 @@ mod tests {
         let mut inp = input(100);
         let generation = |inp: &Input, right: usize, seed: u64, top_k: i32| {
             let mut c = cell(inp, "small", "zero", right);
-            c.kind = "generate".into();
+            c.kind = CellKind::Generate;
             c.method = "generate".into();
             c.temperature = Some(0.8);
             c.seed = Some(seed);
@@ -1336,7 +1344,7 @@ mod tests {
     /// `right` rows.
     fn generated(inp: &Input, prompt: &str, t: f64, right: usize) -> CellView {
         let mut c = cell(inp, "small", prompt, right);
-        c.kind = "generate".into();
+        c.kind = CellKind::Generate;
         c.temperature = Some(t);
         c.seed = Some(1);
         c.id = format!("small/{prompt}/generate@t={t},top_k=40,seed=1");
@@ -1396,7 +1404,7 @@ mod tests {
     fn cascade(inp: &Input, right: usize, last_reported: bool) -> CellView {
         let mut c = cell(inp, "small→large", "casc", right);
         c.id = "cascade/casc".into();
-        c.kind = "cascade".into();
+        c.kind = CellKind::Cascade;
         c.cascade = Some(CascadeView {
             first: "small/zero/loglik".into(),
             last: if last_reported {

@@ -17,6 +17,7 @@ use crate::exec::ExecStats;
 use crate::fs::write_atomic;
 use crate::key::Digest;
 use crate::metrics::{self, CellMetrics, Comparison, Failure, Prediction, SettingGroup};
+use crate::plan::Decided;
 use crate::plan::Plan;
 use arrow::array::RecordBatch;
 use html::{Cell, Disagreement, KindCount, Page, Scripts, Table};
@@ -172,10 +173,15 @@ pub struct Analysis {
     pub comparisons: Vec<Comparison>,
 }
 
-pub fn analyse(plan: &Plan, cache: &Cache, computed: &HashSet<Digest>) -> Analysis {
-    let predictions = metrics::collect(plan, cache, computed);
+pub fn analyse(
+    plan: &Plan,
+    decided: &Decided,
+    cache: &Cache,
+    computed: &HashSet<Digest>,
+) -> Analysis {
+    let predictions = metrics::collect(plan, decided, cache, computed);
     let failures = metrics::collect_failures(plan, cache);
-    let cell_metrics = metrics::compute(plan, cache, &predictions, &failures);
+    let cell_metrics = metrics::compute(plan, decided, cache, &predictions, &failures);
     let groups = metrics::setting_groups(plan, &predictions, &cell_metrics);
     let pairs = metrics::comparison_pairs(plan, &cell_metrics);
     let comparisons = metrics::compare(plan, &predictions, &pairs);
@@ -241,6 +247,7 @@ fn table_batches(
 /// Build every report file from the plan and the cache alone.
 pub fn write(
     plan: &Plan,
+    decided: &Decided,
     cache: &Cache,
     computed: &HashSet<Digest>,
     provenance: &Provenance,
@@ -249,7 +256,7 @@ pub fn write(
 ) -> Result<Written, ReportError> {
     let dir = reports_dir.join(&plan.spec.name);
     create_dir(&dir)?;
-    let a = analyse(plan, cache, computed);
+    let a = analyse(plan, decided, cache, computed);
     let provenance = &Provenance {
         computed_by: computed_by(&a.predictions),
         ..provenance.clone()
@@ -284,9 +291,14 @@ pub fn write(
 }
 
 /// `predictions.csv`, `metrics.csv` and `comparisons.csv` into `dir`.
-pub fn export_csv(plan: &Plan, cache: &Cache, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+pub fn export_csv(
+    plan: &Plan,
+    decided: &Decided,
+    cache: &Cache,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, ReportError> {
     create_dir(dir)?;
-    let a = analyse(plan, cache, &HashSet::new());
+    let a = analyse(plan, decided, cache, &HashSet::new());
     let mut out = Vec::new();
     for (name, batch) in table_batches(plan, &a)? {
         let bytes = tables::to_csv(&batch).map_err(|e| ReportError::Encode {
@@ -618,7 +630,7 @@ fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
             let before = c.uncalibrated.as_ref();
             Some(vec![
                 Cell::code(&c.cell),
-                Cell::text(&info.kind),
+                Cell::text(info.kind.to_string()),
                 Cell::text(format!("{} ({} rows)", set.name, set.rows.len())),
                 Cell::text(
                     before

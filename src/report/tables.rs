@@ -238,7 +238,7 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Tabl
         ("model".into(), s(&|x| x.model.clone())),
         ("prompt".into(), s(&|x| x.prompt.clone())),
         ("method".into(), s(&|x| x.method.clone())),
-        ("kind".into(), s(&|x| x.kind.clone())),
+        ("kind".into(), s(&|x| x.kind.to_string())),
         ("temperature".into(), f64s(m.iter().map(|x| x.temperature))),
         (
             "seed".into(),
@@ -257,7 +257,7 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Tabl
             "calibration".into(),
             strs(
                 m.iter()
-                    .map(|x| x.calibration.as_ref().map(|c| c.kind.clone())),
+                    .map(|x| x.calibration.as_ref().map(|c| c.kind.to_string())),
             ),
         ),
         (

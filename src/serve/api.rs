@@ -87,7 +87,10 @@ pub struct SentimentBatchRequest {
 /// `similar_reviews` for `similar`; the other fields as there.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SentimentResponse {
+    /// `label`.
     pub sentiment: Option<String>,
+    /// As in `ClassifyResponse`: the predicted label's probability (`loglik`), vote share
+    /// (`knn_vote`), or `null` for `generate` cells.
     pub confidence: Option<f64>,
     pub label_probs: Option<std::collections::BTreeMap<String, f64>>,
     pub raw_answer: Option<String>,

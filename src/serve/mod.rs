@@ -547,8 +547,7 @@ async fn classify(
 ) -> Response {
     let start = Instant::now();
     let result = async {
-        let k = similar_k(&q)?;
-        let req: ClassifyRequest = api::parse_body(&body.map_err(too_large)?, "text")?;
+        let (k, req): (_, ClassifyRequest) = request(&q, body, TEXT)?;
         answer(&s, req.text, TEXT, k, start).await
     }
     .await;
@@ -575,8 +574,7 @@ async fn classify_batch(
 ) -> Response {
     let start = Instant::now();
     let result = async {
-        let k = similar_k(&q)?;
-        let req: ClassifyBatchRequest = api::parse_body(&body.map_err(too_large)?, "rows")?;
+        let (k, req): (_, ClassifyBatchRequest) = request(&q, body, "rows")?;
         let texts = req.rows.into_iter().map(|r| r.text).collect();
         let results = answer_batch(&s, texts, ("rows", TEXT), k).await?;
         Ok(axum::Json(ClassifyBatchResponse { results }))
@@ -605,8 +603,7 @@ async fn sentiment(
 ) -> Response {
     let start = Instant::now();
     let result = async {
-        let k = similar_k(&q)?;
-        let req: SentimentRequest = api::parse_body(&body.map_err(too_large)?, SEED_TEXT)?;
+        let (k, req): (_, SentimentRequest) = request(&q, body, SEED_TEXT)?;
         answer(&s, req.review_text, SEED_TEXT, k, start).await
     }
     .await;
@@ -633,8 +630,7 @@ async fn sentiment_batch(
     const LIST: &str = "reviews";
     let start = Instant::now();
     let result = async {
-        let k = similar_k(&q)?;
-        let req: SentimentBatchRequest = api::parse_body(&body.map_err(too_large)?, LIST)?;
+        let (k, req): (_, SentimentBatchRequest) = request(&q, body, LIST)?;
         let texts = req.reviews.into_iter().map(|r| r.review_text).collect();
         let results = answer_batch(&s, texts, (LIST, SEED_TEXT), k).await?;
         let results = results.into_iter().map(SentimentResponse::from).collect();
@@ -672,6 +668,17 @@ async fn answer_batch(
         results.push(one);
     }
     Ok(results)
+}
+
+/// What every classify endpoint reads: `?k=` and the body as `T` (errors name `field`
+/// where the body does not say which).
+fn request<T: serde::de::DeserializeOwned>(
+    q: &SimilarQuery,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    field: &str,
+) -> Result<(usize, T), ApiError> {
+    let k = similar_k(q)?;
+    Ok((k, api::parse_body(&body.map_err(too_large)?, field)?))
 }
 
 fn too_large(e: axum::extract::rejection::BytesRejection) -> ApiError {

@@ -10,7 +10,7 @@ use crate::key::{CacheKey, Components, Digest, PromptPart};
 use crate::neighbours::{self, Neighbours, PoolEntry, Query, Search};
 use crate::plan::{Cell, Plan, Shown, Source, embedding_key};
 use crate::prompt::{Example, Messages, Prompts};
-use crate::spec::{CleanSpec, MethodKind, ParseRule};
+use crate::spec::{CleanSpec, ParseRule};
 
 /// A pool with its embeddings loaded.
 pub struct LoadedPool {
@@ -49,8 +49,8 @@ pub enum Kind {
     Llm {
         prompt: usize,
         task: Task,
-        method: MethodKind,
-        parse: ParseRule,
+        /// A `generate` cell's answer parsing (`None`: the cell scores the labels).
+        parse: Option<ParseRule>,
         /// The key components every row of the cell shares (all but the prompt).
         fixed: Box<Components>,
         calibration: Option<Params>,
@@ -163,7 +163,8 @@ impl Scorer {
             Ok(pools.len() - 1)
         };
         let method = &plan.spec.methods[c.method];
-        let retrieval_of = |id: String| plan.retrievals.iter().find(|r| r.id == id);
+        let retrieval_of =
+            |serves: crate::plan::Serves| plan.retrievals.iter().find(|r| r.serves == serves);
         let kind = match c.source {
             Source::Cascade { .. } => {
                 return Err(ScorerError::Cascade);
@@ -177,23 +178,20 @@ impl Scorer {
             }
             Source::Llm { prompt, .. } => {
                 let fixed = c
-                    .masked
-                    .as_ref()
-                    .unwrap_or(&c.rows)
+                    .rows
                     .iter()
                     .flatten()
                     .next()
                     .copied()
                     .ok_or(ScorerError::ModelDigestUnknown)?;
-                let retrieval = match retrieval_of(format!("prompt:{}", plan.prompts.id(prompt))) {
+                let retrieval = match retrieval_of(crate::plan::Serves::Prompt(prompt)) {
                     Some(r) => Some((load_pool(r.pool)?, r.search)),
                     None => None,
                 };
                 Kind::Llm {
                     prompt,
                     task: plan.task(c),
-                    method: method.kind,
-                    parse: method.parse,
+                    parse: method.generate().map(|g| g.parse),
                     fixed: Box::new(fixed),
                     calibration,
                     retrieval,
@@ -358,9 +356,7 @@ impl Scorer {
         }
         match &self.kind {
             Kind::Llm {
-                method: MethodKind::Generate,
-                parse,
-                ..
+                parse: Some(parse), ..
             } => Answer {
                 sentiment: text
                     .and_then(|t| parse_answer(t, &self.labels, *parse))

@@ -49,67 +49,64 @@ pub fn spawn(
     mut rx: mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<(), BackendError>>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let mut ready = Some(ready);
-            let mut models = make_backend();
-            let mut embedders = make_backend();
-            let mut serve = |llm: Option<&mut dyn crate::backend::Session>,
-                             emb: Option<&mut dyn crate::backend::EmbedSession>|
-             -> Result<(), BackendError> {
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Ok(()));
-                }
-                let (mut llm, mut emb) = (llm, emb);
-                while let Some(job) = rx.blocking_recv() {
-                    match job {
-                        Job::Embed { texts, reply } => {
-                            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                            let out = match emb.as_deref_mut() {
-                                Some(e) => e.embed(&refs),
-                                None => Err(BackendError::Job("no embedder".into())),
-                            };
-                            let _ = reply.send(out);
-                        }
-                        Job::Infer {
-                            item,
-                            prompt,
-                            task,
-                            reply,
-                        } => {
-                            let out = match llm.as_deref_mut() {
-                                Some(s) => evaluate(
-                                    s,
-                                    &spec.prompts,
-                                    &Evaluation {
-                                        prompt,
-                                        text: &item.text,
-                                        messages: &item.messages,
-                                        examples: item.examples.as_deref(),
-                                        budget: spec.budget,
-                                    },
-                                    std::slice::from_ref(&task),
-                                ),
-                                None => Err(BackendError::Job("this cell has no model".into())),
-                            };
-                            let _ = reply.send(out);
-                        }
+    crate::worker::thread(&name, move || {
+        let mut ready = Some(ready);
+        let mut models = make_backend();
+        let mut embedders = make_backend();
+        let mut serve = |llm: Option<&mut dyn crate::backend::Session>,
+                         emb: Option<&mut dyn crate::backend::EmbedSession>|
+         -> Result<(), BackendError> {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Ok(()));
+            }
+            let (mut llm, mut emb) = (llm, emb);
+            while let Some(job) = rx.blocking_recv() {
+                match job {
+                    Job::Embed { texts, reply } => {
+                        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                        let out = match emb.as_deref_mut() {
+                            Some(e) => e.embed(&refs),
+                            None => Err(BackendError::Job("no embedder".into())),
+                        };
+                        let _ = reply.send(out);
+                    }
+                    Job::Infer {
+                        item,
+                        prompt,
+                        task,
+                        reply,
+                    } => {
+                        let out = match llm.as_deref_mut() {
+                            Some(s) => evaluate(
+                                s,
+                                &spec.prompts,
+                                &Evaluation {
+                                    prompt,
+                                    text: &item.text,
+                                    messages: &item.messages,
+                                    examples: item.examples.as_deref(),
+                                    budget: spec.budget,
+                                },
+                                std::slice::from_ref(&task),
+                            ),
+                            None => Err(BackendError::Job("this cell has no model".into())),
+                        };
+                        let _ = reply.send(out);
                     }
                 }
-                Ok(())
-            };
-            let result = match (&spec.model, &spec.embedder) {
-                (Some(m), Some(e)) => embedders.with_embedder(e, &mut |emb| {
-                    models.with_model(m, &mut |llm| serve(Some(llm), Some(&mut *emb)))
-                }),
-                (Some(m), None) => models.with_model(m, &mut |llm| serve(Some(llm), None)),
-                (None, Some(e)) => embedders.with_embedder(e, &mut |emb| serve(None, Some(emb))),
-                (None, None) => serve(None, None),
-            };
-            if let (Err(e), Some(r)) = (result, ready.take()) {
-                let _ = r.send(Err(e));
             }
-        })
-        .expect("spawn the serve worker")
+            Ok(())
+        };
+        let result = match (&spec.model, &spec.embedder) {
+            (Some(m), Some(e)) => embedders.with_embedder(e, &mut |emb| {
+                models.with_model(m, &mut |llm| serve(Some(llm), Some(&mut *emb)))
+            }),
+            (Some(m), None) => models.with_model(m, &mut |llm| serve(Some(llm), None)),
+            (None, Some(e)) => embedders.with_embedder(e, &mut |emb| serve(None, Some(emb))),
+            (None, None) => serve(None, None),
+        };
+        if let (Err(e), Some(r)) = (result, ready.take()) {
+            let _ = r.send(Err(e));
+        }
+    })
 }

@@ -11,10 +11,10 @@ use crate::key::Digest;
 use crate::plan::{vector, vector_artifact};
 use crate::store::{Artifact, Store};
 
-/// Rows or vectors waiting beyond this many are written at once.
-pub const BATCH: usize = 32;
+/// Rows or vectors waiting beyond this many are written at once (as a run commits).
+pub const BATCH: usize = crate::worker::COMMIT_ROWS;
 /// Waiting rows and vectors are written at least this often.
-pub const INTERVAL: Duration = Duration::from_secs(3);
+pub const INTERVAL: Duration = crate::worker::COMMIT_INTERVAL;
 
 pub struct WriteBehind {
     cache: Mutex<Cache>,

@@ -104,6 +104,23 @@ pub enum Calibration {
     },
 }
 
+impl Calibration {
+    pub fn kind(&self) -> CalibrationKind {
+        match self {
+            Calibration::ContentFree => CalibrationKind::ContentFree,
+            Calibration::Fit { .. } => CalibrationKind::Fit,
+        }
+    }
+}
+
+named_enum! {
+    /// A calibration's kind, as tables and Findings name it.
+    pub enum CalibrationKind {
+        ContentFree,
+        Fit,
+    }
+}
+
 /// `kind: knn_vote`: the label vote of the `k` nearest pool examples, weighted by
 /// similarity.
 #[derive(Debug, Clone)]
@@ -267,13 +284,55 @@ pub struct ShotsSpec {
 #[derive(Debug, Clone)]
 pub struct MethodSpec {
     pub id: String,
-    pub kind: MethodKind,
+    pub method: Method,
+}
+
+/// A method, with the options of its kind only.
+#[derive(Debug, Clone)]
+pub enum Method {
+    Generate(GenerateSpec),
+    Loglik { calibrate: Option<Calibration> },
+    KnnVote(VoteSpec),
+}
+
+/// How a `generate` method asks and reads its answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateSpec {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub parse: ParseRule,
-    pub calibrate: Option<Calibration>,
-    /// Set when `kind: knn_vote`.
-    pub vote: Option<VoteSpec>,
+}
+
+impl MethodSpec {
+    pub fn kind(&self) -> MethodKind {
+        match self.method {
+            Method::Generate(_) => MethodKind::Generate,
+            Method::Loglik { .. } => MethodKind::Loglik,
+            Method::KnnVote(_) => MethodKind::KnnVote,
+        }
+    }
+
+    pub fn generate(&self) -> Option<&GenerateSpec> {
+        match &self.method {
+            Method::Generate(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// A `loglik` method's calibration.
+    pub fn calibrate(&self) -> Option<&Calibration> {
+        match &self.method {
+            Method::Loglik { calibrate } => calibrate.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn vote(&self) -> Option<&VoteSpec> {
+        match &self.method {
+            Method::KnnVote(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 /// Neighbours a `knn_vote` counts by default.
@@ -1333,15 +1392,16 @@ impl Validator<'_> {
                 Some(s) => s.value.clone(),
                 None => Vec::new(),
             };
-            out.push(MethodSpec {
-                id,
-                kind,
-                max_tokens,
-                stop,
-                parse: m.parse.as_ref().map(|p| p.value).unwrap_or_default(),
-                calibrate,
-                vote,
-            });
+            let method = match (kind, vote) {
+                (MethodKind::KnnVote, Some(vote)) => Method::KnnVote(vote),
+                (MethodKind::Loglik, _) => Method::Loglik { calibrate },
+                _ => Method::Generate(GenerateSpec {
+                    max_tokens,
+                    stop,
+                    parse: m.parse.as_ref().map(|p| p.value).unwrap_or_default(),
+                }),
+            };
+            out.push(MethodSpec { id, method });
         }
         Ok(out)
     }
@@ -1455,7 +1515,7 @@ fn grid_cells(
 ) -> u64 {
     let per_prompt: u64 = methods
         .iter()
-        .map(|m| match m.kind {
+        .map(|m| match m.kind() {
             MethodKind::Generate => sampling.point_count(),
             _ => 1,
         })

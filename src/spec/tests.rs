@@ -51,7 +51,7 @@ fn good_spec_parses_and_resolves_paths_against_its_folder() {
     assert_eq!(s.sampling.temperature, vec![0.2, 0.8]);
     assert_eq!(s.sampling.seed, vec![1]);
     assert_eq!(s.sampling.points().len(), 2);
-    assert_eq!(s.methods[1].kind, MethodKind::Loglik);
+    assert_eq!(s.methods[1].kind(), MethodKind::Loglik);
 }
 
 #[test]
