@@ -13,7 +13,7 @@ use crate::exec::{self, ExecStats};
 use crate::key::Digest;
 use crate::plan::{CellRef, CellStatus, Decided, Explanation, Plan, Source};
 use crate::report::{self, Provenance, Written, html::Scripts};
-use crate::schedule::{Models, Scheduler, Target, load_plan, shard_manifest};
+use crate::schedule::{Models, Scheduler, Target, dry_run, load_plan, shard_manifest};
 use crate::shard::Shard;
 use crate::store::Store;
 
@@ -169,8 +169,7 @@ impl Planned {
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
     let cache = Cache::open_read_only(&cfg.cache_dir)?;
     let store = Store::open_read_only(&cfg.cache_dir)?;
-    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store)?;
-    let decided = crate::cascade::decide(&plan, &cache, &store, true);
+    let (plan, decided) = dry_run(cfg, spec_path, limit, &cache, &store)?;
     Ok(Planned {
         plan,
         decided,
@@ -492,8 +491,8 @@ pub fn cache_status(cfg: &Config, specs: &[PathBuf]) -> Result<CacheReport, AppE
     let store = Store::open_read_only(&cfg.cache_dir)?;
     let mut per_spec = Vec::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, &store)?;
-        let routing = crate::cascade::decide(&plan, &cache, &store, true).routing;
+        let (plan, decided) = dry_run(cfg, s, None, &cache, &store)?;
+        let routing = decided.routing;
         let mut total = CellStatus::default();
         for st in plan.status(&cache, &routing) {
             total.rows += st.rows;
@@ -549,8 +548,8 @@ fn needed_by(
     let mut rows = HashSet::new();
     let mut artifacts = HashSet::new();
     for s in specs {
-        let plan = load_plan(cfg, s, None, Models::LocateOnly, store)?;
-        let routing = crate::cascade::decide(&plan, cache, store, true).routing;
+        let (plan, decided) = dry_run(cfg, s, None, cache, store)?;
+        let routing = decided.routing;
         if let Some(m) = plan
             .models
             .iter()

@@ -65,6 +65,21 @@ pub fn load_plan(
     )?)
 }
 
+/// The scheduler's dry run (`plan`, `cache status`, `cache gc`): the plan and what the
+/// deciding stages decide from the caches as they are; nothing is computed or written, and
+/// no model is downloaded or loaded.
+pub fn dry_run(
+    cfg: &Config,
+    spec_path: &Path,
+    limit: Option<usize>,
+    cache: &Cache,
+    store: &Store,
+) -> Result<(Plan, Decided), AppError> {
+    let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, store)?;
+    let decided = crate::cascade::decide(&plan, cache, store, true);
+    Ok((plan, decided))
+}
+
 /// What to bring up to date.
 #[derive(Debug, Clone)]
 pub enum Target {
