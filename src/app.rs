@@ -11,9 +11,9 @@ use crate::cache::{Cache, CacheError, CacheStatus, GcReport, LoadReport};
 use crate::config::Config;
 use crate::exec::{self, ExecStats};
 use crate::key::Digest;
-use crate::plan::{CellRef, CellStatus, Decided, Explanation, Plan, Source};
+use crate::plan::{CellStatus, Decided, Explanation, Plan, Source};
 use crate::report::{self, Provenance, Written, html::Scripts};
-use crate::schedule::{Models, Scheduler, Target, dry_run, load_plan, shard_manifest};
+use crate::schedule::{Scheduler, Target, dry_run, served_cell, shard_manifest};
 use crate::shard::Shard;
 use crate::store::Store;
 
@@ -346,39 +346,6 @@ pub fn serve(
 ) -> Result<(), AppError> {
     let mut cache = Cache::open(&cfg.cache_dir)?;
     let mut store = Store::open(&cfg.cache_dir)?;
-    let unknown = |plan: &Plan| AppError::UnknownCell {
-        cell: cell.to_string(),
-        known: plan
-            .cells
-            .iter()
-            .map(|c| c.id.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    // The cells that answer (the cell, or a cascade's stages in turn) and what they need
-    // before the first request, as `run` computes it: the rows each calibration is fitted
-    // on, and a cascade's fit rows for its fitted thresholds.
-    let first = load_plan(cfg, spec_path, None, Models::Fetch, &store)?;
-    let ci = first.cell_by_id(cell).ok_or_else(|| unknown(&first))?;
-    let stages: Vec<CellRef> = match first.cells[ci].source {
-        Source::Cascade { cascade } => first.cascades[cascade].stages.clone(),
-        _ => vec![CellRef::Reported(ci)],
-    };
-    let mut needed: HashSet<String> = stages
-        .iter()
-        .filter_map(|r| first.cell(*r).calibration)
-        .map(|cal| first.support[first.calibrations[cal].support].id.clone())
-        .collect();
-    if let Source::Cascade { cascade } = first.cells[ci].source {
-        needed.extend(
-            first.cascades[cascade]
-                .fit_stages
-                .iter()
-                .flatten()
-                .map(|i| first.support[*i].id.clone()),
-        );
-    }
-    drop(first);
     let scheduler = Scheduler {
         cfg,
         spec_path,
@@ -387,12 +354,12 @@ pub fn serve(
         make_backend: make_backend.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
     };
-    let done = scheduler.run(&mut cache, &mut store, &Target::Cells(needed))?;
+    let done = scheduler.run(&mut cache, &mut store, &Target::Serve(cell.to_string()))?;
     if let Some(e) = done.error {
         return Err(e);
     }
     let (plan, decided) = (done.plan, done.decided);
-    let ci = plan.cell_by_id(cell).ok_or_else(|| unknown(&plan))?;
+    let (ci, stages) = served_cell(&plan, cell)?;
     let mut answering = Vec::new();
     for r in &stages {
         let c = plan.cell(*r).clone();

@@ -688,7 +688,7 @@ fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>> {
                 prompt_tokens: pt.value(i),
                 evaluated_tokens: et.value(i),
                 gen_tokens: gt.value(i),
-                finish: Finish::parse(finish.value(i)).ok_or("bad finish")?,
+                finish: finish.value(i).parse().map_err(|_| "bad finish")?,
                 prefill_ms: prefill.value(i),
                 shared_by: shared.value(i),
                 decode_ms: decode.value(i),

@@ -65,21 +65,12 @@ struct StageRows<'a> {
 }
 
 impl<'a> StageRows<'a> {
-    fn new(
-        plan: &'a Plan,
-        cache: &'a Cache,
-        fits: &[Result<Params, CalibrationError>],
-        r: CellRef,
-    ) -> Self {
+    fn new(plan: &'a Plan, cache: &'a Cache, decided: &Decided, r: CellRef) -> Self {
         let cell = plan.cell(r).clone();
         Self {
             plan,
             cache,
-            params: cell.calibration.map(|c| {
-                fits.get(c)
-                    .cloned()
-                    .unwrap_or(Err(CalibrationError::NotDecided))
-            }),
+            params: cell.calibration.map(|c| decided.fit(c)),
             prompt_limit: plan.prompt_limit(&cell),
             cell,
         }
@@ -123,8 +114,12 @@ pub fn decide(plan: &Plan, cache: &Cache, store: &crate::store::Store, eager: bo
                 .unwrap_or_else(|| metrics::calibration(plan, cache, c))
         })
         .collect();
-    let routing = route(plan, cache, &fits, eager);
-    Decided { fits, routing }
+    let mut decided = Decided {
+        fits,
+        routing: Routing::default(),
+    };
+    decided.routing = route(plan, cache, &decided, eager);
+    decided
 }
 
 /// Calibration `cal`'s fit as the calibrate stage stored it, if it did.
@@ -145,15 +140,10 @@ fn stored_fit(
         .map(Ok)
 }
 
-/// The rows each cascade sends to its gated stages now, and what is known of each.
-/// `eager`: send a row on as soon as the stage before has answered it; otherwise only once
+/// The rows each cascade sends to its gated stages now, and what is known of each; the
+/// stage cells' calibrations come from `decided`'s fits (its routing is not read). `eager`: send a row on as soon as the stage before has answered it; otherwise only once
 /// that stage has every row (shards, which must all see one plan).
-pub fn route(
-    plan: &Plan,
-    cache: &Cache,
-    fits: &[Result<Params, CalibrationError>],
-    eager: bool,
-) -> Routing {
+pub fn route(plan: &Plan, cache: &Cache, decided: &Decided, eager: bool) -> Routing {
     let mut sent: HashMap<String, Vec<bool>> = HashMap::new();
     let mut resolutions = Vec::new();
     for cp in &plan.cascades {
@@ -180,7 +170,7 @@ pub fn route(
             let mut reaching: Vec<usize> = (0..n).collect();
             for (k, fit_stage) in cp.fit_stages.iter().enumerate() {
                 let Some(fs) = fit_stage else { break };
-                let stage = StageRows::new(plan, cache, fits, CellRef::Support(*fs));
+                let stage = StageRows::new(plan, cache, decided, CellRef::Support(*fs));
                 let mut margins = Vec::new();
                 let mut complete = true;
                 for &r in &reaching {
@@ -210,7 +200,7 @@ pub fn route(
         let stages: Vec<StageRows> = cp
             .stages
             .iter()
-            .map(|r| StageRows::new(plan, cache, fits, *r))
+            .map(|r| StageRows::new(plan, cache, decided, *r))
             .collect();
         let n = plan.dataset.rows.len();
         let mut res = Resolution {
@@ -272,7 +262,7 @@ pub fn predictions(
     let stages: Vec<StageRows> = cp
         .stages
         .iter()
-        .map(|r| StageRows::new(plan, cache, &decided.fits, *r))
+        .map(|r| StageRows::new(plan, cache, decided, *r))
         .collect();
     let mut out = Vec::new();
     for (ri, by) in res.answered_by.iter().enumerate() {
@@ -362,7 +352,7 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Cache, cascade: usize) ->
     let stages: Vec<StageRows> = cp
         .stages
         .iter()
-        .map(|r| StageRows::new(plan, cache, &decided.fits, *r))
+        .map(|r| StageRows::new(plan, cache, decided, *r))
         .collect();
     let steps = stages.len() - 1;
     let rows: Vec<(usize, usize)> = res

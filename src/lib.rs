@@ -1,10 +1,11 @@
 //! `pipeline`: evaluate small local LLMs from one YAML file.
 //!
 //! The modules follow the data flow: a [`spec`] is parsed and validated, expanded into a
-//! [`plan`] of cells whose rows carry content keys ([`key`]); the [`cache`] says which rows are
-//! done; [`exec`] runs the rest through a [`backend`]; [`metrics`] and [`report`] turn
-//! predictions into tables and an HTML page. [`app`] holds the commands as functions over a
-//! settled [`config::Config`]; the CLI in `main.rs` is a thin layer on top.
+//! [`plan`] of typed stages ([`dag`]) and cells whose rows carry content keys ([`key`]); the
+//! [`cache`] says which rows are done; the [`schedule`]r brings the stages up to date, running
+//! the rest through [`exec`] and a [`backend`]; [`metrics`] and [`report`] turn predictions
+//! into tables and an HTML page. [`app`] holds the commands as functions over a settled
+//! [`config::Config`]; the CLI ([`cli`]) parses once, calls them and renders what they return.
 
 /// A closed set of names: a fieldless enum whose variants are written in snake_case in
 /// tables, JSON and the cache (`TaskKind::Loglik` is `loglik`), parsed back from that

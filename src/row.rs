@@ -1,42 +1,19 @@
 //! What a computed row is, whoever computed it and wherever it is stored: how its answer
 //! ended, or why it could not be computed.
 
-/// How a row's computation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Finish {
-    /// The model ended its turn.
-    Eog,
-    /// A stop string was generated (and cut off).
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// Log-likelihood scoring (no generation).
-    Scored,
-    /// The row could not be computed; its error says why. Never a cache hit.
-    Failed,
-}
-
-impl Finish {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Finish::Eog => "eog",
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-            Finish::Scored => "scored",
-            Finish::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "eog" => Finish::Eog,
-            "stop" => Finish::Stop,
-            "length" => Finish::Length,
-            "scored" => Finish::Scored,
-            "failed" => Finish::Failed,
-            _ => return None,
-        })
+named_enum! {
+    /// How a row's computation ended.
+    pub enum Finish {
+        /// The model ended its turn.
+        Eog,
+        /// A stop string was generated (and cut off).
+        Stop,
+        /// `max_tokens` was reached.
+        Length,
+        /// Log-likelihood scoring (no generation).
+        Scored,
+        /// The row could not be computed; its error says why. Never a cache hit.
+        Failed,
     }
 }
 

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::embed::{self, EmbedError};
 use crate::error::AppError;
 use crate::exec::{self, ExecOptions, ExecStats, ShardFilter};
-use crate::plan::{self, Decided, Plan, PlanOptions};
+use crate::plan::{self, CellRef, Decided, Plan, PlanOptions, Source};
 use crate::shard::{self, JobId, Manifest, Shard};
 use crate::spec;
 use crate::store::{Artifact, ArtifactKind, Store};
@@ -88,9 +88,50 @@ pub enum Target {
     /// One shard's part of the inference known when the run starts (a cascade's later
     /// stages need another round of shards).
     Shard(Shard),
-    /// The rows of these cells (`serve`: the rows a calibration is fitted on, a cascade's
-    /// fit rows).
-    Cells(HashSet<String>),
+    /// What the served cell (by id) needs before its first request (`serve`): the rows its
+    /// calibrations are fitted on, a cascade's fit rows.
+    Serve(String),
+}
+
+/// A served cell: its index, and the cells that answer (the cell, or a cascade's stages in
+/// turn). An unknown id is bad input that names the cells there are.
+pub fn served_cell(plan: &Plan, cell: &str) -> Result<(usize, Vec<CellRef>), AppError> {
+    let ci = plan.cell_by_id(cell).ok_or_else(|| AppError::UnknownCell {
+        cell: cell.to_string(),
+        known: plan
+            .cells
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let stages = match plan.cells[ci].source {
+        Source::Cascade { cascade } => plan.cascades[cascade].stages.clone(),
+        _ => vec![CellRef::Reported(ci)],
+    };
+    Ok((ci, stages))
+}
+
+/// The cells whose rows a served cell needs before its first request, as `run` computes
+/// them: the rows each answering cell's calibration is fitted on, and a cascade's fit rows
+/// for its fitted thresholds.
+fn served_needs(plan: &Plan, cell: &str) -> Result<HashSet<String>, AppError> {
+    let (ci, stages) = served_cell(plan, cell)?;
+    let mut needed: HashSet<String> = stages
+        .iter()
+        .filter_map(|r| plan.cell(*r).calibration)
+        .map(|cal| plan.support[plan.calibrations[cal].support].id.clone())
+        .collect();
+    if let Source::Cascade { cascade } = plan.cells[ci].source {
+        needed.extend(
+            plan.cascades[cascade]
+                .fit_stages
+                .iter()
+                .flatten()
+                .map(|i| plan.support[*i].id.clone()),
+        );
+    }
+    Ok(needed)
 }
 
 /// The stages brought up to date: the plan, what the deciding stages decided, what ran.
@@ -148,6 +189,10 @@ impl Scheduler<'_> {
     ) -> Result<Scheduled, AppError> {
         let cfg = self.cfg;
         let mut plan = load_plan(cfg, self.spec_path, self.limit, Models::Fetch, store)?;
+        if let Target::Serve(cell) = target {
+            // Before anything is computed: an unknown cell is bad input.
+            served_cell(&plan, cell)?;
+        }
         // embed: the neighbours, and so the prompts with retrieved examples, read it.
         let embed_stats = if plan.embed_requests.iter().any(|r| !store.contains(&r.key)) {
             let stats = embed::run(
@@ -169,14 +214,13 @@ impl Scheduler<'_> {
         };
         // neighbours: computed while planning, stored as their stage's output.
         store.commit(plan.new_artifacts.clone())?;
-        let (mut decided, mut stats, error) = self.infer(&plan, cache, store, target)?;
+        let (decided, mut stats, error) = self.infer(&plan, cache, store, target)?;
         let mut warnings = Vec::new();
-        if !matches!(target, Target::Cells(_)) {
-            // calibrate: the fits whose rows are all computed are stored, and read back by
-            // every stage after it (metrics, the report, a later run's routing).
+        if !matches!(target, Target::Serve(_)) {
+            // calibrate: the fits whose rows are all computed are stored (the `decided` of the
+            // last wave holds the same fits), and read back by later commands (`plan`,
+            // `report`, the next run's routing).
             warnings.extend(store_fits(&plan, cache, &decided, store));
-            decided =
-                crate::cascade::decide(&plan, cache, store, !matches!(target, Target::Shard(_)));
             if let Err(e) = cache.compact_if_needed() {
                 warnings.push(format!("cache compaction skipped: {e}"));
             }
@@ -224,11 +268,11 @@ impl Scheduler<'_> {
                 let outcome = self.execute(plan, &decided, cache, &opts);
                 return Ok((decided, outcome.stats, outcome.error.map(AppError::from)));
             }
-            Target::Cells(cells) => opts.only_cells = Some(cells.clone()),
+            Target::Serve(cell) => opts.only_cells = Some(served_needs(plan, cell)?),
             Target::Everything => {}
         }
-        let serving = matches!(target, Target::Cells(c) if !c.is_empty());
-        if matches!(target, Target::Cells(c) if c.is_empty()) {
+        let serving = opts.only_cells.as_ref().is_some_and(|c| !c.is_empty());
+        if opts.only_cells.as_ref().is_some_and(HashSet::is_empty) {
             return Ok((
                 crate::cascade::decide(plan, cache, store, true),
                 ExecStats::default(),
@@ -244,7 +288,6 @@ impl Scheduler<'_> {
         let mut stats = ExecStats::default();
         let mut decided = crate::cascade::decide(plan, cache, store, true);
         let mut last: Option<HashSet<(JobId, usize)>> = None;
-        let mut ran = false;
         for wave in 0..waves {
             // The first wave of a run always goes (it counts the cached rows); later ones
             // only while routing sends something new (not only rows that just failed again).
@@ -263,11 +306,11 @@ impl Scheduler<'_> {
             }
             let outcome = self.execute(plan, &decided, cache, &opts);
             let computed = outcome.stats.computed_rows;
-            if ran {
-                stats.absorb(outcome.stats);
-            } else {
+            // Every wave before this one ran (a wave that does not run ends the loop).
+            if wave == 0 {
                 stats = outcome.stats;
-                ran = true;
+            } else {
+                stats.absorb(outcome.stats);
             }
             decided = crate::cascade::decide(plan, cache, store, true);
             if let Some(e) = outcome.error {

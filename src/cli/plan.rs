@@ -40,14 +40,14 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
     } else if *json {
         out!(
             "{}",
-            to_json(&planned.plan.to_json(
-                &planned.cache,
-                &planned.store,
-                &planned.decided.routing
-            ))
+            to_json(
+                &planned
+                    .plan
+                    .to_json(&planned.cache, &planned.decided.routing, dag.stages())
+            )
         );
     } else {
-        print_plan(&planned);
+        print_plan(&planned, &dag);
         for ci in 0..planned.plan.cascades.len() {
             out!(
                 "{}",
@@ -82,12 +82,12 @@ fn print_shards(split: &[app::ShardSummary]) {
     out!("{loads} model loads in all");
 }
 
-fn print_plan(planned: &app::Planned) {
+fn print_plan(planned: &app::Planned, dag: &crate::dag::Dag) {
     let plan = &planned.plan;
     let mut stages = Table::new();
     stages.load_preset(UTF8_FULL_CONDENSED);
     stages.set_header(vec!["stage", "items", "cached", "to run"]);
-    for s in planned.stages() {
+    for s in dag.stages() {
         stages.add_row(vec![
             s.id.clone(),
             format!("{} {}", s.items, s.what),

@@ -1188,7 +1188,13 @@ impl Plan {
     }
 
     /// The plan as `plan --json` prints it.
-    pub fn to_json(&self, cache: &Cache, store: &Store, routing: &Routing) -> serde_json::Value {
+    /// The plan as JSON, with its `stages` (as [`Plan::stages`] lists them).
+    pub fn to_json<'a>(
+        &self,
+        cache: &Cache,
+        routing: &Routing,
+        stages: impl Iterator<Item = &'a StageStatus>,
+    ) -> serde_json::Value {
         let cells: Vec<serde_json::Value> = self
             .cells
             .iter()
@@ -1209,9 +1215,7 @@ impl Plan {
                 })
             })
             .collect();
-        let stages: Vec<serde_json::Value> = self
-            .stages(cache, store, routing)
-            .iter()
+        let stages: Vec<serde_json::Value> = stages
             .map(|s| {
                 serde_json::json!({
                     "id": s.id, "kind": s.kind, "items": s.items, "cached": s.cached,
