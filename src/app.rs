@@ -13,7 +13,7 @@ use crate::exec::{self, ExecStats};
 use crate::key::Digest;
 use crate::plan::{CellStatus, Decided, Explanation, Plan, Source};
 use crate::report::{self, Provenance, Written, html::Scripts};
-use crate::schedule::{Scheduler, Target, dry_run, served_cell, shard_manifest};
+use crate::schedule::{Models, Scheduler, Target, dry_run, load_plan, served_cell, shard_manifest};
 use crate::shard::Shard;
 use crate::store::Store;
 
@@ -28,6 +28,8 @@ pub struct Planned {
     pub decided: Decided,
     pub cache: Cache,
     pub store: Store,
+    /// Each cell's status, counted once (a million rows' lookups are worth keeping).
+    status: std::cell::OnceCell<Vec<CellStatus>>,
 }
 
 impl Planned {
@@ -78,40 +80,60 @@ impl Planned {
     }
 
     pub fn status(&self) -> Vec<CellStatus> {
-        self.plan.status(&self.cache, &self.decided.routing)
+        self.status
+            .get_or_init(|| self.plan.status(&self.cache, &self.decided.routing))
+            .clone()
     }
 
     /// When rows this plan lacks are cached under another engine key (another llama.cpp
     /// build, or the same build on a CPU with other features): how many, and why they are
     /// not reused.
-    pub fn engine_note(&self) -> Option<String> {
+    pub fn engine_note(&self) -> Result<Option<String>, CacheError> {
+        if self.cache.is_empty() {
+            return Ok(None);
+        }
+        // Every component but the engine, as one digest.
         let strip = |c: &crate::key::Components| {
-            let p = c.parts();
-            [p[0], p[1], p[2], p[3], p[4]]
+            let mut e = crate::key::KeyEncoder::new("without-engine");
+            for (name, d) in crate::key::Components::NAMES.iter().zip(c.parts()).take(5) {
+                e.digest(name, &d);
+            }
+            e.finish()
         };
-        let mut missing: HashSet<[Digest; 5]> = HashSet::new();
+        let mut missing: HashSet<Digest> = HashSet::new();
         let mut engine = None;
         for c in self.plan.inference_cells() {
-            for (_, comps) in self.plan.needed_rows(c, &self.decided.routing) {
-                let Some(comps) = comps else { continue };
-                engine.get_or_insert(comps.engine);
-                if self.cache.get(&comps.row_key()).is_none() {
-                    missing.insert(strip(comps));
+            for (ri, key) in self.plan.needed_keys(c, &self.decided.routing) {
+                let Some(key) = key else { continue };
+                if self.cache.contains(&key) {
+                    continue;
                 }
+                let Some(comps) = c.rows.get(ri) else {
+                    continue;
+                };
+                engine.get_or_insert(comps.engine);
+                missing.insert(strip(&comps));
             }
         }
-        let engine = engine?;
-        let elsewhere = self
-            .cache
-            .rows()
-            .filter(|r| r.components.engine != engine && missing.contains(&strip(&r.components)))
-            .count();
-        (elsewhere > 0).then(|| {
+        let Some(engine) = engine else {
+            return Ok(None);
+        };
+        // Only when rows are missing are the cached rows' components read (by projection).
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let mut elsewhere = 0;
+        self.cache.identities(&mut |r| {
+            if r.components.engine != engine && missing.contains(&strip(&r.components)) {
+                elsewhere += 1;
+            }
+        })?;
+        Ok((elsewhere > 0).then(|| {
             format!(
                 "note: {elsewhere} of the rows to run are cached under another engine key (another llama.cpp build, or CPU features other than this machine's `{}`); the engine is part of every row key, so they are not reused",
                 self.plan.engine_version
             )
-        })
+        }))
     }
 
     pub fn stages(&self) -> Vec<crate::plan::StageStatus> {
@@ -160,21 +182,32 @@ impl Planned {
                     .join(", "),
             });
         };
-        Ok(self.plan.explain(ci, &self.cache))
+        Ok(self.plan.explain(ci, &self.cache)?)
     }
 }
 
 /// The plan of a spec against the cache (the scheduler's dry run: what is cached, what
 /// would run); writes nothing, downloads and loads no model.
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
-    let cache = Cache::open_read_only(&cfg.cache_dir)?;
     let store = Store::open_read_only(&cfg.cache_dir)?;
-    let (plan, decided) = dry_run(cfg, spec_path, limit, &cache, &store)?;
+    // The row index is read while the plan is built: neither needs the other until the
+    // deciding stages, and each is a good part of a large study's `plan`.
+    let (cache, plan) = std::thread::scope(|s| {
+        let cache = s.spawn(|| Cache::open_read_only(&cfg.cache_dir));
+        let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store);
+        let cache = cache
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (cache, plan)
+    });
+    let (cache, plan) = (cache?, plan?);
+    let decided = crate::cascade::decide(&plan, &cache, &store, true)?;
     Ok(Planned {
         plan,
         decided,
         cache,
         store,
+        status: Default::default(),
     })
 }
 
@@ -309,7 +342,7 @@ pub struct ShardSummary {
 pub fn shard_plan(planned: &Planned, count: usize) -> Result<Vec<ShardSummary>, AppError> {
     let (plan, cache) = (&planned.plan, &planned.cache);
     // As a shard sees it: a cascade's later stage only once the stage before is complete.
-    let routing = crate::cascade::decide(plan, cache, &planned.store, false).routing;
+    let routing = crate::cascade::decide(plan, cache, &planned.store, false)?.routing;
     let manifest = shard_manifest(plan, &routing, cache, count, false)?;
     let mut out: Vec<ShardSummary> = (0..count)
         .map(|index| ShardSummary {
@@ -408,7 +441,8 @@ pub fn report(
     limit: Option<usize>,
     scripts: Scripts,
 ) -> Result<(Written, Vec<String>), AppError> {
-    let p = plan(cfg, spec_path, limit)?;
+    let mut p = plan(cfg, spec_path, limit)?;
+    p.plan.release_prompts();
     let mut prov = Provenance::new(&p.plan, cfg.threads, None);
     prov.keep_last_run(&cfg.reports_dir.join(&p.plan.spec.name).join("run.json"));
     let written = report::write(
@@ -431,7 +465,8 @@ pub fn export(
     limit: Option<usize>,
     out: Option<&Path>,
 ) -> Result<(Vec<PathBuf>, Vec<String>), AppError> {
-    let p = plan(cfg, spec_path, limit)?;
+    let mut p = plan(cfg, spec_path, limit)?;
+    p.plan.release_prompts();
     let dir = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.reports_dir.join(&p.plan.spec.name));
@@ -579,15 +614,14 @@ pub fn cache_export(
     };
     t.problems.extend(source_store.report.problems());
     let mut bundle = Cache::open(out)?;
-    let rows: Vec<_> = needed
+    t.rows_present = needed.iter().filter(|k| bundle.contains(k)).count();
+    let copy: HashSet<Digest> = needed
         .iter()
-        .filter_map(|k| source.get(k))
-        .filter(|r| bundle.get(&r.key).is_none())
-        .cloned()
+        .filter(|k| source.contains(k) && !bundle.contains(k))
+        .copied()
         .collect();
-    t.rows = rows.len();
-    t.rows_present = needed.iter().filter(|k| bundle.get(k).is_some()).count();
-    bundle.commit(rows)?;
+    t.rows = copy.len();
+    source.whole_rows(&|k| copy.contains(k), &mut |rows| bundle.commit(rows))?;
     // One segment holding exactly what the specs need, whatever the folder held before.
     bundle.gc(out, &needed, false)?;
     let mut store = Store::open(out)?;
@@ -640,11 +674,14 @@ pub fn cache_import(cfg: &Config, from: &[PathBuf]) -> Result<Transfer, AppError
         let source_store = Store::open_read_only(dir)?;
         t.problems.extend(source.report.problems());
         t.problems.extend(source_store.report.problems());
-        let (new, present): (Vec<_>, Vec<_>) =
-            source.rows().partition(|r| cache.get(&r.key).is_none());
+        let new: HashSet<Digest> = source
+            .keys()
+            .filter(|k| !cache.contains(k))
+            .copied()
+            .collect();
         t.rows += new.len();
-        t.rows_present += present.len();
-        cache.commit(new.into_iter().cloned().collect())?;
+        t.rows_present += source.len() - new.len();
+        source.whole_rows(&|k| new.contains(k), &mut |rows| cache.commit(rows))?;
         let (new, present): (Vec<_>, Vec<_>) =
             source_store.items().partition(|a| !store.contains(&a.key));
         t.artifacts += new.len();

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::cache::{Cache, Lookup};
+use crate::cache::{Cache, CacheError, Lookup, Rows};
 use crate::calibrate::{CalibrationError, Params};
 use crate::key::Digest;
 use crate::plan::{Cell, CellRef, Plan};
@@ -57,7 +57,7 @@ pub fn fit_threshold(margins: &[f64], fraction: f64) -> f64 {
 /// read over all its rows: a cascade reads every row its rules reach.
 struct StageRows<'a> {
     plan: &'a Plan,
-    cache: &'a Cache,
+    cache: &'a Rows<'a>,
     cell: Cell,
     params: Option<Result<Params, metrics::CalibrationError>>,
     /// The most prompt tokens a row of this stage may have (its `n_ctx`).
@@ -65,7 +65,7 @@ struct StageRows<'a> {
 }
 
 impl<'a> StageRows<'a> {
-    fn new(plan: &'a Plan, cache: &'a Cache, decided: &Decided, r: CellRef) -> Self {
+    fn new(plan: &'a Plan, cache: &'a Rows<'a>, decided: &Decided, r: CellRef) -> Self {
         let cell = plan.cell(r).clone();
         Self {
             plan,
@@ -89,7 +89,7 @@ impl<'a> StageRows<'a> {
     }
 
     fn key(&self, ri: usize) -> Option<Digest> {
-        self.cell.rows.get(ri)?.as_ref().map(|c| c.row_key())
+        self.cell.rows.key(ri)
     }
 
     /// Whether the row failed for this stage: its last attempt failed, or it was computed
@@ -107,19 +107,47 @@ impl<'a> StageRows<'a> {
 /// The deciding stages' outputs from the cache: each calibration's fit (the stored one,
 /// else fitted from the cached rows) and then the routing, which reads the fits of
 /// calibrated stage cells.
-pub fn decide(plan: &Plan, cache: &Cache, store: &crate::store::Store, eager: bool) -> Decided {
-    let fits: Vec<Result<Params, CalibrationError>> = (0..plan.calibrations.len())
-        .map(|c| {
-            stored_fit(plan, cache, store, c)
-                .unwrap_or_else(|| metrics::calibration(plan, cache, c))
-        })
+pub fn decide(
+    plan: &Plan,
+    cache: &Cache,
+    store: &crate::store::Store,
+    eager: bool,
+) -> Result<Decided, CacheError> {
+    let stored: Vec<Option<Result<Params, CalibrationError>>> = (0..plan.calibrations.len())
+        .map(|c| stored_fit(plan, cache, store, c))
+        .collect();
+    // What the fits still to make and the routing read: bounded sets (the fit rows, the
+    // cascades' stage cells), read once.
+    let unfitted = stored
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .flat_map(|(c, _)| metrics::calibration_keys(plan, c));
+    let rows = cache.rows(unfitted.chain(stage_keys(plan)))?;
+    let fits = stored
+        .into_iter()
+        .enumerate()
+        .map(|(c, s)| s.unwrap_or_else(|| metrics::calibration(plan, &rows, c)))
         .collect();
     let mut decided = Decided {
         fits,
         routing: Routing::default(),
     };
-    decided.routing = route(plan, cache, &decided, eager);
-    decided
+    decided.routing = route(plan, &rows, &decided, eager);
+    Ok(decided)
+}
+
+/// The keys of every row of every cascade's stage cells (evaluation and fit rows).
+pub fn stage_keys(plan: &Plan) -> impl Iterator<Item = Digest> + '_ {
+    plan.cascades
+        .iter()
+        .flat_map(|cp| {
+            cp.stages
+                .iter()
+                .copied()
+                .chain(cp.fit_stages.iter().flatten().map(|s| CellRef::Support(*s)))
+        })
+        .flat_map(move |r| plan.cell(r).rows.iter().flatten().map(|c| c.row_key()))
 }
 
 /// Calibration `cal`'s fit as the calibrate stage stored it, if it did.
@@ -143,7 +171,7 @@ fn stored_fit(
 /// The rows each cascade sends to its gated stages now, and what is known of each; the
 /// stage cells' calibrations come from `decided`'s fits (its routing is not read). `eager`: send a row on as soon as the stage before has answered it; otherwise only once
 /// that stage has every row (shards, which must all see one plan).
-pub fn route(plan: &Plan, cache: &Cache, decided: &Decided, eager: bool) -> Routing {
+pub fn route(plan: &Plan, cache: &Rows, decided: &Decided, eager: bool) -> Routing {
     let mut sent: HashMap<String, Vec<bool>> = HashMap::new();
     let mut resolutions = Vec::new();
     for cp in &plan.cascades {
@@ -251,7 +279,7 @@ pub fn route(plan: &Plan, cache: &Cache, decided: &Decided, eager: bool) -> Rout
 pub fn predictions(
     plan: &Plan,
     decided: &Decided,
-    cache: &Cache,
+    cache: &Rows,
     cascade: usize,
     computed: &HashSet<Digest>,
 ) -> Vec<Prediction> {
@@ -345,7 +373,7 @@ pub struct CurvePoint {
 /// Points on a cascade's curve, at most.
 const CURVE_POINTS: usize = 41;
 
-pub fn summary(plan: &Plan, decided: &Decided, cache: &Cache, cascade: usize) -> Option<Summary> {
+pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> Option<Summary> {
     let cp = &plan.cascades[cascade];
     let res = decided.resolution(cascade)?;
     let none = HashSet::new();

@@ -307,7 +307,7 @@ fn collect_work(
             let Some(comps) = comps else { continue };
             let key = comps.row_key();
             match cache.lookup(&key, limit) {
-                Lookup::Hit(_) => {
+                Lookup::Hit => {
                     cached += 1;
                     continue;
                 }
@@ -340,7 +340,7 @@ fn collect_work(
             .push(PendingTask {
                 cell: ci,
                 key,
-                components: *comps,
+                components: comps,
                 task: plan.task(cell).for_row(&comps.prompt),
             });
         }
@@ -553,7 +553,7 @@ pub fn execute(
             stats.computed_rows += 1;
         } else if keys_failed.contains(k) {
             stats.failed_rows += 1;
-            if let Some(f) = cache.failure(k).and_then(|r| r.error.as_ref()) {
+            if let Some(f) = cache.failure(k) {
                 *stats.failed_by_kind.entry(f.kind).or_default() += 1;
             }
         }

@@ -27,8 +27,42 @@ impl Digest {
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = hex::decode(s).ok()?;
-        Some(Self(bytes.try_into().ok()?))
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
+}
+
+/// A map keyed by digests. A digest is already uniformly distributed, so its first bytes
+/// serve as the hash: SipHash over 32 bytes would cost more than the lookup it serves.
+pub type DigestMap<V> = std::collections::HashMap<Digest, V, DigestHash>;
+
+/// The [`std::hash::BuildHasher`] of [`DigestMap`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DigestHash;
+
+impl std::hash::BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+/// Folds what it is given eight bytes at a time; for a digest that is its length prefix
+/// and its first eight bytes (the rest adds nothing a uniform hash needs).
+#[derive(Debug, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(17) ^ u64::from_le_bytes(word);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::answer::{argmax, parse_answer};
-use crate::cache::{Cache, Lookup};
+use crate::cache::{Lookup, RowContent, Rows};
 use crate::calibrate::{self, Params};
 use crate::key::Digest;
 use crate::plan::{Cell, Plan};
@@ -20,7 +20,7 @@ pub struct Prediction {
     pub gold: usize,
     /// `None`: an invalid (unparseable) answer.
     pub predicted: Option<usize>,
-    pub raw: Option<String>,
+    pub raw: Option<std::sync::Arc<str>>,
     /// Label log-probs (calibrated and normalised over the labels in calibrated cells;
     /// the log of the vote shares in `knn_vote` cells).
     pub logprobs: Option<Vec<f64>>,
@@ -40,8 +40,8 @@ pub struct Prediction {
     /// Served from the cache rather than computed in this run.
     pub from_cache: bool,
     /// The host and shard (`I/N`) that computed the row, where recorded.
-    pub host: Option<String>,
-    pub shard: Option<String>,
+    pub host: Option<std::sync::Arc<str>>,
+    pub shard: Option<std::sync::Arc<str>>,
     /// In a cascade cell: the stage that answered (0: the first).
     pub stage: Option<usize>,
 }
@@ -79,7 +79,7 @@ impl Prediction {
 }
 
 /// A calibration's parameters, or why it cannot be fitted yet.
-pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, CalibrationError> {
+pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, CalibrationError> {
     let c = &plan.calibrations[cal];
     let support = &plan.support[c.support];
     let rows = &plan.sets[support.set].rows;
@@ -94,7 +94,7 @@ pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, Cal
         .filter_map(|(comps, row)| {
             let key = comps.as_ref()?.row_key();
             match cache.lookup(&key, limit) {
-                Lookup::Hit(r) => Some((r.logprobs.clone()?, row.label)),
+                Lookup::Hit => Some((cache.hit(&key, limit)?.logprobs.clone()?, row.label)),
                 Lookup::TooLong { .. } | Lookup::Failed(_) => {
                     failed += 1;
                     None
@@ -123,23 +123,40 @@ pub fn calibration(plan: &Plan, cache: &Cache, cal: usize) -> Result<Params, Cal
     fitted.ok_or(CalibrationError::NoLabels)
 }
 
+/// The keys a calibration's fit reads: the rows of its support cell.
+pub fn calibration_keys(plan: &Plan, cal: usize) -> impl Iterator<Item = Digest> + '_ {
+    let support = &plan.support[plan.calibrations[cal].support];
+    support.rows.iter().flatten().map(|c| c.row_key())
+}
+
 /// Row `ri` of a model cell as the cache holds it (`None`: not computed yet, or a
 /// calibrated cell not fitted yet), calibrated with `params` (the cell's calibration).
 pub fn predict(
     plan: &Plan,
-    cache: &Cache,
+    cache: &Rows,
     ci: usize,
     cell: &Cell,
     ri: usize,
     params: Option<&Result<Params, CalibrationError>>,
     computed: &HashSet<Digest>,
 ) -> Option<Prediction> {
+    let key = cell.rows.key(ri)?;
+    let r = cache.hit(&key, plan.prompt_limit(cell))?;
+    prediction(plan, ci, cell, ri, r, params, !computed.contains(&key))
+}
+
+/// Row `ri` of a model cell from its cached content, calibrated with `params`.
+pub fn prediction(
+    plan: &Plan,
+    ci: usize,
+    cell: &Cell,
+    ri: usize,
+    r: &RowContent,
+    params: Option<&Result<Params, CalibrationError>>,
+    from_cache: bool,
+) -> Option<Prediction> {
     let labels = plan.dataset.label_names();
     let method = &plan.spec.methods[cell.method];
-    let key = cell.rows.get(ri)?.as_ref()?.row_key();
-    let Lookup::Hit(r) = cache.lookup(&key, plan.prompt_limit(cell)) else {
-        return None;
-    };
     let (logprobs, uncalibrated) = match params {
         None => (r.logprobs.clone(), None),
         Some(Err(_)) => return None,
@@ -172,7 +189,7 @@ pub fn predict(
         shared_by: r.shared_by,
         latency_ms: r.prefill_ms + r.decode_ms,
         shared_latency_ms: r.latency_ms(),
-        from_cache: !computed.contains(&key),
+        from_cache,
         host: r.host.clone(),
         shard: r.shard.clone(),
         stage: None,

@@ -76,7 +76,7 @@ pub fn dry_run(
     store: &Store,
 ) -> Result<(Plan, Decided), AppError> {
     let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, store)?;
-    let decided = crate::cascade::decide(&plan, cache, store, true);
+    let decided = crate::cascade::decide(&plan, cache, store, true)?;
     Ok((plan, decided))
 }
 
@@ -260,7 +260,7 @@ impl Scheduler<'_> {
             Target::Shard(s) => {
                 // Every shard must see the same plan: a cascade's later stage only once the
                 // stage before it is complete.
-                let decided = crate::cascade::decide(plan, cache, store, false);
+                let decided = crate::cascade::decide(plan, cache, store, false)?;
                 opts.shard = Some(ShardFilter {
                     manifest: shard_manifest(plan, &decided.routing, cache, s.count, true)?,
                     index: s.index,
@@ -274,7 +274,7 @@ impl Scheduler<'_> {
         let serving = opts.only_cells.as_ref().is_some_and(|c| !c.is_empty());
         if opts.only_cells.as_ref().is_some_and(HashSet::is_empty) {
             return Ok((
-                crate::cascade::decide(plan, cache, store, true),
+                crate::cascade::decide(plan, cache, store, true)?,
                 ExecStats::default(),
                 None,
             ));
@@ -286,7 +286,7 @@ impl Scheduler<'_> {
             .max()
             .unwrap_or(0);
         let mut stats = ExecStats::default();
-        let mut decided = crate::cascade::decide(plan, cache, store, true);
+        let mut decided = crate::cascade::decide(plan, cache, store, true)?;
         let mut last: Option<HashSet<(JobId, usize)>> = None;
         for wave in 0..waves {
             // The first wave of a run always goes (it counts the cached rows); later ones
@@ -312,7 +312,7 @@ impl Scheduler<'_> {
             } else {
                 stats.absorb(outcome.stats);
             }
-            decided = crate::cascade::decide(plan, cache, store, true);
+            decided = crate::cascade::decide(plan, cache, store, true)?;
             if let Some(e) = outcome.error {
                 return Ok((decided, stats, Some(e.into())));
             }

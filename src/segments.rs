@@ -26,6 +26,10 @@ pub enum CacheError {
     },
     #[error("cache segment {path}: {message}")]
     Segment { path: PathBuf, message: String },
+    #[error(
+        "cache segment {path} was removed while it was read (another run compacted the cache); run the command again"
+    )]
+    Vanished { path: PathBuf },
     #[error("cache {path} was opened read-only")]
     ReadOnly { path: PathBuf },
 }
@@ -205,6 +209,34 @@ impl SegmentDir {
         Ok(path)
     }
 
+    /// A segment written a batch at a time (see [`SegmentWriter`]).
+    pub fn writer(&self, schema: arrow::datatypes::SchemaRef) -> Result<SegmentWriter, CacheError> {
+        self.writable()?;
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.dir.join(format!(
+            ".seg-tmp-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_size(ROW_GROUP_ROWS)
+            .build();
+        let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            CacheError::Segment {
+                path: tmp.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(SegmentWriter {
+            dir: self.dir.clone(),
+            tmp,
+            writer: Some(writer),
+            rows: 0,
+        })
+    }
+
     /// The compaction lock; `None` when another process holds it and `wait` is false.
     pub fn lock(&self, wait: bool) -> Result<Option<File>, CacheError> {
         let lock = File::create(&self.lock_path).map_err(io_err(&self.lock_path))?;
@@ -228,8 +260,13 @@ fn is_stale(path: &Path) -> bool {
 /// `seg-TIME-PID-N-DIGEST.parquet`: oldest first when sorted, unique per process, and
 /// carrying the first 16 hex digits of the blake3 of its bytes. Row checksums catch a damaged
 /// value; the digest also catches damage to bytes no value is read from (page statistics,
-/// padding), so that no damaged file passes for a sound one.
+/// padding), so that no damaged file passes for a sound one, and it lets a reader that reads
+/// only some columns trust the others' neighbours without decoding them.
 fn new_segment_name(bytes: &[u8]) -> String {
+    segment_name(&blake3::hash(bytes))
+}
+
+fn segment_name(digest: &blake3::Hash) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -239,21 +276,101 @@ fn new_segment_name(bytes: &[u8]) -> String {
     format!(
         "seg-{now:017}-{}-{n:05}-{}.parquet",
         std::process::id(),
-        &blake3::hash(bytes).to_hex()[..16]
+        &digest.to_hex()[..16]
     )
+}
+
+/// The digest a segment's name carries; `None` for segments written before names did.
+fn named_digest(path: &Path) -> Option<String> {
+    let name = path.file_stem().unwrap_or_default().to_string_lossy();
+    let parts: Vec<&str> = name.split('-').collect();
+    match parts.as_slice() {
+        [_, _, _, _, digest] if digest.len() == 16 => Some(digest.to_string()),
+        _ => None,
+    }
+}
+
+/// The blake3 of a file, read a block at a time (never held whole).
+fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(hasher.finalize())
+}
+
+/// Whether a segment file's bytes match the digest in its name, read a block at a time:
+/// `None` when its name carries no digest (it can only be verified row by row).
+pub(crate) fn sealed(path: &Path) -> std::io::Result<Option<bool>> {
+    let Some(digest) = named_digest(path) else {
+        return Ok(None);
+    };
+    Ok(Some(hash_file(path)?.to_hex().starts_with(&digest)))
+}
+
+/// A segment written a batch at a time to a hidden temporary file, then synced, named with
+/// the digest of its bytes and renamed into place by [`SegmentWriter::finish`]; dropped
+/// unfinished, it leaves nothing behind.
+pub(crate) struct SegmentWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    rows: usize,
+}
+
+/// Rows per row group of a streamed segment: the writer holds at most one group's pages.
+const ROW_GROUP_ROWS: usize = 65_536;
+
+impl SegmentWriter {
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), CacheError> {
+        let err = |e: parquet::errors::ParquetError| CacheError::Segment {
+            path: self.tmp.clone(),
+            message: e.to_string(),
+        };
+        if let Some(w) = self.writer.as_mut() {
+            w.write(batch).map_err(err)?;
+        }
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// The new segment's path; `None` (and no file) when no row was written.
+    pub fn finish(mut self) -> Result<Option<PathBuf>, CacheError> {
+        let Some(w) = self.writer.take() else {
+            return Ok(None);
+        };
+        let file = w.into_inner().map_err(|e| CacheError::Segment {
+            path: self.tmp.clone(),
+            message: e.to_string(),
+        })?;
+        if self.rows == 0 {
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(None);
+        }
+        file.sync_all().map_err(io_err(&self.tmp))?;
+        drop(file);
+        let path = self.dir.join(segment_name(
+            &hash_file(&self.tmp).map_err(io_err(&self.tmp))?,
+        ));
+        fs::rename(&self.tmp, &path).map_err(io_err(&path))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(Some(path))
+    }
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            self.writer = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Whether a segment's bytes match the digest in its name; segments written before names
 /// carried one have nothing to check.
 pub(crate) fn intact(path: &Path, bytes: &[u8]) -> bool {
-    let name = path.file_stem().unwrap_or_default().to_string_lossy();
-    let parts: Vec<&str> = name.split('-').collect();
-    match parts.as_slice() {
-        [_, _, _, _, digest] if digest.len() == 16 => {
-            blake3::hash(bytes).to_hex().starts_with(digest)
-        }
-        _ => true,
-    }
+    named_digest(path).is_none_or(|digest| blake3::hash(bytes).to_hex().starts_with(&digest))
 }
 
 /// Why a segment whose rows were read is distrusted: rows that failed their checksum, or
@@ -317,8 +434,14 @@ pub(crate) fn added_later(field: Field) -> Field {
 /// Every expected column, with exactly the expected type (list columns by their element
 /// type), and no missing values where none are allowed; no unknown column.
 fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), TableError> {
-    if let Some(f) = b
-        .schema()
+    check_fields(&b.schema(), want)?;
+    check_nulls(b, want)
+}
+
+/// The columns of a file: every expected one (but those added later) with exactly the
+/// expected type (list columns by their element type), and no unknown column.
+pub(crate) fn check_fields(got: &Schema, want: &Schema) -> Result<(), TableError> {
+    if let Some(f) = got
         .fields()
         .iter()
         .find(|f| want.field_with_name(f.name()).is_err())
@@ -329,7 +452,7 @@ fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), TableError> {
         )));
     }
     for f in want.fields() {
-        let Some(col) = b.column_by_name(f.name()) else {
+        let Ok(col) = got.field_with_name(f.name()) else {
             if f.metadata().contains_key(ADDED_LATER) {
                 continue;
             }
@@ -347,7 +470,17 @@ fn check_schema(b: &RecordBatch, want: &Schema) -> Result<(), TableError> {
                 f.data_type()
             )));
         }
-        if !f.is_nullable() && col.null_count() > 0 {
+    }
+    Ok(())
+}
+
+/// No missing values in the columns of `b` that allow none.
+pub(crate) fn check_nulls(b: &RecordBatch, want: &Schema) -> Result<(), TableError> {
+    for (f, col) in b.schema().fields().iter().zip(b.columns()) {
+        let nullable = want
+            .field_with_name(f.name())
+            .map_or(true, |w| w.is_nullable());
+        if !nullable && col.null_count() > 0 {
             return Err(TableError::Invalid(format!(
                 "column {} has missing values",
                 f.name()

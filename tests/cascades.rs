@@ -42,12 +42,18 @@ fn run(p: &Project, opts: &RunOptions) -> Arc<FakeCalls> {
 /// The predictions of each reported cell, by cell id, as the cache holds them now.
 fn predictions(p: &Project) -> (app::Planned, Vec<(String, Vec<Prediction>)>) {
     let planned = app::plan(&cfg(p), &p.path("spec.yaml"), None).unwrap();
+    let stages = planned
+        .cache
+        .rows(pipeline::cascade::stage_keys(&planned.plan))
+        .unwrap();
     let preds = metrics::collect(
         &planned.plan,
         &planned.decided,
         &planned.cache,
+        &stages,
         &HashSet::new(),
-    );
+    )
+    .unwrap();
     let by_cell = planned
         .plan
         .cells
@@ -243,13 +249,12 @@ fn a_fraction_threshold_is_fitted_on_train_rows_never_on_the_rows_it_scores() {
     );
     // A gated cell's plan holds every row's key; the routing says which it computes.
     let full = fit_cell.clone();
+    let rows = planned
+        .cache
+        .rows(pipeline::cascade::stage_keys(plan))
+        .unwrap();
     let margins: Vec<f64> = (0..20)
-        .map(|r| {
-            gap(
-                &metrics::predict(plan, &planned.cache, 0, &full, r, None, &HashSet::new())
-                    .unwrap(),
-            )
-        })
+        .map(|r| gap(&metrics::predict(plan, &rows, 0, &full, r, None, &HashSet::new()).unwrap()))
         .collect();
     assert_eq!(
         margins.iter().filter(|m| **m < t).count(),

@@ -28,10 +28,12 @@ fn run_fake(p: &Project) -> Output {
 fn trusted_rows(cache_dir: &Path) -> (HashMap<Digest, String>, pipeline::cache::LoadReport) {
     let c = Cache::open_read_only(cache_dir).unwrap();
     let rows = c
-        .rows()
-        .map(|r| {
+        .rows(c.keys().copied().collect::<Vec<_>>())
+        .unwrap()
+        .iter()
+        .map(|(k, r)| {
             let bits: Vec<u64> = r.logprobs.iter().flatten().map(|x| x.to_bits()).collect();
-            (r.key, format!("{:?} {bits:?}", r.text))
+            (*k, format!("{:?} {bits:?}", r.text))
         })
         .collect();
     (rows, c.report.clone())

@@ -275,13 +275,15 @@ fn same_rows(a: &Path, b: &Path) -> usize {
     let a = pipeline::cache::Cache::open_read_only(a).unwrap();
     let b = pipeline::cache::Cache::open_read_only(b).unwrap();
     let mut shared = 0;
-    for r in b.rows() {
-        if let Some(x) = a.get(&r.key) {
+    let a = a.rows(a.keys().copied().collect::<Vec<_>>()).unwrap();
+    let b = b.rows(b.keys().copied().collect::<Vec<_>>()).unwrap();
+    for (key, r) in b.iter() {
+        if let Some(x) = a.get(key) {
             let bits = |v: &Option<Vec<f64>>| {
                 v.as_ref()
                     .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
             };
-            assert_eq!(bits(&x.logprobs), bits(&r.logprobs), "row {}", x.row_id);
+            assert_eq!(bits(&x.logprobs), bits(&r.logprobs), "row {key}");
             assert_eq!(x.text, r.text);
             shared += 1;
         }

@@ -57,7 +57,7 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
         if let Some(note) = planned.published_note(&cfg.reports_dir) {
             out!("{note}");
         }
-        if let Some(note) = planned.engine_note() {
+        if let Some(note) = planned.engine_note()? {
             out!("{note}");
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod stats;
 
+use crate::predict;
 pub use crate::predict::{CalibrationError, Prediction, calibration, predict};
 
 use std::collections::HashSet;
@@ -10,7 +11,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::answer::argmax;
-use crate::cache::{Cache, Lookup};
+use crate::cache::{Cache, CacheError, Lookup, Rows};
 use crate::calibrate::Params;
 use crate::key::Digest;
 use crate::neighbours::{self, PoolEntry};
@@ -31,12 +32,12 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
     let mut out = Vec::new();
     for (ci, cell) in plan.cells.iter().enumerate() {
         let limit = plan.prompt_limit(cell);
-        for (ri, comps) in cell.rows.iter().enumerate() {
-            let Some(comps) = comps else { continue };
+        for (ri, key) in cell.rows.keys().enumerate() {
+            let Some(key) = key else { continue };
             if let Lookup::TooLong {
                 prompt_tokens,
                 limit,
-            } = cache.lookup(&comps.row_key(), limit)
+            } = cache.lookup(&key, limit)
             {
                 out.push(Failure {
                     cell: ci,
@@ -48,10 +49,7 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
                 });
                 continue;
             }
-            if let Some(e) = cache
-                .failure(&comps.row_key())
-                .and_then(|r| r.error.as_ref())
-            {
+            if let Some(e) = cache.failure(&key) {
                 out.push(Failure {
                     cell: ci,
                     row: ri,
@@ -65,14 +63,62 @@ pub fn collect_failures(plan: &Plan, cache: &Cache) -> Vec<Failure> {
 }
 
 /// Every prediction the cache holds for the plan; rows not computed yet are left out.
+///
+/// The model cells' rows are read from the cache by projection, each row once however many
+/// cells share it, a batch at a time: what is held is the predictions, never the rows.
+/// `stages` holds the rows of the cascades' stage cells ([`crate::cascade::stage_keys`]).
 pub fn collect(
     plan: &Plan,
     decided: &Decided,
     cache: &Cache,
+    stages: &Rows,
     computed: &HashSet<Digest>,
-) -> Vec<Prediction> {
+) -> Result<Vec<Prediction>, CacheError> {
     let labels = plan.dataset.label_names();
     let mut out = Vec::new();
+    let params: Vec<Option<Result<Params, CalibrationError>>> = plan
+        .cells
+        .iter()
+        .map(|c| c.calibration.map(|c| decided.fit(c)))
+        .collect();
+    // (cell, row) of every cached row of a model cell.
+    let mut wanted: Vec<(u32, u32)> = Vec::new();
+    for (ci, cell) in plan.cells.iter().enumerate() {
+        if !matches!(cell.source, Source::Llm { .. }) || matches!(params[ci], Some(Err(_))) {
+            continue;
+        }
+        let limit = plan.prompt_limit(cell);
+        for (ri, key) in cell.rows.keys().enumerate() {
+            let Some(key) = key else {
+                continue;
+            };
+            if matches!(cache.lookup(&key, limit), Lookup::Hit) {
+                wanted.push((ci as u32, ri as u32));
+            }
+        }
+    }
+    let key_of = |&(ci, ri): &(u32, u32)| {
+        plan.cells[ci as usize]
+            .rows
+            .key(ri as usize)
+            .expect("only rows with keys are wanted")
+    };
+    out.reserve_exact(wanted.len());
+    cache.content(&wanted, key_of, &mut |at, content| {
+        let (ci, ri) = (wanted[at].0 as usize, wanted[at].1 as usize);
+        let from_cache = !computed.contains(&key_of(&wanted[at]));
+        let p = predict::prediction(
+            plan,
+            ci,
+            &plan.cells[ci],
+            ri,
+            content,
+            params[ci].as_ref(),
+            from_cache,
+        );
+        out.extend(p);
+    })?;
+    drop(wanted);
     for (ci, cell) in plan.cells.iter().enumerate() {
         if let Source::Vote { retrieval } = cell.source {
             let r = &plan.retrievals[retrieval];
@@ -100,18 +146,13 @@ pub fn collect(
         }
         if let Source::Cascade { cascade } = cell.source {
             out.extend(crate::cascade::predictions(
-                plan, decided, cache, cascade, computed,
+                plan, decided, stages, cascade, computed,
             ));
-            continue;
-        }
-        let params = cell.calibration.map(|c| decided.fit(c));
-        for ri in 0..cell.rows.len() {
-            if let Some(p) = predict(plan, cache, ci, cell, ri, params.as_ref(), computed) {
-                out.push(p);
-            }
         }
     }
-    out
+    // In the plan's order: by cell, then by row.
+    out.sort_unstable_by_key(|p| (p.cell, p.row));
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -205,7 +246,7 @@ pub const RELIABILITY_BINS: usize = 10;
 pub fn compute(
     plan: &Plan,
     decided: &Decided,
-    cache: &Cache,
+    cache: &Rows,
     preds: &[Prediction],
     failures: &[Failure],
 ) -> Vec<CellMetrics> {
@@ -214,11 +255,23 @@ pub fn compute(
     let calibrations: Vec<Result<Params, CalibrationError>> = (0..plan.calibrations.len())
         .map(|c| decided.fit(c))
         .collect();
+    // Each cell's predictions, in order, and each dataset row's words: counted once, not
+    // once per cell.
+    let mut by_cell: Vec<Vec<&Prediction>> = vec![Vec::new(); plan.cells.len()];
+    for p in preds {
+        by_cell[p.cell].push(p);
+    }
+    let words_of: Vec<usize> = plan
+        .dataset
+        .rows
+        .iter()
+        .map(|r| r.text.split_whitespace().count())
+        .collect();
     plan.cells
         .iter()
         .enumerate()
         .map(|(ci, cell)| {
-            let rows: Vec<&Prediction> = preds.iter().filter(|p| p.cell == ci).collect();
+            let rows: Vec<&Prediction> = std::mem::take(&mut by_cell[ci]);
             let n = rows.len() as u64;
             let correct = rows.iter().filter(|p| p.correct()).count() as u64;
             let invalid = rows.iter().filter(|p| p.predicted.is_none()).count() as u64;
@@ -259,10 +312,7 @@ pub fn compute(
             let decode_s: f64 = rows.iter().map(|p| p.decode_ms).sum::<f64>() / 1000.0;
             let gen_tokens: f64 = rows.iter().map(|p| f64::from(p.gen_tokens)).sum();
             let per_s = |x: f64, s: f64| if s > 0.0 { x / s } else { 0.0 };
-            let words: usize = rows
-                .iter()
-                .map(|p| plan.dataset.rows[p.row].text.split_whitespace().count())
-                .sum();
+            let words: usize = rows.iter().map(|p| words_of[p.row]).sum();
             let method = &plan.spec.methods[cell.method];
             let scored =
                 |f: &dyn Fn(&Prediction) -> Option<&Vec<f64>>| -> Vec<(Vec<f64>, usize, bool)> {
@@ -544,8 +594,10 @@ pub fn compare(plan: &Plan, preds: &[Prediction], pairs: &[(usize, usize)]) -> V
     for p in preds {
         by_cell[p.cell][p.row] = Some(p.correct());
     }
+    // Each pair's bootstrap draws from its own generator: in parallel, the same numbers.
+    use rayon::prelude::*;
     pairs
-        .iter()
+        .par_iter()
         .map(|&(a, b)| {
             let (x, y): (Vec<bool>, Vec<bool>) = by_cell[a]
                 .iter()

@@ -91,11 +91,12 @@ pub fn paired_bootstrap(
         .map(|(&x, &y)| i8::from(x) - i8::from(y))
         .collect();
     let mut rng = crate::rng::SplitMix64::new(seed);
+    let bound = crate::rng::Bound::new(n as u64);
     let mut diffs = Vec::with_capacity(resamples);
     for _ in 0..resamples {
         let mut sum = 0i64;
         for _ in 0..n {
-            sum += i64::from(d[rng.below(n as u64) as usize]);
+            sum += i64::from(d[rng.below_prepared(&bound) as usize]);
         }
         diffs.push(sum as f64 / n as f64);
     }

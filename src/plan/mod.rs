@@ -7,6 +7,7 @@
 mod explain;
 mod retrieval;
 mod routing;
+mod row_keys;
 mod stages;
 
 use std::collections::{HashMap, HashSet};
@@ -19,9 +20,10 @@ pub use retrieval::{
     EmbedRequest, Pool, Retrieval, Serves, embedding_key, vector, vector_artifact,
 };
 pub use routing::{Decided, Resolution, Routing};
+pub use row_keys::RowKeys;
 pub use stages::{LOAD, StageKind, StageStatus};
 
-use crate::cache::{Cache, Lookup};
+use crate::cache::{Cache, CacheError, Lookup};
 use crate::dataset::{self, Dataset, Row};
 use crate::diag::Diagnostic;
 use crate::key::{
@@ -59,7 +61,7 @@ pub struct Cell {
     /// Inference key of each row; `None` when an input is not known yet (a model not
     /// downloaded without a sha256, examples whose embeddings do not exist yet). Empty
     /// for vote cells.
-    pub rows: Vec<Option<Components>>,
+    pub rows: RowKeys,
     /// Index into [`Plan::calibrations`] for calibrated cells.
     pub calibration: Option<usize>,
     /// A cascade stage that computes only the rows the cascade's routing sends it (`rows`
@@ -68,6 +70,14 @@ pub struct Cell {
 }
 
 impl Plan {
+    /// Forget the rendered prompts: only running rows reads them, and a report over a
+    /// large study need not hold them once the row keys are made.
+    pub fn release_prompts(&mut self) {
+        for set in &mut self.sets {
+            set.messages = Vec::new();
+        }
+    }
+
     /// What a cell asks of each prompt.
     pub fn task(&self, cell: &Cell) -> crate::backend::Task {
         let method = &self.spec.methods[cell.method];
@@ -640,7 +650,7 @@ struct CellFactory<'a> {
     label_names: Vec<String>,
     engine: Digest,
     /// `[set][prompt][row]`
-    prompt_digests: Vec<Vec<Vec<Option<Digest>>>>,
+    prompt_digests: Vec<Vec<Arc<[Option<Digest>]>>>,
 }
 
 /// The parts of a cell's identity: model, prompt, method and grid point.
@@ -744,7 +754,7 @@ impl<'a> CellFactory<'a> {
     }
 
     /// The keys of a cell's rows on a row set.
-    fn rows(&self, c: &CellSpec, set: usize) -> Vec<Option<Components>> {
+    fn rows(&self, c: &CellSpec, set: usize) -> RowKeys {
         let model = self.models[c.model]
             .sha256
             .as_deref()
@@ -762,19 +772,14 @@ impl<'a> CellFactory<'a> {
             point: c.point.as_ref(),
         }
         .digest();
-        self.prompt_digests[set][c.prompt]
-            .iter()
-            .map(|prompt| {
-                Some(Components {
-                    model: model?,
-                    prompt: (*prompt)?,
-                    method,
-                    sampler,
-                    seed,
-                    engine: self.engine,
-                })
-            })
-            .collect()
+        RowKeys::new(
+            model,
+            method,
+            sampler,
+            seed,
+            self.engine,
+            self.prompt_digests[set][c.prompt].clone(),
+        )
     }
 
     /// A cell on the evaluation rows, and the support cell and calibration it is fitted
@@ -850,7 +855,7 @@ fn expand_cells(
             method: ki,
             point: None,
             set: 0,
-            rows: Vec::new(),
+            rows: RowKeys::default(),
             calibration: None,
             gated: false,
         });
@@ -972,7 +977,7 @@ fn plan_cascades(
             method: first.method,
             point: None,
             set: 0,
-            rows: Vec::new(),
+            rows: RowKeys::default(),
             calibration: None,
             gated: false,
         });
@@ -1059,12 +1064,12 @@ impl Plan {
                         too_long: 0,
                     };
                 }
-                let keys = c.rows.iter().flatten().map(Components::row_key);
+                let keys = c.rows.keys().flatten();
                 let limit = self.prompt_limit(c);
                 let (mut cached, mut failed, mut too_long) = (0, 0, 0);
                 for k in keys {
                     match cache.lookup(&k, limit) {
-                        Lookup::Hit(_) => cached += 1,
+                        Lookup::Hit => cached += 1,
                         Lookup::TooLong { .. } => too_long += 1,
                         Lookup::Failed(_) => failed += 1,
                         Lookup::Miss => {}
@@ -1083,10 +1088,8 @@ impl Plan {
     /// Every inference row key the plan needs now (rows whose inputs are unknown have none;
     /// a gated cascade stage needs the rows routed to it).
     pub fn keys<'a>(&'a self, routing: &'a Routing) -> impl Iterator<Item = Digest> + 'a {
-        self.inference_cells().flat_map(move |c| {
-            self.needed_rows(c, routing)
-                .filter_map(|(_, k)| k.map(Components::row_key))
-        })
+        self.inference_cells()
+            .flat_map(move |c| self.needed_keys(c, routing).filter_map(|(_, k)| k))
     }
 
     /// Every artifact key the plan's stages read (embeddings and neighbour lists).
@@ -1265,15 +1268,16 @@ impl Plan {
 
     /// Why a cell's rows miss the cache: for each missing row, the cached row of the same
     /// dataset row that is nearest (fewest differing key components), and what differs.
-    pub fn explain(&self, cell: usize, cache: &Cache) -> Explanation {
+    pub fn explain(&self, cell: usize, cache: &Cache) -> Result<Explanation, CacheError> {
         let c = &self.cells[cell];
-        let mut by_row: HashMap<&str, Vec<Components>> = HashMap::new();
-        for r in cache.rows() {
-            by_row
-                .entry(r.row_id.as_str())
-                .or_default()
-                .push(r.components);
-        }
+        // The identities of the cached rows of this cell's dataset rows only.
+        let ids: HashSet<&str> = self.dataset.rows.iter().map(|r| r.id.as_str()).collect();
+        let mut by_row: HashMap<String, Vec<Components>> = HashMap::new();
+        cache.identities(&mut |r| {
+            if ids.contains(r.row_id.as_str()) {
+                by_row.entry(r.row_id).or_default().push(r.components);
+            }
+        })?;
         let mut ex = Explanation {
             cell: c.id.clone(),
             rows: c.rows.len(),
@@ -1286,7 +1290,7 @@ impl Plan {
                 continue;
             };
             match cache.lookup(&comps.row_key(), limit) {
-                Lookup::Hit(_) => {
+                Lookup::Hit => {
                     ex.cached += 1;
                     continue;
                 }
@@ -1299,10 +1303,7 @@ impl Plan {
                 }
                 Lookup::Failed(_) | Lookup::Miss => {}
             }
-            if let Some(e) = cache
-                .failure(&comps.row_key())
-                .and_then(|r| r.error.as_ref())
-            {
+            if let Some(e) = cache.failure(&comps.row_key()) {
                 explain::count(&mut ex.failed, e.kind.as_str());
                 continue;
             }
@@ -1318,6 +1319,6 @@ impl Plan {
                 None => ex.never_computed += 1,
             }
         }
-        ex
+        Ok(ex)
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::{Cell, Plan};
 use crate::calibrate::{CalibrationError, Params};
-use crate::key::Components;
+use crate::key::{Components, Digest};
 
 /// What the cache says about a cascade's rows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -88,10 +88,22 @@ impl Plan {
         &'a self,
         cell: &'a Cell,
         routing: &'a Routing,
-    ) -> impl Iterator<Item = (usize, Option<&'a Components>)> + 'a {
+    ) -> impl Iterator<Item = (usize, Option<Components>)> + 'a {
         cell.rows
             .iter()
             .enumerate()
-            .map(move |(i, c)| (i, c.as_ref().filter(|_| routing.needs(cell, i))))
+            .map(move |(i, c)| (i, c.filter(|_| routing.needs(cell, i))))
+    }
+
+    /// [`Plan::needed_rows`]' keys.
+    pub fn needed_keys<'a>(
+        &'a self,
+        cell: &'a Cell,
+        routing: &'a Routing,
+    ) -> impl Iterator<Item = (usize, Option<Digest>)> + 'a {
+        cell.rows
+            .keys()
+            .enumerate()
+            .map(move |(i, k)| (i, k.filter(|_| routing.needs(cell, i))))
     }
 }

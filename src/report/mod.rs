@@ -42,6 +42,8 @@ pub enum ReportError {
     },
     #[error("cannot encode {what}: {message}")]
     Encode { what: &'static str, message: String },
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 /// Facts about the run and the machine, shown in the report and saved in `run.json`.
@@ -178,13 +180,33 @@ pub fn analyse(
     decided: &Decided,
     cache: &Cache,
     computed: &HashSet<Digest>,
-) -> Analysis {
-    let predictions = metrics::collect(plan, decided, cache, computed);
+) -> Result<Analysis, crate::cache::CacheError> {
+    analyse_while(plan, decided, cache, computed, |_| ()).map(|(a, ())| a)
+}
+
+/// [`analyse`], running `beside` on the predictions while the comparisons (paired
+/// bootstraps, the longest part of a large study's analysis) are computed.
+fn analyse_while<T: Send>(
+    plan: &Plan,
+    decided: &Decided,
+    cache: &Cache,
+    computed: &HashSet<Digest>,
+    beside: impl FnOnce(&[Prediction]) -> T + Send,
+) -> Result<(Analysis, T), crate::cache::CacheError> {
+    let stages = cache.rows(crate::cascade::stage_keys(plan))?;
+    let predictions = metrics::collect(plan, decided, cache, &stages, computed)?;
     let failures = metrics::collect_failures(plan, cache);
-    let cell_metrics = metrics::compute(plan, decided, cache, &predictions, &failures);
+    let cell_metrics = metrics::compute(plan, decided, &stages, &predictions, &failures);
     let groups = metrics::setting_groups(plan, &predictions, &cell_metrics);
     let pairs = metrics::comparison_pairs(plan, &cell_metrics);
-    let comparisons = metrics::compare(plan, &predictions, &pairs);
+    let (comparisons, out) = std::thread::scope(|s| {
+        let comparisons = s.spawn(|| metrics::compare(plan, &predictions, &pairs));
+        let out = beside(&predictions);
+        let comparisons = comparisons
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (comparisons, out)
+    });
     let mut a = Analysis {
         findings: Vec::new(),
         predictions,
@@ -194,7 +216,7 @@ pub fn analyse(
         comparisons,
     };
     a.findings = findings::derive(&findings::Input::new(plan, &a));
-    a
+    Ok((a, out))
 }
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, ReportError> {
@@ -213,34 +235,70 @@ fn create_dir(dir: &Path) -> Result<(), ReportError> {
     })
 }
 
-/// The three tables, by name.
-fn table_batches(
+/// Rows per batch of a table written to a file: a table is encoded a batch at a time,
+/// never whole.
+const TABLE_CHUNK_ROWS: usize = 65_536;
+
+/// Write a table of `len` rows to `dir` as `NAME.EXT`, a chunk of rows at a time (an empty
+/// table keeps its columns).
+fn write_table(
+    dir: &Path,
+    format: tables::Format,
+    name: &'static str,
+    len: usize,
+    chunk: &dyn Fn(std::ops::Range<usize>) -> Result<RecordBatch, crate::table::TableError>,
+) -> Result<PathBuf, ReportError> {
+    let starts: Vec<usize> = if len == 0 {
+        vec![0]
+    } else {
+        (0..len).step_by(TABLE_CHUNK_ROWS).collect()
+    };
+    let batches = starts
+        .into_iter()
+        .map(|s| chunk(s..(s + TABLE_CHUNK_ROWS).min(len)));
+    let path = dir.join(format!("{name}.{}", format.extension()));
+    tables::write(&path, format, batches).map_err(|e| match e {
+        tables::WriteError::Io(source) => ReportError::Io {
+            path: path.clone(),
+            source,
+        },
+        tables::WriteError::Source(e) | tables::WriteError::Table(e) => ReportError::Encode {
+            what: name,
+            message: e.to_string(),
+        },
+    })?;
+    Ok(path)
+}
+
+fn write_predictions(
+    plan: &Plan,
+    preds: &[Prediction],
+    dir: &Path,
+    format: tables::Format,
+) -> Result<PathBuf, ReportError> {
+    write_table(dir, format, "predictions", preds.len(), &|r| {
+        tables::predictions(plan, &preds[r])
+    })
+}
+
+/// The tables but the predictions: metrics, comparisons, failures.
+fn write_summary_tables(
     plan: &Plan,
     a: &Analysis,
-) -> Result<Vec<(&'static str, RecordBatch)>, ReportError> {
-    let enc = |what: &'static str| {
-        move |e: crate::table::TableError| ReportError::Encode {
-            what,
-            message: e.to_string(),
-        }
-    };
+    dir: &Path,
+    format: tables::Format,
+) -> Result<Vec<PathBuf>, ReportError> {
+    let labels = plan.dataset.label_names();
     Ok(vec![
-        (
-            "predictions",
-            tables::predictions(plan, &a.predictions).map_err(enc("predictions"))?,
-        ),
-        (
-            "metrics",
-            tables::metrics(&a.metrics, &plan.dataset.label_names()).map_err(enc("metrics"))?,
-        ),
-        (
-            "comparisons",
-            tables::comparisons(&a.comparisons).map_err(enc("comparisons"))?,
-        ),
-        (
-            "failures",
-            tables::failures(plan, &a.failures).map_err(enc("failures"))?,
-        ),
+        write_table(dir, format, "metrics", a.metrics.len(), &|r| {
+            tables::metrics(&a.metrics[r], &labels)
+        })?,
+        write_table(dir, format, "comparisons", a.comparisons.len(), &|r| {
+            tables::comparisons(&a.comparisons[r])
+        })?,
+        write_table(dir, format, "failures", a.failures.len(), &|r| {
+            tables::failures(plan, &a.failures[r])
+        })?,
     ])
 }
 
@@ -256,19 +314,21 @@ pub fn write(
 ) -> Result<Written, ReportError> {
     let dir = reports_dir.join(&plan.spec.name);
     create_dir(&dir)?;
-    let a = analyse(plan, decided, cache, computed);
+    // The predictions table is written while the comparisons are computed.
+    let (a, predictions) = analyse_while(plan, decided, cache, computed, |preds| {
+        write_predictions(plan, preds, &dir, tables::Format::Parquet)
+    })?;
+    let mut paths = vec![predictions?];
+    paths.extend(write_summary_tables(
+        plan,
+        &a,
+        &dir,
+        tables::Format::Parquet,
+    )?);
     let provenance = &Provenance {
         computed_by: computed_by(&a.predictions),
         ..provenance.clone()
     };
-    let mut paths = Vec::new();
-    for (name, batch) in table_batches(plan, &a)? {
-        let bytes = tables::to_parquet(&batch).map_err(|e| ReportError::Encode {
-            what: name,
-            message: e.to_string(),
-        })?;
-        paths.push(put(&dir, &format!("{name}.parquet"), &bytes)?);
-    }
     let run_json = serde_json::to_vec_pretty(provenance).map_err(|e| ReportError::Encode {
         what: "run.json",
         message: e.to_string(),
@@ -298,16 +358,15 @@ pub fn export_csv(
     dir: &Path,
 ) -> Result<Vec<PathBuf>, ReportError> {
     create_dir(dir)?;
-    let a = analyse(plan, decided, cache, &HashSet::new());
-    let mut out = Vec::new();
-    for (name, batch) in table_batches(plan, &a)? {
-        let bytes = tables::to_csv(&batch).map_err(|e| ReportError::Encode {
-            what: name,
-            message: e.to_string(),
-        })?;
-        out.push(put(dir, &format!("{name}.csv"), &bytes)?);
-    }
-    Ok(out)
+    let a = analyse(plan, decided, cache, &HashSet::new())?;
+    let mut paths = vec![write_predictions(
+        plan,
+        &a.predictions,
+        dir,
+        tables::Format::Csv,
+    )?];
+    paths.extend(write_summary_tables(plan, &a, dir, tables::Format::Csv)?);
+    Ok(paths)
 }
 
 fn pct(x: f64) -> String {
@@ -769,10 +828,19 @@ fn snippet(t: &str) -> String {
 /// Rows on which the compared cells give different answers, with the text and both answers.
 fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
     let labels = plan.dataset.label_names();
-    let mut by_key: std::collections::HashMap<(usize, usize), &Prediction> = Default::default();
+    // Each cell's prediction of each row: a pointer a row, not a hash map entry.
+    let n = plan.dataset.rows.len();
+    let mut by_cell: Vec<Vec<Option<&Prediction>>> = vec![Vec::new(); plan.cells.len()];
     for p in &a.predictions {
-        by_key.insert((p.cell, p.row), p);
+        let rows = &mut by_cell[p.cell];
+        if rows.is_empty() {
+            rows.resize(n, None);
+        }
+        if let Some(slot) = rows.get_mut(p.row) {
+            *slot = Some(p);
+        }
     }
+    let get = |c: usize, r: usize| by_cell[c].get(r).copied().flatten();
     let answer = |p: &Prediction| Cell::Answer {
         mark: if p.correct() { "✓" } else { "✗" },
         label: p.predicted.map(|i| labels[i].clone()),
@@ -785,9 +853,9 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
         };
         let rows: Vec<(usize, &Prediction, &Prediction)> = (0..plan.dataset.rows.len())
             .filter_map(|r| {
-                let x = by_key.get(&(ci, r))?;
-                let y = by_key.get(&(ri, r))?;
-                (x.predicted != y.predicted).then_some((r, *x, *y))
+                let x = get(ci, r)?;
+                let y = get(ri, r)?;
+                (x.predicted != y.predicted).then_some((r, x, y))
             })
             .collect();
         let with_shots = [ci, ri].iter().any(|&c| {

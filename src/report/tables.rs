@@ -1,5 +1,6 @@
 //! `predictions.parquet` and `metrics.parquet`.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -9,24 +10,95 @@ use arrow::array::{
 use arrow::datatypes::{Field, Schema};
 use parquet::arrow::ArrowWriter;
 
+use crate::fs::AtomicFile;
 use crate::metrics::{CellMetrics, Comparison, Failure, Prediction};
 use crate::plan::Plan;
 use crate::table::TableError;
 
-pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
-    let mut buf = Vec::new();
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    let mut w =
-        ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(TableError::from)?;
-    w.write(batch).map_err(TableError::from)?;
-    w.close().map_err(TableError::from)?;
-    Ok(buf)
+/// How a table is written to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// zstd-compressed Parquet.
+    Parquet,
+    /// CSV; list columns are left out (their values also have columns of their own).
+    Csv,
 }
 
-/// CSV of a table; list columns are left out (their values also have columns of their own).
-pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Csv => "csv",
+        }
+    }
+}
+
+/// Why a table could not be written: its batches could not be made (`Source`), encoded,
+/// or stored.
+#[derive(Debug)]
+pub enum WriteError<E = TableError> {
+    Source(E),
+    Table(TableError),
+    Io(std::io::Error),
+}
+
+impl<E> From<TableError> for WriteError<E> {
+    fn from(e: TableError) -> Self {
+        WriteError::Table(e)
+    }
+}
+
+/// Rows per Parquet row group: the writer holds one group's pages at a time.
+const ROW_GROUP_ROWS: usize = 65_536;
+
+/// Write a table given as batches (at least one, for its columns) to `path`, a batch at a
+/// time, atomically: readers see the old file or the whole new one.
+pub fn write<E>(
+    path: &Path,
+    format: Format,
+    batches: impl IntoIterator<Item = Result<RecordBatch, E>>,
+) -> Result<(), WriteError<E>> {
+    let mut file = AtomicFile::create(path).map_err(WriteError::Io)?;
+    let mut batches = batches.into_iter();
+    let Some(first) = batches.next() else {
+        return Err(WriteError::Table(TableError::Invalid(
+            "a table without columns".into(),
+        )));
+    };
+    let first = first.map_err(WriteError::Source)?;
+    match format {
+        Format::Parquet => {
+            let props = parquet::file::properties::WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                .set_max_row_group_size(ROW_GROUP_ROWS)
+                .build();
+            let mut w = ArrowWriter::try_new(file.file(), first.schema(), Some(props))
+                .map_err(TableError::from)?;
+            w.write(&first).map_err(TableError::from)?;
+            for b in batches {
+                w.write(&b.map_err(WriteError::Source)?)
+                    .map_err(TableError::from)?;
+            }
+            w.close().map_err(TableError::from)?;
+        }
+        Format::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(std::io::BufWriter::new(file.file()));
+            w.write(&flat(&first)?).map_err(TableError::from)?;
+            for b in batches {
+                w.write(&flat(&b.map_err(WriteError::Source)?)?)
+                    .map_err(TableError::from)?;
+            }
+            let mut inner = w.into_inner();
+            std::io::Write::flush(&mut inner).map_err(WriteError::Io)?;
+        }
+    }
+    file.commit().map_err(WriteError::Io)
+}
+
+/// A batch without its list columns.
+fn flat(batch: &RecordBatch) -> Result<RecordBatch, TableError> {
     let keep: Vec<usize> = (0..batch.num_columns())
         .filter(|&i| {
             !matches!(
@@ -35,15 +107,7 @@ pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, TableError> {
             )
         })
         .collect();
-    let flat = batch.project(&keep).map_err(TableError::from)?;
-    let mut buf = Vec::new();
-    {
-        let mut w = arrow::csv::WriterBuilder::new()
-            .with_header(true)
-            .build(&mut buf);
-        w.write(&flat).map_err(TableError::from)?;
-    }
-    Ok(buf)
+    batch.project(&keep).map_err(TableError::from)
 }
 
 fn batch(cols: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, TableError> {
@@ -74,19 +138,22 @@ fn u64s<I: IntoIterator<Item = u64>>(it: I) -> ArrayRef {
 pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, TableError> {
     let labels = plan.dataset.label_names();
     let cell = |p: &Prediction| &plan.cells[p.cell];
+    // Each cell's names, made once rather than once per row.
+    let names: Vec<(String, String, String)> =
+        plan.cells.iter().map(|c| plan.cell_names(c)).collect();
     let mut cols: Vec<(&str, ArrayRef)> = vec![
         ("cell", strs(preds.iter().map(|p| Some(cell(p).id.clone())))),
         (
             "model",
-            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).0))),
+            strs(preds.iter().map(|p| Some(names[p.cell].0.clone()))),
         ),
         (
             "prompt",
-            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).1))),
+            strs(preds.iter().map(|p| Some(names[p.cell].1.clone()))),
         ),
         (
             "method",
-            strs(preds.iter().map(|p| Some(plan.cell_names(cell(p)).2))),
+            strs(preds.iter().map(|p| Some(names[p.cell].2.clone()))),
         ),
         (
             "temperature",
@@ -130,7 +197,10 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Tab
                 preds.iter().map(|p| Some(p.correct())),
             )),
         ),
-        ("raw_answer", strs(preds.iter().map(|p| p.raw.clone()))),
+        (
+            "raw_answer",
+            strs(preds.iter().map(|p| p.raw.as_deref().map(str::to_string))),
+        ),
     ];
     let f64_lists = |f: &dyn Fn(&Prediction) -> Option<Vec<f64>>| -> ArrayRef {
         let mut b = ListBuilder::new(Float64Builder::new());
@@ -215,8 +285,14 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Tab
                 preds.iter().map(|p| Some(p.from_cache)),
             )),
         ),
-        ("host", strs(preds.iter().map(|p| p.host.clone()))),
-        ("shard", strs(preds.iter().map(|p| p.shard.clone()))),
+        (
+            "host",
+            strs(preds.iter().map(|p| p.host.as_deref().map(str::to_string))),
+        ),
+        (
+            "shard",
+            strs(preds.iter().map(|p| p.shard.as_deref().map(str::to_string))),
+        ),
         (
             "cascade_stage",
             Arc::new(UInt32Array::from_iter(

@@ -182,7 +182,6 @@ impl Scorer {
                     .iter()
                     .flatten()
                     .next()
-                    .copied()
                     .ok_or(ScorerError::ModelDigestUnknown)?;
                 let retrieval = match retrieval_of(crate::plan::Serves::Prompt(prompt)) {
                     Some(r) => Some((load_pool(r.pool)?, r.search)),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::cache::{Cache, CacheError, CachedRow};
+use crate::cache::{Cache, CacheError, CachedRow, Lookup};
 use crate::key::Digest;
 use crate::plan::{vector, vector_artifact};
 use crate::store::{Artifact, Store};
@@ -57,8 +57,16 @@ impl WriteBehind {
     ) -> Option<(Option<Vec<f64>>, Option<String>)> {
         let fits = |r: &&CachedRow| prompt_limit.is_none_or(|l| r.prompt_tokens <= l);
         let out = |r: &CachedRow| (r.logprobs.clone(), r.text.clone());
-        if let Some(r) = locked(&self.cache).get(key).filter(fits) {
-            return Some(out(r));
+        {
+            let cache = locked(&self.cache);
+            if matches!(cache.lookup(key, prompt_limit), Lookup::Hit) {
+                // One row read by projection; a read that fails computes the row again.
+                if let Ok(rows) = cache.rows([*key])
+                    && let Some(r) = rows.hit(key, prompt_limit)
+                {
+                    return Some((r.logprobs.clone(), r.text.as_deref().map(str::to_string)));
+                }
+            }
         }
         locked(&self.pending).rows.get(key).filter(fits).map(out)
     }
@@ -153,7 +161,7 @@ mod tests {
             row(4).logprobs,
             "answers while waiting"
         );
-        assert_eq!(Cache::open_read_only(dir.path()).unwrap().rows().count(), 0);
+        assert_eq!(Cache::open_read_only(dir.path()).unwrap().len(), 0);
         w.flush().unwrap();
         assert_eq!(w.waiting(), 0);
         assert_eq!(
@@ -166,7 +174,7 @@ mod tests {
         assert!(w.row(&key, Some(tokens)).is_some());
         assert!(w.row(&key, Some(tokens - 1)).is_none());
         let on_disk = Cache::open_read_only(dir.path()).unwrap();
-        assert_eq!(on_disk.rows().count(), BATCH);
+        assert_eq!(on_disk.len(), BATCH);
         assert_eq!(on_disk.report.segments, 1, "one segment for the batch");
     }
 }

@@ -1,10 +1,9 @@
 //! `infer:MODEL` (and `infer:MODEL@route:CASCADE/K` for a cascade stage that computes only
 //! the rows sent on to it): the model's rows, one per distinct key.
 
-use std::collections::HashMap;
-
 use super::{Context, Kind, StageKind, StageStatus, add};
 use crate::cache::Lookup;
+use crate::key::Digest;
 use crate::plan::Cell;
 
 pub(super) struct Infer;
@@ -34,30 +33,28 @@ impl Kind for Infer {
                 }
                 // Each distinct row, with the prompt limit of the cells that need it (a key
                 // is one task of one prompt, so its cells share the limit).
-                let mut keys = HashMap::new();
+                // Sorted and deduplicated rather than hashed: a million keys in a vector
+                // take a third of the memory of a map.
+                let mut keys: Vec<(Digest, Option<u32>)> = Vec::new();
                 let mut unknown = 0;
                 for c in cells {
                     let limit = plan.prompt_limit(c);
-                    for (i, r) in c.rows.iter().enumerate() {
+                    for (i, r) in c.rows.keys().enumerate() {
                         match r {
                             // A gated cascade stage needs only the rows routed to it.
                             _ if !cx.routing.needs(c, i) => {}
-                            Some(k) => {
-                                keys.insert(k.row_key(), limit);
-                            }
+                            Some(k) => keys.push((k, limit)),
                             None => unknown += 1,
                         }
                     }
                 }
+                keys.sort_unstable_by_key(|k| k.0);
+                keys.dedup_by_key(|k| k.0);
                 let cached = keys
                     .iter()
-                    .filter(|(k, limit)| matches!(cx.cache.lookup(k, **limit), Lookup::Hit(_)))
+                    .filter(|(k, limit)| matches!(cx.cache.lookup(k, *limit), Lookup::Hit))
                     .count();
-                let mut digests: Vec<_> = keys.keys().copied().map(Some).collect();
-                digests.sort_by_key(|k| k.map(|k| k.0));
-                if unknown > 0 {
-                    digests.push(None);
-                }
+                let unknown_key = (unknown > 0).then_some(None);
                 StageStatus::new(
                     id,
                     StageKind::Infer,
@@ -66,7 +63,7 @@ impl Kind for Infer {
                     "distinct rows",
                 )
                 .reading(inputs)
-                .keyed(digests)
+                .keyed(keys.iter().map(|k| Some(k.0)).chain(unknown_key))
             })
             .collect()
     }
