@@ -122,12 +122,13 @@ impl Planned {
         if missing.is_empty() {
             return Ok(None);
         }
-        let mut elsewhere = 0;
+        let mut elsewhere = HashSet::new();
         self.cache.identities(&mut |r| {
             if r.components.engine != engine && missing.contains(&strip(&r.components)) {
-                elsewhere += 1;
+                elsewhere.insert(r.key);
             }
         })?;
+        let elsewhere = elsewhere.len();
         Ok((elsewhere > 0).then(|| {
             format!(
                 "note: {elsewhere} of the rows to run are cached under another engine key (another llama.cpp build, or CPU features other than this machine's `{}`); the engine is part of every row key, so they are not reused",
@@ -186,20 +187,32 @@ impl Planned {
     }
 }
 
+/// Above this many stored rows, `plan`, `report` and `export` index only the rows their plan
+/// needs (about 50 bytes a row either way): a whole index of two million rows is 100 MB.
+const INDEX_WHOLE_CACHE_ROWS: u64 = 2_000_000;
+
 /// The plan of a spec against the cache (the scheduler's dry run: what is cached, what
 /// would run); writes nothing, downloads and loads no model.
 pub fn plan(cfg: &Config, spec_path: &Path, limit: Option<usize>) -> Result<Planned, AppError> {
     let store = Store::open_read_only(&cfg.cache_dir)?;
-    // The row index is read while the plan is built: neither needs the other until the
-    // deciding stages, and each is a good part of a large study's `plan`.
-    let (cache, plan) = std::thread::scope(|s| {
-        let cache = s.spawn(|| Cache::open_read_only(&cfg.cache_dir));
-        let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store);
-        let cache = cache
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (cache, plan)
-    });
+    let (cache, plan) = if Cache::stored_rows(&cfg.cache_dir)? <= INDEX_WHOLE_CACHE_ROWS {
+        // The whole index is read while the plan is built: neither needs the other until
+        // the deciding stages, and each is a good part of a large study's `plan`.
+        std::thread::scope(|s| {
+            let cache = s.spawn(|| Cache::open_read_only(&cfg.cache_dir));
+            let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store);
+            let cache = cache
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (cache, plan)
+        })
+    } else {
+        // A large cache (many studies share it): only the plan's rows are indexed, so this
+        // one pays the reading of the others' keys, not the memory of their rows.
+        let plan = load_plan(cfg, spec_path, limit, Models::LocateOnly, &store)?;
+        let cache = Cache::open_read_only_for(&cfg.cache_dir, plan.row_keys());
+        (cache, Ok(plan))
+    };
     let (cache, plan) = (cache?, plan?);
     let decided = crate::cascade::decide(&plan, &cache, &store, true)?;
     Ok(Planned {
@@ -696,7 +709,7 @@ pub fn cache_import(cfg: &Config, from: &[PathBuf]) -> Result<Transfer, AppError
 /// `pipeline cache verify`: read every segment and check every row's checksum; damaged
 /// segments are quarantined and their good rows kept.
 pub fn cache_verify(cfg: &Config) -> Result<Verified, AppError> {
-    let mut report = Cache::open(&cfg.cache_dir)?.report;
+    let mut report = Cache::open_verifying(&cfg.cache_dir)?.report;
     let store = Store::open(&cfg.cache_dir)?;
     report.merge(&store.report);
     let memo = cfg.resolver(false).memo();

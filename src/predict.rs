@@ -142,12 +142,23 @@ pub fn predict(
 ) -> Option<Prediction> {
     let key = cell.rows.key(ri)?;
     let r = cache.hit(&key, plan.prompt_limit(cell))?;
-    prediction(plan, ci, cell, ri, r, params, !computed.contains(&key))
+    let labels = plan.dataset.label_names();
+    prediction(
+        plan,
+        &labels,
+        ci,
+        cell,
+        ri,
+        r,
+        params,
+        !computed.contains(&key),
+    )
 }
 
 /// Row `ri` of a model cell from its cached content, calibrated with `params`.
 pub fn prediction(
     plan: &Plan,
+    labels: &[String],
     ci: usize,
     cell: &Cell,
     ri: usize,
@@ -155,7 +166,6 @@ pub fn prediction(
     params: Option<&Result<Params, CalibrationError>>,
     from_cache: bool,
 ) -> Option<Prediction> {
-    let labels = plan.dataset.label_names();
     let method = &plan.spec.methods[cell.method];
     let (logprobs, uncalibrated) = match params {
         None => (r.logprobs.clone(), None),
@@ -169,7 +179,7 @@ pub fn prediction(
         Some(g) => r
             .text
             .as_deref()
-            .and_then(|t| parse_answer(t, &labels, g.parse)),
+            .and_then(|t| parse_answer(t, labels, g.parse)),
         None => logprobs.as_deref().and_then(argmax),
     };
     Some(Prediction {

@@ -248,6 +248,62 @@ fn limit_runs_a_prefix_whose_rows_count_later() {
     assert_eq!(run["computed_rows"], 48);
 }
 
+/// `plan` and `report` over a cache of several segments, one of them damaged: the damaged
+/// one is reported and left in place (they open the cache read-only); what the other
+/// segments hold is read unchanged, by key lookups and projection.
+#[test]
+fn plan_and_report_read_the_sound_segments_when_one_is_damaged() {
+    let p = Project::new();
+    // Two runs, two segments at least: the first rows of each cell, then the rest.
+    p.run_ok(&[
+        "run",
+        "spec.yaml",
+        "--backend",
+        "fake",
+        "--quiet",
+        "--limit",
+        "4",
+    ]);
+    let first = common::segments(&p);
+    p.run();
+    let want = predictions(&p.path("reports/t/predictions.parquet"));
+    let all = common::segments(&p);
+    assert!(all.len() >= 2, "{all:?}");
+    // Damage the first run's segment (24 of the 72 rows).
+    let seg = &first[0];
+    let mut bytes = std::fs::read(seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(seg, bytes).unwrap();
+    let out = p.run_ok(&["report", "spec.yaml", "--backend", "fake", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not trusted"), "{stderr}");
+    assert!(seg.exists(), "a read-only open moves nothing");
+    let got = predictions(&p.path("reports/t/predictions.parquet"));
+    // Rows whose checksum still verifies are kept (the damage may touch no value at all).
+    assert!(got.len() >= want.len() - 24, "{}", got.len());
+    for line in &got {
+        assert!(want.contains(line), "{line} was not in the sound report");
+    }
+    let plan = p.plan();
+    let cached: u64 = plan["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cached"].as_u64().unwrap())
+        .sum();
+    assert_eq!(cached as usize, got.len());
+    // A run quarantines it and computes exactly what it lost.
+    let run = p.run();
+    assert_eq!(
+        run["computed_rows"].as_u64().unwrap() as usize,
+        want.len() - got.len()
+    );
+    assert_eq!(predictions(&p.path("reports/t/predictions.parquet")), want);
+}
+
 /// The same acceptance in-process, counting what the fake backend itself was asked to do.
 #[test]
 fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {

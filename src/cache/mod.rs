@@ -175,6 +175,10 @@ pub struct Cache {
     /// Successful rows met while loading, in the order met (the first of a key wins).
     loading: Vec<(Digest, Hit)>,
     loading_now: bool,
+    /// Read every segment whole and verify each row, not only the segment's digest.
+    verify_every_row: bool,
+    /// When set, only these keys are indexed (a read-only open for one plan).
+    only: Option<KeySet>,
     failures: DigestMap<Failed>,
     pub report: LoadReport,
 }
@@ -195,8 +199,47 @@ impl Cache {
         Self::load_from(dir.join(LAYOUT), Access::ReadOnly)
     }
 
+    /// [`Cache::open`], reading every segment whole and checking every row's checksum
+    /// (`cache verify`): damaged segments are quarantined and their verified rows rewritten.
+    pub fn open_verifying(dir: &Path) -> Result<Self, CacheError> {
+        let root = dir.join(LAYOUT);
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let mut cache = Self::empty(root, Access::ReadWrite)?;
+        cache.verify_every_row = true;
+        cache.load()?;
+        cache.verify_every_row = false;
+        Ok(cache)
+    }
+
+    /// [`Cache::open_read_only`], indexing only the rows `keys` names (and their failures):
+    /// what a plan or report over a cache shared by many studies holds is its own rows.
+    pub fn open_read_only_for(dir: &Path, keys: KeySet) -> Result<Self, CacheError> {
+        let mut cache = Self::empty(dir.join(LAYOUT), Access::ReadOnly)?;
+        cache.only = Some(keys);
+        cache.load()?;
+        cache.only = None;
+        Ok(cache)
+    }
+
+    /// How many rows the cache's segments hold, by their footers alone (duplicates and
+    /// damaged segments included): what opening it would cost, known before it is opened.
+    pub fn stored_rows(dir: &Path) -> Result<u64, CacheError> {
+        let segments = SegmentDir::new(&dir.join(LAYOUT), "rows", Access::ReadOnly)?;
+        Ok(segments
+            .list()?
+            .iter()
+            .filter_map(|p| segment::row_count(p).ok())
+            .sum())
+    }
+
     fn load_from(root: PathBuf, access: Access) -> Result<Self, CacheError> {
-        let mut cache = Self {
+        let mut cache = Self::empty(root, access)?;
+        cache.load()?;
+        Ok(cache)
+    }
+
+    fn empty(root: PathBuf, access: Access) -> Result<Self, CacheError> {
+        Ok(Self {
             segments: SegmentDir::new(&root, "rows", access)?,
             root,
             files: Vec::new(),
@@ -204,11 +247,11 @@ impl Cache {
             hits: HitIndex::default(),
             loading: Vec::new(),
             loading_now: false,
+            verify_every_row: false,
+            only: None,
             failures: DigestMap::default(),
             report: LoadReport::default(),
-        };
-        cache.load()?;
-        Ok(cache)
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -258,6 +301,10 @@ impl Cache {
 
     fn load_segments(&mut self) -> Result<(), CacheError> {
         for path in self.segments.list()? {
+            if self.verify_every_row {
+                self.verify_rows(&path)?;
+                continue;
+            }
             match self.index_segment(&path) {
                 Ok(()) => {}
                 Err(Unread::Vanished) => {} // compacted meanwhile by another run
@@ -364,6 +411,13 @@ impl Cache {
     }
 
     fn insert(&mut self, r: IndexRow, place: Place) {
+        if self
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.contains(&r.key))
+        {
+            return;
+        }
         match r.error {
             Some(error) => {
                 if self.hits.get(&r.key).is_some() {
@@ -606,25 +660,19 @@ impl Cache {
         })
     }
 
-    /// Which computation made each successful row (its dataset row and key components),
-    /// read by projection a batch at a time.
+    /// Which computation made each successful row of the cache, indexed or not (its dataset
+    /// row and key components), read by projection a batch at a time; a row stored twice is
+    /// given twice.
     pub fn identities(&self, visit: &mut dyn FnMut(RowIdentity)) -> Result<(), CacheError> {
-        for (i, r) in self.held.iter().enumerate() {
-            if self.hits.get(&r.key).map(|h| h.place) != Some(Place::Held(i as u32)) {
-                continue;
-            }
+        for r in self.held.iter().filter(|r| !r.failed()) {
             visit(RowIdentity {
                 key: r.key,
                 row_id: r.row_id.clone(),
                 components: r.components,
             });
         }
-        let wanted = self.places(&|k| self.hits.get(k).is_some());
-        for (s, path) in self.files.iter().enumerate() {
-            let Some(rows) = wanted.get(&(s as u32)) else {
-                continue;
-            };
-            segment::read_columns(path, Columns::Identity, Some(rows), &mut |b| {
+        for path in &self.files {
+            segment::read_columns(path, Columns::Identity, None, &mut |b| {
                 for id in segment::identity_rows(b)? {
                     visit(id);
                 }
@@ -763,21 +811,30 @@ impl Cache {
     }
 }
 
-/// The successful rows by key: sorted (a million keys take half the memory of a hash map)
-/// with a table of where each key prefix starts, so that a lookup reads two or three cache
-/// lines; rows committed since it was built wait in a small map.
-#[derive(Default)]
-struct HitIndex {
-    sorted: Vec<(Digest, Hit)>,
+/// Values by key: sorted (a million keys take half the memory of a hash map) with a table
+/// of where each key prefix starts, so that a lookup reads two or three cache lines; keys
+/// added after it was built wait in a small map.
+#[derive(Debug, Clone)]
+struct SortedIndex<V> {
+    sorted: Vec<(Digest, V)>,
     /// `starts[p]..starts[p + 1]`: the entries whose key begins with the `bits`-bit prefix `p`.
     starts: Vec<u32>,
     bits: u32,
-    recent: DigestMap<Hit>,
+    recent: DigestMap<V>,
 }
 
-impl HitIndex {
-    /// The index of `rows` in the order met: the first row of a key wins.
-    fn new(mut rows: Vec<(Digest, Hit)>) -> Self {
+impl<V> Default for SortedIndex<V> {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+/// The successful rows' index.
+type HitIndex = SortedIndex<Hit>;
+
+impl<V> SortedIndex<V> {
+    /// The index of `rows` in the order met: the first value of a key wins.
+    fn new(mut rows: Vec<(Digest, V)>) -> Self {
         rows.sort_by_key(|r| r.0); // stable: the first met stays first
         rows.dedup_by_key(|r| r.0);
         rows.shrink_to_fit();
@@ -807,7 +864,7 @@ impl HitIndex {
         (u64::from_be_bytes(first) >> (64 - bits)) as usize
     }
 
-    fn get(&self, k: &Digest) -> Option<&Hit> {
+    fn get(&self, k: &Digest) -> Option<&V> {
         if let Some(h) = self.recent.get(k) {
             return Some(h);
         }
@@ -817,10 +874,10 @@ impl HitIndex {
         run.binary_search_by(|e| e.0.cmp(k)).ok().map(|i| &run[i].1)
     }
 
-    /// Add a row committed after the index was built (the first of a key wins).
-    fn add(&mut self, k: Digest, hit: Hit) {
+    /// Add a key after the index was built (the first value of a key wins).
+    fn add(&mut self, k: Digest, v: V) {
         if self.get(&k).is_none() {
-            self.recent.insert(k, hit);
+            self.recent.insert(k, v);
         }
     }
 
@@ -832,11 +889,36 @@ impl HitIndex {
         self.len() == 0
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Digest, &Hit)> {
+    fn iter(&self) -> impl Iterator<Item = (&Digest, &V)> {
         self.sorted
             .iter()
-            .map(|(k, h)| (k, h))
+            .map(|(k, v)| (k, v))
             .chain(self.recent.iter())
+    }
+}
+
+/// The row keys a command needs: a cache opened for them indexes only those, so that a plan
+/// or report over a cache that many studies share holds only its own rows.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet(SortedIndex<()>);
+
+impl KeySet {
+    pub fn new(keys: impl IntoIterator<Item = Digest>) -> Self {
+        Self(SortedIndex::new(
+            keys.into_iter().map(|k| (k, ())).collect(),
+        ))
+    }
+
+    pub fn contains(&self, k: &Digest) -> bool {
+        self.0.get(k).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -1304,5 +1386,34 @@ pub(crate) mod tests {
         let got = streamed(&c2, &keys);
         assert_eq!(got.len(), 10_000);
         assert_eq!(got[&numbered(9_999).key], numbered(9_999).content());
+    }
+
+    #[test]
+    fn a_cache_opened_for_some_keys_indexes_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path()).unwrap();
+        c.commit((0..500).map(numbered).collect()).unwrap();
+        c.commit((500..1000).map(numbered).chain([failed(5000)]).collect())
+            .unwrap();
+        assert_eq!(Cache::stored_rows(dir.path()).unwrap(), 1001);
+        let keys = KeySet::new(
+            (0..1000)
+                .step_by(10)
+                .map(|n| numbered(n).key)
+                .chain([failed(5000).key]),
+        );
+        assert_eq!(keys.len(), 101);
+        let c = Cache::open_read_only_for(dir.path(), keys).unwrap();
+        assert_eq!(c.len(), 100);
+        assert!(matches!(c.lookup(&numbered(11).key, None), Lookup::Miss));
+        assert!(matches!(c.lookup(&numbered(990).key, None), Lookup::Hit));
+        assert!(c.failure(&failed(5000).key).is_some());
+        let got = streamed(&c, &[numbered(10).key, numbered(11).key, numbered(510).key]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&numbered(510).key], numbered(510).content());
+        // Identities are read from every stored row, indexed or not.
+        let mut n = 0;
+        c.identities(&mut |_| n += 1).unwrap();
+        assert_eq!(n, 1000);
     }
 }

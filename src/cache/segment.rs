@@ -65,7 +65,7 @@ impl Columns {
                 "shard",
             ],
             Columns::Identity => {
-                let mut v = vec!["key", "row_id"];
+                let mut v = vec!["key", "row_id", "finish"];
                 v.extend(Components::NAMES);
                 v
             }
@@ -110,6 +110,16 @@ pub(crate) fn read_columns(
             visit(&batch)?;
         }
         Ok(())
+    }))
+    .unwrap_or(Err(TableError::ReaderPanicked))
+}
+
+/// The rows a segment holds, by its footer alone.
+pub(crate) fn row_count(path: &Path) -> Result<u64, TableError> {
+    let file = File::open(path)?;
+    crate::guard::catch(std::panic::AssertUnwindSafe(|| {
+        let meta = parquet::file::metadata::ParquetMetaDataReader::new().parse_and_finish(&file)?;
+        Ok(meta.file_metadata().num_rows().max(0) as u64)
     }))
     .unwrap_or(Err(TableError::ReaderPanicked))
 }
@@ -328,15 +338,17 @@ pub struct RowIdentity {
     pub components: Components,
 }
 
-/// The identities of a batch read with [`Columns::Identity`].
+/// The identities of the successful rows of a batch read with [`Columns::Identity`].
 pub(crate) fn identity_rows(b: &RecordBatch) -> Result<Vec<RowIdentity>, TableError> {
     let key = string(b, "key")?;
     let row_id = string(b, "row_id")?;
+    let finish = string(b, "finish")?;
     let comps: Vec<StringArray> = Components::NAMES
         .iter()
         .map(|n| string(b, n))
         .collect::<Result<_, _>>()?;
     (0..b.num_rows())
+        .filter(|&i| finish.value(i) != Finish::Failed.as_str())
         .map(|i| {
             let mut parts = [Digest([0; 32]); 6];
             for (p, a) in parts.iter_mut().zip(&comps) {

@@ -109,6 +109,7 @@ pub fn collect(
         let from_cache = !computed.contains(&key_of(&wanted[at]));
         let p = predict::prediction(
             plan,
+            &labels,
             ci,
             &plan.cells[ci],
             ri,

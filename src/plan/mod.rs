@@ -70,6 +70,17 @@ pub struct Cell {
 }
 
 impl Plan {
+    /// Every row key of every model cell (evaluation and support rows), whatever the
+    /// routing: what a cache opened for this plan indexes.
+    pub fn row_keys(&self) -> crate::cache::KeySet {
+        crate::cache::KeySet::new(
+            self.cells
+                .iter()
+                .chain(&self.support)
+                .flat_map(|c| c.rows.keys().flatten()),
+        )
+    }
+
     /// Forget the rendered prompts: only running rows reads them, and a report over a
     /// large study need not hold them once the row keys are made.
     pub fn release_prompts(&mut self) {
