@@ -143,19 +143,15 @@ pub fn predict(
     let key = cell.rows.key(ri)?;
     let r = cache.hit(&key, plan.prompt_limit(cell))?;
     let labels = plan.dataset.label_names();
-    prediction(
-        plan,
-        &labels,
-        ci,
-        cell,
-        ri,
-        r,
-        params,
-        !computed.contains(&key),
-    )
+    let p = prediction(plan, &labels, ci, cell, ri, r, params)?;
+    Some(Prediction {
+        from_cache: !computed.contains(&key),
+        ..p
+    })
 }
 
-/// Row `ri` of a model cell from its cached content, calibrated with `params`.
+/// Row `ri` of a model cell from its cached content, calibrated with `params` (as served
+/// from the cache: the caller says when this run computed it).
 pub fn prediction(
     plan: &Plan,
     labels: &[String],
@@ -164,7 +160,6 @@ pub fn prediction(
     ri: usize,
     r: &RowContent,
     params: Option<&Result<Params, CalibrationError>>,
-    from_cache: bool,
 ) -> Option<Prediction> {
     let method = &plan.spec.methods[cell.method];
     let (logprobs, uncalibrated) = match params {
@@ -199,7 +194,7 @@ pub fn prediction(
         shared_by: r.shared_by,
         latency_ms: r.prefill_ms + r.decode_ms,
         shared_latency_ms: r.latency_ms(),
-        from_cache,
+        from_cache: true,
         host: r.host.clone(),
         shard: r.shard.clone(),
         stage: None,

@@ -115,9 +115,8 @@ pub fn collect(
             ri,
             content,
             params[ci].as_ref(),
-            from_cache,
         );
-        out.extend(p);
+        out.extend(p.map(|p| Prediction { from_cache, ..p }));
     })?;
     drop(wanted);
     for (ci, cell) in plan.cells.iter().enumerate() {
