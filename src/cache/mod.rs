@@ -329,9 +329,18 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Unread::Vanished),
             Err(e) => return Err(Unread::Unreadable(e.to_string())),
         }
-        let mut rows = Vec::new();
+        // Rows a filtered open does not want are dropped batch by batch, so that reading a
+        // large shared cache holds this plan's entries, not the cache's.
+        let only = self.only.as_ref();
+        let mut rows: Vec<(u32, IndexRow)> = Vec::new();
+        let mut at = 0u32;
         let read = segment::read_columns(path, Columns::Index, None, &mut |b| {
-            rows.extend(segment::index_rows(b)?);
+            for r in segment::index_rows(b)? {
+                if only.is_none_or(|keys| keys.contains(&r.key)) {
+                    rows.push((at, r));
+                }
+                at += 1;
+            }
             Ok(())
         });
         match read {
@@ -347,12 +356,8 @@ impl Cache {
         let segment = self.files.len() as u32;
         self.files.push(path.to_path_buf());
         self.report.segments += 1;
-        for (row, r) in rows.into_iter().enumerate() {
-            let place = Place::Segment {
-                segment,
-                row: row as u32,
-            };
-            self.insert(r, place);
+        for (row, r) in rows {
+            self.insert(r, Place::Segment { segment, row });
         }
         Ok(())
     }
