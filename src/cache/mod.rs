@@ -72,11 +72,6 @@ pub struct CachedRow {
 }
 
 impl CachedRow {
-    /// Time attributed to this row: its share of the prompt plus its own decoding.
-    pub fn latency_ms(&self) -> f64 {
-        self.prefill_ms / f64::from(self.shared_by.max(1)) + self.decode_ms
-    }
-
     pub fn failed(&self) -> bool {
         self.error.is_some()
     }
@@ -852,11 +847,6 @@ pub struct Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
-    /// The cache these rows were read from.
-    pub fn cache(&self) -> &'a Cache {
-        self.cache
-    }
-
     /// The row `key` as a cell with prompts of at most `prompt_limit` tokens sees it.
     pub fn lookup(&self, key: &Digest, prompt_limit: Option<u32>) -> Lookup<'a> {
         self.cache.lookup(key, prompt_limit)
