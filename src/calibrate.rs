@@ -34,6 +34,9 @@ pub fn normalise(lp: &[f64]) -> Vec<f64> {
 pub enum Params {
     /// Zhao et al. 2021: the mean label probabilities on content-free inputs, divided out.
     ContentFree { log_p: Vec<f64> },
+    /// Batch calibration (Zhou et al. 2024): each label's mean normalised log-prob over the
+    /// cell's own evaluated rows, subtracted. Needs no labels.
+    Batch { mean_log_p: Vec<f64>, rows: usize },
     /// A per-label bias (the first label's is 0) and a temperature, fitted by maximum
     /// likelihood on labelled rows. For two labels, a threshold on the log-prob difference.
     Fit {
@@ -48,9 +51,10 @@ impl Params {
     pub fn apply(&self, lp: &[f64]) -> Vec<f64> {
         let n = normalise(lp);
         match self {
-            Params::ContentFree { log_p } => {
-                normalise(&n.iter().zip(log_p).map(|(x, c)| x - c).collect::<Vec<_>>())
-            }
+            Params::ContentFree { log_p: shift }
+            | Params::Batch {
+                mean_log_p: shift, ..
+            } => normalise(&n.iter().zip(shift).map(|(x, c)| x - c).collect::<Vec<_>>()),
             Params::Fit {
                 bias, temperature, ..
             } => normalise(&scaled(&n, bias, *temperature)),
@@ -73,6 +77,23 @@ pub fn content_free(rows: &[Vec<f64>]) -> Option<Params> {
     }
     Some(Params::ContentFree {
         log_p: mean.iter().map(|p| p.max(1e-12).ln()).collect(),
+    })
+}
+
+/// Batch calibration from the label log-probs of a cell's evaluated rows: the mean of
+/// each label's normalised log-prob. A shift of the log-odds alone, so a row's calibrated
+/// answer is its raw margin against the batch's mean margin.
+pub fn batch(rows: &[Vec<f64>]) -> Option<Params> {
+    let k = rows.first()?.len();
+    let mut mean = vec![0.0; k];
+    for r in rows {
+        for (m, x) in mean.iter_mut().zip(normalise(r)) {
+            *m += x / rows.len() as f64;
+        }
+    }
+    Some(Params::Batch {
+        mean_log_p: mean,
+        rows: rows.len(),
     })
 }
 
@@ -180,6 +201,39 @@ mod tests {
         assert!(bias[1] > 0.0, "label 1 is lifted: {bias:?}");
         // Deterministic.
         assert_eq!(fit(&rows), Some(p));
+    }
+
+    #[test]
+    fn batch_calibration_subtracts_the_mean_normalised_log_prob_of_each_label() {
+        // Pinned against a hand computation (numpy): rows with p(label 0) .9, .6, .3.
+        let rows: Vec<Vec<f64>> = [0.9f64, 0.6, 0.3]
+            .iter()
+            .map(|p| vec![p.ln(), (1.0 - p).ln()])
+            .collect();
+        let p = batch(&rows).unwrap();
+        let Params::Batch {
+            mean_log_p,
+            rows: n,
+        } = &p
+        else {
+            panic!("{p:?}")
+        };
+        assert_eq!(*n, 3);
+        assert!((mean_log_p[0] - -0.6067196479165844).abs() < 1e-12);
+        assert!((mean_log_p[1] - -1.1918502562689777).abs() < 1e-12);
+        let expected = [0.8337019035452317, 0.4552040600889007, 0.1927205826611546];
+        for (r, e) in rows.iter().zip(expected) {
+            let out = p.apply(r);
+            assert!((out[0].exp() - e).abs() < 1e-12, "{out:?} vs {e}");
+        }
+        // The middle row leaned to label 0 raw, and to label 1 against the batch's lean.
+        assert_eq!(argmax(&rows[1]), 0);
+        assert_eq!(argmax(&p.apply(&rows[1])), 1);
+        // Unnormalised scores give the same fit: only the label log-probs' differences count.
+        let shifted: Vec<Vec<f64>> = rows.iter().map(|r| vec![r[0] - 5.0, r[1] - 5.0]).collect();
+        let again = batch(&shifted).unwrap().apply(&rows[0]);
+        let once = p.apply(&rows[0]);
+        assert!((again[1] - once[1]).abs() < 1e-12, "{again:?} vs {once:?}");
     }
 
     #[test]

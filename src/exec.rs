@@ -422,7 +422,7 @@ pub fn execute(
         .collect();
     let context = WorkerContext {
         prompts: plan.prompts.clone(),
-        budget: plan.spec.dataset.max_text_tokens,
+        budget: plan.spec.dataset.budget,
         cancel: cancel.clone(),
         fail_fast: opts.fail_fast,
     };
@@ -613,7 +613,7 @@ impl Origin {
 struct WorkerContext {
     prompts: Arc<Prompts>,
     /// `dataset.max_text_tokens`.
-    budget: Option<u32>,
+    budget: Option<crate::spec::TextBudget>,
     cancel: Arc<AtomicBool>,
     fail_fast: bool,
 }
@@ -727,7 +727,7 @@ fn run_job_in_parts(
 }
 
 impl WorkerJob {
-    fn evaluation(&self, budget: Option<u32>) -> Evaluation<'_> {
+    fn evaluation(&self, budget: Option<crate::spec::TextBudget>) -> Evaluation<'_> {
         Evaluation {
             prompt: self.prompt,
             text: &self.text,
@@ -778,7 +778,7 @@ pub struct Evaluation<'a> {
     /// The row's retrieved examples, if its prompt has them.
     pub examples: Option<&'a [Example]>,
     /// `dataset.max_text_tokens`.
-    pub budget: Option<u32>,
+    pub budget: Option<crate::spec::TextBudget>,
 }
 
 /// Evaluate a row on a loaded model exactly as `pipeline run` does (the server calls this

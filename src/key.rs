@@ -182,7 +182,7 @@ impl CacheKey for ModelPart<'_> {
 /// truncate the text.
 pub struct PromptPart<'a> {
     pub messages: &'a Messages,
-    pub max_text_tokens: Option<u32>,
+    pub budget: Option<crate::spec::TextBudget>,
 }
 
 impl CacheKey for PromptPart<'_> {
@@ -192,7 +192,15 @@ impl CacheKey for PromptPart<'_> {
             .str("user", &self.messages.user)
             .u64("fixed_system", self.messages.fixed.system as u64)
             .u64("fixed_user", self.messages.fixed.user as u64)
-            .u64("max_text_tokens", self.max_text_tokens.map_or(0, u64::from));
+            .u64(
+                "max_text_tokens",
+                self.budget.map_or(0, |b| u64::from(b.tokens())),
+            );
+        // A text's tail is kept since this field was added; a head-only budget keeps the
+        // keys it had.
+        if let Some(b) = self.budget.filter(|b| b.tail > 0) {
+            e.u64("text_tail", u64::from(b.tail));
+        }
         // Messages that may spell a chat marker are tokenized as data since this field was
         // added (before, a marker in a text became a control token): their rows get new
         // keys, so no row computed the old way is served. Every other key is unchanged.
@@ -553,7 +561,7 @@ mod tests {
         let key = |m: &Messages| {
             PromptPart {
                 messages: m,
-                max_text_tokens: None,
+                budget: None,
             }
             .digest()
         };
@@ -585,7 +593,7 @@ mod tests {
         };
         let prompt = PromptPart {
             messages: &messages,
-            max_text_tokens: Some(768),
+            budget: Some(crate::spec::TextBudget::head(768)),
         }
         .digest();
         assert_eq!(

@@ -55,6 +55,7 @@ pub mod dataset;
 pub mod diag;
 pub mod digest_memo;
 pub mod embed;
+pub mod ensemble;
 pub mod error;
 pub mod exec;
 pub mod fs;

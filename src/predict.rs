@@ -9,6 +9,7 @@ use crate::calibrate::{self, Params};
 use crate::key::Digest;
 use crate::plan::{Cell, Plan};
 use crate::row::Finish;
+use crate::spec::CalibrationKind;
 
 pub use crate::calibrate::CalibrationError;
 
@@ -103,10 +104,9 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
             }
         })
         .collect();
-    let needed = if c.content_free {
-        rows.len()
-    } else {
-        (rows.len() - failed).max(2)
+    let needed = match c.kind {
+        CalibrationKind::ContentFree => rows.len(),
+        CalibrationKind::Batch | CalibrationKind::Fit => (rows.len() - failed).max(2),
     };
     if scored.len() < needed {
         return Err(CalibrationError::RowsMissing {
@@ -115,10 +115,11 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
             set: plan.sets[support.set].name.clone(),
         });
     }
-    let fitted = if c.content_free {
-        calibrate::content_free(&scored.into_iter().map(|(lp, _)| lp).collect::<Vec<_>>())
-    } else {
-        calibrate::fit(&scored)
+    let unlabelled = || scored.iter().map(|(lp, _)| lp.clone()).collect::<Vec<_>>();
+    let fitted = match c.kind {
+        CalibrationKind::ContentFree => calibrate::content_free(&unlabelled()),
+        CalibrationKind::Batch => calibrate::batch(&unlabelled()),
+        CalibrationKind::Fit => calibrate::fit(&scored),
     };
     fitted.ok_or(CalibrationError::NoLabels)
 }

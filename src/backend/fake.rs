@@ -169,13 +169,15 @@ impl FakeSession {
 }
 
 impl Session for FakeSession {
-    fn truncate(&self, text: &str, max_tokens: u32) -> String {
+    fn truncate(&self, text: &str, budget: super::TextBudget) -> String {
         let words: Vec<&str> = text.split_whitespace().collect();
-        if words.len() <= max_tokens as usize {
-            text.to_string()
-        } else {
-            words[..max_tokens as usize].join(" ")
-        }
+        super::cut_text(
+            words.len(),
+            budget,
+            |head| words[..head].join(" "),
+            |from| words[from..].join(" "),
+        )
+        .unwrap_or_else(|| text.to_string())
     }
 
     fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {

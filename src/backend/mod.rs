@@ -14,6 +14,29 @@ pub use llama_embed::raw_embed_throughput;
 use std::path::PathBuf;
 
 use crate::prompt::Messages;
+pub use crate::spec::TextBudget;
+
+/// What stands between the head and the tail of a text cut to a head-and-tail budget.
+pub const ELISION: &str = " [...] ";
+
+/// A text cut to `budget` from its pieces: `head` and `tail` of `n` units (tokens, or the
+/// fake backend's words) joined as [`Session::truncate`] says, `None` when it fits.
+pub fn cut_text(
+    n: usize,
+    budget: TextBudget,
+    head: impl FnOnce(usize) -> String,
+    tail: impl FnOnce(usize) -> String,
+) -> Option<String> {
+    if n <= budget.tokens() as usize {
+        return None;
+    }
+    let mut out = head(budget.head as usize);
+    if budget.tail > 0 {
+        out.push_str(ELISION);
+        out.push_str(&tail(n - budget.tail as usize));
+    }
+    Some(out)
+}
 pub use crate::row::Finish;
 
 /// What the executor needs to load a model.
@@ -329,8 +352,10 @@ pub fn l2_normalise(v: &mut [f32]) {
 
 /// A loaded model.
 pub trait Session {
-    /// `text` cut to at most `max_tokens` tokens of this model's tokenizer.
-    fn truncate(&self, text: &str, max_tokens: u32) -> String;
+    /// `text` cut to the budget in tokens of this model's tokenizer: the text itself when it
+    /// fits, else its first `head` tokens and, with a `tail`, [`ELISION`] and its last
+    /// `tail` tokens.
+    fn truncate(&self, text: &str, budget: TextBudget) -> String;
 
     /// The model's own chat template applied to `messages`, with the assistant turn opened.
     fn format_chat(&self, messages: &Messages) -> Result<ChatPrompt, BackendError>;
@@ -417,6 +442,37 @@ pub(crate) fn sampled_generation(max_tokens: u32, seed: u64) -> Task {
             min_p: 0.0,
             seed,
         },
+    }
+}
+
+#[cfg(test)]
+mod cut_tests {
+    use super::*;
+
+    fn cut(text: &str, budget: TextBudget) -> String {
+        let words: Vec<&str> = text.split(' ').collect();
+        cut_text(
+            words.len(),
+            budget,
+            |h| words[..h].join(" "),
+            |f| words[f..].join(" "),
+        )
+        .unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn a_head_and_tail_budget_keeps_both_ends_and_marks_the_cut() {
+        let text = "a b c d e f g h i j";
+        assert_eq!(cut(text, TextBudget::head(4)), "a b c d");
+        // 6 tokens: 2 from the start, 4 from the end.
+        let b = TextBudget::head_tail(6);
+        assert_eq!((b.head, b.tail), (2, 4));
+        assert_eq!(cut(text, b), "a b [...] g h i j");
+        assert_eq!(cut(text, TextBudget { head: 0, tail: 3 }), " [...] h i j");
+        // A text within the budget is kept whole, marker-free.
+        assert_eq!(cut(text, TextBudget::head_tail(10)), text);
+        assert_eq!(TextBudget::head_tail(384).head, 128);
+        assert_eq!(TextBudget::head_tail(384).tokens(), 384);
     }
 }
 

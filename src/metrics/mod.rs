@@ -152,6 +152,15 @@ pub fn collect(
     }
     // In the plan's order: by cell, then by row.
     out.sort_unstable_by_key(|p| (p.cell, p.row));
+    // Ensembles read their members' predictions, made above.
+    let mut combined = Vec::new();
+    for e in 0..plan.ensembles.len() {
+        combined.extend(crate::ensemble::predictions(plan, e, &out));
+    }
+    if !combined.is_empty() {
+        out.extend(combined);
+        out.sort_unstable_by_key(|p| (p.cell, p.row));
+    }
     Ok(out)
 }
 
@@ -174,6 +183,7 @@ named_enum! {
         Loglik,
         KnnVote,
         Cascade,
+        Ensemble,
     }
 }
 
@@ -356,7 +366,9 @@ pub fn compute(
                 })
                 .collect();
             let planned = match cell.source {
-                Source::Vote { .. } | Source::Cascade { .. } => plan.dataset.rows.len(),
+                Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => {
+                    plan.dataset.rows.len()
+                }
                 Source::Llm { .. } => cell.rows.len(),
             } as u64;
             CellMetrics {
@@ -366,6 +378,7 @@ pub fn compute(
                 method: method_id,
                 kind: match (cell.source, method.kind()) {
                     (Source::Cascade { .. }, _) => CellKind::Cascade,
+                    (Source::Ensemble { .. }, _) => CellKind::Ensemble,
                     (_, MethodKind::Generate) => CellKind::Generate,
                     (_, MethodKind::Loglik) => CellKind::Loglik,
                     (_, MethodKind::KnnVote) => CellKind::KnnVote,

@@ -26,7 +26,12 @@ impl Plan {
             .rows
             .iter()
             .zip(&self.sets[support.set].rows)
-            .map(|(c, r)| c.map(|c| (c.row_key(), (!cal.content_free).then_some(r.label))))
+            .map(|(c, r)| {
+                c.map(|c| {
+                    let labelled = cal.kind == crate::spec::CalibrationKind::Fit;
+                    (c.row_key(), labelled.then_some(r.label))
+                })
+            })
             .collect();
         let rows = rows?;
         let limit = self.prompt_limit(support);
@@ -41,11 +46,7 @@ impl Plan {
             })
             .map(|(i, _)| i)
             .collect();
-        let kind = if cal.content_free {
-            "content_free"
-        } else {
-            "fit"
-        };
+        let kind = cal.kind.as_str();
         Some(
             CalibrationPart {
                 kind,

@@ -34,7 +34,8 @@ use crate::model::KnownModel;
 use crate::neighbours::{Neighbours, Search};
 use crate::prompt::{Example, Messages, Prompts, Shots};
 use crate::spec::{
-    Calibration, Escalate, Located, Method, MethodKind, SamplerPoint, ShotOrder, Spec,
+    Calibration, CalibrationKind, Escalate, Located, Method, MethodKind, SamplerPoint, ShotOrder,
+    Spec,
 };
 use crate::store::{Artifact, Store};
 
@@ -47,6 +48,8 @@ pub enum Source {
     Vote { retrieval: usize },
     /// Other cells in turn, each answering only what the one before was unsure of.
     Cascade { cascade: usize },
+    /// Other cells' label probabilities averaged.
+    Ensemble { ensemble: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -124,20 +127,33 @@ impl Cell {
     pub fn model(&self) -> Option<usize> {
         match self.source {
             Source::Llm { model, .. } => Some(model),
-            Source::Vote { .. } | Source::Cascade { .. } => None,
+            Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => None,
         }
     }
 
     pub fn prompt(&self) -> Option<usize> {
         match self.source {
             Source::Llm { prompt, .. } => Some(prompt),
-            Source::Vote { .. } | Source::Cascade { .. } => None,
+            Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => None,
         }
     }
 }
 
 /// Cascade cells are named `cascade/ID`.
 pub const CASCADE_PREFIX: &str = "cascade/";
+
+/// Ensemble cells are named `ensemble/ID`.
+pub const ENSEMBLE_PREFIX: &str = "ensemble/";
+
+/// An ensemble's cell and its members (reported cells with label scores).
+#[derive(Debug, Clone)]
+pub struct EnsemblePlan {
+    /// Index into the spec's ensembles.
+    pub spec: usize,
+    /// Its reported cell.
+    pub cell: usize,
+    pub members: Vec<usize>,
+}
 
 /// A cell of the plan: reported, or a support cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +199,7 @@ pub struct Shown {
 /// A calibrated cell's calibration: what it is fitted on.
 #[derive(Debug, Clone)]
 pub struct CalibrationPlan {
-    pub content_free: bool,
+    pub kind: CalibrationKind,
     /// The support cell whose rows it is fitted on.
     pub support: usize,
 }
@@ -206,6 +222,7 @@ pub struct Plan {
     pub support: Vec<Cell>,
     pub calibrations: Vec<CalibrationPlan>,
     pub cascades: Vec<CascadePlan>,
+    pub ensembles: Vec<EnsemblePlan>,
     pub pools: Vec<Pool>,
     pub retrievals: Vec<Retrieval>,
     /// Texts to embed, one request per distinct key.
@@ -384,7 +401,7 @@ pub fn build(
     // Row sets: the evaluation rows, then the rows calibrations need.
     let mut sets = vec![RowSet::new("eval", dataset.rows.clone())];
     let mut fit_sets: Vec<(std::path::PathBuf, crate::spec::SampleSpec, usize)> = Vec::new();
-    let mut method_sets: Vec<Option<(usize, bool)>> = Vec::new();
+    let mut method_sets: Vec<Option<(usize, CalibrationKind)>> = Vec::new();
     for m in &spec.methods {
         method_sets.push(match m.calibrate() {
             None => None,
@@ -406,8 +423,10 @@ pub fn build(
                         sets.len() - 1
                     }
                 };
-                Some((i, true))
+                Some((i, CalibrationKind::ContentFree))
             }
+            // Fitted on the cell's own rows: its support cell is the raw cell again.
+            Some(Calibration::Batch) => Some((0, CalibrationKind::Batch)),
             Some(Calibration::Fit { from, sample }) => {
                 let i = fit_set(
                     &mut sets,
@@ -418,7 +437,7 @@ pub fn build(
                     sample,
                     &mut file_warnings.borrow_mut(),
                 )?;
-                Some((i, false))
+                Some((i, CalibrationKind::Fit))
             }
         });
     }
@@ -540,6 +559,7 @@ pub fn build(
         &mut support,
         &mut calibrations,
     )?;
+    let ensembles = plan_ensembles(&spec, &mut cells)?;
     check_compare_ids(&spec, &cells)?;
     let mut warnings = dataset.warnings.clone();
     warnings.extend(file_warnings.into_inner());
@@ -556,6 +576,7 @@ pub fn build(
         support,
         calibrations,
         cascades,
+        ensembles,
         pools,
         retrievals,
         embed_requests: requests,
@@ -657,7 +678,7 @@ struct CellFactory<'a> {
     models: &'a [KnownModel],
     prompts: &'a Prompts,
     sets: &'a [RowSet],
-    method_sets: &'a [Option<(usize, bool)>],
+    method_sets: &'a [Option<(usize, CalibrationKind)>],
     label_names: Vec<String>,
     engine: Digest,
     /// `[set][prompt][row]`
@@ -679,7 +700,7 @@ impl<'a> CellFactory<'a> {
         models: &'a [KnownModel],
         prompts: &'a Prompts,
         sets: &'a [RowSet],
-        method_sets: &'a [Option<(usize, bool)>],
+        method_sets: &'a [Option<(usize, CalibrationKind)>],
         engine_version: &str,
     ) -> Self {
         let prompt_digests = sets
@@ -693,7 +714,7 @@ impl<'a> CellFactory<'a> {
                                 m.as_ref().map(|m| {
                                     PromptPart {
                                         messages: m,
-                                        max_text_tokens: spec.dataset.max_text_tokens,
+                                        budget: spec.dataset.budget,
                                     }
                                     .digest()
                                 })
@@ -806,7 +827,7 @@ impl<'a> CellFactory<'a> {
             model: c.model,
             prompt: c.prompt,
         };
-        let calibration = self.method_sets[c.method].map(|(set, content_free)| {
+        let calibration = self.method_sets[c.method].map(|(set, kind)| {
             support.push(Cell {
                 id: format!("{id}#{}", self.sets[set].name),
                 source,
@@ -818,7 +839,7 @@ impl<'a> CellFactory<'a> {
                 gated: false,
             });
             calibrations.push(CalibrationPlan {
-                content_free,
+                kind,
                 support: support.len() - 1,
             });
             calibrations.len() - 1
@@ -1003,6 +1024,71 @@ fn plan_cascades(
     Ok(out)
 }
 
+/// Each ensemble as a reported cell over its members: reported cells with label scores
+/// (`loglik`, calibrated or not, and `knn_vote`; not a generation, a cascade or another
+/// ensemble, which have no label probabilities to average).
+fn plan_ensembles(spec: &Spec, cells: &mut Vec<Cell>) -> Result<Vec<EnsemblePlan>, Diagnostic> {
+    let mut out = Vec::new();
+    for (ei, e) in spec.ensembles.iter().enumerate() {
+        let id = format!("{ENSEMBLE_PREFIX}{}", e.id);
+        if cells.iter().any(|x| x.id == id) {
+            return Err(e.cells[0].error(format!(
+                "ensemble cell `{id}` has the id of another cell: rename the ensemble"
+            )));
+        }
+        let mut members = Vec::new();
+        for name in &e.cells {
+            let Some(m) = cells.iter().position(|c| c.id == name.value) else {
+                let scored: Vec<&str> = cells
+                    .iter()
+                    .filter(|c| has_label_scores(spec, c))
+                    .map(|c| c.id.as_str())
+                    .take(4)
+                    .collect();
+                return Err(name.error(format!(
+                    "no cell `{}`; an ensemble's members are cells with label scores, such as {}",
+                    name.value,
+                    scored.join(", ")
+                )));
+            };
+            if !has_label_scores(spec, &cells[m]) {
+                return Err(name.error(format!(
+                    "`{}` has no label probabilities to average: an ensemble's members are `loglik`, `probe` or `knn_vote` cells",
+                    name.value
+                )));
+            }
+            members.push(m);
+        }
+        let first = &cells[members[0]];
+        cells.push(Cell {
+            id,
+            source: Source::Ensemble { ensemble: ei },
+            method: first.method,
+            point: None,
+            set: 0,
+            rows: RowKeys::default(),
+            calibration: None,
+            gated: false,
+        });
+        out.push(EnsemblePlan {
+            spec: ei,
+            cell: cells.len() - 1,
+            members,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether a cell's rows carry label probabilities (what an ensemble averages).
+fn has_label_scores(spec: &Spec, cell: &Cell) -> bool {
+    match cell.source {
+        Source::Llm { .. } | Source::Vote { .. } => {
+            spec.methods[cell.method].kind() != MethodKind::Generate
+        }
+        Source::Cascade { .. } | Source::Ensemble { .. } => false,
+    }
+}
+
 /// A cell that computes only the rows a cascade's routing sends it.
 fn gated(cell: Cell) -> Cell {
     Cell {
@@ -1075,6 +1161,18 @@ impl Plan {
                         too_long: 0,
                     };
                 }
+                if let Source::Ensemble { ensemble } = c.source {
+                    let members = &self.ensembles[ensemble].members;
+                    let rows = self.dataset.rows.len();
+                    return CellStatus {
+                        rows,
+                        cached: (0..rows)
+                            .filter(|&ri| members.iter().all(|&m| self.row_ready(m, ri, cache)))
+                            .count(),
+                        failed: 0,
+                        too_long: 0,
+                    };
+                }
                 let keys = c.rows.keys().flatten();
                 let limit = self.prompt_limit(c);
                 let (mut cached, mut failed, mut too_long) = (0, 0, 0);
@@ -1094,6 +1192,19 @@ impl Plan {
                 }
             })
             .collect()
+    }
+
+    /// Whether row `ri` of reported cell `ci` (a model or vote cell) is computed.
+    fn row_ready(&self, ci: usize, ri: usize, cache: &Cache) -> bool {
+        let c = &self.cells[ci];
+        match c.source {
+            Source::Llm { .. } => c
+                .rows
+                .key(ri)
+                .is_some_and(|k| matches!(cache.lookup(&k, self.prompt_limit(c)), Lookup::Hit)),
+            Source::Vote { retrieval } => self.retrievals[retrieval].results[0][ri].is_some(),
+            Source::Cascade { .. } | Source::Ensemble { .. } => false,
+        }
     }
 
     /// Every inference row key the plan needs now (rows whose inputs are unknown have none;
@@ -1147,11 +1258,35 @@ impl Plan {
                     "cascade".into(),
                 )
             }
+            // Model: the members' model when they share one; prompt: the ensemble's id.
+            Source::Ensemble { ensemble } => {
+                let ep = &self.ensembles[ensemble];
+                let mut models: Vec<String> = Vec::new();
+                for &m in &ep.members {
+                    let name = self.cell_names(&self.cells[m]).0;
+                    if !models.contains(&name) {
+                        models.push(name);
+                    }
+                }
+                (
+                    models.join("+"),
+                    self.spec.ensembles[ep.spec].id.clone(),
+                    "ensemble".into(),
+                )
+            }
         }
     }
 
     /// Cell parameters as JSON (sampler settings for generation).
     pub fn params(&self, cell: &Cell, routing: &Routing) -> serde_json::Value {
+        if let Source::Ensemble { ensemble } = cell.source {
+            let ep = &self.ensembles[ensemble];
+            return serde_json::json!({
+                "kind": "ensemble",
+                "members": ep.members.iter().map(|&m| self.cells[m].id.clone()).collect::<Vec<_>>(),
+                "weights": self.spec.ensembles[ep.spec].weights,
+            });
+        }
         if let Source::Cascade { cascade } = cell.source {
             let cp = &self.cascades[cascade];
             let spec = &self.spec.cascades[cp.spec];
@@ -1195,6 +1330,7 @@ impl Plan {
                 "calibrate": match m.calibrate() {
                     None => serde_json::Value::Null,
                     Some(Calibration::ContentFree) => "content_free".into(),
+                    Some(Calibration::Batch) => "batch".into(),
                     Some(Calibration::Fit { sample, .. }) => serde_json::json!({"fit": {"n": sample.n, "seed": sample.seed}}),
                 },
             }),

@@ -21,7 +21,7 @@ const ALPHA: f64 = 0.05;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Finding {
     /// What it is about: `models`, `prompts`, `bias`, `temperature`, `calibration`, `cost`,
-    /// `baseline`, `validity`, `comparison`.
+    /// `baseline`, `validity`, `comparison`, `cascade`, `ensemble`.
     pub topic: &'static str,
     pub text: String,
 }
@@ -61,6 +61,8 @@ pub struct CellView {
     pub mean_prompt_tokens: f64,
     /// Cascade cells: the stages and what the cascade costs beside them.
     pub cascade: Option<CascadeView>,
+    /// Ensemble cells: the member cells' ids.
+    pub members: Vec<String>,
 }
 
 /// A cascade as the rules see it.
@@ -145,6 +147,14 @@ impl Input {
                     time_vs_first: s.time_vs_first,
                     time_vs_last: s.time_vs_last,
                 }),
+                members: match cell.source {
+                    crate::plan::Source::Ensemble { ensemble } => plan.ensembles[ensemble]
+                        .members
+                        .iter()
+                        .map(|&m| plan.cells[m].id.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                },
             })
             .collect();
         Self {
@@ -177,6 +187,7 @@ pub fn derive(input: &Input) -> Vec<Finding> {
     validity(input, &mut out);
     cost(input, &mut out);
     cascades(input, &mut out);
+    ensembles(input, &mut out);
     out
 }
 
@@ -197,8 +208,10 @@ impl CellView {
         })
     }
 
+    /// A cell that reads a model's (or the vote's) scores as they are: not calibrated,
+    /// and not combined from other cells.
     fn raw(&self) -> bool {
-        self.calibration.is_none()
+        self.calibration.is_none() && !matches!(self.kind, CellKind::Ensemble | CellKind::Cascade)
     }
 }
 
@@ -357,7 +370,8 @@ fn model_cells<'a>(input: &'a Input, model: &'a str) -> impl Iterator<Item = &'a
 
 fn prompts_of(input: &Input, model: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for c in model_cells(input, model) {
+    // An ensemble's "prompt" is its id.
+    for c in model_cells(input, model).filter(|c| c.kind != CellKind::Ensemble) {
         if !out.contains(&c.prompt) {
             out.push(c.prompt.clone());
         }
@@ -1036,6 +1050,38 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
     }
 }
 
+/// Each ensemble against its best member, on paired rows: what averaging bought.
+fn ensembles(input: &Input, out: &mut Vec<Finding>) {
+    for e in input
+        .cells
+        .iter()
+        .filter(|c| !c.members.is_empty() && c.n() > 0)
+    {
+        let members = || {
+            input
+                .cells
+                .iter()
+                .filter(|c| e.members.contains(&c.id) && c.n() > 0)
+        };
+        let (Some(top), Some(acc)) = (best(input, members()), e.accuracy(&input.gold)) else {
+            continue;
+        };
+        let Some(t) = paired(input, e, top) else {
+            continue;
+        };
+        out.push(Finding {
+            topic: "ensemble",
+            text: format!(
+                "The ensemble {} averages {} cells and reaches {}; it {}.",
+                e.id,
+                e.members.len(),
+                pct(acc),
+                verdict(&t, &format!("its best member {} ({})", top.id, pct(t.b)))
+            ),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1458,6 +1504,34 @@ mod tests {
                 .all(|m| !m.contains("cascade/casc")),
             "{:?}",
             texts(&derive(&inp), "models")
+        );
+    }
+
+    #[test]
+    fn an_ensemble_is_set_beside_its_best_member_and_counts_as_its_models_cell() {
+        let mut inp = input(300);
+        let a = cell(&inp, "small", "zero", 210);
+        let b = cell(&inp, "small", "four", 225);
+        let mut e = cell(&inp, "small", "both", 270);
+        e.id = "ensemble/both".into();
+        e.kind = CellKind::Ensemble;
+        e.members = vec![a.id.clone(), b.id.clone()];
+        inp.cells = vec![a, b, e, cell(&inp, "large", "zero", 270)];
+        let f = derive(&inp);
+        let t = texts(&f, "ensemble");
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert!(
+            t[0].starts_with("The ensemble ensemble/both averages 2 cells and reaches 90.0%; it beats its best member small/four/loglik (75.0%) by 15.0 points"),
+            "{}",
+            t[0]
+        );
+        // It is the small model's best cell, and no prompt of its own, nor a raw cell.
+        let m = texts(&f, "models");
+        assert!(m[0].contains("ensemble/both"), "{m:?}");
+        assert!(
+            texts(&f, "prompts").iter().all(|p| !p.contains("both")),
+            "{:?}",
+            texts(&f, "prompts")
         );
     }
 

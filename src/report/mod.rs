@@ -655,6 +655,15 @@ fn gold_shares(plan: &Plan) -> Vec<f64> {
     out
 }
 
+/// Log-probs as probabilities to two places, space-separated.
+fn probabilities(log_p: &[f64]) -> String {
+    log_p
+        .iter()
+        .map(|l| format!("{:.2}", l.exp()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Calibrated cells: what they were fitted on, and accuracy and ECE before and after.
 fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
     let rows = m
@@ -673,13 +682,12 @@ fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
                         .collect::<Vec<_>>()
                         .join(" ")
                 ),
-                Some(crate::calibrate::Params::ContentFree { log_p }) => format!(
-                    "content-free label probabilities {}",
-                    log_p
-                        .iter()
-                        .map(|l| format!("{:.2}", l.exp()))
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                Some(crate::calibrate::Params::ContentFree { log_p }) => {
+                    format!("content-free label probabilities {}", probabilities(log_p))
+                }
+                Some(crate::calibrate::Params::Batch { mean_log_p, .. }) => format!(
+                    "mean label probabilities (geometric) over its own rows {}",
+                    probabilities(mean_log_p)
                 ),
                 None => format!(
                     "not fitted yet: {}",

@@ -461,7 +461,7 @@ fn load(
                 model,
                 embedder: if w == 0 { embedder.clone() } else { None },
                 prompts: plan.prompts.clone(),
-                budget: plan.spec.dataset.max_text_tokens,
+                budget: plan.spec.dataset.budget,
             },
             make_backend.clone(),
             rx,

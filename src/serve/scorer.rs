@@ -69,7 +69,7 @@ pub struct Scorer {
     pub cell: String,
     pub labels: Vec<String>,
     pub clean: CleanSpec,
-    pub budget: Option<u32>,
+    pub budget: Option<crate::spec::TextBudget>,
     pub prompts: std::sync::Arc<Prompts>,
     pub kind: Kind,
     pub pools: Vec<LoadedPool>,
@@ -134,6 +134,8 @@ pub enum ScorerError {
     PoolNotEmbedded,
     #[error("a cascade is served stage by stage, each with a scorer")]
     Cascade,
+    #[error("an ensemble is not served: serve one of its members")]
+    Ensemble,
     #[error("no embedding")]
     NoEmbedding,
     #[error("the cell's model digest is not known")]
@@ -168,6 +170,9 @@ impl Scorer {
         let kind = match c.source {
             Source::Cascade { .. } => {
                 return Err(ScorerError::Cascade);
+            }
+            Source::Ensemble { .. } => {
+                return Err(ScorerError::Ensemble);
             }
             Source::Vote { retrieval } => {
                 let r = &plan.retrievals[retrieval];
@@ -226,7 +231,7 @@ impl Scorer {
             cell: c.id.clone(),
             labels: plan.dataset.label_names(),
             clean: plan.spec.dataset.clean.clone(),
-            budget: plan.spec.dataset.max_text_tokens,
+            budget: plan.spec.dataset.budget,
             prompts: plan.prompts.clone(),
             kind,
             pools,
@@ -306,7 +311,7 @@ impl Scorer {
                 let components = Components {
                     prompt: PromptPart {
                         messages: &messages,
-                        max_text_tokens: self.budget,
+                        budget: self.budget,
                     }
                     .digest(),
                     ..**fixed

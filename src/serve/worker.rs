@@ -38,7 +38,7 @@ pub struct WorkerSpec {
     pub model: Option<ModelLoad>,
     pub embedder: Option<EmbedderLoad>,
     pub prompts: Arc<Prompts>,
-    pub budget: Option<u32>,
+    pub budget: Option<crate::spec::TextBudget>,
 }
 
 /// Start the worker; `ready` is told once the models are loaded (or why they are not).

@@ -6,7 +6,7 @@ mod raw;
 use std::path::{Path, PathBuf};
 
 pub use raw::{MethodKind, ParseRule, ShotOrder, ShotStrategy};
-use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, TemplateRef};
+use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, RawTruncate, TemplateRef};
 use serde_saphyr::Spanned;
 
 use crate::diag::{Diagnostic, SourceLoc};
@@ -40,6 +40,17 @@ pub struct Spec {
     /// Sentence-embedding models, for retrieved examples and `knn_vote`.
     pub embedders: Vec<EmbedderSpec>,
     pub cascades: Vec<CascadeSpec>,
+    pub ensembles: Vec<EnsembleSpec>,
+}
+
+/// An ensemble of cells with label scores: each row's label probabilities averaged over
+/// the members (weighted), no inference of its own. Its cell is `ensemble/ID`.
+#[derive(Debug, Clone)]
+pub struct EnsembleSpec {
+    pub id: String,
+    pub cells: Vec<Located<String>>,
+    /// One per member, summing to 1.
+    pub weights: Vec<f64>,
 }
 
 /// A cascade of cells: the first answers every row, each next one only the rows the one
@@ -96,6 +107,9 @@ pub struct KnnSpec {
 pub enum Calibration {
     /// Divide out the prompt's bias measured on content-free inputs (Zhao et al. 2021).
     ContentFree,
+    /// Divide out each label's mean probability over the cell's own evaluated rows (batch
+    /// calibration, Zhou et al. 2024): no labels, no extra inference.
+    Batch,
     /// A per-label bias and a temperature fitted on labelled rows of another file, scored
     /// with the same model and prompt; the evaluation rows never take part.
     Fit {
@@ -108,6 +122,7 @@ impl Calibration {
     pub fn kind(&self) -> CalibrationKind {
         match self {
             Calibration::ContentFree => CalibrationKind::ContentFree,
+            Calibration::Batch => CalibrationKind::Batch,
             Calibration::Fit { .. } => CalibrationKind::Fit,
         }
     }
@@ -117,6 +132,7 @@ named_enum! {
     /// A calibration's kind, as tables and Findings name it.
     pub enum CalibrationKind {
         ContentFree,
+        Batch,
         Fit,
     }
 }
@@ -166,7 +182,41 @@ pub struct DatasetSpec {
     pub labels_at: Located<()>,
     pub sample: Option<SampleSpec>,
     pub clean: CleanSpec,
-    pub max_text_tokens: Option<u32>,
+    /// `max_text_tokens`, and which part of a longer text is kept (`truncate`).
+    pub budget: Option<TextBudget>,
+}
+
+/// How many of a text's tokens a prompt keeps: the first `head` and the last `tail`, with
+/// [`crate::backend::ELISION`] between them when both are cut from a longer text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextBudget {
+    pub head: u32,
+    pub tail: u32,
+}
+
+impl TextBudget {
+    /// The first `tokens` only (`max_text_tokens` alone).
+    pub fn head(tokens: u32) -> Self {
+        Self {
+            head: tokens,
+            tail: 0,
+        }
+    }
+
+    /// `truncate: head_tail`: a third of the budget from the start, two thirds from the end
+    /// (a review's verdict is usually at its end; Sun et al. 2019 found head+tail best for
+    /// long IMDB reviews).
+    pub fn head_tail(tokens: u32) -> Self {
+        let head = tokens / 3;
+        Self {
+            head,
+            tail: tokens - head,
+        }
+    }
+
+    pub fn tokens(&self) -> u32 {
+        self.head + self.tail
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -626,6 +676,10 @@ impl Validator<'_> {
             Some(c) => self.cascades(c)?,
             None => Vec::new(),
         };
+        let ensembles = match raw.ensembles {
+            Some(e) => self.ensembles(e, &cascades)?,
+            None => Vec::new(),
+        };
         let report = ReportSpec {
             title: raw.report.and_then(|r| r.title),
         };
@@ -671,7 +725,77 @@ impl Validator<'_> {
             compare,
             embedders,
             cascades,
+            ensembles,
         })
+    }
+
+    fn ensembles(
+        &self,
+        ensembles: Spanned<Vec<raw::RawEnsemble>>,
+        cascades: &[CascadeSpec],
+    ) -> Result<Vec<EnsembleSpec>, Diagnostic> {
+        // Cascade and ensemble cells share the `KIND/ID` names, so their ids are distinct.
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for (i, e) in ensembles.value.iter().enumerate() {
+            let field = format!("ensembles[{i}]");
+            let id = self.id(&e.id, &format!("{field}.id"), &mut seen)?;
+            if cascades.iter().any(|c| c.id == id) {
+                // Not a clash of cell ids (`cascade/X` vs `ensemble/X`), but one name for
+                // two things in Findings that say "X".
+                return Err(self.err(
+                    &e.id,
+                    format!("{field}.id"),
+                    format!("`{id}` is also a cascade's id: give the ensemble its own"),
+                ));
+            }
+            if e.cells.value.len() < 2 {
+                return Err(self.err(
+                    &e.cells,
+                    format!("{field}.cells"),
+                    "an ensemble averages at least two cells",
+                ));
+            }
+            let mut cells: Vec<Located<String>> = Vec::new();
+            for (j, c) in e.cells.value.iter().enumerate() {
+                let name = c.value.trim().to_string();
+                if cells.iter().any(|x| x.value == name) {
+                    return Err(self.err(
+                        c,
+                        format!("{field}.cells[{j}]"),
+                        format!("`{name}` is already a member of this ensemble"),
+                    ));
+                }
+                cells.push(self.located(c, format!("{field}.cells[{j}]"), name));
+            }
+            let weights = match &e.weights {
+                None => vec![1.0 / cells.len() as f64; cells.len()],
+                Some(w) => {
+                    if w.value.len() != cells.len() {
+                        return Err(self.err(
+                            w,
+                            format!("{field}.weights"),
+                            format!(
+                                "give one weight per cell ({}), not {}",
+                                cells.len(),
+                                w.value.len()
+                            ),
+                        ));
+                    }
+                    let total: f64 = w.value.iter().sum();
+                    if w.value.iter().any(|x| !x.is_finite() || *x < 0.0) || total <= 0.0 {
+                        return Err(self.err(
+                            w,
+                            format!("{field}.weights"),
+                            "weights are 0 or more, and not all 0",
+                        ));
+                    }
+                    w.value.iter().map(|x| x / total).collect()
+                }
+            };
+            out.push(EnsembleSpec { id, cells, weights });
+        }
+        Ok(out)
     }
 
     fn cascades(
@@ -869,6 +993,46 @@ impl Validator<'_> {
         {
             return Err(self.err(m, "dataset.max_text_tokens", "must be at least 1"));
         }
+        let max = d.max_text_tokens.as_ref().map(|m| m.value);
+        let budget = match (&d.truncate, max) {
+            (None, m) => m.map(TextBudget::head),
+            (Some(t), m) => match (t.value, m) {
+                (RawTruncate::Head, m) => m.map(TextBudget::head),
+                (RawTruncate::HeadTail, Some(m)) if m < 3 => {
+                    return Err(self.err(
+                        t,
+                        "dataset.truncate",
+                        "head_tail keeps a third of the budget from the start: give `max_text_tokens` of 3 or more",
+                    ));
+                }
+                (RawTruncate::HeadTail, Some(m)) => Some(TextBudget::head_tail(m)),
+                (RawTruncate::HeadTail, None) => {
+                    return Err(self.err(
+                        t,
+                        "dataset.truncate",
+                        "head_tail splits a budget: give `max_text_tokens` too",
+                    ));
+                }
+                (RawTruncate::Split { head, tail }, m) => {
+                    let split = TextBudget { head, tail };
+                    if split.tokens() == 0 {
+                        return Err(self.err(t, "dataset.truncate", "keep at least 1 token"));
+                    }
+                    if m.is_some_and(|m| m != split.tokens()) {
+                        return Err(self.err(
+                            t,
+                            "dataset.truncate",
+                            format!(
+                                "head {head} + tail {tail} is {} tokens, but `max_text_tokens` is {}: give one budget",
+                                split.tokens(),
+                                m.unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    Some(split)
+                }
+            },
+        };
         Ok(DatasetSpec {
             path: self.located(&d.path, "dataset.path", self.path(&d.path.value)),
             text: self.located(&d.text, "dataset.text", d.text.value.clone()),
@@ -881,7 +1045,7 @@ impl Validator<'_> {
             labels_at: self.located(&d.labels, "dataset.labels", ()),
             sample,
             clean,
-            max_text_tokens: d.max_text_tokens.map(|m| m.value),
+            budget,
         })
     }
 
@@ -1319,6 +1483,7 @@ impl Validator<'_> {
                 None => None,
                 Some(c) => Some(match &c.value {
                     RawCalibrate::ContentFree => Calibration::ContentFree,
+                    RawCalibrate::Batch => Calibration::Batch,
                     RawCalibrate::Fit(f) => {
                         if f.n < 2 {
                             return Err(self.err(

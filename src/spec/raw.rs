@@ -28,6 +28,18 @@ pub struct RawSpec {
     pub embedders: Option<Spanned<Vec<RawEmbedder>>>,
     #[serde(default)]
     pub cascades: Option<Spanned<Vec<RawCascade>>>,
+    #[serde(default)]
+    pub ensembles: Option<Spanned<Vec<RawEnsemble>>>,
+}
+
+/// An ensemble: the members' label probabilities averaged, with weights or equally.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnsemble {
+    pub id: Spanned<String>,
+    pub cells: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub weights: Option<Spanned<Vec<f64>>>,
 }
 
 /// A cascade: `first` answers every row; rows it is unsure of go on to `then` (a cell, or
@@ -123,6 +135,55 @@ pub struct RawDataset {
     pub clean: Option<Spanned<RawClean>>,
     #[serde(default)]
     pub max_text_tokens: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub truncate: Option<Spanned<RawTruncate>>,
+}
+
+/// Which tokens of a long text are kept: `head` (the default), `head_tail`, or
+/// `{head: H, tail: T}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawTruncate {
+    Head,
+    HeadTail,
+    Split { head: u32, tail: u32 },
+}
+
+impl<'de> Deserialize<'de> for RawTruncate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTruncate;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`head`, `head_tail` or a map `{head: H, tail: T}`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTruncate, E> {
+                match v {
+                    "head" => Ok(RawTruncate::Head),
+                    "head_tail" => Ok(RawTruncate::HeadTail),
+                    other => Err(de::Error::unknown_variant(other, &["head", "head_tail"])),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTruncate, A::Error> {
+                let (mut head, mut tail) = (None, None);
+                while let Some(k) = map.next_key::<String>()? {
+                    let slot = match k.as_str() {
+                        "head" => &mut head,
+                        "tail" => &mut tail,
+                        other => return Err(de::Error::unknown_field(other, &["head", "tail"])),
+                    };
+                    if slot.is_some() {
+                        return Err(de::Error::custom(format!("duplicate field `{k}`")));
+                    }
+                    *slot = Some(map.next_value::<u32>()?);
+                }
+                Ok(RawTruncate::Split {
+                    head: head.ok_or_else(|| de::Error::missing_field("head"))?,
+                    tail: tail.ok_or_else(|| de::Error::missing_field("tail"))?,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,10 +357,11 @@ pub enum MethodKind {
     KnnVote,
 }
 
-/// `calibrate: content_free` or `calibrate: {fit: {from, n, seed}}`.
+/// `calibrate: content_free`, `calibrate: batch` or `calibrate: {fit: {from, n, seed}}`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RawCalibrate {
     ContentFree,
+    Batch,
     Fit(RawFit),
 }
 
@@ -318,12 +380,16 @@ impl<'de> Deserialize<'de> for RawCalibrate {
         impl<'de> Visitor<'de> for V {
             type Value = RawCalibrate;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`content_free` or a map `{fit: {from: PATH, n: N, seed: S}}`")
+                f.write_str("`content_free`, `batch` or a map `{fit: {from: PATH, n: N, seed: S}}`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawCalibrate, E> {
                 match v {
                     "content_free" => Ok(RawCalibrate::ContentFree),
-                    other => Err(de::Error::unknown_variant(other, &["content_free", "fit"])),
+                    "batch" => Ok(RawCalibrate::Batch),
+                    other => Err(de::Error::unknown_variant(
+                        other,
+                        &["content_free", "batch", "fit"],
+                    )),
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawCalibrate, A::Error> {

@@ -258,3 +258,71 @@ fn ids_are_plain_names() {
         assert!(e.message.contains("plain names"), "{to}: {e}");
     }
 }
+
+#[test]
+fn truncation_budgets_parse_and_bad_ones_name_their_line() {
+    let with = |dataset_extra: &str| {
+        parse_at(&GOOD.replace(
+            "  sample: {n: 4, seed: 3}\n",
+            &format!("  sample: {{n: 4, seed: 3}}\n{dataset_extra}"),
+        ))
+    };
+    let budget = |extra: &str| with(extra).unwrap().dataset.budget;
+    assert_eq!(budget(""), None);
+    assert_eq!(
+        budget("  max_text_tokens: 384\n"),
+        Some(TextBudget::head(384))
+    );
+    assert_eq!(
+        budget("  max_text_tokens: 384\n  truncate: head_tail\n"),
+        Some(TextBudget {
+            head: 128,
+            tail: 256
+        })
+    );
+    assert_eq!(
+        budget("  truncate: {head: 100, tail: 284}\n"),
+        Some(TextBudget {
+            head: 100,
+            tail: 284
+        })
+    );
+    let e = with("  truncate: head_tail\n").unwrap_err().to_string();
+    assert!(
+        e.contains("spec.yaml:9:") && e.contains("give `max_text_tokens` too"),
+        "{e}"
+    );
+    let e = with("  max_text_tokens: 300\n  truncate: {head: 100, tail: 284}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("384 tokens, but `max_text_tokens` is 300"),
+        "{e}"
+    );
+    let e = with("  truncate: middle\n").unwrap_err().to_string();
+    assert!(e.contains("spec.yaml:9:") && e.contains("middle"), "{e}");
+}
+
+#[test]
+fn ensembles_are_checked_where_they_are_written() {
+    let with = |ensembles: &str| parse_at(&format!("{GOOD}ensembles:\n{ensembles}"));
+    let s = with("  - {id: both, cells: [tiny/zero/ll, tiny/zero/gen@t=0.2], weights: [3, 1]}\n")
+        .unwrap();
+    assert_eq!(s.ensembles[0].weights, vec![0.75, 0.25]);
+    assert_eq!(s.ensembles[0].cells[1].value, "tiny/zero/gen@t=0.2");
+    let e = with("  - {id: one, cells: [tiny/zero/ll]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ensembles[0].cells") && e.contains("at least two"),
+        "{e}"
+    );
+    let e = with("  - {id: w, cells: [a, b], weights: [1]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one weight per cell (2), not 1"), "{e}");
+    let e = with("  - {id: w, cells: [a, b], weights: [0, 0]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not all 0"), "{e}");
+}

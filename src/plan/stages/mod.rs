@@ -7,6 +7,7 @@
 mod calibrate;
 mod cascade;
 mod embed;
+mod ensemble;
 mod infer;
 mod load;
 mod neighbours;
@@ -29,6 +30,7 @@ const KINDS: &[&dyn Kind] = &[
     &infer::Infer,
     &calibrate::Calibrate,
     &cascade::Cascade,
+    &ensemble::Ensemble,
     &summary::Summary,
 ];
 
@@ -53,6 +55,8 @@ pub enum StageKind {
     Route,
     /// A cascade: each row answered by the stage it reached.
     Cascade,
+    /// An ensemble: each row's label probabilities averaged over its members.
+    Ensemble,
     Metrics,
     Report,
 }

@@ -28,6 +28,9 @@ impl Kind for Summary {
                     let name = &plan.spec.cascades[plan.cascades[cascade].spec].id;
                     add(&mut inputs, format!("cascade:{name}"));
                 }
+                Source::Ensemble { ensemble } => {
+                    add(&mut inputs, super::ensemble::stage_id(plan, ensemble));
+                }
             }
         }
         vec![
