@@ -19,6 +19,8 @@ pub enum CalibrationError {
     /// A stage read the fits before the calibrate stage ran (a bug, never silently raw).
     #[error("the calibrate stage has not run")]
     NotDecided,
+    #[error("the probe cannot be fitted: {0}")]
+    Probe(String),
 }
 
 /// Log-probs normalised over the labels (a log-softmax).
@@ -44,13 +46,17 @@ pub enum Params {
         temperature: f64,
         rows: usize,
     },
+    /// A probe: label scores from a row's features, not from its label log-probs.
+    Probe(Box<crate::probe::ProbeFit>),
 }
 
 impl Params {
-    /// Calibrated, normalised label log-probs of one row.
-    pub fn apply(&self, lp: &[f64]) -> Vec<f64> {
+    /// Calibrated, normalised label log-probs of one row from its label log-probs (`None`
+    /// for a probe, which reads the row's features: see [`Params::scores`]).
+    pub fn apply(&self, lp: &[f64]) -> Option<Vec<f64>> {
         let n = normalise(lp);
-        match self {
+        Some(match self {
+            Params::Probe(_) => return None,
             Params::ContentFree { log_p: shift }
             | Params::Batch {
                 mean_log_p: shift, ..
@@ -58,6 +64,15 @@ impl Params {
             Params::Fit {
                 bias, temperature, ..
             } => normalise(&scaled(&n, bias, *temperature)),
+        })
+    }
+
+    /// A row's label log-probs under this calibration or probe: from its label log-probs,
+    /// or (a probe) from its hidden states.
+    pub fn scores(&self, logprobs: Option<&[f64]>, hidden: Option<&[f32]>) -> Option<Vec<f64>> {
+        match self {
+            Params::Probe(p) => p.log_probs(hidden?),
+            _ => self.apply(logprobs?),
         }
     }
 }
@@ -191,7 +206,7 @@ mod tests {
         let p = fit(&rows).unwrap();
         let cal_right = rows
             .iter()
-            .filter(|(lp, g)| argmax(&p.apply(lp)) == *g)
+            .filter(|(lp, g)| argmax(&p.apply(lp).unwrap()) == *g)
             .count();
         assert_eq!(raw_right, 100, "raw: always label 0");
         assert_eq!(cal_right, 200, "calibrated: the lean is removed ({p:?})");
@@ -223,16 +238,16 @@ mod tests {
         assert!((mean_log_p[1] - -1.1918502562689777).abs() < 1e-12);
         let expected = [0.8337019035452317, 0.4552040600889007, 0.1927205826611546];
         for (r, e) in rows.iter().zip(expected) {
-            let out = p.apply(r);
+            let out = p.apply(r).unwrap();
             assert!((out[0].exp() - e).abs() < 1e-12, "{out:?} vs {e}");
         }
         // The middle row leaned to label 0 raw, and to label 1 against the batch's lean.
         assert_eq!(argmax(&rows[1]), 0);
-        assert_eq!(argmax(&p.apply(&rows[1])), 1);
+        assert_eq!(argmax(&p.apply(&rows[1]).unwrap()), 1);
         // Unnormalised scores give the same fit: only the label log-probs' differences count.
         let shifted: Vec<Vec<f64>> = rows.iter().map(|r| vec![r[0] - 5.0, r[1] - 5.0]).collect();
-        let again = batch(&shifted).unwrap().apply(&rows[0]);
-        let once = p.apply(&rows[0]);
+        let again = batch(&shifted).unwrap().apply(&rows[0]).unwrap();
+        let once = p.apply(&rows[0]).unwrap();
         assert!((again[1] - once[1]).abs() < 1e-12, "{again:?} vs {once:?}");
     }
 
@@ -241,7 +256,7 @@ mod tests {
         // The prompt alone favours label 0 at 80%.
         let cf = content_free(&[vec![0.8f64.ln(), 0.2f64.ln()]]).unwrap();
         let row = vec![0.6f64.ln(), 0.4f64.ln()];
-        let out = cf.apply(&row);
+        let out = cf.apply(&row).unwrap();
         assert_eq!(argmax(&out), 1, "{out:?}");
         let probs: Vec<f64> = out.iter().map(|x| x.exp()).collect();
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-12);

@@ -217,7 +217,7 @@ pub fn pending_jobs(plan: &Plan, routing: &Routing, cache: &Cache) -> Vec<Pendin
                 .iter()
                 .map(|t| match &t.task {
                     Task::Generate { max_tokens, .. } => u64::from(*max_tokens),
-                    Task::Loglik { .. } => 1,
+                    Task::Loglik { .. } | Task::Hidden { .. } => 1,
                 })
                 .sum();
             PendingJob {
@@ -486,6 +486,7 @@ pub fn execute(
                     buffer.push(CachedRow {
                         text: o.text,
                         logprobs: o.logprobs,
+                        hidden: o.hidden,
                         prompt_tokens: out.prompt_tokens,
                         evaluated_tokens: paid.evaluated_tokens,
                         gen_tokens: o.gen_tokens,
@@ -576,6 +577,7 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64, origin: &Origin) -
         kind: t.task.kind(),
         text: None,
         logprobs: None,
+        hidden: None,
         prompt_tokens: 0,
         evaluated_tokens: 0,
         gen_tokens: 0,
@@ -642,6 +644,8 @@ fn task_parts(tasks: &[Task]) -> Vec<Range<usize>> {
         let c = match t {
             Task::Generate { max_tokens, .. } => u64::from(*max_tokens).max(1),
             Task::Loglik { continuations } => continuations.len() as u64,
+            // Read during the prompt's evaluation: no decoding of its own.
+            Task::Hidden { .. } => 0,
         };
         // A part's tasks need the same context past the prompt, so that whether a task
         // fits the context depends on the task alone (the backend checks a call's longest).

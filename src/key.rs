@@ -259,6 +259,23 @@ impl CacheKey for MethodPart<'_> {
             Method::KnnVote(_) => {
                 e.str("kind", "knn_vote").strs("labels", self.labels);
             }
+            // The features a probe reads; what it is fitted on only reweighs them, and the
+            // labels do not change a hidden state.
+            Method::Probe(p) => match &p.features {
+                crate::spec::ProbeFeatures::Hidden { layers, pools } => {
+                    let layers: Vec<String> = layers.iter().map(ToString::to_string).collect();
+                    let pools: Vec<String> = pools
+                        .iter()
+                        .map(|p| format!("{p:?}").to_lowercase())
+                        .collect();
+                    e.str("kind", "hidden")
+                        .strs("layers", &layers)
+                        .strs("pools", &pools);
+                }
+                crate::spec::ProbeFeatures::Embedder(_) => {
+                    e.str("kind", "probe_embedder").strs("labels", self.labels);
+                }
+            },
         }
     }
 }

@@ -70,6 +70,7 @@ pub mod names;
 pub mod neighbours;
 pub mod plan;
 pub mod predict;
+pub mod probe;
 pub mod progress;
 pub mod prompt;
 pub mod report;

@@ -88,6 +88,8 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
     // happens to be cached, a calibrated cell's answers would depend on what ran before.
     let mut failed = 0;
     let limit = plan.prompt_limit(support);
+    let probe = c.kind == CalibrationKind::Probe;
+    let mut features: Vec<Vec<f32>> = Vec::new();
     let scored: Vec<(Vec<f64>, usize)> = support
         .rows
         .iter()
@@ -95,6 +97,10 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
         .filter_map(|(comps, row)| {
             let key = comps.as_ref()?.row_key();
             match cache.lookup(&key, limit) {
+                Lookup::Hit if probe => {
+                    features.push(cache.hit(&key, limit)?.hidden.as_deref()?.to_vec());
+                    Some((Vec::new(), row.label))
+                }
                 Lookup::Hit => Some((cache.hit(&key, limit)?.logprobs.clone()?, row.label)),
                 Lookup::TooLong { .. } | Lookup::Failed(_) => {
                     failed += 1;
@@ -106,7 +112,9 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
         .collect();
     let needed = match c.kind {
         CalibrationKind::ContentFree => rows.len(),
-        CalibrationKind::Batch | CalibrationKind::Fit => (rows.len() - failed).max(2),
+        CalibrationKind::Batch | CalibrationKind::Fit | CalibrationKind::Probe => {
+            (rows.len() - failed).max(2)
+        }
     };
     if scored.len() < needed {
         return Err(CalibrationError::RowsMissing {
@@ -120,8 +128,31 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
         CalibrationKind::ContentFree => calibrate::content_free(&unlabelled()),
         CalibrationKind::Batch => calibrate::batch(&unlabelled()),
         CalibrationKind::Fit => calibrate::fit(&scored),
+        CalibrationKind::Probe => {
+            let labels: Vec<usize> = scored.iter().map(|(_, l)| *l).collect();
+            let candidates = probe_candidates(&plan.spec.methods[support.method]);
+            return crate::probe::fit(&features, &labels, plan.dataset.labels.len(), &candidates)
+                .map(|p| Params::Probe(Box::new(p)))
+                .map_err(|e| CalibrationError::Probe(e.to_string()));
+        }
     };
     fitted.ok_or(CalibrationError::NoLabels)
+}
+
+/// The names of the feature blocks a probe's rows hold, in their order: each layer and
+/// pooling of a hidden-state probe (layer-major, as the backend writes them).
+pub fn probe_candidates(method: &crate::spec::MethodSpec) -> Vec<String> {
+    match method.probe().map(|p| &p.features) {
+        Some(crate::spec::ProbeFeatures::Hidden { layers, pools }) => layers
+            .iter()
+            .flat_map(|l| {
+                pools
+                    .iter()
+                    .map(move |p| format!("layer {l}, {}", format!("{p:?}").to_lowercase()))
+            })
+            .collect(),
+        _ => vec!["embedding".into()],
+    }
 }
 
 /// The keys a calibration's fit reads: the rows of its support cell.
@@ -167,7 +198,7 @@ pub fn prediction(
         None => (r.logprobs.clone(), None),
         Some(Err(_)) => return None,
         Some(Ok(p)) => (
-            r.logprobs.as_deref().map(|lp| p.apply(lp)),
+            p.scores(r.logprobs.as_deref(), r.hidden.as_deref()),
             r.logprobs.clone(),
         ),
     };

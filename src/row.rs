@@ -22,6 +22,8 @@ named_enum! {
     pub enum TaskKind {
         Generate,
         Loglik,
+        /// The model's hidden states, pooled, for a probe.
+        Hidden,
     }
 }
 

@@ -186,3 +186,116 @@ fn a_head_and_tail_budget_keys_its_rows_apart_from_a_head_only_one() {
     p.write("spec.yaml", &spec("  truncate: head\n"));
     assert_eq!(p.run()["computed_rows"], 0);
 }
+
+/// Prompt evaluations one in-process run asked of the fake backend.
+fn prompts_evaluated(p: &Project) -> usize {
+    use pipeline::app::{RunOptions, run_with_backend};
+    use pipeline::backend::fake::{FakeBackend, FakeCalls};
+    use pipeline::backend::{Backend, BackendKind};
+    use pipeline::config::Config;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cfg = Config {
+        backend: BackendKind::Fake,
+        ..Config::new(p.path("cache"), p.path("reports"))
+    };
+    let calls = Arc::new(FakeCalls::default());
+    let c = calls.clone();
+    let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
+    let outcome = run_with_backend(
+        &cfg,
+        &p.path("spec.yaml"),
+        &RunOptions::default(),
+        Arc::new(AtomicBool::new(false)),
+        make,
+    )
+    .unwrap();
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    calls.prompts.load(Ordering::SeqCst)
+}
+
+const PROBE: &str = "  - id: probe\n    kind: probe\n    layer: [0.5, 3]\n    pool: [last, mean]\n    fit: {from: data/train.jsonl, n: 20, seed: 1}\n  - id: vote\n";
+
+#[test]
+fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other_rows() {
+    let p = knn_project();
+    // Only the zero-shot prompt, so that counts are simple: loglik on 12 rows.
+    let base = KNN_SPEC.replace(
+        "  - id: knn\n    user: \"{% for e in examples %}{{ e.text }} => {{ e.label }}\\n{% endfor %}Review: {{ text }}\"\n    shots: {strategy: knn, k: 4, from: data/reviews.jsonl, embedder: emb, per_label: true}\n",
+        "",
+    );
+    assert_ne!(base, KNN_SPEC, "the knn prompt was taken out");
+    p.write("spec.yaml", &base);
+    let without = prompts_evaluated(&p);
+
+    // With a probe: its evaluation rows share the loglik rows' prompt evaluations; only its
+    // 20 fit rows are evaluated anew (the loglik fit rows are another sample).
+    let fresh = knn_project();
+    let spec = base.replace("  - id: vote\n", PROBE);
+    fresh.write("spec.yaml", &spec);
+    let with = prompts_evaluated(&fresh);
+    assert_eq!(with, without + 20, "without {without}, with {with}");
+
+    let metrics = read_parquet(&fresh.path("reports/t/metrics.parquet"));
+    let probe = metrics
+        .iter()
+        .find(|m| m["cell"] == "fake-a/zero/probe")
+        .unwrap_or_else(|| panic!("{metrics:?}"));
+    assert_eq!(probe["kind"], "probe");
+    assert_eq!(probe["n"], 12);
+    // The fake mean-pooled states are bags of the prompt's words, which carry the label:
+    // the probe is right on every row; and the pooling chosen on the fit rows is `mean`.
+    assert_eq!(probe["accuracy"], 1.0, "{probe:?}");
+    let html = common::report_html(&fresh);
+    assert!(html.contains("mean at C ="), "the fit is shown");
+    // The hidden states are cached: a second run computes nothing.
+    assert_eq!(fresh.run()["computed_rows"], 0);
+    assert_eq!(prompts_evaluated(&fresh), 0);
+
+    // Never fitted on the evaluated rows: a fit file that is the evaluation file leaves
+    // the evaluation rows out (18 of its 30 rows remain for 12 evaluated).
+    let leak = spec.replace(
+        "fit: {from: data/train.jsonl, n: 20, seed: 1}",
+        "fit: {from: data/reviews.jsonl, n: 30, seed: 1}",
+    );
+    fresh.write("spec.yaml", &leak);
+    let plan = fresh.plan();
+    let fit = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "calibrate:fake-a/zero/probe")
+        .unwrap()
+        .clone();
+    assert_eq!(fit["items"], 1, "{fit}");
+    let run = fresh.run_ok(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    assert!(run.status.success());
+    let ids = read_parquet_lists(
+        &fresh.path("reports/t/predictions.parquet"),
+        "label_logprobs",
+    )
+    .into_iter()
+    .filter(|(_, c, _)| c == "fake-a/zero/probe")
+    .count();
+    assert_eq!(ids, 12);
+}
+
+#[test]
+fn a_probe_of_the_last_layer_pooled_by_mean_is_refused_where_it_is_written() {
+    let p = knn_project();
+    let spec = KNN_SPEC.replace(
+        "  - id: vote\n",
+        "  - id: probe\n    kind: probe\n    layer: last\n    pool: mean\n    fit: {from: data/train.jsonl, n: 20}\n  - id: vote\n",
+    );
+    p.write("spec.yaml", &spec);
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("methods[3].pool") && e.contains("only where logits are read"),
+        "{e}"
+    );
+}

@@ -46,6 +46,7 @@ fn segment_bytes() -> Vec<u8> {
                 kind: pipeline::row::TaskKind::Loglik,
                 text: None,
                 logprobs: Some(vec![-0.5, -1.5]),
+                hidden: None,
                 prompt_tokens: 10,
                 evaluated_tokens: 10,
                 gen_tokens: 0,

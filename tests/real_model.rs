@@ -52,6 +52,14 @@ fn main() -> ExitCode {
                 "a_prompt_run_in_parts_gives_the_same_bits_as_in_one_call",
                 a_prompt_run_in_parts_gives_the_same_bits_as_in_one_call,
             ),
+            (
+                "reading_hidden_states_changes_no_other_output",
+                reading_hidden_states_changes_no_other_output,
+            ),
+            (
+                "probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused",
+                probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused,
+            ),
         ],
     );
     libtest_mimic::run(&args, trials).exit_code()
@@ -771,5 +779,111 @@ fn a_prompt_run_in_parts_gives_the_same_bits_as_in_one_call() -> Result<(), Fail
         evaluated.len(),
         parts_s / whole_s
     );
+    Ok(())
+}
+
+/// The hidden states a probe reads come from the same prompt evaluation as the other tasks,
+/// and reading them changes none of their bits: a loglik or generated row is the same with
+/// or without a probe beside it (a row depends on its key alone). The states themselves
+/// are the same bits whatever ran before, and they differ by layer and pooling.
+fn reading_hidden_states_changes_no_other_output() -> Result<(), Failed> {
+    use pipeline::spec::{Layer, Pooling};
+    let reviews = long_reviews(2);
+    let prompts = [
+        messages("", "A fine film."),
+        messages("", &reviews[0]),
+        messages("", &reviews[1].chars().take(900).collect::<String>()),
+    ];
+    let hidden = Task::Hidden {
+        layers: vec![Layer::Index(0), Layer::Fraction(0.5), Layer::Last],
+        pools: vec![Pooling::Last],
+    };
+    let middle = Task::Hidden {
+        layers: vec![Layer::Fraction(0.5)],
+        pools: vec![Pooling::Mean, Pooling::Last],
+    };
+    let mut engine = LlamaEngine::new();
+    let mut failure: Option<String> = None;
+    engine
+        .with_model(&load_with_ctx(2048)?, &mut |session| {
+            for m in &prompts {
+                let chat = session.format_chat(m)?;
+                let plain = exact(&session.run(&chat, &tasks())?);
+                let mut with = tasks();
+                with.insert(0, hidden.clone());
+                with.push(middle.clone());
+                let other = session.format_chat(&messages("", "Something else."))?;
+                session.run(&other, &tasks()[..1])?;
+                let out = session.run(&chat, &with)?;
+                let n = with.len();
+                let others = exact(&PromptOutput {
+                    tasks: out.tasks[1..n - 1].to_vec(),
+                    ..out.clone()
+                });
+                if others != plain {
+                    failure = Some(format!(
+                        "outputs changed beside a probe: {others:?} vs {plain:?}"
+                    ));
+                }
+                let states = out.tasks[0].hidden.clone().unwrap_or_default();
+                let mid = out.tasks[n - 1].hidden.clone().unwrap_or_default();
+                let d = states.len() / 3;
+                if d == 0 || mid.len() != 2 * d || states.iter().chain(&mid).any(|x| !x.is_finite())
+                {
+                    failure = Some(format!("{} and {} values", states.len(), mid.len()));
+                }
+                // Layer 0.5's last position: the same in both tasks of one evaluation.
+                if states[d..2 * d] != mid[d..] {
+                    failure = Some("one layer's last state differs between two tasks".into());
+                }
+                if states[..d] == states[d..2 * d] || mid[..d] == mid[d..] {
+                    failure = Some("layers or poolings give the same states".into());
+                }
+                // Again after another prompt: the same bits.
+                session.run(&other, &tasks()[..1])?;
+                let again = session.run(&chat, std::slice::from_ref(&middle))?;
+                if again.tasks[0].hidden.as_deref() != Some(&mid[..]) {
+                    failure = Some("hidden states depend on what ran before".into());
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| Failed::from(e.to_string()))?;
+    match failure {
+        Some(f) => Err(f.into()),
+        None => Ok(()),
+    }
+}
+
+/// A probe on SmolLM2's middle layer, a batch-calibrated loglik cell and an ensemble of the
+/// two run end to end; the probe's hidden states are cached, so a second run evaluates no
+/// prompt.
+fn probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused() -> Result<(), Failed> {
+    let model = model()?;
+    let p = common::Project::new();
+    write_spec(&p, &model);
+    let spec = p.read("spec.yaml").replace(
+        "  - id: ll\n    kind: loglik\n",
+        &format!(
+            "  - id: ll\n    kind: loglik\n  - id: ll-batch\n    kind: loglik\n    calibrate: batch\n  - id: probe\n    kind: probe\n    layer: [0.5, 0.75]\n    pool: [mean, last]\n    fit: {{from: {train}, n: 24, seed: 2}}\n",
+            train = repo_file("experiments/data/imdb/train.parquet").display()
+        ),
+    ) + "ensembles:\n  - {id: both, cells: [smollm2/p1/ll-batch, smollm2/p1/probe]}\n";
+    p.write("spec.yaml", &spec);
+    let first = run_llama(&p);
+    // Loglik, probe and generations of the 8 rows share their prompts' evaluations; the
+    // probe adds its 24 fit rows, on each of the two prompts.
+    assert_eq!(first["prompts_evaluated"], 16 + 2 * 24, "{first}");
+    let metrics = common::read_parquet(&p.path("reports/t/metrics.parquet"));
+    for cell in ["smollm2/p1/ll-batch", "smollm2/p1/probe", "ensemble/both"] {
+        let m = metrics
+            .iter()
+            .find(|m| m["cell"] == cell)
+            .unwrap_or_else(|| panic!("no {cell}"));
+        assert_eq!(m["n"], 8, "{cell}: {m:?}");
+    }
+    let second = run_llama(&p);
+    assert_eq!(second["computed_rows"], 0, "{second}");
+    assert_eq!(second["prompts_evaluated"], 0, "{second}");
     Ok(())
 }

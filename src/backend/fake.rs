@@ -281,6 +281,7 @@ impl Session for FakeSession {
                         gen_tokens: words.min(*max_tokens),
                         text: Some(text),
                         logprobs: None,
+                        hidden: None,
                         finish,
                         decode_ms: 0.1,
                     }
@@ -296,6 +297,15 @@ impl Session for FakeSession {
                             })
                             .collect(),
                     ),
+                    hidden: None,
+                    gen_tokens: 0,
+                    finish: Finish::Scored,
+                    decode_ms: 0.1,
+                },
+                Task::Hidden { layers, pools } => TaskOutput {
+                    text: None,
+                    logprobs: None,
+                    hidden: Some(fake_hidden(prompt, layers, pools)),
                     gen_tokens: 0,
                     finish: Finish::Scored,
                     decode_ms: 0.1,
@@ -311,6 +321,48 @@ impl Session for FakeSession {
             tasks: outs,
         })
     }
+}
+
+/// Dimensions of the fake backend's hidden states.
+pub const FAKE_HIDDEN_DIM: usize = 8;
+
+/// Fake hidden states, per layer and pooling: `mean` is a bag of the prompt's words (each
+/// word adds 1 to a dimension hashed with the layer), so rows that share words are alike and
+/// a probe can learn from them; `last` is noise from the whole prompt's hash.
+fn fake_hidden(
+    prompt: &str,
+    layers: &[crate::spec::Layer],
+    pools: &[crate::spec::Pooling],
+) -> Vec<f32> {
+    let mut out = Vec::new();
+    for layer in layers {
+        for pool in pools {
+            let mut v = [0f32; FAKE_HIDDEN_DIM];
+            match pool {
+                crate::spec::Pooling::Mean => {
+                    let words: Vec<String> = prompt
+                        .split_whitespace()
+                        .map(|w| {
+                            w.trim_matches(|c: char| !c.is_alphanumeric())
+                                .to_lowercase()
+                        })
+                        .collect();
+                    for w in &words {
+                        let h = blake3::hash(format!("{layer}:{w}").as_bytes());
+                        v[h.as_bytes()[0] as usize % FAKE_HIDDEN_DIM] += 1.0 / words.len() as f32;
+                    }
+                }
+                crate::spec::Pooling::Last => {
+                    let h = blake3::hash(format!("{layer}:{prompt}").as_bytes());
+                    for (x, b) in v.iter_mut().zip(h.as_bytes()) {
+                        *x = f32::from(*b) / 255.0;
+                    }
+                }
+            }
+            out.extend_from_slice(&v);
+        }
+    }
+    out
 }
 
 /// Bag-of-words embeddings: each lowercase word adds ±1 to a hashed dimension, so texts that

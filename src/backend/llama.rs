@@ -32,6 +32,7 @@ use super::{
 };
 use crate::prompt::Messages;
 
+mod hidden;
 mod markers;
 mod packed;
 
@@ -155,6 +156,8 @@ impl Backend for LlamaEngine {
             .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        let capture = hidden::Capture::new(usize::try_from(model.n_embd()).unwrap_or(0));
+        let ctx_params = capture.install(ctx_params)?;
         let ctx = model.new_context(backend, ctx_params).map_err(|e| {
             load_err(format!(
                 "cannot create a context with n_ctx {}: {e}",
@@ -172,6 +175,7 @@ impl Backend for LlamaEngine {
             packing: p,
             last_prompt: None,
             markers: markers::Markers::of(&model),
+            capture,
         };
         run(&mut session)
     }
@@ -206,6 +210,9 @@ struct LlamaSession<'m> {
     last_prompt: Option<EvaluatedPrompt>,
     /// The vocabulary's control-token strings, to keep them plain inside messages.
     markers: Option<markers::Markers>,
+    /// What the eval callback copies of the layers' outputs (after `ctx`: dropped after
+    /// the context that calls into it).
+    capture: hidden::Capture,
 }
 
 /// A prompt whose evaluation sits in the KV cache.
@@ -400,6 +407,7 @@ impl LlamaSession<'_> {
         Ok(TaskOutput {
             text: None,
             logprobs: Some(out),
+            hidden: None,
             gen_tokens: 0,
             finish: Finish::Scored,
             decode_ms: start.elapsed().as_secs_f64() * 1000.0,
@@ -412,9 +420,11 @@ impl LlamaSession<'_> {
         &mut self,
         tokens: &[LlamaToken],
         fixed: usize,
+        capture: bool,
     ) -> Result<(Vec<f32>, usize), BackendError> {
         let ends = layout(tokens.len(), fixed, self.packing.batch);
         if let Some(last) = &self.last_prompt
+            && !capture
             && last.tokens == tokens
             && self.kv_tokens == tokens
             && self.kv_chunks == ends
@@ -422,7 +432,17 @@ impl LlamaSession<'_> {
             return Ok((last.logits.clone(), 0));
         }
         self.last_prompt = None;
-        let reuse = reusable(&self.kv_tokens, &self.kv_chunks, tokens, &ends);
+        let mut reuse = reusable(&self.kv_tokens, &self.kv_chunks, tokens, &ends);
+        if capture {
+            // Every token after the shared prefix is evaluated, so that its hidden states
+            // are seen; the prefix's chunks are the same calls either way.
+            reuse = ends
+                .iter()
+                .copied()
+                .filter(|&e| e <= fixed.min(reuse))
+                .max()
+                .unwrap_or(0);
+        }
         self.truncate_kv(reuse)?;
         let mut from = reuse;
         for &end in ends.iter().filter(|&&e| e > reuse) {
@@ -550,6 +570,28 @@ impl LlamaSession<'_> {
             .map_err(|e| bad(&e))
     }
 
+    /// The layer indices the tasks' hidden states come from, each once.
+    fn wanted_layers(&self, tasks: &[Task]) -> Result<Vec<u32>, BackendError> {
+        let n_layer = self.model.n_layer();
+        let mut out = Vec::new();
+        for t in tasks {
+            if let Task::Hidden { layers, pools } = t {
+                for l in layers {
+                    let i = l.index(n_layer);
+                    if i + 1 == n_layer && pools.contains(&crate::spec::Pooling::Mean) {
+                        return Err(BackendError::Job(format!(
+                            "layer {l} is the model's last ({i}), whose output llama.cpp computes only where logits are read: pool it `last`, or read an earlier layer"
+                        )));
+                    }
+                    if !out.contains(&i) {
+                        out.push(i);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The prompt's tokens, if the prompt and its longest task fit the row's context.
     fn prompt_tokens(
         &self,
@@ -583,9 +625,28 @@ impl LlamaSession<'_> {
         let fixed = self
             .fixed_tokens(&tokens, prompt.fixed_text())
             .min(tokens.len() - 1);
-        let (prompt_logits, evaluated) = self.prefill(&tokens, fixed)?;
+        let wanted = self.wanted_layers(tasks)?;
+        if !wanted.is_empty() {
+            self.capture.start(&wanted);
+        }
+        let prefilled = self.prefill(&tokens, fixed, !wanted.is_empty());
+        let captured = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.capture.finish()?
+        };
+        let (prompt_logits, evaluated) = prefilled?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let n = tokens.len();
+        let states = hidden::States {
+            layers: &wanted,
+            rows: &captured,
+            n_embd: self.capture.n_embd(),
+            n_layer: self.model.n_layer(),
+            evaluated_from: n - evaluated,
+            own_from: fixed,
+            n,
+        };
         let mut outs = Vec::with_capacity(tasks.len());
         for t in tasks {
             outs.push(match t {
@@ -595,6 +656,7 @@ impl LlamaSession<'_> {
                     sampler,
                 } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler)?,
                 Task::Loglik { continuations } => self.loglik(n, &prompt_logits, continuations)?,
+                Task::Hidden { layers, pools } => states.pooled(layers, pools)?,
             });
         }
         Ok(PromptOutput {
@@ -682,6 +744,7 @@ impl<'a> Generation<'a> {
         TaskOutput {
             text: Some(self.text),
             logprobs: None,
+            hidden: None,
             gen_tokens: self.gen_tokens,
             finish: self.finish,
             decode_ms: self.decode_ms,

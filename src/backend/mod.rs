@@ -200,6 +200,12 @@ pub enum Task {
     },
     /// The log-probability of each continuation right after the prompt.
     Loglik { continuations: Vec<String> },
+    /// The hidden states the prompt's evaluation computes: for each layer, each pooling
+    /// (layer-major), `n_embd` values, concatenated.
+    Hidden {
+        layers: Vec<crate::spec::Layer>,
+        pools: Vec<crate::spec::Pooling>,
+    },
 }
 
 impl Task {
@@ -208,6 +214,7 @@ impl Task {
         match self {
             Task::Generate { .. } => TaskKind::Generate,
             Task::Loglik { .. } => TaskKind::Loglik,
+            Task::Hidden { .. } => TaskKind::Hidden,
         }
     }
 
@@ -222,6 +229,7 @@ impl Task {
             Task::Loglik { continuations } => {
                 continuations.iter().map(String::len).max().unwrap_or(0)
             }
+            Task::Hidden { .. } => 0,
         }
     }
 
@@ -247,6 +255,8 @@ pub struct TaskOutput {
     pub text: Option<String>,
     /// Log-probability of each continuation (log-likelihood only).
     pub logprobs: Option<Vec<f64>>,
+    /// Pooled hidden states (hidden-state tasks only).
+    pub hidden: Option<Vec<f32>>,
     pub gen_tokens: u32,
     pub finish: Finish,
     /// Time spent on this task after the prompt was evaluated.
@@ -488,7 +498,7 @@ mod row_seed_tests {
     fn seed_of(t: &Task) -> Option<u64> {
         match t {
             Task::Generate { sampler, .. } => Some(sampler.seed),
-            Task::Loglik { .. } => None,
+            Task::Loglik { .. } | Task::Hidden { .. } => None,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct CachedRow {
     pub kind: crate::row::TaskKind,
     pub text: Option<String>,
     pub logprobs: Option<Vec<f64>>,
+    /// Pooled hidden states (hidden-state rows only).
+    pub hidden: Option<Vec<f32>>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -81,6 +83,7 @@ impl CachedRow {
         RowContent {
             text: self.text.as_deref().map(Into::into),
             logprobs: self.logprobs.clone(),
+            hidden: self.hidden.as_deref().map(Into::into),
             prompt_tokens: self.prompt_tokens,
             evaluated_tokens: self.evaluated_tokens,
             gen_tokens: self.gen_tokens,
@@ -130,6 +133,12 @@ impl CachedRow {
         for (name, v) in [("host", &self.host), ("shard", &self.shard)] {
             if let Some(v) = v {
                 e.str(name, v);
+            }
+        }
+        if let Some(h) = &self.hidden {
+            e.u64("hidden", h.len() as u64);
+            for v in h {
+                e.bytes("h", &v.to_bits().to_le_bytes());
             }
         }
         e.finish()
@@ -1029,6 +1038,7 @@ pub(crate) mod tests {
             } else {
                 None
             },
+            hidden: n.is_multiple_of(3).then(|| vec![0.25, -1.0, f32::from(n)]),
             prompt_tokens: 10,
             evaluated_tokens: 4,
             gen_tokens: 2,
@@ -1162,6 +1172,7 @@ pub(crate) mod tests {
         CachedRow {
             text: None,
             logprobs: None,
+            hidden: None,
             finish: Finish::Failed,
             error: Some(RowError {
                 kind: crate::row::FailureKind::Decode,

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Array, ListBuilder, RecordBatch,
-    StringArray, UInt32Array,
+    Array, ArrayRef, AsArray, Float32Builder, Float64Array, Float64Builder, Int64Array,
+    ListBuilder, RecordBatch, StringArray, UInt32Array,
 };
-use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt32Type};
+use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int64Type, Schema, UInt32Type};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 
@@ -54,6 +54,7 @@ impl Columns {
                 "key",
                 "text",
                 "logprobs",
+                "hidden",
                 "prompt_tokens",
                 "evaluated_tokens",
                 "gen_tokens",
@@ -178,6 +179,12 @@ fn opt(a: &StringArray, i: usize) -> Option<String> {
     (!a.is_null(i)).then(|| a.value(i).to_string())
 }
 
+/// Row `i` of the `hidden` column, where the segment has one and the row a value.
+fn hidden_at(a: Option<&arrow::array::ListArray>, i: usize) -> Option<Vec<f32>> {
+    let a = a?;
+    (!a.is_null(i)).then(|| a.value(i).as_primitive::<Float32Type>().values().to_vec())
+}
+
 /// A column added to the layout later: absent in older segments.
 fn optional(b: &RecordBatch, name: &str) -> Option<StringArray> {
     b.column_by_name(name).map(|c| c.as_string::<i32>().clone())
@@ -241,6 +248,8 @@ pub struct RowContent {
     /// The generated text; short answers repeat, and are held once per read.
     pub text: Option<Arc<str>>,
     pub logprobs: Option<Vec<f64>>,
+    /// Pooled hidden states (hidden-state rows only).
+    pub hidden: Option<Arc<[f32]>>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -307,6 +316,9 @@ pub(crate) fn content_rows(
         .as_list::<i32>()
         .clone();
     let (host, shard) = (optional(b, "host"), optional(b, "shard"));
+    let hidden = b
+        .column_by_name("hidden")
+        .map(|c| c.as_list::<i32>().clone());
     (0..b.num_rows())
         .map(|i| {
             Ok((
@@ -315,6 +327,7 @@ pub(crate) fn content_rows(
                     text: names.get(Some(&text), i),
                     logprobs: (!lp.is_null(i))
                         .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
+                    hidden: hidden_at(hidden.as_ref(), i).map(Into::into),
                     prompt_tokens: pt.value(i),
                     evaluated_tokens: et.value(i),
                     gen_tokens: gt.value(i),
@@ -391,6 +404,11 @@ pub(crate) fn schema() -> Arc<Schema> {
         Field::new("checksum", DataType::Utf8, false),
         added_later(Field::new("host", DataType::Utf8, true)),
         added_later(Field::new("shard", DataType::Utf8, true)),
+        added_later(Field::new(
+            "hidden",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            true,
+        )),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -444,6 +462,17 @@ pub(crate) fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, TableErr
         opt_strs(&|r| r.host.clone()),
         opt_strs(&|r| r.shard.clone()),
     ]);
+    let mut hidden = ListBuilder::new(Float32Builder::new());
+    for r in rows {
+        match &r.hidden {
+            Some(v) => {
+                hidden.values().append_slice(v);
+                hidden.append(true);
+            }
+            None => hidden.append(false),
+        }
+    }
+    cols.push(Arc::new(hidden.finish()));
     RecordBatch::try_new(schema(), cols).map_err(TableError::from)
 }
 
@@ -485,6 +514,9 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
     // Absent in segments written before they were recorded.
     let optional = |name: &str| b.column_by_name(name).map(|c| c.as_string::<i32>().clone());
     let (host, shard) = (optional("host"), optional("shard"));
+    let hidden = b
+        .column_by_name("hidden")
+        .map(|c| c.as_list::<i32>().clone());
     let (pt, et, gt, shared) = (
         u("prompt_tokens"),
         u("evaluated_tokens"),
@@ -519,6 +551,7 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
                 text: opt(&text, i),
                 logprobs: (!lp.is_null(i))
                     .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
+                hidden: hidden_at(hidden.as_ref(), i),
                 prompt_tokens: pt.value(i),
                 evaluated_tokens: et.value(i),
                 gen_tokens: gt.value(i),

@@ -182,6 +182,7 @@ named_enum! {
         #[default]
         Loglik,
         KnnVote,
+        Probe,
         Cascade,
         Ensemble,
     }
@@ -351,14 +352,11 @@ pub fn compute(
                 }
             });
             let (model, prompt, method_id) = plan.cell_names(cell);
-            let calibration = match (method.calibrate(), cell.calibration) {
-                (Some(c), Some(ci)) => Some(CalibrationInfo {
-                    kind: c.kind(),
-                    params: calibrations[ci].clone().ok(),
-                    pending: calibrations[ci].as_ref().err().map(ToString::to_string),
-                }),
-                _ => None,
-            };
+            let calibration = cell.calibration.map(|ci| CalibrationInfo {
+                kind: plan.calibrations[ci].kind,
+                params: calibrations[ci].clone().ok(),
+                pending: calibrations[ci].as_ref().err().map(ToString::to_string),
+            });
             let predicted_share = (0..=k)
                 .map(|c| {
                     let m: u64 = confusion.iter().map(|row| row[c]).sum();
@@ -382,6 +380,7 @@ pub fn compute(
                     (_, MethodKind::Generate) => CellKind::Generate,
                     (_, MethodKind::Loglik) => CellKind::Loglik,
                     (_, MethodKind::KnnVote) => CellKind::KnnVote,
+                    (_, MethodKind::Probe) => CellKind::Probe,
                 },
                 temperature: cell.point.map(|p| p.temperature),
                 seed: cell.point.map(|p| p.seed),

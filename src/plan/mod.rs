@@ -107,8 +107,16 @@ impl Plan {
                     seed: crate::backend::sampler_seed(p.seed, p.repeat),
                 },
             },
-            _ => crate::backend::Task::Loglik {
-                continuations: self.dataset.label_names(),
+            _ => match method.probe().map(|p| &p.features) {
+                Some(crate::spec::ProbeFeatures::Hidden { layers, pools }) => {
+                    crate::backend::Task::Hidden {
+                        layers: layers.clone(),
+                        pools: pools.clone(),
+                    }
+                }
+                _ => crate::backend::Task::Loglik {
+                    continuations: self.dataset.label_names(),
+                },
             },
         }
     }
@@ -404,7 +412,22 @@ pub fn build(
     let mut method_sets: Vec<Option<(usize, CalibrationKind)>> = Vec::new();
     for m in &spec.methods {
         method_sets.push(match m.calibrate() {
-            None => None,
+            None => match m.probe() {
+                None => None,
+                // A probe is fitted on its fit rows' hidden states.
+                Some(probe) => Some((
+                    fit_set(
+                        &mut sets,
+                        &mut fit_sets,
+                        &dataset,
+                        &spec,
+                        &probe.fit.from,
+                        &probe.fit.sample,
+                        &mut file_warnings.borrow_mut(),
+                    )?,
+                    CalibrationKind::Probe,
+                )),
+            },
             Some(Calibration::ContentFree) => {
                 let i = match sets.iter().position(|s| s.name == "content-free") {
                     Some(i) => i,
@@ -764,6 +787,21 @@ impl<'a> CellFactory<'a> {
                             method,
                             point: None,
                         }),
+                        // A probe of a model's hidden states; an embedder's probe has no
+                        // model cell.
+                        MethodKind::Probe => {
+                            if matches!(
+                                m.probe().map(|p| &p.features),
+                                Some(crate::spec::ProbeFeatures::Hidden { .. })
+                            ) {
+                                out.push(CellSpec {
+                                    model,
+                                    prompt,
+                                    method,
+                                    point: None,
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -941,9 +979,9 @@ fn plan_cascades(
                 )));
             };
             let method = &spec.methods[cs.method];
-            if !last && method.kind() != MethodKind::Loglik {
+            if !last && !matches!(method.kind(), MethodKind::Loglik | MethodKind::Probe) {
                 return Err(name.error(format!(
-                    "`{}` answers by generating text, so it has no label scores to be sure or unsure of; every stage but the last must be a `loglik` cell",
+                    "`{}` answers by generating text, so it has no label scores to be sure or unsure of; every stage but the last must be a `loglik` or `probe` cell",
                     name.value
                 )));
             }

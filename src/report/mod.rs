@@ -685,6 +685,13 @@ fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
                 Some(crate::calibrate::Params::ContentFree { log_p }) => {
                     format!("content-free label probabilities {}", probabilities(log_p))
                 }
+                Some(crate::calibrate::Params::Probe(p)) => format!(
+                    "{} at C = {} (cross-validated accuracy {} on the fit rows, among {} settings)",
+                    p.chosen.name,
+                    p.c,
+                    pct(p.cv_accuracy),
+                    p.trials.len()
+                ),
                 Some(crate::calibrate::Params::Batch { mean_log_p, .. }) => format!(
                     "mean label probabilities (geometric) over its own rows {}",
                     probabilities(mean_log_p)

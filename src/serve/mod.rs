@@ -975,6 +975,7 @@ fn served_row(
         kind,
         text: o.text.clone(),
         logprobs: o.logprobs.clone(),
+        hidden: o.hidden.clone(),
         prompt_tokens: out.prompt_tokens,
         evaluated_tokens: out.evaluated_tokens,
         gen_tokens: o.gen_tokens,

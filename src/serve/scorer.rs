@@ -372,7 +372,7 @@ impl Scorer {
             },
             Kind::Llm { calibration, .. } => match logprobs {
                 Some(lp) => match calibration {
-                    Some(c) => from_logprobs(&c.apply(lp)),
+                    Some(c) => from_logprobs(&c.apply(lp).unwrap_or_default()),
                     None => from_logprobs(lp),
                 },
                 None => Answer {

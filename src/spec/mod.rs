@@ -5,7 +5,7 @@ mod raw;
 
 use std::path::{Path, PathBuf};
 
-pub use raw::{MethodKind, ParseRule, ShotOrder, ShotStrategy};
+pub use raw::{MethodKind, ParseRule, Pooling, ShotOrder, ShotStrategy};
 use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, RawTruncate, TemplateRef};
 use serde_saphyr::Spanned;
 
@@ -134,6 +134,8 @@ named_enum! {
         ContentFree,
         Batch,
         Fit,
+        /// A probe's fit: a logistic regression on hidden states or embeddings.
+        Probe,
     }
 }
 
@@ -343,6 +345,7 @@ pub enum Method {
     Generate(GenerateSpec),
     Loglik { calibrate: Option<Calibration> },
     KnnVote(VoteSpec),
+    Probe(ProbeSpec),
 }
 
 /// How a `generate` method asks and reads its answer.
@@ -359,6 +362,14 @@ impl MethodSpec {
             Method::Generate(_) => MethodKind::Generate,
             Method::Loglik { .. } => MethodKind::Loglik,
             Method::KnnVote(_) => MethodKind::KnnVote,
+            Method::Probe(_) => MethodKind::Probe,
+        }
+    }
+
+    pub fn probe(&self) -> Option<&ProbeSpec> {
+        match &self.method {
+            Method::Probe(p) => Some(p),
+            _ => None,
         }
     }
 
@@ -381,6 +392,66 @@ impl MethodSpec {
         match &self.method {
             Method::KnnVote(v) => Some(v),
             _ => None,
+        }
+    }
+}
+
+/// `kind: probe`: a regularised logistic regression on features of each row, fitted on
+/// labelled rows of another file (never the evaluated rows).
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub features: ProbeFeatures,
+    pub fit: FitRows,
+}
+
+/// Labelled rows drawn from another file to fit on.
+#[derive(Debug, Clone)]
+pub struct FitRows {
+    pub from: Located<PathBuf>,
+    pub sample: SampleSpec,
+}
+
+/// What a probe reads of each row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeFeatures {
+    /// The model's hidden states from the prompt's evaluation, at each of `layers` pooled
+    /// each of `pools` ways; with more than one, the combination is chosen on the fit rows
+    /// by cross-validation.
+    Hidden {
+        layers: Vec<Layer>,
+        pools: Vec<Pooling>,
+    },
+    /// An embedder's pooled vector of the row's text (a model-free baseline).
+    Embedder(usize),
+}
+
+/// A layer of a model: an index, a fraction of its depth (layer `f × (n_layer − 1)`,
+/// rounded), or the last.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Layer {
+    Index(u32),
+    Fraction(f64),
+    Last,
+}
+
+impl Layer {
+    /// The layer's index in a model of `n_layer` layers (clamped to the last).
+    pub fn index(self, n_layer: u32) -> u32 {
+        let last = n_layer.saturating_sub(1);
+        match self {
+            Layer::Index(i) => i.min(last),
+            Layer::Fraction(f) => ((f * f64::from(last)).round() as u32).min(last),
+            Layer::Last => last,
+        }
+    }
+}
+
+impl std::fmt::Display for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layer::Index(i) => write!(f, "{i}"),
+            Layer::Fraction(x) => write!(f, "{x}"),
+            Layer::Last => f.write_str("last"),
         }
     }
 }
@@ -1289,6 +1360,173 @@ impl Validator<'_> {
             })
     }
 
+    /// A `knn_vote`'s `pool:` (a sample, never a pooling).
+    fn vote_pool(
+        &self,
+        p: &Spanned<raw::RawMethodPool>,
+        field: &str,
+    ) -> Result<SampleSpec, Diagnostic> {
+        match &p.value {
+            raw::RawMethodPool::Sample { n: 0, .. } => {
+                Err(self.err(p, format!("{field}.n"), "must be at least 1"))
+            }
+            raw::RawMethodPool::Sample { n, seed, stratify } => Ok(SampleSpec {
+                n: *n,
+                stratify: *stratify,
+                seed: *seed,
+            }),
+            raw::RawMethodPool::Pooling(_) => Err(self.err(
+                p,
+                field,
+                "a knn_vote's pool is a sample of its rows: `{n: N, seed: S}`",
+            )),
+        }
+    }
+
+    /// A `kind: probe` method: an embedder's vectors, or a model's hidden states at some
+    /// layers and poolings; and the labelled rows it is fitted on.
+    fn probe(
+        &self,
+        m: &raw::RawMethod,
+        i: usize,
+        embedders: &[EmbedderSpec],
+    ) -> Result<ProbeSpec, Diagnostic> {
+        let field = format!("methods[{i}]");
+        let Some(fit) = &m.fit else {
+            return Err(self.err(
+                &m.kind,
+                &field,
+                "`kind: probe` is fitted on labelled rows of another file: add `fit: {from: PATH, n: N, seed: S}`",
+            ));
+        };
+        if fit.value.n < 4 {
+            return Err(self.err(fit, format!("{field}.fit.n"), "fit on at least 4 rows"));
+        }
+        let fit_rows = FitRows {
+            from: self.located(fit, format!("{field}.fit.from"), self.path(&fit.value.from)),
+            sample: SampleSpec {
+                n: fit.value.n,
+                stratify: true,
+                seed: fit.value.seed,
+            },
+        };
+        let features = match &m.embedder {
+            Some(e) => {
+                if let Some(l) = &m.layer {
+                    return Err(self.err(
+                        l,
+                        format!("{field}.layer"),
+                        "an embedder's probe reads its pooled vector: `layer` applies to a model's hidden states",
+                    ));
+                }
+                if let Some(p) = &m.pool {
+                    return Err(self.err(
+                        p,
+                        format!("{field}.pool"),
+                        "an embedder's probe reads its pooled vector: `pool` applies to a model's hidden states",
+                    ));
+                }
+                ProbeFeatures::Embedder(self.embedder(
+                    e,
+                    &format!("{field}.embedder"),
+                    embedders,
+                )?)
+            }
+            None => {
+                let layers = match &m.layer {
+                    None => vec![Layer::Fraction(0.5)],
+                    Some(l) => {
+                        let mut out = Vec::new();
+                        for x in &l.value.0 {
+                            let layer = match *x {
+                                raw::RawLayer::Index(i) => {
+                                    Layer::Index(u32::try_from(i).map_err(|_| {
+                                        self.err(
+                                            l,
+                                            format!("{field}.layer"),
+                                            "no model has that many layers",
+                                        )
+                                    })?)
+                                }
+                                raw::RawLayer::Fraction(f) if (0.0..=1.0).contains(&f) => {
+                                    Layer::Fraction(f)
+                                }
+                                raw::RawLayer::Fraction(f) => {
+                                    return Err(self.err(
+                                        l,
+                                        format!("{field}.layer"),
+                                        format!("{f} is no layer: give an index (`12`), a fraction of the depth between 0 and 1 (`0.5`) or `last`"),
+                                    ));
+                                }
+                                raw::RawLayer::Last => Layer::Last,
+                            };
+                            if out.contains(&layer) {
+                                return Err(self.err(
+                                    l,
+                                    format!("{field}.layer"),
+                                    format!("layer {layer} is listed twice"),
+                                ));
+                            }
+                            out.push(layer);
+                        }
+                        if out.is_empty() {
+                            return Err(self.err(l, format!("{field}.layer"), "name a layer"));
+                        }
+                        out
+                    }
+                };
+                let pools = match &m.pool {
+                    None => vec![Pooling::Mean],
+                    Some(p) => match &p.value {
+                        raw::RawMethodPool::Pooling(v) if v.is_empty() => {
+                            return Err(self.err(p, format!("{field}.pool"), "name a pooling"));
+                        }
+                        raw::RawMethodPool::Pooling(v) => {
+                            let mut out: Vec<Pooling> = Vec::new();
+                            for x in v {
+                                if !out.contains(x) {
+                                    out.push(*x);
+                                }
+                            }
+                            out
+                        }
+                        raw::RawMethodPool::Sample { .. } => {
+                            return Err(self.err(
+                                p,
+                                format!("{field}.pool"),
+                                "a probe's pool is how hidden states are pooled: `last`, `mean` or a list of them",
+                            ));
+                        }
+                    },
+                };
+                let last = layers
+                    .iter()
+                    .find(|l| matches!(l, Layer::Last) || **l == Layer::Fraction(1.0));
+                if let (Some(l), Some(p)) = (last, &m.pool)
+                    && pools.contains(&Pooling::Mean)
+                {
+                    return Err(self.err(
+                        p,
+                        format!("{field}.pool"),
+                        format!("layer {l} is the model's last, whose output llama.cpp computes only where logits are read: pool it `last`, or read an earlier layer"),
+                    ));
+                }
+                if last.is_some() && m.pool.is_none() {
+                    return Err(self.err(
+                        &m.kind,
+                        format!("{field}.pool"),
+                        "the last layer's output is computed only where logits are read: give `pool: last`",
+                    ));
+                }
+                ProbeFeatures::Hidden { layers, pools }
+            }
+        };
+        Ok(ProbeSpec {
+            features,
+            fit: fit_rows,
+        })
+    }
+
     fn pool(&self, p: &RawPool, field: &str) -> Result<SampleSpec, Diagnostic> {
         if p.n.value == 0 {
             return Err(self.err(&p.n, format!("{field}.n"), "must be at least 1"));
@@ -1472,11 +1710,33 @@ impl Validator<'_> {
                 misplaced(
                     [
                         m.k.as_ref().map(|s| ("k", &s.referenced)),
-                        m.embedder.as_ref().map(|s| ("embedder", &s.referenced)),
                         m.from.as_ref().map(|s| ("from", &s.referenced)),
-                        m.pool.as_ref().map(|s| ("pool", &s.n.referenced)),
+                        None,
+                        None,
                     ],
                     "knn_vote",
+                )?;
+            }
+            if !matches!(kind, MethodKind::KnnVote | MethodKind::Probe) {
+                misplaced(
+                    [
+                        m.embedder.as_ref().map(|s| ("embedder", &s.referenced)),
+                        m.pool.as_ref().map(|s| ("pool", &s.referenced)),
+                        None,
+                        None,
+                    ],
+                    "knn_vote` or `kind: probe",
+                )?;
+            }
+            if kind != MethodKind::Probe {
+                misplaced(
+                    [
+                        m.layer.as_ref().map(|s| ("layer", &s.referenced)),
+                        m.fit.as_ref().map(|s| ("fit", &s.referenced)),
+                        None,
+                        None,
+                    ],
+                    "probe",
                 )?;
             }
             let calibrate = match &m.calibrate {
@@ -1528,10 +1788,15 @@ impl Validator<'_> {
                     embedder: self.embedder(e, &format!("{field}.embedder"), embedders)?,
                     from: self.located(from, format!("{field}.from"), self.path(&from.value)),
                     pool: match &m.pool {
-                        Some(p) => Some(self.pool(p, &format!("{field}.pool"))?),
+                        Some(p) => Some(self.vote_pool(p, &format!("{field}.pool"))?),
                         None => None,
                     },
                 })
+            } else {
+                None
+            };
+            let probe = if kind == MethodKind::Probe {
+                Some(self.probe(m, i, embedders)?)
             } else {
                 None
             };
@@ -1557,9 +1822,10 @@ impl Validator<'_> {
                 Some(s) => s.value.clone(),
                 None => Vec::new(),
             };
-            let method = match (kind, vote) {
-                (MethodKind::KnnVote, Some(vote)) => Method::KnnVote(vote),
-                (MethodKind::Loglik, _) => Method::Loglik { calibrate },
+            let method = match (kind, vote, probe) {
+                (MethodKind::Probe, _, Some(probe)) => Method::Probe(probe),
+                (MethodKind::KnnVote, Some(vote), _) => Method::KnnVote(vote),
+                (MethodKind::Loglik, _, _) => Method::Loglik { calibrate },
                 _ => Method::Generate(GenerateSpec {
                     max_tokens,
                     stop,

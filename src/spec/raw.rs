@@ -344,8 +344,114 @@ pub struct RawMethod {
     pub embedder: Option<Spanned<String>>,
     #[serde(default)]
     pub from: Option<Spanned<String>>,
+    /// `knn_vote`: the pool sample (`{n, seed}`); `probe`: the pooling of hidden states
+    /// (`last`, `mean`, or a list).
     #[serde(default)]
-    pub pool: Option<RawPool>,
+    pub pool: Option<Spanned<RawMethodPool>>,
+    /// `probe` only: the layers whose hidden states it reads (one, or a list to choose
+    /// from on the fit rows), and the labelled rows it is fitted on.
+    #[serde(default)]
+    pub layer: Option<Spanned<OneOrMany<RawLayer>>>,
+    #[serde(default)]
+    pub fit: Option<Spanned<RawFit>>,
+}
+
+/// A method's `pool:`: a `knn_vote` pool sample (a map) or a probe's pooling (a name or a
+/// list of names).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawMethodPool {
+    Sample { n: usize, seed: u64, stratify: bool },
+    Pooling(Vec<Pooling>),
+}
+
+impl<'de> Deserialize<'de> for RawMethodPool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Sample {
+            n: usize,
+            #[serde(default)]
+            seed: u64,
+            #[serde(default = "yes")]
+            stratify: bool,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawMethodPool;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a pool sample `{n: N, seed: S}` (knn_vote) or a pooling `last`, `mean` or a list of them (probe)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawMethodPool, E> {
+                Pooling::deserialize(de::value::StrDeserializer::new(v))
+                    .map(|p| RawMethodPool::Pooling(vec![p]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawMethodPool, A::Error> {
+                let mut out = Vec::new();
+                while let Some(p) = seq.next_element()? {
+                    out.push(p);
+                }
+                Ok(RawMethodPool::Pooling(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawMethodPool, A::Error> {
+                let s = Sample::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawMethodPool::Sample {
+                    n: s.n,
+                    seed: s.seed,
+                    stratify: s.stratify,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A layer: its index (`12`), a fraction of the depth (`0.5`), or `last`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RawLayer {
+    Index(u64),
+    Fraction(f64),
+    Last,
+}
+
+impl<'de> Deserialize<'de> for RawLayer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawLayer;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a layer index (`12`), a fraction of the depth (`0.5`) or `last`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawLayer, E> {
+                Ok(RawLayer::Index(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawLayer, E> {
+                u64::try_from(v)
+                    .map(RawLayer::Index)
+                    .map_err(|_| E::custom("a layer index is 0 or more"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawLayer, E> {
+                Ok(RawLayer::Fraction(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLayer, E> {
+                match v {
+                    "last" => Ok(RawLayer::Last),
+                    other => Err(de::Error::unknown_variant(other, &["last"])),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Which positions' hidden states a probe reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The last prompt token: where the answer's first token is predicted.
+    Last,
+    /// The mean over the row's own tokens: every prompt token after the prefix that all
+    /// rows of the prompt share (the text, and the template's few tokens after it).
+    Mean,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -355,6 +461,9 @@ pub enum MethodKind {
     Loglik,
     /// No model: the similarity-weighted label vote of the nearest pool examples.
     KnnVote,
+    /// A logistic regression on a model's hidden states (or an embedder's vectors), fitted
+    /// on labelled rows of another file.
+    Probe,
 }
 
 /// `calibrate: content_free`, `calibrate: batch` or `calibrate: {fit: {from, n, seed}}`.

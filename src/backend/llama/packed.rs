@@ -44,6 +44,15 @@ impl LlamaSession<'_> {
         let mut rows = Vec::new();
         let mut at = Vec::new();
         for (i, (prompt, tasks)) in group.iter().enumerate() {
+            if tasks.iter().any(|t| matches!(t, Task::Hidden { .. })) {
+                // Which rows of a packed ubatch a layer's output holds is llama.cpp's
+                // business; hidden states are read one prompt at a time.
+                results[i] = Some(Err(BackendError::Job(
+                    "hidden states are read one prompt at a time: run a probe with `--pack 1`"
+                        .into(),
+                )));
+                continue;
+            }
             match self.prompt_tokens(prompt, tasks) {
                 Ok(tokens) => {
                     rows.push(Row {
@@ -251,6 +260,7 @@ impl LlamaSession<'_> {
             rows[r].outs.push(TaskOutput {
                 text: None,
                 logprobs: Some(lp),
+                hidden: None,
                 gen_tokens: 0,
                 finish: Finish::Scored,
                 decode_ms: each,
