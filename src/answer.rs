@@ -42,6 +42,13 @@ fn first_word_match(text: &str, word: &str) -> Option<usize> {
     None
 }
 
+/// Log-probs normalised over the labels (a log-softmax).
+pub fn normalise(lp: &[f64]) -> Vec<f64> {
+    let max = lp.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z = max + lp.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    lp.iter().map(|x| x - z).collect()
+}
+
 /// Index of the largest log-probability (the first on ties); `None` if any is NaN.
 pub fn argmax(logprobs: &[f64]) -> Option<usize> {
     if logprobs.is_empty() || logprobs.iter().any(|x| x.is_nan()) {

@@ -23,12 +23,7 @@ pub enum CalibrationError {
     Probe(String),
 }
 
-/// Log-probs normalised over the labels (a log-softmax).
-pub fn normalise(lp: &[f64]) -> Vec<f64> {
-    let max = lp.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let z = max + lp.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
-    lp.iter().map(|x| x - z).collect()
-}
+pub use crate::answer::normalise;
 
 /// What a calibration learned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

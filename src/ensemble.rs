@@ -2,8 +2,7 @@
 //! inference of its own: the members' predictions (calibrated where they are) are all it
 //! reads, so an ensemble of cells already computed costs nothing to add.
 
-use crate::answer::argmax;
-use crate::calibrate::normalise;
+use crate::answer::{argmax, normalise};
 use crate::plan::{Plan, Source};
 use crate::predict::Prediction;
 

@@ -143,14 +143,9 @@ pub fn calibration(plan: &Plan, cache: &Rows, cal: usize) -> Result<Params, Cali
 /// pooling of a hidden-state probe (layer-major, as the backend writes them).
 pub fn probe_candidates(method: &crate::spec::MethodSpec) -> Vec<String> {
     match method.probe().map(|p| &p.features) {
-        Some(crate::spec::ProbeFeatures::Hidden { layers, pools }) => layers
-            .iter()
-            .flat_map(|l| {
-                pools
-                    .iter()
-                    .map(move |p| format!("layer {l}, {}", format!("{p:?}").to_lowercase()))
-            })
-            .collect(),
+        Some(f @ crate::spec::ProbeFeatures::Hidden { .. }) => {
+            f.states().iter().map(ToString::to_string).collect()
+        }
         _ => vec!["embedding".into()],
     }
 }

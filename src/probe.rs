@@ -12,7 +12,7 @@ use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::calibrate::normalise;
+use crate::answer::normalise;
 
 /// Inverse regularisation strengths tried (scikit-learn's `C`: larger fits closer).
 pub const C_GRID: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 10.0, 100.0];

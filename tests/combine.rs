@@ -214,7 +214,7 @@ fn prompts_evaluated(p: &Project) -> usize {
     calls.prompts.load(Ordering::SeqCst)
 }
 
-const PROBE: &str = "  - id: probe\n    kind: probe\n    layer: [0.5, 3]\n    pool: [last, mean]\n    fit: {from: data/train.jsonl, n: 20, seed: 1}\n  - id: vote\n";
+const PROBE: &str = "  - id: probe\n    kind: probe\n    layer: [0.5, 3, last]\n    pool: [last, mean]\n    fit: {from: data/train.jsonl, n: 20, seed: 1}\n  - id: vote\n";
 
 #[test]
 fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other_rows() {
@@ -248,6 +248,11 @@ fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other
     assert_eq!(probe["accuracy"], 1.0, "{probe:?}");
     let html = common::report_html(&fresh);
     assert!(html.contains("mean at C ="), "the fit is shown");
+    // 2 layers × 2 poolings and the last layer's last position, each at 6 strengths.
+    assert!(
+        html.contains("among 30 settings"),
+        "every setting was tried"
+    );
     // The hidden states are cached: a second run computes nothing.
     assert_eq!(fresh.run()["computed_rows"], 0);
     assert_eq!(prompts_evaluated(&fresh), 0);

@@ -787,7 +787,8 @@ fn a_prompt_run_in_parts_gives_the_same_bits_as_in_one_call() -> Result<(), Fail
 /// or without a probe beside it (a row depends on its key alone). The states themselves
 /// are the same bits whatever ran before, and they differ by layer and pooling.
 fn reading_hidden_states_changes_no_other_output() -> Result<(), Failed> {
-    use pipeline::spec::{Layer, Pooling};
+    use pipeline::spec::{HiddenState, Layer, Pooling};
+    let state = |layer, pool| HiddenState { layer, pool };
     let reviews = long_reviews(2);
     let prompts = [
         messages("", "A fine film."),
@@ -795,12 +796,17 @@ fn reading_hidden_states_changes_no_other_output() -> Result<(), Failed> {
         messages("", &reviews[1].chars().take(900).collect::<String>()),
     ];
     let hidden = Task::Hidden {
-        layers: vec![Layer::Index(0), Layer::Fraction(0.5), Layer::Last],
-        pools: vec![Pooling::Last],
+        states: vec![
+            state(Layer::Index(0), Pooling::Last),
+            state(Layer::Fraction(0.5), Pooling::Last),
+            state(Layer::Last, Pooling::Last),
+        ],
     };
     let middle = Task::Hidden {
-        layers: vec![Layer::Fraction(0.5)],
-        pools: vec![Pooling::Mean, Pooling::Last],
+        states: vec![
+            state(Layer::Fraction(0.5), Pooling::Mean),
+            state(Layer::Fraction(0.5), Pooling::Last),
+        ],
     };
     let mut engine = LlamaEngine::new();
     let mut failure: Option<String> = None;

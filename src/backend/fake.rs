@@ -302,10 +302,10 @@ impl Session for FakeSession {
                     finish: Finish::Scored,
                     decode_ms: 0.1,
                 },
-                Task::Hidden { layers, pools } => TaskOutput {
+                Task::Hidden { states } => TaskOutput {
                     text: None,
                     logprobs: None,
-                    hidden: Some(fake_hidden(prompt, layers, pools)),
+                    hidden: Some(fake_hidden(prompt, states)),
                     gen_tokens: 0,
                     finish: Finish::Scored,
                     decode_ms: 0.1,
@@ -329,14 +329,10 @@ pub const FAKE_HIDDEN_DIM: usize = 8;
 /// Fake hidden states, per layer and pooling: `mean` is a bag of the prompt's words (each
 /// word adds 1 to a dimension hashed with the layer), so rows that share words are alike and
 /// a probe can learn from them; `last` is noise from the whole prompt's hash.
-fn fake_hidden(
-    prompt: &str,
-    layers: &[crate::spec::Layer],
-    pools: &[crate::spec::Pooling],
-) -> Vec<f32> {
+fn fake_hidden(prompt: &str, states: &[crate::spec::HiddenState]) -> Vec<f32> {
     let mut out = Vec::new();
-    for layer in layers {
-        for pool in pools {
+    for crate::spec::HiddenState { layer, pool } in states {
+        {
             let mut v = [0f32; FAKE_HIDDEN_DIM];
             match pool {
                 crate::spec::Pooling::Mean => {

@@ -575,12 +575,13 @@ impl LlamaSession<'_> {
         let n_layer = self.model.n_layer();
         let mut out = Vec::new();
         for t in tasks {
-            if let Task::Hidden { layers, pools } = t {
-                for l in layers {
-                    let i = l.index(n_layer);
-                    if i + 1 == n_layer && pools.contains(&crate::spec::Pooling::Mean) {
+            if let Task::Hidden { states } = t {
+                for s in states {
+                    let i = s.layer.index(n_layer);
+                    if i + 1 == n_layer && s.pool == crate::spec::Pooling::Mean {
                         return Err(BackendError::Job(format!(
-                            "layer {l} is the model's last ({i}), whose output llama.cpp computes only where logits are read: pool it `last`, or read an earlier layer"
+                            "layer {} is the model's last ({i}), whose output llama.cpp computes only where logits are read: pool it `last`, or read an earlier layer",
+                            s.layer
                         )));
                     }
                     if !out.contains(&i) {
@@ -656,7 +657,7 @@ impl LlamaSession<'_> {
                     sampler,
                 } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler)?,
                 Task::Loglik { continuations } => self.loglik(n, &prompt_logits, continuations)?,
-                Task::Hidden { layers, pools } => states.pooled(layers, pools)?,
+                Task::Hidden { states: wanted } => states.pooled(wanted)?,
             });
         }
         Ok(PromptOutput {

@@ -200,11 +200,10 @@ pub enum Task {
     },
     /// The log-probability of each continuation right after the prompt.
     Loglik { continuations: Vec<String> },
-    /// The hidden states the prompt's evaluation computes: for each layer, each pooling
-    /// (layer-major), `n_embd` values, concatenated.
+    /// The hidden states the prompt's evaluation computes: `n_embd` values for each state,
+    /// concatenated in order.
     Hidden {
-        layers: Vec<crate::spec::Layer>,
-        pools: Vec<crate::spec::Pooling>,
+        states: Vec<crate::spec::HiddenState>,
     },
 }
 

@@ -108,11 +108,8 @@ impl Plan {
                 },
             },
             _ => match method.probe().map(|p| &p.features) {
-                Some(crate::spec::ProbeFeatures::Hidden { layers, pools }) => {
-                    crate::backend::Task::Hidden {
-                        layers: layers.clone(),
-                        pools: pools.clone(),
-                    }
+                Some(f @ crate::spec::ProbeFeatures::Hidden { .. }) => {
+                    crate::backend::Task::Hidden { states: f.states() }
                 }
                 _ => crate::backend::Task::Loglik {
                     continuations: self.dataset.label_names(),

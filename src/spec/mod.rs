@@ -425,6 +425,39 @@ pub enum ProbeFeatures {
     Embedder(usize),
 }
 
+/// One feature block of a hidden-state probe: a layer's output, pooled one way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HiddenState {
+    pub layer: Layer,
+    pub pool: Pooling,
+}
+
+impl std::fmt::Display for HiddenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pool = match self.pool {
+            Pooling::Last => "last",
+            Pooling::Mean => "mean",
+        };
+        write!(f, "layer {}, {pool}", self.layer)
+    }
+}
+
+impl ProbeFeatures {
+    /// The hidden states a row's features hold, layer-major: every layer pooled every way,
+    /// except the last layer's mean (llama.cpp computes the last layer only where logits
+    /// are read). Empty for an embedder's probe.
+    pub fn states(&self) -> Vec<HiddenState> {
+        match self {
+            ProbeFeatures::Hidden { layers, pools } => layers
+                .iter()
+                .flat_map(|&layer| pools.iter().map(move |&pool| HiddenState { layer, pool }))
+                .filter(|s| !(s.layer.is_last() && s.pool == Pooling::Mean))
+                .collect(),
+            ProbeFeatures::Embedder(_) => Vec::new(),
+        }
+    }
+}
+
 /// A layer of a model: an index, a fraction of its depth (layer `f × (n_layer − 1)`,
 /// rounded), or the last.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -435,6 +468,11 @@ pub enum Layer {
 }
 
 impl Layer {
+    /// Whether it names the last layer whatever the model (`last`, or the fraction 1).
+    pub fn is_last(self) -> bool {
+        matches!(self, Layer::Last) || self == Layer::Fraction(1.0)
+    }
+
     /// The layer's index in a model of `n_layer` layers (clamped to the last).
     pub fn index(self, n_layer: u32) -> u32 {
         let last = n_layer.saturating_sub(1);
@@ -1499,26 +1537,16 @@ impl Validator<'_> {
                         }
                     },
                 };
-                let last = layers
-                    .iter()
-                    .find(|l| matches!(l, Layer::Last) || **l == Layer::Fraction(1.0));
-                if let (Some(l), Some(p)) = (last, &m.pool)
-                    && pools.contains(&Pooling::Mean)
-                {
-                    return Err(self.err(
-                        p,
-                        format!("{field}.pool"),
-                        format!("layer {l} is the model's last, whose output llama.cpp computes only where logits are read: pool it `last`, or read an earlier layer"),
-                    ));
+                let features = ProbeFeatures::Hidden { layers, pools };
+                if features.states().is_empty() {
+                    // Only the last layer's mean was asked for.
+                    let why = "the last layer's output is computed only where logits are read, so it has no mean: pool it `last`, or read an earlier layer";
+                    return Err(match &m.pool {
+                        Some(p) => self.err(p, format!("{field}.pool"), why),
+                        None => self.err(&m.kind, format!("{field}.pool"), why),
+                    });
                 }
-                if last.is_some() && m.pool.is_none() {
-                    return Err(self.err(
-                        &m.kind,
-                        format!("{field}.pool"),
-                        "the last layer's output is computed only where logits are read: give `pool: last`",
-                    ));
-                }
-                ProbeFeatures::Hidden { layers, pools }
+                features
             }
         };
         Ok(ProbeSpec {

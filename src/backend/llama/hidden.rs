@@ -163,16 +163,15 @@ pub(super) struct States<'a> {
 }
 
 impl States<'_> {
-    /// A hidden-state task's output: each layer pooled each way, layer-major.
+    /// A hidden-state task's output: each state, in order.
     pub fn pooled(
         &self,
-        layers: &[crate::spec::Layer],
-        pools: &[crate::spec::Pooling],
+        states: &[crate::spec::HiddenState],
     ) -> Result<crate::backend::TaskOutput, BackendError> {
         let start = std::time::Instant::now();
-        let mut out = Vec::with_capacity(layers.len() * pools.len() * self.n_embd);
-        for l in layers {
-            let index = l.index(self.n_layer);
+        let mut out = Vec::with_capacity(states.len() * self.n_embd);
+        for s in states {
+            let index = s.layer.index(self.n_layer);
             let at = self
                 .layers
                 .iter()
@@ -181,8 +180,8 @@ impl States<'_> {
             let rows = &self.rows[at];
             let n_rows = rows.len() / self.n_embd.max(1);
             let row = |i: usize| &rows[i * self.n_embd..(i + 1) * self.n_embd];
-            for pool in pools {
-                match pool {
+            {
+                match s.pool {
                     // The last row computed is the prompt's last position, in every layer
                     // (the last layer computes only the rows whose logits are read, the
                     // last of each call among them).
