@@ -422,7 +422,6 @@ pub fn execute(
         .collect();
     let context = WorkerContext {
         prompts: plan.prompts.clone(),
-        budget: plan.spec.dataset.budget,
         cancel: cancel.clone(),
         fail_fast: opts.fail_fast,
     };
@@ -486,7 +485,7 @@ pub fn execute(
                     buffer.push(CachedRow {
                         text: o.text,
                         logprobs: o.logprobs,
-                        hidden: o.hidden,
+                        hidden: o.hidden.map(crate::cache::stored_hidden),
                         prompt_tokens: out.prompt_tokens,
                         evaluated_tokens: paid.evaluated_tokens,
                         gen_tokens: o.gen_tokens,
@@ -614,8 +613,6 @@ impl Origin {
 /// What the worker needs besides its jobs.
 struct WorkerContext {
     prompts: Arc<Prompts>,
-    /// `dataset.max_text_tokens`.
-    budget: Option<crate::spec::TextBudget>,
     cancel: Arc<AtomicBool>,
     fail_fast: bool,
 }
@@ -700,7 +697,7 @@ fn run_job_in_parts(
             Sent::ReceiverGone
         })
     };
-    let chat = match chat(session, &ctx.prompts, &job.evaluation(ctx.budget)) {
+    let chat = match chat(session, &ctx.prompts, &job.evaluation()) {
         Ok(c) => c,
         Err(e) => return failed(0..job.tasks.len(), e),
     };
@@ -731,13 +728,12 @@ fn run_job_in_parts(
 }
 
 impl WorkerJob {
-    fn evaluation(&self, budget: Option<crate::spec::TextBudget>) -> Evaluation<'_> {
+    fn evaluation(&self) -> Evaluation<'_> {
         Evaluation {
             prompt: self.prompt,
             text: &self.text,
             messages: &self.messages,
             examples: self.examples.as_deref(),
-            budget,
         }
     }
 
@@ -760,7 +756,7 @@ fn run_packed(
     let mut chats = Vec::new();
     for &i in group {
         let j = &jobs[i];
-        match chat(session, &ctx.prompts, &j.evaluation(ctx.budget)) {
+        match chat(session, &ctx.prompts, &j.evaluation()) {
             Ok(c) => {
                 ready.push(i);
                 chats.push((c, j.tasks.clone()));
@@ -781,8 +777,6 @@ pub struct Evaluation<'a> {
     pub messages: &'a Messages,
     /// The row's retrieved examples, if its prompt has them.
     pub examples: Option<&'a [Example]>,
-    /// `dataset.max_text_tokens`.
-    pub budget: Option<crate::spec::TextBudget>,
 }
 
 /// Evaluate a row on a loaded model exactly as `pipeline run` does (the server calls this
@@ -804,7 +798,9 @@ fn chat(
     prompts: &Prompts,
     e: &Evaluation,
 ) -> Result<crate::backend::ChatPrompt, BackendError> {
-    let truncated = e.budget.map(|b| session.truncate(e.text, b));
+    let truncated = prompts
+        .budget(e.prompt)
+        .map(|b| session.truncate(e.text, b));
     let messages = match truncated {
         Some(t) if t != e.text => prompts
             .render_with(e.prompt, &t, e.examples)

@@ -624,6 +624,8 @@ mod tests {
                 stop: vec!["\n".into()],
                 parse: Default::default(),
             }),
+            models: None,
+            prompts: None,
         };
         let labels = ["negative".to_string(), "positive".to_string()];
         let p = point(0.8, 2);

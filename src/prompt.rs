@@ -150,6 +150,8 @@ struct Compiled {
     per_row: Option<usize>,
     /// `None` when the template cannot be rendered with the probe texts (no shared part).
     probe: Option<FixedProbe>,
+    /// How much of a row's text the prompt keeps.
+    budget: Option<crate::spec::TextBudget>,
 }
 
 /// All prompts of a spec, compiled and checked.
@@ -235,6 +237,7 @@ impl Prompts {
                 return Err(d);
             }
             compiled.push(Compiled {
+                budget: p.budget,
                 id: p.id.clone(),
                 system,
                 user,
@@ -282,6 +285,11 @@ impl Prompts {
 
     pub fn id(&self, prompt: usize) -> &str {
         &self.compiled[prompt].id
+    }
+
+    /// The token budget a row's text is cut to in this prompt (`None`: kept whole).
+    pub fn budget(&self, prompt: usize) -> Option<crate::spec::TextBudget> {
+        self.compiled[prompt].budget
     }
 
     pub fn examples(&self, prompt: usize) -> Option<&[Example]> {
@@ -448,6 +456,7 @@ mod tests {
             system: system.map(template),
             user: template(user),
             shots: None,
+            budget: None,
         };
         Prompts::compile(&[spec], &labels, vec![shots]).unwrap()
     }

@@ -73,6 +73,14 @@ pub struct CachedRow {
     pub shard: Option<String>,
 }
 
+/// Hidden states as the cache stores them (half precision): a row holds these values from
+/// the moment it is computed, so it reads the same before and after it is committed.
+pub fn stored_hidden(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter()
+        .map(|x| half::f16::from_f32(x).to_f32())
+        .collect()
+}
+
 impl CachedRow {
     pub fn failed(&self) -> bool {
         self.error.is_some()

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Builder, Float64Array, Float64Builder, Int64Array,
+    Array, ArrayRef, AsArray, Float16Builder, Float64Array, Float64Builder, Int64Array,
     ListBuilder, RecordBatch, StringArray, UInt32Array,
 };
-use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int64Type, Schema, UInt32Type};
+use arrow::datatypes::{DataType, Field, Float16Type, Float64Type, Int64Type, Schema, UInt32Type};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 
@@ -182,7 +182,14 @@ fn opt(a: &StringArray, i: usize) -> Option<String> {
 /// Row `i` of the `hidden` column, where the segment has one and the row a value.
 fn hidden_at(a: Option<&arrow::array::ListArray>, i: usize) -> Option<Vec<f32>> {
     let a = a?;
-    (!a.is_null(i)).then(|| a.value(i).as_primitive::<Float32Type>().values().to_vec())
+    (!a.is_null(i)).then(|| {
+        a.value(i)
+            .as_primitive::<Float16Type>()
+            .values()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect()
+    })
 }
 
 /// A column added to the layout later: absent in older segments.
@@ -404,9 +411,11 @@ pub(crate) fn schema() -> Arc<Schema> {
         Field::new("checksum", DataType::Utf8, false),
         added_later(Field::new("host", DataType::Utf8, true)),
         added_later(Field::new("shard", DataType::Utf8, true)),
+        // Half precision: a probe's features need three digits, and a study's hidden states
+        // are published with its rows.
         added_later(Field::new(
             "hidden",
-            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            DataType::List(Arc::new(Field::new("item", DataType::Float16, true))),
             true,
         )),
     ]);
@@ -462,11 +471,13 @@ pub(crate) fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, TableErr
         opt_strs(&|r| r.host.clone()),
         opt_strs(&|r| r.shard.clone()),
     ]);
-    let mut hidden = ListBuilder::new(Float32Builder::new());
+    let mut hidden = ListBuilder::new(Float16Builder::new());
     for r in rows {
         match &r.hidden {
             Some(v) => {
-                hidden.values().append_slice(v);
+                for x in v {
+                    hidden.values().append_value(half::f16::from_f32(*x));
+                }
                 hidden.append(true);
             }
             None => hidden.append(false),

@@ -728,13 +728,14 @@ impl<'a> CellFactory<'a> {
             .map(|set| {
                 set.messages
                     .iter()
-                    .map(|rows| {
+                    .enumerate()
+                    .map(|(p, rows)| {
                         rows.iter()
                             .map(|m| {
                                 m.as_ref().map(|m| {
                                     PromptPart {
                                         messages: m,
-                                        budget: spec.dataset.budget,
+                                        budget: prompts.budget(p),
                                     }
                                     .digest()
                                 })
@@ -766,6 +767,9 @@ impl<'a> CellFactory<'a> {
         for model in 0..self.models.len() {
             for prompt in 0..self.prompts.len() {
                 for (method, m) in self.spec.methods.iter().enumerate() {
+                    if !m.has_cells(&self.spec.models[model].id, self.prompts.id(prompt)) {
+                        continue;
+                    }
                     match m.kind() {
                         MethodKind::KnnVote => {}
                         MethodKind::Generate => {

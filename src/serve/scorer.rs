@@ -69,7 +69,6 @@ pub struct Scorer {
     pub cell: String,
     pub labels: Vec<String>,
     pub clean: CleanSpec,
-    pub budget: Option<crate::spec::TextBudget>,
     pub prompts: std::sync::Arc<Prompts>,
     pub kind: Kind,
     pub pools: Vec<LoadedPool>,
@@ -231,7 +230,6 @@ impl Scorer {
             cell: c.id.clone(),
             labels: plan.dataset.label_names(),
             clean: plan.spec.dataset.clean.clone(),
-            budget: plan.spec.dataset.budget,
             prompts: plan.prompts.clone(),
             kind,
             pools,
@@ -311,7 +309,7 @@ impl Scorer {
                 let components = Components {
                     prompt: PromptPart {
                         messages: &messages,
-                        budget: self.budget,
+                        budget: self.prompts.budget(*prompt),
                     }
                     .digest(),
                     ..**fixed

@@ -38,7 +38,6 @@ pub struct WorkerSpec {
     pub model: Option<ModelLoad>,
     pub embedder: Option<EmbedderLoad>,
     pub prompts: Arc<Prompts>,
-    pub budget: Option<crate::spec::TextBudget>,
 }
 
 /// Start the worker; `ready` is told once the models are loaded (or why they are not).
@@ -85,7 +84,6 @@ pub fn spawn(
                                     text: &item.text,
                                     messages: &item.messages,
                                     examples: item.examples.as_deref(),
-                                    budget: spec.budget,
                                 },
                                 std::slice::from_ref(&task),
                             ),

@@ -309,6 +309,9 @@ pub struct PromptSpec {
     pub system: Option<TemplateSpec>,
     pub user: TemplateSpec,
     pub shots: Option<ShotsSpec>,
+    /// How much of a row's text the prompt keeps: the dataset's budget, or the prompt's own
+    /// `truncate`.
+    pub budget: Option<TextBudget>,
 }
 
 #[derive(Debug, Clone)]
@@ -337,6 +340,9 @@ pub struct ShotsSpec {
 pub struct MethodSpec {
     pub id: String,
     pub method: Method,
+    /// The models and prompts it has cells for; `None`: all of them.
+    pub models: Option<Vec<String>>,
+    pub prompts: Option<Vec<String>>,
 }
 
 /// A method, with the options of its kind only.
@@ -357,6 +363,14 @@ pub struct GenerateSpec {
 }
 
 impl MethodSpec {
+    /// Whether the grid has a cell of this method for `model` and `prompt`.
+    pub fn has_cells(&self, model: &str, prompt: &str) -> bool {
+        let has = |list: &Option<Vec<String>>, id: &str| {
+            list.as_ref().is_none_or(|l| l.iter().any(|x| x == id))
+        };
+        has(&self.models, model) && has(&self.prompts, prompt)
+    }
+
     pub fn kind(&self) -> MethodKind {
         match self.method {
             Method::Generate(_) => MethodKind::Generate,
@@ -763,10 +777,10 @@ impl Validator<'_> {
             Some(e) => self.embedders(e)?,
             None => Vec::new(),
         };
-        let prompts = self.prompts(raw.prompts, &embedders)?;
+        let prompts = self.prompts(raw.prompts, &embedders, dataset.budget)?;
         let models = self.models(raw.models, &prompts)?;
         let methods_loc = self.loc(&raw.methods.referenced);
-        let methods = self.methods(raw.methods, &embedders)?;
+        let methods = self.methods(raw.methods, &embedders, &models, &prompts)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
         // Rows (cells × dataset rows) are checked against MAX_GRID_ROWS once the dataset is
         // read (`plan::build`), before the grid is expanded.
@@ -1103,45 +1117,7 @@ impl Validator<'_> {
             return Err(self.err(m, "dataset.max_text_tokens", "must be at least 1"));
         }
         let max = d.max_text_tokens.as_ref().map(|m| m.value);
-        let budget = match (&d.truncate, max) {
-            (None, m) => m.map(TextBudget::head),
-            (Some(t), m) => match (t.value, m) {
-                (RawTruncate::Head, m) => m.map(TextBudget::head),
-                (RawTruncate::HeadTail, Some(m)) if m < 3 => {
-                    return Err(self.err(
-                        t,
-                        "dataset.truncate",
-                        "head_tail keeps a third of the budget from the start: give `max_text_tokens` of 3 or more",
-                    ));
-                }
-                (RawTruncate::HeadTail, Some(m)) => Some(TextBudget::head_tail(m)),
-                (RawTruncate::HeadTail, None) => {
-                    return Err(self.err(
-                        t,
-                        "dataset.truncate",
-                        "head_tail splits a budget: give `max_text_tokens` too",
-                    ));
-                }
-                (RawTruncate::Split { head, tail }, m) => {
-                    let split = TextBudget { head, tail };
-                    if split.tokens() == 0 {
-                        return Err(self.err(t, "dataset.truncate", "keep at least 1 token"));
-                    }
-                    if m.is_some_and(|m| m != split.tokens()) {
-                        return Err(self.err(
-                            t,
-                            "dataset.truncate",
-                            format!(
-                                "head {head} + tail {tail} is {} tokens, but `max_text_tokens` is {}: give one budget",
-                                split.tokens(),
-                                m.unwrap_or_default()
-                            ),
-                        ));
-                    }
-                    Some(split)
-                }
-            },
-        };
+        let budget = self.budget(d.truncate.as_ref(), max, "dataset.truncate", true)?;
         Ok(DatasetSpec {
             path: self.located(&d.path, "dataset.path", self.path(&d.path.value)),
             text: self.located(&d.text, "dataset.text", d.text.value.clone()),
@@ -1155,6 +1131,56 @@ impl Validator<'_> {
             sample,
             clean,
             budget,
+        })
+    }
+
+    /// The token budget of `truncate` (at `field`) with `max_text_tokens` `max`; `exact`:
+    /// an explicit `{head, tail}` must add up to `max` when both are given.
+    fn budget(
+        &self,
+        truncate: Option<&Spanned<RawTruncate>>,
+        max: Option<u32>,
+        field: &str,
+        exact: bool,
+    ) -> Result<Option<TextBudget>, Diagnostic> {
+        Ok(match (truncate, max) {
+            (None, m) => m.map(TextBudget::head),
+            (Some(t), m) => match (t.value, m) {
+                (RawTruncate::Head, m) => m.map(TextBudget::head),
+                (RawTruncate::HeadTail, Some(m)) if m < 3 => {
+                    return Err(self.err(
+                        t,
+                        field,
+                        "head_tail keeps a third of the budget from the start: give `max_text_tokens` of 3 or more",
+                    ));
+                }
+                (RawTruncate::HeadTail, Some(m)) => Some(TextBudget::head_tail(m)),
+                (RawTruncate::HeadTail, None) => {
+                    return Err(self.err(
+                        t,
+                        field,
+                        "head_tail splits a budget: give `dataset.max_text_tokens` too",
+                    ));
+                }
+                (RawTruncate::Split { head, tail }, m) => {
+                    let split = TextBudget { head, tail };
+                    if split.tokens() == 0 {
+                        return Err(self.err(t, field, "keep at least 1 token"));
+                    }
+                    if exact && m.is_some_and(|m| m != split.tokens()) {
+                        return Err(self.err(
+                            t,
+                            field,
+                            format!(
+                                "head {head} + tail {tail} is {} tokens, but `max_text_tokens` is {}: give one budget",
+                                split.tokens(),
+                                m.unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    Some(split)
+                }
+            },
         })
     }
 
@@ -1244,16 +1270,34 @@ impl Validator<'_> {
                 "list at least one prompt id, or drop `prompts:` for every prompt (`grid: false` for none)",
             ));
         }
+        let known: Vec<&str> = prompts.iter().map(|p| p.id.as_str()).collect();
+        self.id_list(list, field, &known, "prompt")
+    }
+
+    /// A list of ids of `what` (models, prompts) among `known`, each once.
+    fn id_list(
+        &self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        field: &str,
+        known: &[&str],
+        what: &str,
+    ) -> Result<Vec<String>, Diagnostic> {
+        if list.value.is_empty() {
+            return Err(self.err(
+                list,
+                field,
+                format!("list at least one {what} id, or drop the list for all of them"),
+            ));
+        }
         let mut out: Vec<String> = Vec::new();
         for (j, id) in list.value.iter().enumerate() {
             let at = format!("{field}[{j}]");
-            if !prompts.iter().any(|p| p.id == id.value) {
-                let known: Vec<&str> = prompts.iter().map(|p| p.id.as_str()).collect();
+            if !known.contains(&id.value.as_str()) {
                 return Err(self.err(
                     id,
                     at,
                     format!(
-                        "no prompt `{}`; the prompts are {}",
+                        "no {what} `{}`; the {what}s are {}",
                         id.value,
                         known.join(", ")
                     ),
@@ -1602,6 +1646,7 @@ impl Validator<'_> {
         &self,
         prompts: Spanned<Vec<raw::RawPrompt>>,
         embedders: &[EmbedderSpec],
+        dataset_budget: Option<TextBudget>,
     ) -> Result<Vec<PromptSpec>, Diagnostic> {
         if prompts.value.is_empty() {
             return Err(self.err(&prompts, "prompts", "list at least one prompt"));
@@ -1619,11 +1664,21 @@ impl Validator<'_> {
                 Some(s) => Some(self.shots(s, &format!("prompts[{i}].shots"), embedders)?),
                 None => None,
             };
+            let budget = match &p.truncate {
+                None => dataset_budget,
+                Some(t) => self.budget(
+                    Some(t),
+                    dataset_budget.map(|b| b.tokens()),
+                    &format!("prompts[{i}].truncate"),
+                    false,
+                )?,
+            };
             out.push(PromptSpec {
                 id,
                 system,
                 user,
                 shots,
+                budget,
             });
         }
         Ok(out)
@@ -1689,6 +1744,8 @@ impl Validator<'_> {
         &self,
         methods: Spanned<Vec<raw::RawMethod>>,
         embedders: &[EmbedderSpec],
+        models: &[ModelSpec],
+        prompts: &[PromptSpec],
     ) -> Result<Vec<MethodSpec>, Diagnostic> {
         if methods.value.is_empty() {
             return Err(self.err(&methods, "methods", "list at least one method"));
@@ -1860,7 +1917,29 @@ impl Validator<'_> {
                     parse: m.parse.as_ref().map(|p| p.value).unwrap_or_default(),
                 }),
             };
-            out.push(MethodSpec { id, method });
+            let known_models: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            let known_prompts: Vec<&str> = prompts.iter().map(|p| p.id.as_str()).collect();
+            let restrict = |list: &Option<Spanned<Vec<Spanned<String>>>>,
+                            name: &str,
+                            known: &[&str]|
+             -> Result<Option<Vec<String>>, Diagnostic> {
+                let Some(l) = list else { return Ok(None) };
+                let field = format!("methods[{i}].{name}s");
+                if kind == MethodKind::KnnVote {
+                    return Err(self.err(
+                        l,
+                        field,
+                        "a knn_vote cell has no model or prompt: `models` and `prompts` apply to model cells",
+                    ));
+                }
+                self.id_list(l, &field, known, name).map(Some)
+            };
+            out.push(MethodSpec {
+                id,
+                method,
+                models: restrict(&m.models, "model", &known_models)?,
+                prompts: restrict(&m.prompts, "prompt", &known_prompts)?,
+            });
         }
         Ok(out)
     }
@@ -1972,18 +2051,19 @@ fn grid_cells(
     methods: &[MethodSpec],
     sampling: &SamplingGrid,
 ) -> u64 {
-    let per_prompt: u64 = methods
-        .iter()
-        .map(|m| match m.kind() {
-            MethodKind::Generate => sampling.point_count(),
-            _ => 1,
-        })
-        .fold(0u64, u64::saturating_add);
-    let model_prompts: u64 = models
-        .iter()
-        .map(|m| prompts.iter().filter(|p| m.has_cells(&p.id)).count() as u64)
-        .sum();
-    per_prompt.saturating_mul(model_prompts)
+    let per_method = |m: &MethodSpec| match m.kind() {
+        MethodKind::Generate => sampling.point_count(),
+        _ => 1,
+    };
+    let mut cells = 0u64;
+    for model in models {
+        for p in prompts.iter().filter(|p| model.has_cells(&p.id)) {
+            for m in methods.iter().filter(|m| m.has_cells(&model.id, &p.id)) {
+                cells = cells.saturating_add(per_method(m));
+            }
+        }
+    }
+    cells
 }
 
 #[cfg(test)]

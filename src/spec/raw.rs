@@ -243,6 +243,9 @@ pub struct RawPrompt {
     pub user: Spanned<TemplateRef>,
     #[serde(default)]
     pub shots: Option<Spanned<RawShots>>,
+    /// Which tokens of a long text this prompt keeps (default: the dataset's `truncate`).
+    #[serde(default)]
+    pub truncate: Option<Spanned<RawTruncate>>,
 }
 
 /// A template given inline (a string) or by file (`{file: path}`).
@@ -354,6 +357,11 @@ pub struct RawMethod {
     pub layer: Option<Spanned<OneOrMany<RawLayer>>>,
     #[serde(default)]
     pub fit: Option<Spanned<RawFit>>,
+    /// The models and prompts this method has cells for (default: all of them).
+    #[serde(default)]
+    pub models: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub prompts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A method's `pool:`: a `knn_vote` pool sample (a map) or a probe's pooling (a name or a

@@ -289,7 +289,7 @@ fn truncation_budgets_parse_and_bad_ones_name_their_line() {
     );
     let e = with("  truncate: head_tail\n").unwrap_err().to_string();
     assert!(
-        e.contains("spec.yaml:9:") && e.contains("give `max_text_tokens` too"),
+        e.contains("spec.yaml:9:") && e.contains("give `dataset.max_text_tokens` too"),
         "{e}"
     );
     let e = with("  max_text_tokens: 300\n  truncate: {head: 100, tail: 284}\n")
@@ -325,4 +325,32 @@ fn ensembles_are_checked_where_they_are_written() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not all 0"), "{e}");
+}
+
+#[test]
+fn a_method_may_name_the_models_and_prompts_it_has_cells_for() {
+    let src = GOOD.replace(
+        "  - id: ll\n    kind: loglik\n",
+        "  - id: ll\n    kind: loglik\n    prompts: [zero]\n    models: [tiny]\n",
+    );
+    let s = parse_at(&src).unwrap();
+    assert!(s.methods[1].has_cells("tiny", "zero"));
+    assert!(!s.methods[1].has_cells("tiny", "other"));
+    assert!(s.methods[0].has_cells("any", "other"));
+    let e = parse_at(&src.replace("models: [tiny]", "models: [huge]"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("methods[1].models[0]") && e.contains("no model `huge`; the models are tiny"),
+        "{e}"
+    );
+    let with_prompt_budget = GOOD
+        .replace(
+            "  sample: {n: 4, seed: 3}\n",
+            "  sample: {n: 4, seed: 3}\n  max_text_tokens: 300\n",
+        )
+        .replace("  - id: zero\n", "  - id: zero\n    truncate: head_tail\n");
+    let s = parse_at(&with_prompt_budget).unwrap();
+    assert_eq!(s.dataset.budget, Some(TextBudget::head(300)));
+    assert_eq!(s.prompts[0].budget, Some(TextBudget::head_tail(300)));
 }
