@@ -304,3 +304,40 @@ fn a_probe_of_the_last_layer_pooled_by_mean_is_refused_where_it_is_written() {
         "{e}"
     );
 }
+
+#[test]
+fn a_probe_on_an_embedders_vectors_is_a_cell_without_a_model() {
+    let p = knn_project();
+    let spec = KNN_SPEC.replace(
+        "  - id: vote\n",
+        "  - id: emb-probe\n    kind: probe\n    embedder: emb\n    fit: {from: data/train.jsonl, n: 20, seed: 1}\n  - id: vote\n",
+    );
+    p.write("spec.yaml", &spec);
+    p.run();
+    let metrics = read_parquet(&p.path("reports/t/metrics.parquet"));
+    let m = metrics
+        .iter()
+        .find(|m| m["cell"] == "emb/emb-probe")
+        .unwrap_or_else(|| panic!("{metrics:?}"));
+    assert_eq!(m["kind"], "probe");
+    assert_eq!(m["model"], "emb");
+    assert_eq!(m["n"], 12);
+    // The fake embedder's vectors are bags of words, and the label words are shared.
+    assert_eq!(m["accuracy"], 1.0, "{m:?}");
+    // Its fit rows and the evaluation rows were embedded by the embed stage; nothing
+    // else is computed for it, and a second run computes nothing at all.
+    let again = p.run();
+    assert_eq!(again["computed_rows"], 0);
+    assert_eq!(again["embed"]["embedded"], 0, "{again}");
+    // `layer` and `pool` are a model's; an embedder's probe reads its one vector.
+    p.write(
+        "spec.yaml",
+        &spec.replace("    embedder: emb\n", "    embedder: emb\n    layer: 0.5\n"),
+    );
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("methods[3].layer") && e.contains("an embedder's probe"), "{e}");
+}

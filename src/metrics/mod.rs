@@ -149,6 +149,9 @@ pub fn collect(
                 plan, decided, stages, cascade, computed,
             ));
         }
+        if let Source::Embedding { probe } = cell.source {
+            out.extend(embedding_probe(plan, ci, probe));
+        }
     }
     // In the plan's order: by cell, then by row.
     out.sort_unstable_by_key(|p| (p.cell, p.row));
@@ -162,6 +165,32 @@ pub fn collect(
         out.sort_unstable_by_key(|p| (p.cell, p.row));
     }
     Ok(out)
+}
+
+/// The predictions of a probe on an embedder's vectors: fitted (deterministically, in a
+/// second or so) on its fit rows' vectors once every one is embedded; none before.
+fn embedding_probe(plan: &Plan, ci: usize, probe: usize) -> Vec<Prediction> {
+    let ep = &plan.embedding_probes[probe];
+    let Some(fit): Option<Vec<Vec<f32>>> = ep.fit.iter().cloned().collect() else {
+        return Vec::new();
+    };
+    let labels: Vec<usize> = plan.sets[ep.fit_set].rows.iter().map(|r| r.label).collect();
+    let k = plan.dataset.labels.len();
+    let Ok(p) = crate::probe::fit(&fit, &labels, k, &["embedding".to_string()]) else {
+        return Vec::new();
+    };
+    ep.eval
+        .iter()
+        .enumerate()
+        .filter_map(|(ri, v)| {
+            let lp = p.log_probs(v.as_ref()?)?;
+            Some(Prediction {
+                predicted: argmax(&lp),
+                logprobs: Some(lp),
+                ..Prediction::empty(ci, ri, plan.dataset.rows[ri].label)
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -364,9 +393,10 @@ pub fn compute(
                 })
                 .collect();
             let planned = match cell.source {
-                Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => {
-                    plan.dataset.rows.len()
-                }
+                Source::Vote { .. }
+                | Source::Cascade { .. }
+                | Source::Ensemble { .. }
+                | Source::Embedding { .. } => plan.dataset.rows.len(),
                 Source::Llm { .. } => cell.rows.len(),
             } as u64;
             CellMetrics {

@@ -50,6 +50,8 @@ pub enum Source {
     Cascade { cascade: usize },
     /// Other cells' label probabilities averaged.
     Ensemble { ensemble: usize },
+    /// A probe on an embedder's vectors (no model).
+    Embedding { probe: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -132,14 +134,20 @@ impl Cell {
     pub fn model(&self) -> Option<usize> {
         match self.source {
             Source::Llm { model, .. } => Some(model),
-            Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => None,
+            Source::Vote { .. }
+            | Source::Cascade { .. }
+            | Source::Ensemble { .. }
+            | Source::Embedding { .. } => None,
         }
     }
 
     pub fn prompt(&self) -> Option<usize> {
         match self.source {
             Source::Llm { prompt, .. } => Some(prompt),
-            Source::Vote { .. } | Source::Cascade { .. } | Source::Ensemble { .. } => None,
+            Source::Vote { .. }
+            | Source::Cascade { .. }
+            | Source::Ensemble { .. }
+            | Source::Embedding { .. } => None,
         }
     }
 }
@@ -149,6 +157,18 @@ pub const CASCADE_PREFIX: &str = "cascade/";
 
 /// Ensemble cells are named `ensemble/ID`.
 pub const ENSEMBLE_PREFIX: &str = "ensemble/";
+
+/// A probe on an embedder's vectors: the vectors of the evaluation rows and of its fit rows,
+/// as the embed stage stored them (`None`: not embedded yet).
+#[derive(Debug, Clone)]
+pub struct EmbeddingProbe {
+    pub method: usize,
+    pub embedder: usize,
+    /// The row set it is fitted on.
+    pub fit_set: usize,
+    pub eval: Vec<Option<Vec<f32>>>,
+    pub fit: Vec<Option<Vec<f32>>>,
+}
 
 /// An ensemble's cell and its members (reported cells with label scores).
 #[derive(Debug, Clone)]
@@ -228,6 +248,7 @@ pub struct Plan {
     pub calibrations: Vec<CalibrationPlan>,
     pub cascades: Vec<CascadePlan>,
     pub ensembles: Vec<EnsemblePlan>,
+    pub embedding_probes: Vec<EmbeddingProbe>,
     pub pools: Vec<Pool>,
     pub retrievals: Vec<Retrieval>,
     /// Texts to embed, one request per distinct key.
@@ -538,6 +559,34 @@ pub fn build(
         });
     }
 
+    // Probes on an embedder's vectors: every evaluation and fit row embedded.
+    let mut embedding_probes = Vec::new();
+    for (mi, m) in spec.methods.iter().enumerate() {
+        let (Some(crate::spec::ProbeFeatures::Embedder(e)), Some((fit_set, _))) =
+            (m.probe().map(|p| &p.features), method_sets[mi])
+        else {
+            continue;
+        };
+        let mut vectors = |set: usize| -> Vec<Option<Vec<f32>>> {
+            sets[set]
+                .rows
+                .iter()
+                .map(|r| {
+                    let key = embedding_key(&spec, &embedders, *e, &r.text, engine);
+                    request(*e, &r.text, key);
+                    vector(store, &key)
+                })
+                .collect()
+        };
+        embedding_probes.push(EmbeddingProbe {
+            method: mi,
+            embedder: *e,
+            fit_set,
+            eval: vectors(0),
+            fit: vectors(fit_set),
+        });
+    }
+
     // Render every prompt for every row set.
     for (s, set) in sets.iter_mut().enumerate() {
         for p in 0..prompts.len() {
@@ -572,6 +621,18 @@ pub fn build(
     let factory = CellFactory::new(&spec, &models, &prompts, &sets, &method_sets, engine);
     let (mut cells, mut support, mut calibrations) =
         expand_cells(&factory, &retrievals, &embedders);
+    for (probe, ep) in embedding_probes.iter().enumerate() {
+        cells.push(Cell {
+            id: format!("{}/{}", embedders[ep.embedder].id, spec.methods[ep.method].id),
+            source: Source::Embedding { probe },
+            method: ep.method,
+            point: None,
+            set: 0,
+            rows: RowKeys::default(),
+            calibration: None,
+            gated: false,
+        });
+    }
     let cascades = plan_cascades(
         &factory,
         &cascade_sets,
@@ -597,6 +658,7 @@ pub fn build(
         calibrations,
         cascades,
         ensembles,
+        embedding_probes,
         pools,
         retrievals,
         embed_requests: requests,
@@ -1124,6 +1186,7 @@ fn has_label_scores(spec: &Spec, cell: &Cell) -> bool {
         Source::Llm { .. } | Source::Vote { .. } => {
             spec.methods[cell.method].kind() != MethodKind::Generate
         }
+        Source::Embedding { .. } => true,
         Source::Cascade { .. } | Source::Ensemble { .. } => false,
     }
 }
@@ -1200,6 +1263,15 @@ impl Plan {
                         too_long: 0,
                     };
                 }
+                if let Source::Embedding { probe } = c.source {
+                    let eval = &self.embedding_probes[probe].eval;
+                    return CellStatus {
+                        rows: eval.len(),
+                        cached: eval.iter().filter(|v| v.is_some()).count(),
+                        failed: 0,
+                        too_long: 0,
+                    };
+                }
                 if let Source::Ensemble { ensemble } = c.source {
                     let members = &self.ensembles[ensemble].members;
                     let rows = self.dataset.rows.len();
@@ -1242,6 +1314,7 @@ impl Plan {
                 .key(ri)
                 .is_some_and(|k| matches!(cache.lookup(&k, self.prompt_limit(c)), Lookup::Hit)),
             Source::Vote { retrieval } => self.retrievals[retrieval].results[0][ri].is_some(),
+            Source::Embedding { probe } => self.embedding_probes[probe].eval[ri].is_some(),
             Source::Cascade { .. } | Source::Ensemble { .. } => false,
         }
     }
@@ -1297,6 +1370,13 @@ impl Plan {
                     "cascade".into(),
                 )
             }
+            Source::Embedding { probe } => (
+                self.embedders[self.embedding_probes[probe].embedder]
+                    .id
+                    .clone(),
+                "-".into(),
+                method,
+            ),
             // Model: the members' model when they share one; prompt: the ensemble's id.
             Source::Ensemble { ensemble } => {
                 let ep = &self.ensembles[ensemble];
@@ -1318,6 +1398,14 @@ impl Plan {
 
     /// Cell parameters as JSON (sampler settings for generation).
     pub fn params(&self, cell: &Cell, routing: &Routing) -> serde_json::Value {
+        if let Source::Embedding { probe } = cell.source {
+            let ep = &self.embedding_probes[probe];
+            return serde_json::json!({
+                "kind": "probe",
+                "embedder": self.embedders[ep.embedder].id,
+                "fit_rows": self.sets[ep.fit_set].rows.len(),
+            });
+        }
         if let Source::Ensemble { ensemble } = cell.source {
             let ep = &self.ensembles[ensemble];
             return serde_json::json!({

@@ -21,7 +21,7 @@ const ALPHA: f64 = 0.05;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Finding {
     /// What it is about: `models`, `prompts`, `bias`, `temperature`, `calibration`, `cost`,
-    /// `baseline`, `validity`, `comparison`, `cascade`, `ensemble`.
+    /// `baseline`, `validity`, `comparison`, `cascade`, `ensemble`, `probe`.
     pub topic: &'static str,
     pub text: String,
 }
@@ -63,6 +63,8 @@ pub struct CellView {
     pub cascade: Option<CascadeView>,
     /// Ensemble cells: the member cells' ids.
     pub members: Vec<String>,
+    /// Probe cells fitted on a model's hidden states: what was chosen on the fit rows.
+    pub probe: Option<String>,
 }
 
 /// A cascade as the rules see it.
@@ -147,6 +149,16 @@ impl Input {
                     time_vs_first: s.time_vs_first,
                     time_vs_last: s.time_vs_last,
                 }),
+                probe: m.calibration.as_ref().and_then(|c| match &c.params {
+                    Some(crate::calibrate::Params::Probe(p)) => Some(format!(
+                        "{}, C = {}, chosen by cross-validation on {} fit rows at {}",
+                        p.chosen.name,
+                        p.c,
+                        p.rows,
+                        pct(p.cv_accuracy)
+                    )),
+                    _ => None,
+                }),
                 members: match cell.source {
                     crate::plan::Source::Ensemble { ensemble } => plan.ensembles[ensemble]
                         .members
@@ -188,6 +200,7 @@ pub fn derive(input: &Input) -> Vec<Finding> {
     cost(input, &mut out);
     cascades(input, &mut out);
     ensembles(input, &mut out);
+    probes(input, &mut out);
     out
 }
 
@@ -1050,6 +1063,61 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
     }
 }
 
+/// Each probe against the best cell of its model that reads label scores (its raw and
+/// calibrated `loglik` cells): what reading the hidden states bought. A probe without a
+/// model (an embedder's) is set beside each model's best such cell.
+fn probes(input: &Input, out: &mut Vec<Finding>) {
+    for p in input
+        .cells
+        .iter()
+        .filter(|c| c.kind == CellKind::Probe && c.n() > 0)
+    {
+        let Some(acc) = p.accuracy(&input.gold) else {
+            continue;
+        };
+        let of_model = |m: &str| {
+            best(
+                input,
+                input
+                    .cells
+                    .iter()
+                    .filter(move |c| c.model == m && c.kind == CellKind::Loglik && c.n() > 0),
+            )
+        };
+        let models: Vec<&str> = if input.models.contains(&p.model) {
+            vec![p.model.as_str()]
+        } else {
+            input.models.iter().map(String::as_str).collect()
+        };
+        let mut tests = Vec::new();
+        for m in models {
+            if let Some(b) = of_model(m)
+                && let Some(t) = paired(input, p, b)
+            {
+                tests.push(verdict(
+                    &t,
+                    &format!("the best {m} loglik cell {} ({})", b.id, pct(t.b)),
+                ));
+            }
+        }
+        let how = p
+            .probe
+            .as_ref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        let mut text = format!("The probe {}{how} reaches {}", p.id, pct(acc));
+        if !tests.is_empty() {
+            text.push_str("; it ");
+            text.push_str(&tests.join("; it "));
+        }
+        text.push('.');
+        out.push(Finding {
+            topic: "probe",
+            text,
+        });
+    }
+}
+
 /// Each ensemble against its best member, on paired rows: what averaging bought.
 fn ensembles(input: &Input, out: &mut Vec<Finding>) {
     for e in input
@@ -1533,6 +1601,31 @@ mod tests {
             "{:?}",
             texts(&f, "prompts")
         );
+    }
+
+    #[test]
+    fn a_probe_is_set_beside_its_models_best_loglik_cell() {
+        let mut inp = input(300);
+        let raw = cell(&inp, "small", "zero", 210);
+        let mut fit = cell(&inp, "small", "zero", 240);
+        fit.id = "small/zero/loglik-fit".into();
+        fit.calibration = Some(CalibrationKind::Fit);
+        let mut probe = cell(&inp, "small", "zero", 270);
+        probe.id = "small/zero/probe".into();
+        probe.kind = CellKind::Probe;
+        probe.calibration = Some(CalibrationKind::Probe);
+        probe.probe = Some("layer 0.5, mean, C = 0.1".into());
+        inp.cells = vec![raw, fit, probe, cell(&inp, "large", "zero", 270)];
+        let f = derive(&inp);
+        let t = texts(&f, "probe");
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert!(
+            t[0].starts_with("The probe small/zero/probe (layer 0.5, mean, C = 0.1) reaches 90.0%; it beats the best small loglik cell small/zero/loglik-fit (80.0%) by 10.0 points"),
+            "{}",
+            t[0]
+        );
+        // The probe is the small model's best cell against the large one.
+        assert!(texts(&f, "models")[0].contains("small/zero/probe"), "{f:?}");
     }
 
     #[test]

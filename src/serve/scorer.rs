@@ -135,6 +135,8 @@ pub enum ScorerError {
     Cascade,
     #[error("an ensemble is not served: serve one of its members")]
     Ensemble,
+    #[error("a probe is not served: serve a `loglik` cell")]
+    Probe,
     #[error("no embedding")]
     NoEmbedding,
     #[error("the cell's model digest is not known")]
@@ -164,6 +166,11 @@ impl Scorer {
             Ok(pools.len() - 1)
         };
         let method = &plan.spec.methods[c.method];
+        if method.probe().is_some() {
+            // Its answer needs the row's hidden states, which a served request's
+            // evaluation does not keep.
+            return Err(ScorerError::Probe);
+        }
         let retrieval_of =
             |serves: crate::plan::Serves| plan.retrievals.iter().find(|r| r.serves == serves);
         let kind = match c.source {
@@ -172,6 +179,9 @@ impl Scorer {
             }
             Source::Ensemble { .. } => {
                 return Err(ScorerError::Ensemble);
+            }
+            Source::Embedding { .. } => {
+                return Err(ScorerError::Probe);
             }
             Source::Vote { retrieval } => {
                 let r = &plan.retrievals[retrieval];

@@ -35,6 +35,13 @@ impl Kind for Ensemble {
                             &mut inputs,
                             format!("neighbours:{}", plan.retrievals[retrieval].id),
                         ),
+                        Source::Embedding { probe } => add(
+                            &mut inputs,
+                            format!(
+                                "embed:{}",
+                                plan.embedders[plan.embedding_probes[probe].embedder].id
+                            ),
+                        ),
                         Source::Cascade { .. } | Source::Ensemble { .. } => {}
                     }
                 }

@@ -28,6 +28,10 @@ impl Kind for Summary {
                     let name = &plan.spec.cascades[plan.cascades[cascade].spec].id;
                     add(&mut inputs, format!("cascade:{name}"));
                 }
+                Source::Embedding { probe } => {
+                    let e = plan.embedding_probes[probe].embedder;
+                    add(&mut inputs, format!("embed:{}", plan.embedders[e].id));
+                }
                 Source::Ensemble { ensemble } => {
                     add(&mut inputs, super::ensemble::stage_id(plan, ensemble));
                 }
