@@ -377,7 +377,7 @@ fn bad_cascades_are_located_errors() {
         (
             "  - {id: x, first: a/p1/gen@t=0, then: b/p1/ll, escalate: {margin: 1}}\n",
             "cascades[0].first",
-            "every stage but the last must be a `loglik` cell",
+            "every stage but the last must be a `loglik` or `probe` cell",
         ),
         (
             "  - {id: x, first: a/p1/nope, then: b/p1/ll, escalate: {margin: 1}}\n",

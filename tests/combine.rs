@@ -253,6 +253,17 @@ fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other
         html.contains("among 30 settings"),
         "every setting was tried"
     );
+    // Each of the five settings is listed with its cross-validated accuracy, one chosen.
+    assert!(
+        html.contains("Probe settings"),
+        "the settings table is shown"
+    );
+    assert_eq!(
+        html.matches("layer last, last").count(),
+        1,
+        "each setting once"
+    );
+    assert!(html.contains(">chosen<"), "the chosen setting is marked");
     // The hidden states are cached: a second run computes nothing.
     assert_eq!(fresh.run()["computed_rows"], 0);
     assert_eq!(prompts_evaluated(&fresh), 0);
@@ -283,6 +294,19 @@ fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other
     .filter(|(_, c, _)| c == "fake-a/zero/probe")
     .count();
     assert_eq!(ids, 12);
+
+    // A probe as a cascade's first stage: its log-odds are the margin; a threshold fitted
+    // on other train rows sends the least sure on.
+    let cascade = spec
+        + "cascades:\n  - {id: pc, first: fake-a/zero/probe, then: fake-a/zero/ll, escalate: {fraction: 0.3, fit: {from: data/train.jsonl, n: 10, seed: 9}}}\n";
+    fresh.write("spec.yaml", &cascade);
+    fresh.run();
+    let metrics = read_parquet(&fresh.path("reports/t/metrics.parquet"));
+    let c = metrics
+        .iter()
+        .find(|m| m["cell"] == "cascade/pc")
+        .unwrap_or_else(|| panic!("{metrics:?}"));
+    assert_eq!(c["n"], 12, "{c:?}");
 }
 
 #[test]
@@ -339,5 +363,8 @@ fn a_probe_on_an_embedders_vectors_is_a_cell_without_a_model() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("methods[3].layer") && e.contains("an embedder's probe"), "{e}");
+    assert!(
+        e.contains("methods[3].layer") && e.contains("an embedder's probe"),
+        "{e}"
+    );
 }

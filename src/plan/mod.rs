@@ -623,7 +623,10 @@ pub fn build(
         expand_cells(&factory, &retrievals, &embedders);
     for (probe, ep) in embedding_probes.iter().enumerate() {
         cells.push(Cell {
-            id: format!("{}/{}", embedders[ep.embedder].id, spec.methods[ep.method].id),
+            id: format!(
+                "{}/{}",
+                embedders[ep.embedder].id, spec.methods[ep.method].id
+            ),
             source: Source::Embedding { probe },
             method: ep.method,
             point: None,

@@ -103,6 +103,8 @@ pub struct Page {
     pub comparisons: Table,
     pub disagreements: Vec<Disagreement>,
     pub calibration: Table,
+    /// Each probe's settings as cross-validated on its fit rows.
+    pub probes: Table,
     pub cascades: Table,
     /// One line per retrieval: what it searched, and what the leak guard left out.
     pub retrieval: Vec<String>,

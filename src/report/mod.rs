@@ -471,6 +471,7 @@ fn render_page(
         comparisons: comparisons_table(a),
         disagreements: disagreements(plan, a),
         calibration: calibration_table(plan, m),
+        probes: probes_table(m),
         cascades: cascades_table(m),
         retrieval: retrieval_notes(plan),
         prov: provenance_json(prov),
@@ -730,6 +731,59 @@ fn calibration_table(plan: &Plan, m: &[CellMetrics]) -> Table {
             "parameters",
         ],
         &[0, 1, 2, 7],
+        rows,
+    )
+}
+
+/// Each probe's candidate settings (layer and pooling), each at its best `C`, by their
+/// cross-validated accuracy on the fit rows; the chosen one marked.
+fn probes_table(m: &[CellMetrics]) -> Table {
+    let mut rows = Vec::new();
+    for c in m {
+        let Some(crate::calibrate::Params::Probe(p)) =
+            c.calibration.as_ref().and_then(|i| i.params.as_ref())
+        else {
+            continue;
+        };
+        let mut names: Vec<&str> = Vec::new();
+        for t in &p.trials {
+            if !names.contains(&t.candidate.as_str()) {
+                names.push(&t.candidate);
+            }
+        }
+        for name in names {
+            let Some(best) = p
+                .trials
+                .iter()
+                .filter(|t| t.candidate == name)
+                .max_by(|a, b| {
+                    a.accuracy
+                        .total_cmp(&b.accuracy)
+                        .then(b.log_loss.total_cmp(&a.log_loss))
+                })
+            else {
+                continue;
+            };
+            rows.push(vec![
+                Cell::code(&c.cell),
+                Cell::text(name),
+                Cell::text(best.c.to_string()),
+                Cell::text(pct(best.accuracy)),
+                Cell::text(format!("{:.3}", best.log_loss)),
+                Cell::text(if name == p.chosen.name { "chosen" } else { "" }),
+            ]);
+        }
+    }
+    Table::new(
+        &[
+            "cell",
+            "setting",
+            "best C",
+            "CV accuracy (fit rows)",
+            "CV log-loss",
+            "",
+        ],
+        &[0, 1],
         rows,
     )
 }
