@@ -305,23 +305,14 @@ pub fn predictions(
 /// One row of a cascade from the predictions of the stages it went through.
 fn combine(cell: usize, row: usize, stage: usize, went: &[Prediction]) -> Prediction {
     let last = went.last().expect("a row goes through at least one stage");
-    let sum = |f: &dyn Fn(&Prediction) -> f64| went.iter().map(f).sum::<f64>();
-    let sum_u32 = |f: &dyn Fn(&Prediction) -> u32| went.iter().map(f).sum::<u32>();
+    let parts: Vec<&Prediction> = went.iter().collect();
     Prediction {
         cell,
         row,
-        prompt_tokens: sum_u32(&|p| p.prompt_tokens),
-        evaluated_tokens: sum_u32(&|p| p.evaluated_tokens),
-        gen_tokens: sum_u32(&|p| p.gen_tokens),
-        prefill_ms: sum(&|p| p.prefill_ms),
-        decode_ms: sum(&|p| p.decode_ms),
-        latency_ms: sum(&|p| p.latency_ms),
-        shared_latency_ms: sum(&|p| p.shared_latency_ms),
-        shared_by: 1,
-        from_cache: went.iter().all(|p| p.from_cache),
         stage: Some(stage),
         ..last.clone()
     }
+    .costing(&parts)
 }
 
 /// A cascade beside its first and last stage alone, on the same rows.

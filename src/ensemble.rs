@@ -58,26 +58,21 @@ pub fn predictions(plan: &Plan, ensemble: usize, predictions: &[Prediction]) -> 
                 evaluations.push((source, p));
             }
         }
-        let sum = |f: &dyn Fn(&Prediction) -> f64| evaluations.iter().map(|(_, p)| f(p)).sum();
-        let sum_u32 = |f: &dyn Fn(&Prediction) -> u32| evaluations.iter().map(|(_, p)| f(p)).sum();
+        let paid: Vec<&Prediction> = evaluations.iter().map(|(_, p)| *p).collect();
+        let from_cache = rows.iter().all(|p| p.from_cache);
         out.push(Prediction {
-            cell: ep.cell,
-            row: ri,
-            predicted: argmax(&lp),
-            logprobs: Some(lp),
-            uncalibrated: None,
-            raw: None,
-            prompt_tokens: sum_u32(&|p| p.prompt_tokens),
-            evaluated_tokens: sum_u32(&|p| p.evaluated_tokens),
-            gen_tokens: sum_u32(&|p| p.gen_tokens),
-            prefill_ms: sum(&|p| p.prefill_ms),
-            decode_ms: sum(&|p| p.decode_ms),
-            latency_ms: sum(&|p| p.latency_ms),
-            shared_latency_ms: sum(&|p| p.shared_latency_ms),
-            shared_by: 1,
-            from_cache: rows.iter().all(|p| p.from_cache),
-            stage: None,
-            ..rows[0].clone()
+            from_cache,
+            ..Prediction {
+                cell: ep.cell,
+                row: ri,
+                predicted: argmax(&lp),
+                logprobs: Some(lp),
+                uncalibrated: None,
+                raw: None,
+                stage: None,
+                ..rows[0].clone()
+            }
+            .costing(&paid)
         });
     }
     out

@@ -77,6 +77,25 @@ impl Prediction {
     pub fn correct(&self) -> bool {
         self.predicted == Some(self.gold)
     }
+
+    /// This prediction with the cost of `parts` summed: a row of a cell made of other
+    /// cells' rows (a cascade's stages, an ensemble's evaluations), counted once each.
+    pub(crate) fn costing(self, parts: &[&Prediction]) -> Prediction {
+        let sum = |f: &dyn Fn(&Prediction) -> f64| parts.iter().map(|p| f(p)).sum::<f64>();
+        let sum_u32 = |f: &dyn Fn(&Prediction) -> u32| parts.iter().map(|p| f(p)).sum::<u32>();
+        Prediction {
+            prompt_tokens: sum_u32(&|p| p.prompt_tokens),
+            evaluated_tokens: sum_u32(&|p| p.evaluated_tokens),
+            gen_tokens: sum_u32(&|p| p.gen_tokens),
+            prefill_ms: sum(&|p| p.prefill_ms),
+            decode_ms: sum(&|p| p.decode_ms),
+            latency_ms: sum(&|p| p.latency_ms),
+            shared_latency_ms: sum(&|p| p.shared_latency_ms),
+            shared_by: 1,
+            from_cache: parts.iter().all(|p| p.from_cache),
+            ..self
+        }
+    }
 }
 
 /// A calibration's parameters, or why it cannot be fitted yet.

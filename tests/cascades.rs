@@ -363,12 +363,7 @@ fn a_sharded_run_computes_the_first_stage_and_a_later_run_the_rest() {
 }
 
 fn input_error(p: &Project) -> String {
-    let out = p
-        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    String::from_utf8_lossy(&out.stderr).to_string()
+    common::plan_error(p)
 }
 
 #[test]

@@ -141,12 +141,7 @@ fn an_ensemble_of_a_generation_or_an_unknown_cell_is_refused_where_it_is_written
     let spec = KNN_SPEC.to_string()
         + "ensembles:\n  - {id: mix, cells: [fake-a/zero/ll, fake-a/zero/nope]}\n";
     p.write("spec.yaml", &spec);
-    let out = p
-        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let e = common::plan_error(&p);
     assert!(
         e.contains("ensembles[0].cells[1]") && e.contains("no cell `fake-a/zero/nope`"),
         "{e}"
@@ -154,11 +149,7 @@ fn an_ensemble_of_a_generation_or_an_unknown_cell_is_refused_where_it_is_written
     let spec = common::SPEC.to_string()
         + "ensembles:\n  - {id: mix, cells: [fake-a/p1/ll, fake-a/p1/gen@t=0.2]}\n";
     p.write("spec.yaml", &spec);
-    let out = p
-        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = common::plan_error(&p);
     assert!(e.contains("has no label probabilities to average"), "{e}");
 }
 
@@ -189,29 +180,9 @@ fn a_head_and_tail_budget_keys_its_rows_apart_from_a_head_only_one() {
 
 /// Prompt evaluations one in-process run asked of the fake backend.
 fn prompts_evaluated(p: &Project) -> usize {
-    use pipeline::app::{RunOptions, run_with_backend};
-    use pipeline::backend::fake::{FakeBackend, FakeCalls};
-    use pipeline::backend::{Backend, BackendKind};
-    use pipeline::config::Config;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let cfg = Config {
-        backend: BackendKind::Fake,
-        ..Config::new(p.path("cache"), p.path("reports"))
-    };
-    let calls = Arc::new(FakeCalls::default());
-    let c = calls.clone();
-    let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
-    let outcome = run_with_backend(
-        &cfg,
-        &p.path("spec.yaml"),
-        &RunOptions::default(),
-        Arc::new(AtomicBool::new(false)),
-        make,
-    )
-    .unwrap();
-    assert!(outcome.error.is_none(), "{:?}", outcome.error);
-    calls.prompts.load(Ordering::SeqCst)
+    common::fake_run(p)
+        .prompts
+        .load(std::sync::atomic::Ordering::SeqCst)
 }
 
 const PROBE: &str = "  - id: probe\n    kind: probe\n    layer: [0.5, 3, last]\n    pool: [last, mean]\n    fit: {from: data/train.jsonl, n: 20, seed: 1}\n  - id: vote\n";
@@ -317,12 +288,7 @@ fn a_probe_of_the_last_layer_pooled_by_mean_is_refused_where_it_is_written() {
         "  - id: probe\n    kind: probe\n    layer: last\n    pool: mean\n    fit: {from: data/train.jsonl, n: 20}\n  - id: vote\n",
     );
     p.write("spec.yaml", &spec);
-    let out = p
-        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let e = common::plan_error(&p);
     assert!(
         e.contains("methods[3].pool") && e.contains("only where logits are read"),
         "{e}"
@@ -358,11 +324,7 @@ fn a_probe_on_an_embedders_vectors_is_a_cell_without_a_model() {
         "spec.yaml",
         &spec.replace("    embedder: emb\n", "    embedder: emb\n    layer: 0.5\n"),
     );
-    let out = p
-        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = common::plan_error(&p);
     assert!(
         e.contains("methods[3].layer") && e.contains("an embedder's probe"),
         "{e}"

@@ -5,14 +5,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use common::{KNN_SPEC, Project, knn_project};
-use pipeline::app::{RunOptions, run_with_backend};
-use pipeline::backend::fake::{EMBEDDER_MARKER, FakeBackend, FakeCalls};
-use pipeline::backend::{Backend, BackendKind};
-use pipeline::config::Config;
+use pipeline::backend::fake::EMBEDDER_MARKER;
 
 /// What one in-process run asked of the fake backend.
 #[derive(Debug, PartialEq)]
@@ -24,22 +20,7 @@ struct Calls {
 }
 
 fn run(p: &Project) -> Calls {
-    let cfg = Config {
-        backend: BackendKind::Fake,
-        ..Config::new(p.path("cache"), p.path("reports"))
-    };
-    let calls = Arc::new(FakeCalls::default());
-    let c = calls.clone();
-    let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
-    let outcome = run_with_backend(
-        &cfg,
-        &p.path("spec.yaml"),
-        &RunOptions::default(),
-        Arc::new(AtomicBool::new(false)),
-        make,
-    )
-    .unwrap();
-    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let calls = common::fake_run(p);
     Calls {
         embedders_loaded: calls.embedders_loaded.load(Ordering::SeqCst),
         texts_embedded: calls.texts_embedded.load(Ordering::SeqCst),

@@ -1345,19 +1345,24 @@ impl Plan {
     /// The cell's model, prompt and method names (`-` where it has none).
     pub fn cell_names(&self, cell: &Cell) -> (String, String, String) {
         let method = self.spec.methods[cell.method].id.clone();
+        let by_embedder = |e: usize| {
+            (
+                self.embedders[e].id.clone(),
+                "-".to_string(),
+                method.clone(),
+            )
+        };
         match cell.source {
             Source::Llm { model, prompt } => (
                 self.models[model].id.clone(),
                 self.prompts.id(prompt).to_string(),
                 method,
             ),
-            Source::Vote { retrieval } => (
-                self.embedders[self.pools[self.retrievals[retrieval].pool].embedder]
-                    .id
-                    .clone(),
-                "-".into(),
-                method,
-            ),
+            // Cells without a model: named by their embedder.
+            Source::Vote { retrieval } => {
+                by_embedder(self.pools[self.retrievals[retrieval].pool].embedder)
+            }
+            Source::Embedding { probe } => by_embedder(self.embedding_probes[probe].embedder),
             // Model: the stages' models in turn; prompt: the cascade's id.
             Source::Cascade { cascade } => {
                 let cp = &self.cascades[cascade];
@@ -1373,13 +1378,6 @@ impl Plan {
                     "cascade".into(),
                 )
             }
-            Source::Embedding { probe } => (
-                self.embedders[self.embedding_probes[probe].embedder]
-                    .id
-                    .clone(),
-                "-".into(),
-                method,
-            ),
             // Model: the members' model when they share one; prompt: the ensemble's id.
             Source::Ensemble { ensemble } => {
                 let ep = &self.ensembles[ensemble];
@@ -1453,6 +1451,21 @@ impl Plan {
             (_, Method::KnnVote(v)) => serde_json::json!({
                 "kind": "knn_vote",
                 "k": v.k.value,
+            }),
+            (_, Method::Probe(p)) => serde_json::json!({
+                "kind": "probe",
+                "features": match &p.features {
+                    crate::spec::ProbeFeatures::Embedder(e) => {
+                        format!("embedder {}", self.embedders[*e].id)
+                    }
+                    f @ crate::spec::ProbeFeatures::Hidden { .. } => f
+                        .states()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                },
+                "fit": {"n": p.fit.sample.n, "seed": p.fit.sample.seed},
             }),
             _ => serde_json::json!({
                 "kind": "loglik",

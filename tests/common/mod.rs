@@ -665,3 +665,41 @@ impl Drop for Server {
         }
     }
 }
+
+/// `plan` of the project's spec with the fake backend, which must refuse it as bad input
+/// (exit status 2): its error message.
+pub fn plan_error(p: &Project) -> String {
+    let out = p
+        .cmd(&["plan", "spec.yaml", "--backend", "fake"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `run` of the project's spec in this process, on a fake backend whose calls are counted.
+pub fn fake_run(p: &Project) -> std::sync::Arc<pipeline::backend::fake::FakeCalls> {
+    use pipeline::app::{RunOptions, run_with_backend};
+    use pipeline::backend::fake::{FakeBackend, FakeCalls};
+    use pipeline::backend::{Backend, BackendKind};
+    use pipeline::config::Config;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let cfg = Config {
+        backend: BackendKind::Fake,
+        ..Config::new(p.path("cache"), p.path("reports"))
+    };
+    let calls = Arc::new(FakeCalls::default());
+    let c = calls.clone();
+    let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
+    let outcome = run_with_backend(
+        &cfg,
+        &p.path("spec.yaml"),
+        &RunOptions::default(),
+        Arc::new(AtomicBool::new(false)),
+        make,
+    )
+    .unwrap();
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    calls
+}
