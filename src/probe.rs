@@ -14,11 +14,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::answer::normalise;
 
-/// Inverse regularisation strengths tried (scikit-learn's `C`: larger fits closer).
-pub const C_GRID: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 10.0, 100.0];
+/// Inverse regularisation strengths tried (scikit-learn's `C`: larger fits closer). Hidden
+/// states have hundreds to thousands of dimensions, about as many as the fit rows, so the
+/// rows are nearly separable and weak regularisation both overfits and is slow to fit: the
+/// grid stops at 1.
+pub const C_GRID: [f64; 5] = [0.0001, 0.001, 0.01, 0.1, 1.0];
+
+/// L-BFGS iterations a fit may take: enough for a fit that converges to converge to 1e-8
+/// (the scikit-learn pin), a bound on one that does not (scikit-learn's default, too).
+const MAX_ITERATIONS: u64 = 100;
 
 /// Folds of the cross-validation on the fit rows.
 pub const FOLDS: usize = 5;
+
+/// Everything about the solver that can change a fit, for the key of a stored fit.
+pub fn solver() -> String {
+    format!(
+        "linfa-logistic 0.8 L-BFGS, standardised features, C {C_GRID:?}, {FOLDS} folds by row index, {MAX_ITERATIONS} iterations, gradient tolerance 1e-8"
+    )
+}
 
 /// One candidate feature set: a layer and a pooling of a hidden-state task, or an
 /// embedder's vector; `at` is its place among the row's concatenated features.
@@ -161,7 +175,7 @@ fn fit_linear(rows: &[&[f64]], labels: &[usize], k: usize, c: f64) -> Result<Lin
         let data = DatasetBase::new(x, y);
         let fitted = LogisticRegression::default()
             .alpha(1.0 / c)
-            .max_iterations(1000)
+            .max_iterations(MAX_ITERATIONS)
             .gradient_tolerance(1e-8)
             .fit(&data)
             .map_err(solver)?;
@@ -180,7 +194,7 @@ fn fit_linear(rows: &[&[f64]], labels: &[usize], k: usize, c: f64) -> Result<Lin
         let data = DatasetBase::new(x, y);
         let fitted = MultiLogisticRegression::default()
             .alpha(1.0 / c)
-            .max_iterations(1000)
+            .max_iterations(MAX_ITERATIONS)
             .gradient_tolerance(1e-8)
             .fit(&data)
             .map_err(solver)?;

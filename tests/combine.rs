@@ -219,9 +219,9 @@ fn a_probe_reads_hidden_states_from_the_loglik_evaluation_and_is_fitted_on_other
     assert_eq!(probe["accuracy"], 1.0, "{probe:?}");
     let html = common::report_html(&fresh);
     assert!(html.contains("mean at C ="), "the fit is shown");
-    // 2 layers × 2 poolings and the last layer's last position, each at 6 strengths.
+    // 2 layers × 2 poolings and the last layer's last position, each at 5 strengths.
     assert!(
-        html.contains("among 30 settings"),
+        html.contains("among 25 settings"),
         "every setting was tried"
     );
     // Each of the five settings is listed with its cross-validated accuracy, one chosen.

@@ -46,7 +46,14 @@ impl Plan {
             })
             .map(|(i, _)| i)
             .collect();
-        let kind = cal.kind.as_str();
+        // A probe's fit is also what its solver makes of the rows.
+        let kind = match cal.kind {
+            crate::spec::CalibrationKind::Probe => {
+                format!("{}; {}", cal.kind.as_str(), crate::probe::solver())
+            }
+            k => k.as_str().to_string(),
+        };
+        let kind = kind.as_str();
         Some(
             CalibrationPart {
                 kind,
