@@ -345,6 +345,13 @@ fn collect_work(
             });
         }
     }
+    // Hidden states are read while the prompt is evaluated, so their tasks come first: the
+    // parts after them start from that evaluation (a later hidden-state part would have to
+    // evaluate the row's tokens again).
+    for j in jobs.values_mut() {
+        j.tasks
+            .sort_by_key(|t| !matches!(t.task, Task::Hidden { .. }));
+    }
     Work {
         jobs: jobs.into_values().collect(),
         followers,

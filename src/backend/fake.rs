@@ -194,7 +194,10 @@ impl Session for FakeSession {
 
     fn run(&mut self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
         let start = Instant::now();
-        let reused = self.last_prompt.as_deref() == Some(prompt.text.as_str());
+        // As llama.cpp's session does: a prompt whose hidden states are read is evaluated
+        // again, whatever was evaluated before.
+        let capture = tasks.iter().any(|t| matches!(t, Task::Hidden { .. }));
+        let reused = !capture && self.last_prompt.as_deref() == Some(prompt.text.as_str());
         self.last_prompt = None;
         if !reused {
             self.calls.prompts.fetch_add(1, Ordering::SeqCst);
