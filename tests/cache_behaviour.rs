@@ -307,33 +307,11 @@ fn plan_and_report_read_the_sound_segments_when_one_is_damaged() {
 /// The same acceptance in-process, counting what the fake backend itself was asked to do.
 #[test]
 fn backend_calls_after_a_template_edit_are_exactly_the_changed_rows() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use pipeline::app::{RunOptions, run_with_backend};
-    use pipeline::backend::Backend;
-    use pipeline::backend::fake::{FakeBackend, FakeCalls};
-    use pipeline::config::Config;
+    use std::sync::atomic::Ordering;
 
     let p = Project::new();
-    let cfg = Config::new(p.path("cache"), p.path("reports"));
-    let cfg = Config {
-        backend: pipeline::backend::BackendKind::Fake,
-        ..cfg
-    };
     let run_once = || -> (usize, usize, usize) {
-        let calls = Arc::new(FakeCalls::default());
-        let c = calls.clone();
-        let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
-        let outcome = run_with_backend(
-            &cfg,
-            &p.path("spec.yaml"),
-            &RunOptions::default(),
-            Arc::new(AtomicBool::new(false)),
-            make,
-        )
-        .unwrap();
-        assert!(outcome.error.is_none());
+        let calls = common::fake_run(&p);
         (
             calls.prompts.load(Ordering::SeqCst),
             calls.tasks.load(Ordering::SeqCst),

@@ -7,14 +7,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::{Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use common::Project;
-use pipeline::app::{RunOptions, run_with_backend};
-use pipeline::backend::fake::{FakeBackend, FakeCalls};
-use pipeline::backend::{Backend, BackendKind};
-use pipeline::config::Config;
+use pipeline::app::RunOptions;
 use pipeline::shard::Shard;
 
 /// Three models, two prompts, generate and loglik: 12 cells over 12 rows.
@@ -44,31 +40,13 @@ struct Calls {
 
 /// One in-process run (a shard when `shard` is set), counting the fake backend's calls.
 fn run(p: &Project, shard: Option<Shard>) -> Calls {
-    let cfg = Config {
-        backend: BackendKind::Fake,
-        ..Config::new(p.path("cache"), p.path("reports"))
-    };
-    let calls = Arc::new(FakeCalls::default());
-    let c = calls.clone();
-    let make = Arc::new(move || Box::new(FakeBackend::new(c.clone())) as Box<dyn Backend>);
+    let sharded = shard.is_some();
     let opts = RunOptions {
         shard,
         ..RunOptions::default()
     };
-    let outcome = run_with_backend(
-        &cfg,
-        &p.path("spec.yaml"),
-        &opts,
-        Arc::new(AtomicBool::new(false)),
-        make,
-    )
-    .unwrap();
-    assert!(outcome.error.is_none(), "{:?}", outcome.error);
-    assert_eq!(
-        outcome.written.is_none(),
-        shard.is_some(),
-        "shards write no report"
-    );
+    let (outcome, calls) = common::fake_run_with(p, opts);
+    assert_eq!(outcome.written.is_none(), sharded, "shards write no report");
     Calls {
         models_loaded: calls.models_loaded.load(Ordering::SeqCst),
         prompts: calls.prompts.load(Ordering::SeqCst),

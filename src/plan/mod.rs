@@ -131,6 +131,21 @@ impl Plan {
 }
 
 impl Cell {
+    /// A reported cell with no inference rows of its own (a vote, an embedder's probe, a
+    /// cascade, an ensemble): what it answers is read from other stages.
+    fn combined(id: String, source: Source, method: usize) -> Self {
+        Self {
+            id,
+            source,
+            method,
+            point: None,
+            set: 0,
+            rows: RowKeys::default(),
+            calibration: None,
+            gated: false,
+        }
+    }
+
     pub fn model(&self) -> Option<usize> {
         match self.source {
             Source::Llm { model, .. } => Some(model),
@@ -622,19 +637,14 @@ pub fn build(
     let (mut cells, mut support, mut calibrations) =
         expand_cells(&factory, &retrievals, &embedders);
     for (probe, ep) in embedding_probes.iter().enumerate() {
-        cells.push(Cell {
-            id: format!(
+        cells.push(Cell::combined(
+            format!(
                 "{}/{}",
                 embedders[ep.embedder].id, spec.methods[ep.method].id
             ),
-            source: Source::Embedding { probe },
-            method: ep.method,
-            point: None,
-            set: 0,
-            rows: RowKeys::default(),
-            calibration: None,
-            gated: false,
-        });
+            Source::Embedding { probe },
+            ep.method,
+        ));
     }
     let cascades = plan_cascades(
         &factory,
@@ -985,16 +995,11 @@ fn expand_cells(
             .position(|r| r.serves == Serves::Vote(ki))
             .expect("every knn_vote method has its retrieval");
         let embedder = &embedders[method.vote().map_or(0, |v| v.embedder)].id;
-        cells.push(Cell {
-            id: format!("{embedder}/{}", method.id),
-            source: Source::Vote { retrieval },
-            method: ki,
-            point: None,
-            set: 0,
-            rows: RowKeys::default(),
-            calibration: None,
-            gated: false,
-        });
+        cells.push(Cell::combined(
+            format!("{embedder}/{}", method.id),
+            Source::Vote { retrieval },
+            ki,
+        ));
     }
     (cells, support, calibrations)
 }
@@ -1107,16 +1112,11 @@ fn plan_cascades(
             fit_stages.push(fit_stage);
         }
         let first = cell_of(cells, support, stages[0]);
-        cells.push(Cell {
+        cells.push(Cell::combined(
             id,
-            source: Source::Cascade { cascade: ci },
-            method: first.method,
-            point: None,
-            set: 0,
-            rows: RowKeys::default(),
-            calibration: None,
-            gated: false,
-        });
+            Source::Cascade { cascade: ci },
+            first.method,
+        ));
         out.push(CascadePlan {
             spec: ci,
             cell: cells.len() - 1,
@@ -1164,16 +1164,11 @@ fn plan_ensembles(spec: &Spec, cells: &mut Vec<Cell>) -> Result<Vec<EnsemblePlan
             members.push(m);
         }
         let first = &cells[members[0]];
-        cells.push(Cell {
+        cells.push(Cell::combined(
             id,
-            source: Source::Ensemble { ensemble: ei },
-            method: first.method,
-            point: None,
-            set: 0,
-            rows: RowKeys::default(),
-            calibration: None,
-            gated: false,
-        });
+            Source::Ensemble { ensemble: ei },
+            first.method,
+        ));
         out.push(EnsemblePlan {
             spec: ei,
             cell: cells.len() - 1,
@@ -1276,13 +1271,9 @@ impl Plan {
                     };
                 }
                 if let Source::Ensemble { ensemble } = c.source {
-                    let members = &self.ensembles[ensemble].members;
-                    let rows = self.dataset.rows.len();
                     return CellStatus {
-                        rows,
-                        cached: (0..rows)
-                            .filter(|&ri| members.iter().all(|&m| self.row_ready(m, ri, cache)))
-                            .count(),
+                        rows: self.dataset.rows.len(),
+                        cached: self.ensemble_rows_ready(ensemble, cache),
                         failed: 0,
                         too_long: 0,
                     };
@@ -1306,6 +1297,14 @@ impl Plan {
                 }
             })
             .collect()
+    }
+
+    /// The evaluation rows every member of ensemble `e` has computed.
+    pub fn ensemble_rows_ready(&self, e: usize, cache: &Cache) -> usize {
+        let members = &self.ensembles[e].members;
+        (0..self.dataset.rows.len())
+            .filter(|&ri| members.iter().all(|&m| self.row_ready(m, ri, cache)))
+            .count()
     }
 
     /// Whether row `ri` of reported cell `ci` (a model or vote cell) is computed.

@@ -679,7 +679,19 @@ pub fn plan_error(p: &Project) -> String {
 
 /// `run` of the project's spec in this process, on a fake backend whose calls are counted.
 pub fn fake_run(p: &Project) -> std::sync::Arc<pipeline::backend::fake::FakeCalls> {
-    use pipeline::app::{RunOptions, run_with_backend};
+    fake_run_with(p, pipeline::app::RunOptions::default()).1
+}
+
+/// `run` of the project's spec in this process with `opts`, on a fake backend whose calls
+/// are counted; it must end without an error.
+pub fn fake_run_with(
+    p: &Project,
+    opts: pipeline::app::RunOptions,
+) -> (
+    pipeline::app::RunOutcome,
+    std::sync::Arc<pipeline::backend::fake::FakeCalls>,
+) {
+    use pipeline::app::run_with_backend;
     use pipeline::backend::fake::{FakeBackend, FakeCalls};
     use pipeline::backend::{Backend, BackendKind};
     use pipeline::config::Config;
@@ -695,11 +707,11 @@ pub fn fake_run(p: &Project) -> std::sync::Arc<pipeline::backend::fake::FakeCall
     let outcome = run_with_backend(
         &cfg,
         &p.path("spec.yaml"),
-        &RunOptions::default(),
+        &opts,
         Arc::new(AtomicBool::new(false)),
         make,
     )
     .unwrap();
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
-    calls
+    (outcome, calls)
 }

@@ -17,7 +17,6 @@ pub(super) fn stage_id(plan: &Plan, e: usize) -> String {
 impl Kind for Ensemble {
     fn stages(&self, cx: &Context) -> Vec<StageStatus> {
         let plan = cx.plan;
-        let status = plan.status(cx.cache, cx.routing);
         (0..plan.ensembles.len())
             .map(|e| {
                 let ep = &plan.ensembles[e];
@@ -49,7 +48,7 @@ impl Kind for Ensemble {
                     stage_id(plan, e),
                     StageKind::Ensemble,
                     plan.dataset.rows.len(),
-                    status[ep.cell].cached,
+                    plan.ensemble_rows_ready(e, cx.cache),
                     "rows averaged (cached: every member's row is)",
                 )
                 .reading(inputs)
