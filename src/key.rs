@@ -264,10 +264,7 @@ impl CacheKey for MethodPart<'_> {
             Method::Probe(p) => match &p.features {
                 crate::spec::ProbeFeatures::Hidden { layers, pools } => {
                     let layers: Vec<String> = layers.iter().map(ToString::to_string).collect();
-                    let pools: Vec<String> = pools
-                        .iter()
-                        .map(|p| format!("{p:?}").to_lowercase())
-                        .collect();
+                    let pools: Vec<String> = pools.iter().map(|p| p.as_str().to_string()).collect();
                     e.str("kind", "hidden")
                         .strs("layers", &layers)
                         .strs("pools", &pools);

@@ -448,11 +448,7 @@ pub struct HiddenState {
 
 impl std::fmt::Display for HiddenState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pool = match self.pool {
-            Pooling::Last => "last",
-            Pooling::Mean => "mean",
-        };
-        write!(f, "layer {}, {pool}", self.layer)
+        write!(f, "layer {}, {}", self.layer, self.pool.as_str())
     }
 }
 

@@ -462,6 +462,16 @@ pub enum Pooling {
     Mean,
 }
 
+impl Pooling {
+    /// Its name as specs write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Last => "last",
+            Pooling::Mean => "mean",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MethodKind {
