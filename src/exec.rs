@@ -423,7 +423,15 @@ pub fn execute(
                 path: r.path.clone(),
                 n_ctx: r.n_ctx,
                 threads: opts.threads,
-                packing: opts.packing,
+                // A server takes `concurrency` requests at a time: groups of that many rows.
+                packing: match &r.server {
+                    Some(s) => crate::backend::Packing {
+                        rows: s.spec.concurrency,
+                        batch: crate::backend::Packing::ONE_AT_A_TIME.batch,
+                    },
+                    None => opts.packing,
+                },
+                server: r.server.clone(),
             }
         })
         .collect();
@@ -844,7 +852,7 @@ fn worker(
         if pack > 1 {
             order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].chars()));
         }
-        let result = backend.with_model(load, &mut |session| {
+        let mut run = |session: &mut dyn crate::backend::Session| {
             let _ = tx.send(Msg::ModelLoaded);
             for group in order.chunks(pack) {
                 if stop(&ctx) {
@@ -890,7 +898,8 @@ fn worker(
                 }
             }
             Ok(())
-        });
+        };
+        let result = crate::backend::with_model(backend.as_mut(), load, &mut run);
         if let Err(error) = result {
             // This model's remaining rows stay to do; the other models still run.
             let _ = tx.send(Msg::ModelFailed {

@@ -19,6 +19,17 @@ pub struct ResolvedModel {
     pub n_ctx: u32,
     /// How it was found, for the report.
     pub found_via: &'static str,
+    /// A model behind a server: what the server said it is (`sha256` is then the digest of
+    /// that, and `path` the URL).
+    pub server: Option<std::sync::Arc<crate::backend::server::ServerModel>>,
+}
+
+impl ResolvedModel {
+    /// The engine part of this model's row keys: the server's, for a served model; `None`:
+    /// the in-process engine's.
+    pub fn engine(&self) -> Option<String> {
+        self.server.as_ref().map(|s| s.identity.engine(s.spec.api))
+    }
 }
 
 /// How to reach the Hugging Face hub; `None` fields fall back to hf-hub's own environment
@@ -116,6 +127,26 @@ impl Resolver {
         spec: &ModelSpec,
         download: bool,
     ) -> Result<Option<ResolvedModel>, Diagnostic> {
+        if let ModelSource::Server(server) = &spec.gguf.value {
+            return match crate::backend::server::probe(server) {
+                Ok(identity) => Ok(Some(ResolvedModel {
+                    id: spec.id.clone(),
+                    path: PathBuf::from(&server.url),
+                    sha256: identity.model_digest(),
+                    size: 0,
+                    n_ctx: identity.n_ctx.unwrap_or(spec.n_ctx),
+                    found_via: "server",
+                    server: Some(std::sync::Arc::new(crate::backend::server::ServerModel {
+                        spec: (**server).clone(),
+                        identity,
+                    })),
+                })),
+                // Commands that only look (plan, report) go on without the server's
+                // answer; a run needs it.
+                Err(_) if !download => Ok(None),
+                Err(msg) => Err(spec.gguf.error(msg)),
+            };
+        }
         let (path, found_via, downloaded) = match self.locate(spec)? {
             Some((p, via)) => (p, via, false),
             None if !download && matches!(spec.gguf.value, ModelSource::Hub { .. }) => {
@@ -142,6 +173,7 @@ impl Resolver {
                     Err(HubLookup::NotCached) => unreachable!("a download never answers NotCached"),
                     Err(HubLookup::Failed(msg)) => return Err(spec.gguf.error(msg)),
                 },
+                ModelSource::Server(_) => unreachable!("served models return above"),
             },
         };
         let checked = self.check(spec, &path);
@@ -157,6 +189,7 @@ impl Resolver {
             size,
             n_ctx: spec.n_ctx,
             found_via,
+            server: None,
         }))
     }
 

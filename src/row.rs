@@ -42,6 +42,8 @@ named_enum! {
         Load,
         /// An embedder that is not an embedding model.
         NotEmbedding,
+        /// A model server failed the request (after its retries).
+        Server,
     }
 }
 

@@ -123,6 +123,7 @@ fn renders_through_the_family_template(
         n_ctx: 1024,
         threads: 2,
         packing: pipeline::backend::Packing::ONE_AT_A_TIME,
+        server: None,
     };
     let mut chat = String::new();
     LlamaEngine

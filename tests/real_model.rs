@@ -263,6 +263,7 @@ fn rows_are_bitwise_equal_whatever_ran_before() -> Result<(), Failed> {
         n_ctx: 2048,
         threads: 2,
         packing: pipeline::backend::Packing::ONE_AT_A_TIME,
+        server: None,
     };
     let reviews = long_reviews(4);
     // A fixed part longer than one decode call, and a short one.
@@ -400,6 +401,7 @@ fn packed_rows_agree_with_one_at_a_time_within_the_noise_floor() -> Result<(), F
             n_ctx: 1024,
             threads: 2,
             packing,
+            server: None,
         };
         let mut out = Vec::new();
         engine
@@ -605,6 +607,7 @@ fn load_with_ctx(n_ctx: u32) -> Result<ModelLoad, Failed> {
         n_ctx,
         threads: 2,
         packing: pipeline::backend::Packing::ONE_AT_A_TIME,
+        server: None,
     })
 }
 

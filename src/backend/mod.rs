@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod llama;
 mod llama_embed;
+pub mod server;
 
 pub use llama_embed::raw_embed_throughput;
 
@@ -48,6 +49,8 @@ pub struct ModelLoad {
     pub threads: usize,
     /// How prompts are evaluated: one at a time, or several per decode call.
     pub packing: Packing,
+    /// A model behind a server: its rows go there instead of to the in-process engine.
+    pub server: Option<std::sync::Arc<server::ServerModel>>,
 }
 
 /// Rows per decode call. `rows` 1: one prompt at a time with shared-prefix reuse (the
@@ -293,6 +296,13 @@ pub enum BackendError {
     /// The executor's own work inside a session failed; the message says why.
     #[error("{0}")]
     Job(String),
+    /// A model server failed a request for good (after its retries).
+    #[error("{url}{}: {message}", status.map(|s| format!(" answered HTTP {s}")).unwrap_or_default())]
+    Server {
+        url: String,
+        status: Option<u16>,
+        message: String,
+    },
 }
 
 impl BackendError {
@@ -305,6 +315,7 @@ impl BackendError {
             BackendError::ChatTemplate(_) => FailureKind::ChatTemplate,
             BackendError::Decode(_) => FailureKind::Decode,
             BackendError::Job(_) => FailureKind::Job,
+            BackendError::Server { .. } => FailureKind::Server,
         }
     }
 
@@ -343,6 +354,19 @@ pub trait Backend {
         load: &EmbedderLoad,
         run: &mut dyn FnMut(&mut dyn EmbedSession) -> Result<(), BackendError>,
     ) -> Result<(), BackendError>;
+}
+
+/// Load `load`'s model and lend a session on it to `run`: the server's, for a model behind
+/// one, else `backend`'s.
+pub fn with_model(
+    backend: &mut dyn Backend,
+    load: &ModelLoad,
+    run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
+) -> Result<(), BackendError> {
+    match &load.server {
+        Some(s) => server::with_model(s, run),
+        None => backend.with_model(load, run),
+    }
 }
 
 /// `v` scaled to unit length (a zero vector stays zero).

@@ -307,6 +307,44 @@ struct PoolSource {
     max_chars: Option<usize>,
 }
 
+/// A served model gets only the methods a server can compute: no hidden states (probes),
+/// and log-likelihoods only through the completions endpoint.
+fn check_served_models(spec: &Spec) -> Result<(), Diagnostic> {
+    for m in &spec.models {
+        let crate::spec::ModelSource::Server(server) = &m.gguf.value else {
+            continue;
+        };
+        for method in &spec.methods {
+            if !spec
+                .prompts
+                .iter()
+                .any(|p| m.has_cells(&p.id) && method.has_cells(&m.id, &p.id))
+            {
+                continue;
+            }
+            let lacks = match (method.kind(), server.api) {
+                (MethodKind::Probe, _)
+                    if method.probe().is_some_and(|p| {
+                        matches!(p.features, crate::spec::ProbeFeatures::Hidden { .. })
+                    }) =>
+                {
+                    Some(
+                        "reads the model's hidden states, which a server does not give (give the probe `models:` without this one, or use the model's gguf file)",
+                    )
+                }
+                (MethodKind::Loglik, crate::spec::ServerApi::Chat) => Some(
+                    "needs each label's exact log-prob, which a chat endpoint does not give (its top_logprobs list at most 20 tokens): use `api: completions`",
+                ),
+                _ => None,
+            };
+            if let Some(why) = lacks {
+                return Err(m.gguf.error(format!("method `{}` {why}", method.id)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Expand a spec into its stages and cells. `models` and `embedders` are the spec's
 /// models as this machine knows them (see [`crate::model::Resolver::known_models`]);
 /// `store` holds the stages' cached outputs. Nothing is downloaded, loaded or written.
@@ -318,6 +356,7 @@ pub fn build(
     opts: &PlanOptions,
 ) -> Result<Plan, Diagnostic> {
     let engine = opts.engine_version.as_str();
+    check_served_models(&spec)?;
     let mut dataset = dataset::load(&spec.dataset)?;
     if let Some(n) = opts.limit {
         dataset.rows.truncate(n);
@@ -918,12 +957,21 @@ impl<'a> CellFactory<'a> {
             point: c.point.as_ref(),
         }
         .digest();
+        // A served model's rows are the server's: keyed by what it says it is, not by this
+        // build's engine.
+        let engine = self.models[c.model]
+            .file
+            .as_ref()
+            .and_then(|f| f.engine())
+            .map_or(self.engine, |version| {
+                EnginePart { version: &version }.digest()
+            });
         RowKeys::new(
             model,
             method,
             sampler,
             seed,
-            self.engine,
+            engine,
             self.prompt_digests[set][c.prompt].clone(),
         )
     }

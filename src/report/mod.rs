@@ -102,6 +102,23 @@ pub struct ModelInfo {
     pub file: String,
     pub sha256: String,
     pub size_bytes: u64,
+    /// A model behind a server: where, what it said it is, and why its rows are not
+    /// bit-exact.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub server: Option<ServedInfo>,
+}
+
+/// A served model as run.json records it (never its API key: only the variable's name).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ServedInfo {
+    pub url: String,
+    pub api: String,
+    pub kind: String,
+    pub model: String,
+    pub build: Option<String>,
+    pub model_file: Option<String>,
+    pub bit_exact: bool,
+    pub not_bit_exact_because: String,
 }
 
 impl Provenance {
@@ -123,13 +140,35 @@ impl Provenance {
                     file: m
                         .file
                         .as_ref()
-                        .map(|r| {
-                            let name = r.path.file_name().unwrap_or_default().to_string_lossy();
-                            format!("{name} (found via {})", r.found_via)
+                        .map(|r| match &r.server {
+                            Some(s) => format!(
+                                "{} at {} (api {}; not bit-exact)",
+                                s.identity.model,
+                                s.spec.url,
+                                s.spec.api.as_str()
+                            ),
+                            None => {
+                                let name = r.path.file_name().unwrap_or_default().to_string_lossy();
+                                format!("{name} (found via {})", r.found_via)
+                            }
                         })
                         .unwrap_or_default(),
                     sha256: m.sha256.clone().unwrap_or_default(),
                     size_bytes: m.file.as_ref().map_or(0, |r| r.size),
+                    server: m
+                        .file
+                        .as_ref()
+                        .and_then(|r| r.server.as_ref())
+                        .map(|s| ServedInfo {
+                            url: s.spec.url.clone(),
+                            api: s.spec.api.as_str().into(),
+                            kind: s.identity.kind.as_str().into(),
+                            model: s.identity.model.clone(),
+                            build: s.identity.build.clone(),
+                            model_file: s.identity.model_file.clone(),
+                            bit_exact: false,
+                            not_bit_exact_because: s.identity.not_bit_exact_because(),
+                        }),
                 })
                 .collect(),
             dataset: shown_path(&plan.spec.dataset.path.value),

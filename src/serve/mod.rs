@@ -452,6 +452,7 @@ fn load(
                 n_ctx: f.n_ctx,
                 threads,
                 packing,
+                server: f.server.clone(),
             })
         });
         let (ready_tx, ready_rx) = oneshot::channel();

@@ -97,9 +97,13 @@ pub fn spawn(
         };
         let result = match (&spec.model, &spec.embedder) {
             (Some(m), Some(e)) => embedders.with_embedder(e, &mut |emb| {
-                models.with_model(m, &mut |llm| serve(Some(llm), Some(&mut *emb)))
+                crate::backend::with_model(models.as_mut(), m, &mut |llm| {
+                    serve(Some(llm), Some(&mut *emb))
+                })
             }),
-            (Some(m), None) => models.with_model(m, &mut |llm| serve(Some(llm), None)),
+            (Some(m), None) => {
+                crate::backend::with_model(models.as_mut(), m, &mut |llm| serve(Some(llm), None))
+            }
             (None, Some(e)) => embedders.with_embedder(e, &mut |emb| serve(None, Some(emb))),
             (None, None) => serve(None, None),
         };

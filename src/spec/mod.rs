@@ -5,7 +5,7 @@ mod raw;
 
 use std::path::{Path, PathBuf};
 
-pub use raw::{MethodKind, ParseRule, Pooling, ShotOrder, ShotStrategy};
+pub use raw::{MethodKind, ParseRule, Pooling, ServerApi, ShotOrder, ShotStrategy};
 use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, RawTruncate, TemplateRef};
 use serde_saphyr::Spanned;
 
@@ -282,6 +282,27 @@ pub enum ModelSource {
         repo: String,
         file: String,
     },
+    /// A model behind an OpenAI-compatible server.
+    Server(Box<ServerSpec>),
+}
+
+/// A model behind an OpenAI-compatible server, as the spec names it. The API key is never
+/// here: only the name of the environment variable it is read from at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// The API's base URL, e.g. `http://127.0.0.1:8080/v1` (no trailing slash).
+    pub url: String,
+    /// The model name requests carry (`model`); `None`: the one the server lists first.
+    pub model: Option<String>,
+    pub api_key_env: Option<String>,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    pub timeout_s: u64,
+    /// Retries of a request that met a 429, a 5xx, a timeout or a dropped connection.
+    pub retries: u32,
+    pub api: ServerApi,
+    /// A chat template (its text) used instead of the one the server reports.
+    pub template: Option<String>,
 }
 
 impl ModelSource {
@@ -290,6 +311,7 @@ impl ModelSource {
         match self {
             ModelSource::Path(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
             ModelSource::Hub { file, .. } => file.rsplit('/').next().map(str::to_string),
+            ModelSource::Server(_) => None,
         }
     }
 }
@@ -299,6 +321,7 @@ impl std::fmt::Display for ModelSource {
         match self {
             ModelSource::Path(p) => write!(f, "{}", p.display()),
             ModelSource::Hub { owner, repo, file } => write!(f, "hf:{owner}/{repo}/{file}"),
+            ModelSource::Server(s) => write!(f, "{}", s.url),
         }
     }
 }
@@ -1200,7 +1223,35 @@ impl Validator<'_> {
                 Some(n) => n.value,
                 None => DEFAULT_N_CTX,
             };
-            let mut model = self.model_file(id, &m.gguf, m.sha256.as_ref(), &field, n_ctx)?;
+            let mut model = match (&m.gguf, &m.server) {
+                (Some(gguf), None) => {
+                    self.model_file(id, gguf, m.sha256.as_ref(), &field, n_ctx)?
+                }
+                (None, Some(server)) => {
+                    if let Some(s) = &m.sha256 {
+                        return Err(self.err(
+                            s,
+                            format!("{field}.sha256"),
+                            "a served model has no file here to check; the row keys hold what the server says it runs",
+                        ));
+                    }
+                    self.server_model(id, server, &field, n_ctx)?
+                }
+                (Some(gguf), Some(_)) => {
+                    return Err(self.err(
+                        gguf,
+                        format!("{field}.gguf"),
+                        "a model is either a `gguf` file or a `server`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(self.err(
+                        &m.id,
+                        field,
+                        "name the model's `gguf` file (a path or `hf:OWNER/REPO/FILE.gguf`) or a `server: {url: ...}`",
+                    ));
+                }
+            };
             model.grid = m.grid.as_ref().is_none_or(|g| g.value);
             model.prompts = match &m.prompts {
                 Some(list) => {
@@ -1305,6 +1356,111 @@ impl Validator<'_> {
             out.push(id.value.clone());
         }
         Ok(out)
+    }
+
+    /// `server:` of a model: the endpoint and how requests are made.
+    fn server_model(
+        &self,
+        id: String,
+        server: &Spanned<raw::RawServer>,
+        field: &str,
+        n_ctx: u32,
+    ) -> Result<ModelSpec, Diagnostic> {
+        let field = format!("{field}.server");
+        let s = &server.value;
+        let url = s.url.value.trim().trim_end_matches('/').to_string();
+        match reqwest::Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    return Err(self.err(
+                        &s.url,
+                        format!("{field}.url"),
+                        "put no credentials in the URL (it is recorded in run.json and reports): name an environment variable in `api_key_env`",
+                    ));
+                }
+            }
+            _ => {
+                return Err(self.err(
+                    &s.url,
+                    format!("{field}.url"),
+                    "expected an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1",
+                ));
+            }
+        }
+        let bounded = |v: &Option<Spanned<u32>>,
+                       name: &str,
+                       range: std::ops::RangeInclusive<u32>,
+                       default: u32| match v {
+            Some(n) if !range.contains(&n.value) => Err(self.err(
+                n,
+                format!("{field}.{name}"),
+                format!("must be between {} and {}", range.start(), range.end()),
+            )),
+            Some(n) => Ok(n.value),
+            None => Ok(default),
+        };
+        let concurrency = bounded(&s.concurrency, "concurrency", 1..=256, 4)?;
+        let retries = bounded(&s.retries, "retries", 0..=20, 5)?;
+        let timeout_s = match &s.timeout_s {
+            Some(t) if !(1..=3600).contains(&t.value) => {
+                return Err(self.err(
+                    t,
+                    format!("{field}.timeout_s"),
+                    "must be between 1 and 3600",
+                ));
+            }
+            Some(t) => t.value,
+            None => 120,
+        };
+        let api_key_env = match &s.api_key_env {
+            Some(v)
+                if v.value.is_empty()
+                    || !v
+                        .value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                return Err(self.err(
+                    v,
+                    format!("{field}.api_key_env"),
+                    "the name of an environment variable (letters, digits, `_`), not the key itself",
+                ));
+            }
+            Some(v) => Some(v.value.clone()),
+            None => None,
+        };
+        let template = match &s.template {
+            Some(t) => {
+                let path = self.path(&t.value);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        t,
+                        format!("{field}.template"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text)
+            }
+            None => None,
+        };
+        let spec = ServerSpec {
+            url,
+            model: s.model.as_ref().map(|m| m.value.clone()),
+            api_key_env,
+            concurrency: concurrency as usize,
+            timeout_s,
+            retries,
+            api: s.api.as_ref().map(|a| a.value).unwrap_or_default(),
+            template,
+        };
+        Ok(ModelSpec {
+            id,
+            gguf: self.located(server, field, ModelSource::Server(Box::new(spec))),
+            sha256: None,
+            n_ctx,
+            grid: true,
+            prompts: None,
+        })
     }
 
     /// A model file reference: a local path or `hf:OWNER/REPO/FILE`, and its sha256.

@@ -221,7 +221,12 @@ pub struct RawClean {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub id: Spanned<String>,
-    pub gguf: Spanned<String>,
+    /// A GGUF file run in-process (a path or `hf:OWNER/REPO/FILE`)...
+    #[serde(default)]
+    pub gguf: Option<Spanned<String>>,
+    /// ... or a model behind an OpenAI-compatible server.
+    #[serde(default)]
+    pub server: Option<Spanned<RawServer>>,
     #[serde(default)]
     pub sha256: Option<Spanned<String>>,
     #[serde(default)]
@@ -232,6 +237,49 @@ pub struct RawModel {
     /// The prompts this model has cells for (default: every prompt).
     #[serde(default)]
     pub prompts: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `server:` of a model: where it is served and how to talk to it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub url: Spanned<String>,
+    #[serde(default)]
+    pub model: Option<Spanned<String>>,
+    #[serde(default)]
+    pub api_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub concurrency: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub timeout_s: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub retries: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub api: Option<Spanned<ServerApi>>,
+    /// A chat template file (Jinja, as in a GGUF's metadata) used instead of the server's.
+    #[serde(default)]
+    pub template: Option<Spanned<String>>,
+}
+
+/// Which endpoint a server model's prompts go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerApi {
+    /// The tool applies the chat template and sends the text to the completions endpoint:
+    /// the server sees the tokens the in-process engine would.
+    #[default]
+    Completions,
+    /// Messages to the chat endpoint; the server applies its own template.
+    Chat,
+}
+
+impl ServerApi {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServerApi::Completions => "completions",
+            ServerApi::Chat => "chat",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
