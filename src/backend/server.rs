@@ -997,3 +997,120 @@ impl ServerSession<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServerSpec {
+        ServerSpec {
+            url: "http://127.0.0.1:1/v1".into(),
+            model: None,
+            api_key_env: None,
+            concurrency: 1,
+            timeout_s: 1,
+            retries: 3,
+            api: ServerApi::Completions,
+            template: None,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap_and_waits_at_least_retry_after() {
+        let r = Requests::new(&spec(), 1).unwrap();
+        assert_eq!(r.root, "http://127.0.0.1:1");
+        for attempt in 0..20 {
+            let step = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            let d = r.backoff(attempt, None);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+        let d = r.backoff(0, Some(Duration::from_secs(7)));
+        assert!(d >= Duration::from_secs(7));
+        // A server asking for an hour is not waited on for an hour.
+        assert!(r.backoff(0, Some(Duration::from_secs(3600))) <= BACKOFF_CAP * 3);
+    }
+
+    #[test]
+    fn llama_server_and_openai_answers_parse_to_text_tokens_and_finish() {
+        let llama = json!({"content": " positive", "stop_type": "eos", "tokens_predicted": 2,
+            "tokens_evaluated": 40, "timings": {"prompt_n": 12, "prompt_ms": 3.5}});
+        let g = Generated::parse(&llama, true).unwrap();
+        assert_eq!(
+            (g.text.as_str(), g.tokens, g.finish),
+            (" positive", 2, Finish::Eog)
+        );
+        assert_eq!((g.usage.prompt_tokens, g.usage.evaluated_tokens), (40, 12));
+        let limit = json!({"content": "a", "stop_type": "limit"});
+        assert_eq!(
+            Generated::parse(&limit, true).unwrap().finish,
+            Finish::Length
+        );
+        assert!(Generated::parse(&json!({"content": "a", "stop_type": "?"}), true).is_err());
+
+        let openai = json!({"choices": [{"text": "negative", "finish_reason": "stop", "stop_reason": "\n"}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 1}});
+        let g = Generated::parse(&openai, false).unwrap();
+        assert_eq!(
+            (g.text.as_str(), g.tokens, g.finish),
+            ("negative", 1, Finish::Stop)
+        );
+        assert_eq!(g.usage.prompt_tokens, 30);
+        let chat = json!({"choices": [{"message": {"content": "ok"}, "finish_reason": "length"}]});
+        assert_eq!(
+            Generated::parse(&chat, false).unwrap().finish,
+            Finish::Length
+        );
+        assert!(Generated::parse(&json!({"choices": []}), false).is_err());
+    }
+
+    #[test]
+    fn a_served_models_keys_change_with_what_the_server_reports() {
+        let id = ServerIdentity {
+            kind: ServerKind::LlamaServer,
+            model: "m".into(),
+            build: Some("b1".into()),
+            model_file: Some("/m.gguf".into()),
+            slots: Some(4),
+            n_ctx: None,
+            n_vocab: Some(100),
+            chat_template: Some("chatml".into()),
+        };
+        let other_file = ServerIdentity {
+            model_file: Some("/n.gguf".into()),
+            ..id.clone()
+        };
+        let other_template = ServerIdentity {
+            chat_template: Some("llama3".into()),
+            ..id.clone()
+        };
+        assert_ne!(id.model_digest(), other_file.model_digest());
+        assert_ne!(id.model_digest(), other_template.model_digest());
+        let other_build = ServerIdentity {
+            build: Some("b2".into()),
+            ..id.clone()
+        };
+        assert_eq!(id.model_digest(), other_build.model_digest());
+        assert_ne!(
+            id.engine(ServerApi::Completions),
+            other_build.engine(ServerApi::Completions)
+        );
+        assert_ne!(
+            id.engine(ServerApi::Completions),
+            id.engine(ServerApi::Chat)
+        );
+        assert!(id.not_bit_exact_because().contains("4 slots"));
+    }
+
+    #[test]
+    fn the_template_is_applied_by_llama_cpp_without_a_model() {
+        let m = Messages::new(Some("sys".into()), "hi <|im_end|>".into());
+        let text = apply_template("chatml", &m).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert!(apply_template("no such template {{", &m).is_err());
+    }
+}
