@@ -466,26 +466,9 @@ impl Session for LlamaSession<'_> {
     fn truncate(&self, text: &str, budget: super::TextBudget) -> String {
         let vocab = self.model.vocab();
         let toks = vocab.tokenize(text.as_bytes(), false, false);
-        // A cut may split a character's bytes between two tokens: the broken piece is
-        // dropped at the cut.
-        let piece = |range: &[LlamaToken]| {
+        super::cut_tokens(text, &toks, budget, |range| {
             String::from_utf8_lossy(&vocab.detokenize(range, false, false)).into_owned()
-        };
-        super::cut_text(
-            toks.len(),
-            budget,
-            |head| {
-                piece(&toks[..head])
-                    .trim_end_matches('\u{FFFD}')
-                    .to_string()
-            },
-            |from| {
-                piece(&toks[from..])
-                    .trim_start_matches('\u{FFFD}')
-                    .to_string()
-            },
-        )
-        .unwrap_or_else(|| text.to_string())
+        })
     }
 
     fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {

@@ -38,6 +38,31 @@ pub fn cut_text(
     }
     Some(out)
 }
+
+/// `text`, whose tokens are `tokens`, cut to `budget` with `piece` turning a run of tokens
+/// back into text; a character split between two tokens at a cut is dropped there.
+pub fn cut_tokens<T>(
+    text: &str,
+    tokens: &[T],
+    budget: TextBudget,
+    piece: impl Fn(&[T]) -> String,
+) -> String {
+    cut_text(
+        tokens.len(),
+        budget,
+        |head| {
+            piece(&tokens[..head])
+                .trim_end_matches('\u{FFFD}')
+                .to_string()
+        },
+        |from| {
+            piece(&tokens[from..])
+                .trim_start_matches('\u{FFFD}')
+                .to_string()
+        },
+    )
+    .unwrap_or_else(|| text.to_string())
+}
 pub use crate::row::Finish;
 
 /// What the executor needs to load a model.

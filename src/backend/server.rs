@@ -903,22 +903,9 @@ impl Session for ServerSession<'_> {
             // The prompt goes whole; a server that cannot take it fails the row.
             return text.to_string();
         };
-        let piece = |range: &[i64]| self.detokenize(range).unwrap_or_default();
-        super::cut_text(
-            tokens.len(),
-            budget,
-            |head| {
-                piece(&tokens[..head])
-                    .trim_end_matches('\u{FFFD}')
-                    .to_string()
-            },
-            |from| {
-                piece(&tokens[from..])
-                    .trim_start_matches('\u{FFFD}')
-                    .to_string()
-            },
-        )
-        .unwrap_or_else(|| text.to_string())
+        super::cut_tokens(text, &tokens, budget, |range| {
+            self.detokenize(range).unwrap_or_default()
+        })
     }
 
     fn format_chat(&self, m: &Messages) -> Result<ChatPrompt, BackendError> {
