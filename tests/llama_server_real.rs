@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct-Q8_0.gguf";
+const SMOLLM2: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
 const REVIEWS: usize = 16;
 
 fn main() -> ExitCode {

@@ -6,8 +6,10 @@
 //! reports or one the spec names) and sends the text, so the server sees the tokens the
 //! in-process engine would. Log-likelihoods come from llama-server's next-token
 //! distribution (`n_probs`, chained over a label's tokens) or from a completions endpoint
-//! that echoes the prompt's log-probs (vLLM). A server may batch requests and reuse its
-//! prompt cache, so its floats are not bit-exact: run.json and the report say so.
+//! that echoes the prompt's log-probs (vLLM). Requests go with the prompt cache off, so a
+//! one-slot llama-server evaluates each row alone (bit-exact); a server with several slots
+//! may batch requests together, so its floats depend on what else ran: run.json and the
+//! report say which.
 //!
 //! Requests run `concurrency` at a time; a 429, a 5xx, a timeout or a dropped connection is
 //! retried with exponential backoff and jitter (honouring `Retry-After`), then the row is a
@@ -103,15 +105,21 @@ impl ServerIdentity {
         )
     }
 
-    /// Why rows from this server are not bit-exact (always something: a server may batch
-    /// requests into one decode call and reuses its prompt cache across requests).
-    pub fn not_bit_exact_because(&self) -> String {
-        match self.slots {
-            Some(1) => "the server reuses its prompt cache across requests".into(),
-            Some(n) => {
-                format!("{n} slots may decode requests together, and the prompt cache is reused")
+    /// Whether a row's numbers depend on its prompt alone: a llama-server with one slot
+    /// decodes one request at a time, and every request is sent with its prompt cache off
+    /// (`cache_prompt: false`), so nothing another row left behind is reused.
+    pub fn bit_exact(&self) -> bool {
+        self.kind == ServerKind::LlamaServer && self.slots == Some(1)
+    }
+
+    /// What a served row's numbers depend on besides its prompt.
+    pub fn exactness(&self) -> String {
+        match (self.kind, self.slots) {
+            (ServerKind::LlamaServer, Some(1)) => {
+                "one slot and no prompt cache: each row is evaluated alone".into()
             }
-            None => "the server may batch requests together".into(),
+            (_, Some(n)) => format!("{n} slots may decode requests together in one batch"),
+            (_, None) => "the server may decode requests together in one batch".into(),
         }
     }
 }
@@ -617,7 +625,7 @@ impl ServerSession<'_> {
                         body["n_predict"] = json!(max_tokens);
                         body["top_k"] = json!(sampler.top_k);
                         body["min_p"] = json!(sampler.min_p);
-                        body["cache_prompt"] = json!(true);
+                        body["cache_prompt"] = json!(false);
                         self.completion_url()
                     }
                     ServerApi::Completions => {
@@ -718,7 +726,7 @@ impl ServerSession<'_> {
                                     "n_predict": 1,
                                     "n_probs": top_n,
                                     "temperature": 0.0,
-                                    "cache_prompt": true,
+                                    "cache_prompt": false,
                                 }),
                             )?;
                             usage.add(&Usage::of(&answer));
@@ -1087,7 +1095,12 @@ mod tests {
             id.engine(ServerApi::Completions),
             id.engine(ServerApi::Chat)
         );
-        assert!(id.not_bit_exact_because().contains("4 slots"));
+        assert!(!id.bit_exact() && id.exactness().contains("4 slots"));
+        let one = ServerIdentity {
+            slots: Some(1),
+            ..id.clone()
+        };
+        assert!(one.bit_exact());
     }
 
     #[test]

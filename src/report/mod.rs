@@ -118,7 +118,8 @@ pub struct ServedInfo {
     pub build: Option<String>,
     pub model_file: Option<String>,
     pub bit_exact: bool,
-    pub not_bit_exact_because: String,
+    /// Why it is (not) bit-exact.
+    pub exactness: String,
 }
 
 impl Provenance {
@@ -142,10 +143,15 @@ impl Provenance {
                         .as_ref()
                         .map(|r| match &r.server {
                             Some(s) => format!(
-                                "{} at {} (api {}; not bit-exact)",
+                                "{} at {} (api {}; {})",
                                 s.identity.model,
                                 s.spec.url,
-                                s.spec.api.as_str()
+                                s.spec.api.as_str(),
+                                if s.identity.bit_exact() {
+                                    "bit-exact"
+                                } else {
+                                    "not bit-exact"
+                                }
                             ),
                             None => {
                                 let name = r.path.file_name().unwrap_or_default().to_string_lossy();
@@ -166,8 +172,8 @@ impl Provenance {
                             model: s.identity.model.clone(),
                             build: s.identity.build.clone(),
                             model_file: s.identity.model_file.clone(),
-                            bit_exact: false,
-                            not_bit_exact_because: s.identity.not_bit_exact_because(),
+                            bit_exact: s.identity.bit_exact(),
+                            exactness: s.identity.exactness(),
                         }),
                 })
                 .collect(),
