@@ -69,6 +69,9 @@ pub struct ServerIdentity {
     pub model_file: Option<String>,
     /// Slots that may decode requests together (llama-server's `total_slots`).
     pub slots: Option<u32>,
+    /// Whether llama-server keeps prompts in its RAM prompt cache (`--cache-ram`, seen by
+    /// asking it): a row may then reuse another request's evaluation.
+    pub ram_prompt_cache: Option<bool>,
     pub n_ctx: Option<u32>,
     pub n_vocab: Option<u32>,
     /// The chat template the tool applies (the spec's file, else the server's).
@@ -109,14 +112,19 @@ impl ServerIdentity {
     /// decodes one request at a time, and every request is sent with its prompt cache off
     /// (`cache_prompt: false`), so nothing another row left behind is reused.
     pub fn bit_exact(&self) -> bool {
-        self.kind == ServerKind::LlamaServer && self.slots == Some(1)
+        self.kind == ServerKind::LlamaServer
+            && self.slots == Some(1)
+            && self.ram_prompt_cache == Some(false)
     }
 
     /// What a served row's numbers depend on besides its prompt.
     pub fn exactness(&self) -> String {
         match (self.kind, self.slots) {
+            (ServerKind::LlamaServer, Some(1)) if self.ram_prompt_cache == Some(false) => {
+                "one slot and no RAM prompt cache: each row is evaluated alone, in the in-process engine's layout".into()
+            }
             (ServerKind::LlamaServer, Some(1)) => {
-                "one slot and no prompt cache: each row is evaluated alone".into()
+                "its RAM prompt cache may serve a row another request's evaluation (start it with --cache-ram 0)".into()
             }
             (_, Some(n)) => format!("{n} slots may decode requests together in one batch"),
             (_, None) => "the server may decode requests together in one batch".into(),
@@ -183,6 +191,7 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, String> {
             build: p["build_info"].as_str().map(str::to_string),
             model_file: p["model_path"].as_str().map(str::to_string),
             slots: p["total_slots"].as_u64().map(|n| n as u32),
+            ram_prompt_cache: client.ram_prompt_cache(),
             n_ctx: p["default_generation_settings"]["n_ctx"]
                 .as_u64()
                 .map(|n| n as u32),
@@ -203,6 +212,7 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, String> {
                 build: version,
                 model_file: None,
                 slots: None,
+                ram_prompt_cache: None,
                 n_ctx: entry
                     .and_then(|e| e["max_model_len"].as_u64())
                     .map(|n| n as u32),
@@ -297,6 +307,30 @@ impl Requests {
         let p = self.get(&format!("{}/props", self.root)).ok()?;
         (p.get("build_info").is_some() || p.get("default_generation_settings").is_some())
             .then_some(p)
+    }
+
+    /// Whether llama-server restores prompts from its RAM prompt cache: evaluate one
+    /// prompt, another, then the first again with the cache allowed, and see whether it
+    /// was evaluated again.
+    fn ram_prompt_cache(&self) -> Option<bool> {
+        let url = format!("{}/completion", self.root);
+        let first: Vec<i64> = (1..=16).collect();
+        let other: Vec<i64> = (17..=32).collect();
+        for (prompt, cache) in [(&first, false), (&other, false)] {
+            self.post(
+                &url,
+                &json!({"prompt": prompt, "n_predict": 0, "cache_prompt": cache}),
+            )
+            .ok()?;
+        }
+        let again = self
+            .post(
+                &url,
+                &json!({"prompt": first, "n_predict": 0, "cache_prompt": true}),
+            )
+            .ok()?;
+        let evaluated = again["timings"]["prompt_n"].as_u64()?;
+        Some(evaluated < first.len() as u64)
     }
 
     fn get(&self, url: &str) -> Result<Value, RequestFailure> {
@@ -528,10 +562,19 @@ impl ServerSession<'_> {
 
     /// Token ids of `text` by the server's tokenizer (no BOS, control tokens as text).
     fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<i64>, RequestFailure> {
+        self.tokenize_with(text, false, parse_special)
+    }
+
+    fn tokenize_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i64>, RequestFailure> {
         let answer = if self.llama() {
             self.requests.post(
                 &format!("{}/tokenize", self.requests.root),
-                &json!({"content": text, "add_special": false, "parse_special": parse_special}),
+                &json!({"content": text, "add_special": add_special, "parse_special": parse_special}),
             )?
         } else {
             // vLLM's shape.
@@ -589,6 +632,44 @@ impl ServerSession<'_> {
         Ok(())
     }
 
+    /// llama-server: the prompt's tokens, its fixed prefix already in the slot's KV cache.
+    /// llama.cpp's log-probs move with the ubatch split (by up to 0.3 nats), so a row is
+    /// evaluated in the in-process engine's layout: the prefix every row of the template
+    /// shares (its tokens less the last, as the engine counts it) alone with the cache off,
+    /// then the rest reusing it.
+    fn primed(&self, prompt: &ChatPrompt) -> Result<Primed, BackendError> {
+        let tokens = self.tokenize_with(&prompt.text, true, true)?;
+        let fixed = if prompt.fixed_text().is_empty() {
+            0
+        } else {
+            let prefix = self.tokenize_with(prompt.fixed_text(), true, true)?;
+            let common = tokens
+                .iter()
+                .zip(&prefix)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.min(prefix.len().saturating_sub(1))
+        };
+        let mut usage = Usage {
+            prompt_tokens: tokens.len() as u32,
+            ..Usage::default()
+        };
+        if fixed > 0 {
+            let answer = self.requests.post(
+                &self.completion_url(),
+                &json!({"prompt": &tokens[..fixed], "n_predict": 0, "cache_prompt": false}),
+            )?;
+            let u = Usage::of(&answer);
+            usage.evaluated_tokens = u.evaluated_tokens;
+            usage.prompt_ms = u.prompt_ms;
+        }
+        Ok(Primed {
+            tokens,
+            reuse: fixed > 0,
+            usage,
+        })
+    }
+
     fn completion_url(&self) -> String {
         if self.llama() {
             format!("{}/completion", self.requests.root)
@@ -605,6 +686,7 @@ impl ServerSession<'_> {
         let start = Instant::now();
         match (task, self.server.spec.api) {
             (Task::Generate { max_tokens, stop, sampler }, api) => {
+                let mut primed_usage = None;
                 let mut body = json!({
                     "temperature": sampler.temperature,
                     "top_p": sampler.top_p,
@@ -621,11 +703,13 @@ impl ServerSession<'_> {
                         format!("{}/chat/completions", self.requests.base)
                     }
                     ServerApi::Completions if self.llama() => {
-                        body["prompt"] = json!(prompt.text);
+                        let primed = self.primed(prompt)?;
+                        primed_usage = Some(primed.usage);
+                        body["prompt"] = json!(primed.tokens);
+                        body["cache_prompt"] = json!(primed.reuse);
                         body["n_predict"] = json!(max_tokens);
                         body["top_k"] = json!(sampler.top_k);
                         body["min_p"] = json!(sampler.min_p);
-                        body["cache_prompt"] = json!(false);
                         self.completion_url()
                     }
                     ServerApi::Completions => {
@@ -654,7 +738,13 @@ impl ServerSession<'_> {
                         finish: generated.finish,
                         decode_ms: start.elapsed().as_secs_f64() * 1000.0,
                     },
-                    generated.usage,
+                    match primed_usage {
+                        Some(mut u) => {
+                            u.add(&generated.usage);
+                            u
+                        }
+                        None => generated.usage,
+                    },
                 ))
             }
             (Task::Loglik { continuations }, ServerApi::Completions) => {
@@ -693,7 +783,8 @@ impl ServerSession<'_> {
         continuations: &[String],
     ) -> Result<(Vec<f64>, Usage), BackendError> {
         let url = self.completion_url();
-        let mut usage = Usage::default();
+        let primed = self.primed(prompt)?;
+        let mut usage = primed.usage;
         let mut out = Vec::with_capacity(continuations.len());
         // The distribution after each prefix of label tokens, asked once.
         let mut seen: Vec<(Vec<i64>, Value)> = Vec::new();
@@ -717,16 +808,18 @@ impl ServerSession<'_> {
                     {
                         Some((_, d)) => d.clone(),
                         None => {
-                            let mut mixed = vec![json!(prompt.text)];
-                            mixed.extend(prefix.iter().map(|t| json!(t)));
+                            let mut tokens = primed.tokens.clone();
+                            tokens.extend(prefix);
                             let answer = self.requests.post(
                                 &url,
                                 &json!({
-                                    "prompt": mixed,
+                                    "prompt": tokens,
                                     "n_predict": 1,
                                     "n_probs": top_n,
                                     "temperature": 0.0,
-                                    "cache_prompt": false,
+                                    // The prompt's own chunks are reused, as the in-process
+                                    // engine reuses them for a label's later tokens.
+                                    "cache_prompt": primed.reuse || !prefix.is_empty(),
                                 }),
                             )?;
                             usage.add(&Usage::of(&answer));
@@ -816,6 +909,14 @@ impl ServerSession<'_> {
 
 fn top_len(dist: &Value) -> usize {
     dist.as_array().map_or(0, Vec::len)
+}
+
+/// A prompt ready on llama-server: its tokens, whether the slot holds its fixed prefix, and
+/// what putting it there cost.
+struct Primed {
+    tokens: Vec<i64>,
+    reuse: bool,
+    usage: Usage,
 }
 
 /// Tokens and time the server reports for a request.
@@ -1068,6 +1169,7 @@ mod tests {
             build: Some("b1".into()),
             model_file: Some("/m.gguf".into()),
             slots: Some(4),
+            ram_prompt_cache: Some(false),
             n_ctx: None,
             n_vocab: Some(100),
             chat_template: Some("chatml".into()),
@@ -1101,6 +1203,11 @@ mod tests {
             ..id.clone()
         };
         assert!(one.bit_exact());
+        let cached = ServerIdentity {
+            ram_prompt_cache: Some(true),
+            ..one.clone()
+        };
+        assert!(!cached.bit_exact() && cached.exactness().contains("--cache-ram 0"));
     }
 
     #[test]
