@@ -423,10 +423,12 @@ pub fn execute(
                 path: r.path.clone(),
                 n_ctx: r.n_ctx,
                 threads: opts.threads,
-                // A server takes `concurrency` requests at a time: groups of that many rows.
+                // A server takes `concurrency` requests at a time: groups of that many rows
+                // (two at least: a group runs each row's tasks together, so that one
+                // evaluation serves a row's generations and log-likelihoods).
                 packing: match &r.server {
                     Some(s) => crate::backend::Packing {
-                        rows: s.spec.concurrency,
+                        rows: s.spec.concurrency.max(2),
                         batch: crate::backend::Packing::ONE_AT_A_TIME.batch,
                     },
                     None => opts.packing,

@@ -265,43 +265,46 @@ fn complete(req: &Value) -> Value {
     };
     let timings = json!({"prompt_n": text.len(), "prompt_ms": 1.0});
     let n_probs = req["n_probs"].as_u64().unwrap_or(0) as usize;
-    if n_probs == 0 {
-        return json!({
-            "content": verdict(&text),
-            "stop_type": "eos",
-            "tokens_predicted": 1,
-            "tokens_evaluated": text.len(),
-            "timings": timings,
-        });
-    }
+    let n_predict = req["n_predict"].as_i64().unwrap_or(-1);
     let first = if verdict(&text) == "positive" {
         'p'
     } else {
         'n'
     };
-    let score = |t: u32| {
-        if char::from_u32(t) == Some(first) {
-            3.0
-        } else {
-            0.0
-        }
+    // A one-token request (the label log-likelihood) answers the likeliest letter; a
+    // generation the whole verdict.
+    let (content, stop_type) = if n_predict == 1 {
+        (first.to_string(), "limit")
+    } else {
+        (verdict(&text).to_string(), "eos")
     };
-    let norm = (0..N_VOCAB).map(|t| f64::exp(score(t))).sum::<f64>().ln();
-    let mut dist: Vec<(u32, f64)> = (0..N_VOCAB).map(|t| (t, score(t) - norm)).collect();
-    dist.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    dist.truncate(n_probs);
-    let top: Vec<Value> = dist
-        .iter()
-        .map(|(t, l)| json!({"id": t, "token": char::from_u32(*t).unwrap_or('?').to_string(), "logprob": l}))
-        .collect();
-    json!({
-        "content": first.to_string(),
-        "stop_type": "limit",
+    let mut answer = json!({
+        "content": content,
+        "stop_type": stop_type,
         "tokens_predicted": 1,
         "tokens_evaluated": text.len(),
-        "completion_probabilities": [{"id": dist[0].0, "logprob": dist[0].1, "top_logprobs": top}],
         "timings": timings,
-    })
+    });
+    if n_probs > 0 {
+        let score = |t: u32| {
+            if char::from_u32(t) == Some(first) {
+                3.0
+            } else {
+                0.0
+            }
+        };
+        let norm = (0..N_VOCAB).map(|t| f64::exp(score(t))).sum::<f64>().ln();
+        let mut dist: Vec<(u32, f64)> = (0..N_VOCAB).map(|t| (t, score(t) - norm)).collect();
+        dist.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        dist.truncate(n_probs);
+        let top: Vec<Value> = dist
+            .iter()
+            .map(|(t, l)| json!({"id": t, "token": char::from_u32(*t).unwrap_or('?').to_string(), "logprob": l}))
+            .collect();
+        answer["completion_probabilities"] =
+            json!([{"id": dist[0].0, "logprob": dist[0].1, "top_logprobs": top}]);
+    }
+    answer
 }
 
 /// The test project with its model behind `url`.

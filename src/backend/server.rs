@@ -678,15 +678,21 @@ impl ServerSession<'_> {
         }
     }
 
+    /// One task of a row. `after_prompt`: the prompt's tokens and the next-token
+    /// distribution after them, once a request has returned it (asked of the first
+    /// generation when `wants_distribution`).
     fn run_task(
         &self,
         prompt: &ChatPrompt,
         task: &Task,
+        wants_distribution: bool,
+        after_prompt: &mut Option<(Vec<i64>, Value)>,
     ) -> Result<(TaskOutput, Usage), BackendError> {
         let start = Instant::now();
         match (task, self.server.spec.api) {
             (Task::Generate { max_tokens, stop, sampler }, api) => {
                 let mut primed_usage = None;
+                let mut prompt_tokens = None;
                 let mut body = json!({
                     "temperature": sampler.temperature,
                     "top_p": sampler.top_p,
@@ -705,6 +711,10 @@ impl ServerSession<'_> {
                     ServerApi::Completions if self.llama() => {
                         let primed = self.primed(prompt)?;
                         primed_usage = Some(primed.usage);
+                        if wants_distribution && after_prompt.is_none() {
+                            body["n_probs"] = json!(FIRST_TOP_N);
+                            prompt_tokens = Some(primed.tokens.clone());
+                        }
                         body["prompt"] = json!(primed.tokens);
                         body["cache_prompt"] = json!(primed.reuse);
                         body["n_predict"] = json!(max_tokens);
@@ -723,6 +733,12 @@ impl ServerSession<'_> {
                     }
                 };
                 let answer = self.requests.post(&url, &body)?;
+                if let Some(tokens) = prompt_tokens {
+                    let dist = answer["completion_probabilities"][0]["top_logprobs"].clone();
+                    if dist.is_array() {
+                        *after_prompt = Some((tokens, dist));
+                    }
+                }
                 let generated = Generated::parse(&answer, self.llama() && api == ServerApi::Completions)
                     .map_err(|m| BackendError::Server {
                         url: url.clone(),
@@ -749,7 +765,7 @@ impl ServerSession<'_> {
             }
             (Task::Loglik { continuations }, ServerApi::Completions) => {
                 let (logprobs, usage) = if self.llama() {
-                    self.loglik_next_token(prompt, continuations)?
+                    self.loglik_next_token(prompt, continuations, after_prompt.clone())?
                 } else {
                     self.loglik_echo(prompt, continuations)?
                 };
@@ -781,13 +797,18 @@ impl ServerSession<'_> {
         &self,
         prompt: &ChatPrompt,
         continuations: &[String],
+        after_prompt: Option<(Vec<i64>, Value)>,
     ) -> Result<(Vec<f64>, Usage), BackendError> {
         let url = self.completion_url();
-        let primed = self.primed(prompt)?;
-        let mut usage = primed.usage;
+        let mut usage = Usage::default();
         let mut out = Vec::with_capacity(continuations.len());
         // The distribution after each prefix of label tokens, asked once.
         let mut seen: Vec<(Vec<i64>, Value)> = Vec::new();
+        let mut prompt_tokens = None;
+        if let Some((tokens, dist)) = after_prompt {
+            seen.push((Vec::new(), dist));
+            prompt_tokens = Some(tokens);
+        }
         for cont in continuations {
             let tokens = self.tokenize(cont, false)?;
             if tokens.is_empty() {
@@ -808,7 +829,18 @@ impl ServerSession<'_> {
                     {
                         Some((_, d)) => d.clone(),
                         None => {
-                            let mut tokens = primed.tokens.clone();
+                            // Right after the prompt: evaluated in the engine's layout (its
+                            // shared prefix first). After some of a label's tokens: the
+                            // prompt's evaluation reused, as the engine reuses it.
+                            let (mut tokens, reuse) = match (&prompt_tokens, prefix.is_empty()) {
+                                (Some(t), false) => (t.clone(), true),
+                                _ => {
+                                    let primed = self.primed(prompt)?;
+                                    usage.add(&primed.usage);
+                                    prompt_tokens = Some(primed.tokens.clone());
+                                    (primed.tokens, primed.reuse || !prefix.is_empty())
+                                }
+                            };
                             tokens.extend(prefix);
                             let answer = self.requests.post(
                                 &url,
@@ -817,9 +849,7 @@ impl ServerSession<'_> {
                                     "n_predict": 1,
                                     "n_probs": top_n,
                                     "temperature": 0.0,
-                                    // The prompt's own chunks are reused, as the in-process
-                                    // engine reuses them for a label's later tokens.
-                                    "cache_prompt": primed.reuse || !prefix.is_empty(),
+                                    "cache_prompt": reuse,
                                 }),
                             )?;
                             usage.add(&Usage::of(&answer));
@@ -1078,13 +1108,22 @@ impl Session for ServerSession<'_> {
 
 impl ServerSession<'_> {
     fn run_one(&self, prompt: &ChatPrompt, tasks: &[Task]) -> Result<PromptOutput, BackendError> {
-        let mut outputs = Vec::with_capacity(tasks.len());
+        let mut outputs: Vec<Option<TaskOutput>> = vec![None; tasks.len()];
         let mut usage = Usage::default();
-        for t in tasks {
-            let (out, u) = self.run_task(prompt, t)?;
+        // Generations first: the first one's request also returns the distribution after
+        // the prompt, evaluated in the engine's layout, which is all a single-token label's
+        // log-likelihood needs (the same numbers as a request of its own would give).
+        let mut order: Vec<usize> = (0..tasks.len()).collect();
+        order.sort_by_key(|&i| !matches!(tasks[i], Task::Generate { .. }));
+        let wants_distribution = tasks.iter().any(|t| matches!(t, Task::Loglik { .. }));
+        let mut after_prompt = None;
+        for i in order {
+            let (out, u) =
+                self.run_task(prompt, &tasks[i], wants_distribution, &mut after_prompt)?;
             usage.add(&u);
-            outputs.push(out);
+            outputs[i] = Some(out);
         }
+        let outputs = outputs.into_iter().flatten().collect();
         Ok(PromptOutput {
             prompt_tokens: usage.prompt_tokens,
             evaluated_tokens: usage.evaluated_tokens,
