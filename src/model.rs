@@ -144,7 +144,7 @@ impl Resolver {
                 // Commands that only look (plan, report) go on without the server's
                 // answer; a run needs it.
                 Err(_) if !download => Ok(None),
-                Err(msg) => Err(spec.gguf.error(msg)),
+                Err(e) => Err(spec.gguf.error(e.to_string())),
             };
         }
         let (path, found_via, downloaded) = match self.locate(spec)? {

@@ -139,13 +139,34 @@ pub struct ServerModel {
     pub identity: ServerIdentity,
 }
 
+/// Why a served model cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Request(#[from] RequestFailure),
+    #[error("the environment variable {0} (`api_key_env`) is not set")]
+    MissingKey(String),
+    #[error("cannot make an HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("the server at {url} does not list the model `{name}`; it lists: {listed}")]
+    ModelNotListed {
+        url: String,
+        name: String,
+        listed: String,
+    },
+    #[error("the server at {0} lists no models; name one in `model`")]
+    NoModels(String),
+    #[error(
+        "the server at {0} reports no chat template: name one in `template` (a Jinja file), or use `api: chat`"
+    )]
+    NoTemplate(String),
+}
+
 /// Ask the server what it serves (no inference). llama-server: `/props` and `/v1/models`;
 /// others: `/models`.
-pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, String> {
+pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, ServerError> {
     let client = Requests::new(spec, spec.timeout_s.min(30))?;
-    let models = client
-        .get(&format!("{}/models", spec.url))
-        .map_err(|e| e.to_string())?;
+    let models = client.get(&format!("{}/models", spec.url))?;
     let listed: Vec<&Value> = models["data"]
         .as_array()
         .map(|a| a.iter().collect())
@@ -159,24 +180,21 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, String> {
                 (name.clone(), listed.first().copied())
             }
             None => {
-                return Err(format!(
-                    "the server at {} does not list the model `{name}`; it lists: {}",
-                    spec.url,
-                    if ids.is_empty() {
+                return Err(ServerError::ModelNotListed {
+                    url: spec.url.clone(),
+                    name: name.clone(),
+                    listed: if ids.is_empty() {
                         "nothing".to_string()
                     } else {
                         ids.join(", ")
-                    }
-                ));
+                    },
+                });
             }
         },
         None => match ids.first() {
             Some(id) => (id.to_string(), listed.first().copied()),
             None => {
-                return Err(format!(
-                    "the server at {} lists no models; name one in `model`",
-                    spec.url
-                ));
+                return Err(ServerError::NoModels(spec.url.clone()));
             }
         },
     };
@@ -222,17 +240,14 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, String> {
         }
     };
     if spec.api == ServerApi::Completions && identity.chat_template.is_none() {
-        return Err(format!(
-            "the server at {} reports no chat template: name one in `template` (a Jinja file), or use `api: chat`",
-            spec.url
-        ));
+        return Err(ServerError::NoTemplate(spec.url.clone()));
     }
     Ok(identity)
 }
 
 /// Why a request failed for good.
 #[derive(Debug, Clone)]
-struct RequestFailure {
+pub struct RequestFailure {
     url: String,
     status: Option<u16>,
     message: String,
@@ -246,6 +261,8 @@ impl std::fmt::Display for RequestFailure {
         }
     }
 }
+
+impl std::error::Error for RequestFailure {}
 
 impl From<RequestFailure> for BackendError {
     fn from(f: RequestFailure) -> Self {
@@ -274,18 +291,18 @@ struct Requests {
 }
 
 impl Requests {
-    fn new(spec: &ServerSpec, timeout_s: u64) -> Result<Self, String> {
+    fn new(spec: &ServerSpec, timeout_s: u64) -> Result<Self, ServerError> {
         let key = match &spec.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                format!("the environment variable {var} (`api_key_env`) is not set")
-            })?),
+            Some(var) => {
+                Some(std::env::var(var).map_err(|_| ServerError::MissingKey(var.clone()))?)
+            }
             None => None,
         };
         let http = Client::builder()
             .timeout(Duration::from_secs(timeout_s))
             .connect_timeout(Duration::from_secs(timeout_s.min(10)))
             .build()
-            .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+            .map_err(ServerError::Client)?;
         let root = spec
             .url
             .strip_suffix("/v1")
@@ -382,7 +399,11 @@ impl Requests {
                             }
                             (f, retry_after, false)
                         }
-                        Err(e) => (fail(Some(status.as_u16()), e), retry_after, false),
+                        Err(e) => (
+                            fail(Some(status.as_u16()), e.to_string()),
+                            retry_after,
+                            false,
+                        ),
                     }
                 }
                 Err(e) => {
@@ -449,14 +470,23 @@ fn retry_after(resp: &reqwest::blocking::Response) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
-fn read_body(resp: reqwest::blocking::Response) -> Result<Vec<u8>, String> {
+/// An answer that could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the answer broke off: {0}")]
+    BrokeOff(#[source] std::io::Error),
+    #[error("the answer is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+}
+
+fn read_body(resp: reqwest::blocking::Response) -> Result<Vec<u8>, BodyError> {
     use std::io::Read;
     let mut out = Vec::new();
     resp.take(MAX_BODY_BYTES as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| format!("the answer broke off: {e}"))?;
+        .map_err(BodyError::BrokeOff)?;
     if out.len() > MAX_BODY_BYTES {
-        return Err(format!("the answer is larger than {MAX_BODY_BYTES} bytes"));
+        return Err(BodyError::TooLarge);
     }
     Ok(out)
 }
@@ -536,12 +566,11 @@ pub fn with_model(
     server: &ServerModel,
     run: &mut dyn FnMut(&mut dyn Session) -> Result<(), BackendError>,
 ) -> Result<(), BackendError> {
-    let requests = Requests::new(&server.spec, server.spec.timeout_s).map_err(|reason| {
-        BackendError::Load {
+    let requests =
+        Requests::new(&server.spec, server.spec.timeout_s).map_err(|e| BackendError::Load {
             path: server.spec.url.clone().into(),
-            reason,
-        }
-    })?;
+            reason: e.to_string(),
+        })?;
     let mut session = ServerSession { server, requests };
     run(&mut session)
 }
@@ -743,7 +772,7 @@ impl ServerSession<'_> {
                     .map_err(|m| BackendError::Server {
                         url: url.clone(),
                         status: None,
-                        message: m,
+                        message: m.to_string(),
                     })?;
                 Ok((
                     TaskOutput {
@@ -987,6 +1016,11 @@ impl Usage {
     }
 }
 
+/// An answer without what the request asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct MalformedAnswer(String);
+
 /// A generation as a server returns it.
 struct Generated {
     text: String,
@@ -996,17 +1030,17 @@ struct Generated {
 }
 
 impl Generated {
-    fn parse(answer: &Value, llama: bool) -> Result<Self, String> {
+    fn parse(answer: &Value, llama: bool) -> Result<Self, MalformedAnswer> {
         if llama {
             let text = answer["content"]
                 .as_str()
-                .ok_or("the answer has no `content`")?;
+                .ok_or(MalformedAnswer("the answer has no `content`".into()))?;
             let finish = match answer["stop_type"].as_str() {
                 Some("eos") => Finish::Eog,
                 Some("word") => Finish::Stop,
                 Some("limit") => Finish::Length,
                 other => {
-                    return Err(format!("unknown stop_type {other:?}"));
+                    return Err(MalformedAnswer(format!("unknown stop_type {other:?}")));
                 }
             };
             return Ok(Generated {
@@ -1020,7 +1054,9 @@ impl Generated {
         let text = choice["text"]
             .as_str()
             .or_else(|| choice["message"]["content"].as_str())
-            .ok_or("the answer has no `choices[0].text` or `choices[0].message.content`")?;
+            .ok_or(MalformedAnswer(
+                "the answer has no `choices[0].text` or `choices[0].message.content`".into(),
+            ))?;
         let finish = match choice["finish_reason"].as_str() {
             Some("length") => Finish::Length,
             // OpenAI reports a stop string and the end of the turn alike.
