@@ -338,13 +338,7 @@ impl LlamaSession<'_> {
             .model
             .vocab()
             .tokenize(fixed_text.as_bytes(), true, true);
-        let common = tokens
-            .iter()
-            .zip(&fixed)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let n = fixed.len().saturating_sub(1);
-        if common >= n { n } else { common }
+        super::shared_prefix_tokens(tokens, &fixed)
     }
 
     /// One generation in sequence 0 after the prompt; the KV cache is cut back afterwards.

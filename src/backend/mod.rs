@@ -63,6 +63,18 @@ pub fn cut_tokens<T>(
     )
     .unwrap_or_else(|| text.to_string())
 }
+
+/// How many of a prompt's `tokens` every row of its template shares, given the tokens of
+/// the template's fixed text alone: those tokens less the last (which may merge with what
+/// follows), or fewer where the prompt's tokens part from them earlier.
+pub fn shared_prefix_tokens<T: PartialEq>(tokens: &[T], prefix: &[T]) -> usize {
+    let common = tokens
+        .iter()
+        .zip(prefix)
+        .take_while(|(a, b)| a == b)
+        .count();
+    common.min(prefix.len().saturating_sub(1))
+}
 pub use crate::row::Finish;
 
 /// What the executor needs to load a model.

@@ -16,7 +16,9 @@
 //! failed row naming the URL and the status, and the run goes on. The API key is read from
 //! the environment when a session opens and goes into request headers only.
 
+use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -172,13 +174,12 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, ServerError> {
         .map(|a| a.iter().collect())
         .unwrap_or_default();
     let ids: Vec<&str> = listed.iter().filter_map(|m| m["id"].as_str()).collect();
+    let props = client.props();
     let (model, entry) = match &spec.model {
         Some(name) => match listed.iter().find(|m| m["id"].as_str() == Some(name)) {
             Some(m) => (name.clone(), Some(*m)),
             // llama-server answers for its one model whatever name a request carries.
-            None if ids.len() == 1 && client.props().is_some() => {
-                (name.clone(), listed.first().copied())
-            }
+            None if ids.len() == 1 && props.is_some() => (name.clone(), listed.first().copied()),
             None => {
                 return Err(ServerError::ModelNotListed {
                     url: spec.url.clone(),
@@ -201,7 +202,6 @@ pub fn probe(spec: &ServerSpec) -> Result<ServerIdentity, ServerError> {
     let n_vocab = entry
         .and_then(|e| e["meta"]["n_vocab"].as_u64())
         .map(|n| n as u32);
-    let props = client.props();
     let identity = match props {
         Some(p) => ServerIdentity {
             kind: ServerKind::LlamaServer,
@@ -571,14 +571,23 @@ pub fn with_model(
             path: server.spec.url.clone().into(),
             reason: e.to_string(),
         })?;
-    let mut session = ServerSession { server, requests };
+    let mut session = ServerSession {
+        server,
+        requests,
+        prefixes: Mutex::new(HashMap::new()),
+    };
     run(&mut session)
 }
 
 struct ServerSession<'a> {
     server: &'a ServerModel,
     requests: Requests,
+    /// Each template's shared prefix, tokenized.
+    prefixes: Mutex<HashMap<String, Vec<i64>>>,
 }
+
+/// A row's prompt tokens and shared-prefix length, worked out once for all its tasks.
+type Layout = std::cell::OnceCell<(Vec<i64>, usize)>;
 
 impl ServerSession<'_> {
     fn identity(&self) -> &ServerIdentity {
@@ -666,19 +675,11 @@ impl ServerSession<'_> {
     /// evaluated in the in-process engine's layout: the prefix every row of the template
     /// shares (its tokens less the last, as the engine counts it) alone with the cache off,
     /// then the rest reusing it.
-    fn primed(&self, prompt: &ChatPrompt) -> Result<Primed, BackendError> {
-        let tokens = self.tokenize_with(&prompt.text, true, true)?;
-        let fixed = if prompt.fixed_text().is_empty() {
-            0
-        } else {
-            let prefix = self.tokenize_with(prompt.fixed_text(), true, true)?;
-            let common = tokens
-                .iter()
-                .zip(&prefix)
-                .take_while(|(a, b)| a == b)
-                .count();
-            common.min(prefix.len().saturating_sub(1))
-        };
+    fn primed(&self, prompt: &ChatPrompt, layout: &Layout) -> Result<Primed, BackendError> {
+        if layout.get().is_none() {
+            let _ = layout.set(self.layout(prompt)?);
+        }
+        let (tokens, fixed) = layout.get().expect("set above").clone();
         let mut usage = Usage {
             prompt_tokens: tokens.len() as u32,
             ..Usage::default()
@@ -699,6 +700,34 @@ impl ServerSession<'_> {
         })
     }
 
+    /// The prompt's tokens and how many of them every row of its template shares. The
+    /// shared prefix is tokenized once per template, the prompt once per row.
+    fn layout(&self, prompt: &ChatPrompt) -> Result<(Vec<i64>, usize), BackendError> {
+        let tokens = self.tokenize_with(&prompt.text, true, true)?;
+        if prompt.fixed_text().is_empty() {
+            return Ok((tokens, 0));
+        }
+        let known = self
+            .prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(prompt.fixed_text())
+            .cloned();
+        let prefix = match known {
+            Some(p) => p,
+            None => {
+                let p = self.tokenize_with(prompt.fixed_text(), true, true)?;
+                self.prefixes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(prompt.fixed_text().to_string(), p.clone());
+                p
+            }
+        };
+        let fixed = super::shared_prefix_tokens(&tokens, &prefix);
+        Ok((tokens, fixed))
+    }
+
     fn completion_url(&self) -> String {
         if self.llama() {
             format!("{}/completion", self.requests.root)
@@ -715,6 +744,7 @@ impl ServerSession<'_> {
         prompt: &ChatPrompt,
         task: &Task,
         wants_distribution: bool,
+        layout: &Layout,
         after_prompt: &mut Option<(Vec<i64>, Value)>,
     ) -> Result<(TaskOutput, Usage), BackendError> {
         let start = Instant::now();
@@ -738,7 +768,7 @@ impl ServerSession<'_> {
                         format!("{}/chat/completions", self.requests.base)
                     }
                     ServerApi::Completions if self.llama() => {
-                        let primed = self.primed(prompt)?;
+                        let primed = self.primed(prompt, layout)?;
                         primed_usage = Some(primed.usage);
                         if wants_distribution && after_prompt.is_none() {
                             body["n_probs"] = json!(FIRST_TOP_N);
@@ -794,7 +824,7 @@ impl ServerSession<'_> {
             }
             (Task::Loglik { continuations }, ServerApi::Completions) => {
                 let (logprobs, usage) = if self.llama() {
-                    self.loglik_next_token(prompt, continuations, after_prompt.clone())?
+                    self.loglik_next_token(prompt, continuations, layout, after_prompt.clone())?
                 } else {
                     self.loglik_echo(prompt, continuations)?
                 };
@@ -826,6 +856,7 @@ impl ServerSession<'_> {
         &self,
         prompt: &ChatPrompt,
         continuations: &[String],
+        layout: &Layout,
         after_prompt: Option<(Vec<i64>, Value)>,
     ) -> Result<(Vec<f64>, Usage), BackendError> {
         let url = self.completion_url();
@@ -864,7 +895,7 @@ impl ServerSession<'_> {
                             let (mut tokens, reuse) = match (&prompt_tokens, prefix.is_empty()) {
                                 (Some(t), false) => (t.clone(), true),
                                 _ => {
-                                    let primed = self.primed(prompt)?;
+                                    let primed = self.primed(prompt, layout)?;
                                     usage.add(&primed.usage);
                                     prompt_tokens = Some(primed.tokens.clone());
                                     (primed.tokens, primed.reuse || !prefix.is_empty())
@@ -1153,9 +1184,15 @@ impl ServerSession<'_> {
         order.sort_by_key(|&i| !matches!(tasks[i], Task::Generate { .. }));
         let wants_distribution = tasks.iter().any(|t| matches!(t, Task::Loglik { .. }));
         let mut after_prompt = None;
+        let layout = Layout::new();
         for i in order {
-            let (out, u) =
-                self.run_task(prompt, &tasks[i], wants_distribution, &mut after_prompt)?;
+            let (out, u) = self.run_task(
+                prompt,
+                &tasks[i],
+                wants_distribution,
+                &layout,
+                &mut after_prompt,
+            )?;
             usage.add(&u);
             outputs[i] = Some(out);
         }
