@@ -310,6 +310,7 @@ fn combine(cell: usize, row: usize, stage: usize, went: &[Prediction]) -> Predic
         cell,
         row,
         stage: Some(stage),
+        normalised: None,
         ..last.clone()
     }
     .costing(&parts)
@@ -592,6 +593,7 @@ mod tests {
             host: None,
             shard: None,
             stage: None,
+            normalised: None,
         }
     }
 }

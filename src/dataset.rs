@@ -209,14 +209,14 @@ fn read_labeled(
         let label_idx = spec
             .labels
             .iter()
-            .position(|l| l.value == label)
+            .position(|l| l.values.contains(&label))
             .ok_or_else(|| {
                 spec.labels_at.error(format!(
                     "label value `{label}` (row {i} of {}) has no name here; known values: {}",
                     path.value.display(),
                     spec.labels
                         .iter()
-                        .map(|l| l.value.as_str())
+                        .flat_map(|l| l.values.iter().map(String::as_str))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ))

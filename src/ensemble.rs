@@ -70,6 +70,7 @@ pub fn predictions(plan: &Plan, ensemble: usize, predictions: &[Prediction]) -> 
                 uncalibrated: None,
                 raw: None,
                 stage: None,
+                normalised: None,
                 ..rows[0].clone()
             }
             .costing(&paid)

@@ -45,6 +45,40 @@ pub struct Prediction {
     pub shard: Option<std::sync::Arc<str>>,
     /// In a cascade cell: the stage that answered (0: the first).
     pub stage: Option<usize>,
+    /// A raw log-likelihood row: the label chosen when each label's log-prob is divided
+    /// by its length (labels of several tokens pay for each of them).
+    pub normalised: Option<LengthNormalised>,
+}
+
+/// The label a log-likelihood row chooses with its labels' log-probs divided by their
+/// length: in tokens (where the row recorded them), and in UTF-8 bytes (lm-evaluation-
+/// harness's `acc_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LengthNormalised {
+    pub per_token: Option<usize>,
+    pub per_byte: Option<usize>,
+}
+
+impl LengthNormalised {
+    /// From a row's label log-probs, each label's tokens (if recorded) and the labels.
+    pub fn choose(logprobs: &[f64], tokens: Option<&[u32]>, labels: &[String]) -> Self {
+        let divided = |len: &dyn Fn(usize) -> Option<f64>| -> Option<usize> {
+            let scores: Option<Vec<f64>> = logprobs
+                .iter()
+                .enumerate()
+                .map(|(i, lp)| len(i).filter(|l| *l > 0.0).map(|l| lp / l))
+                .collect();
+            argmax(&scores?)
+        };
+        Self {
+            per_token: tokens
+                .filter(|t| t.len() == logprobs.len())
+                .and_then(|t| divided(&|i| Some(f64::from(t[i])))),
+            per_byte: (labels.len() == logprobs.len())
+                .then(|| divided(&|i| Some(labels[i].len() as f64)))
+                .flatten(),
+        }
+    }
 }
 
 impl Prediction {
@@ -71,6 +105,7 @@ impl Prediction {
             host: None,
             shard: None,
             stage: None,
+            normalised: None,
         }
     }
 
@@ -223,6 +258,14 @@ pub fn prediction(
             .and_then(|t| parse_answer(t, labels, g.parse)),
         None => logprobs.as_deref().and_then(argmax),
     };
+    let normalised = match (params, method.kind(), &r.logprobs) {
+        (None, crate::spec::MethodKind::Loglik, Some(lp)) => Some(LengthNormalised::choose(
+            lp,
+            r.choice_tokens.as_deref(),
+            labels,
+        )),
+        _ => None,
+    };
     Some(Prediction {
         cell: ci,
         row: ri,
@@ -244,5 +287,35 @@ pub fn prediction(
         host: r.host.clone(),
         shard: r.shard.clone(),
         stage: None,
+        normalised,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LengthNormalised;
+
+    #[test]
+    fn length_normalised_choices_divide_by_tokens_and_by_bytes() {
+        let labels = ["negative".to_string(), "very negative".to_string()];
+        // Raw: "negative" (−2.0 > −3.0). Per token: −2.0/1 < −3.0/2 = −1.5: "very negative".
+        // Per byte: −2.0/8 = −0.25 > −3.0/13 ≈ −0.23: "very negative" too.
+        let lp = [-2.0, -3.0];
+        let n = LengthNormalised::choose(&lp, Some(&[1, 2]), &labels);
+        assert_eq!(n.per_token, Some(1));
+        assert_eq!(n.per_byte, Some(1));
+        // Per byte alone can disagree with per token: −2.0/8 = −0.25 > −4.0/13 ≈ −0.31.
+        let n = LengthNormalised::choose(&[-2.0, -4.0], Some(&[1, 3]), &labels);
+        assert_eq!(n.per_token, Some(1), "−4/3 ≈ −1.33 beats −2");
+        assert_eq!(n.per_byte, Some(0));
+        // Rows without recorded token counts have no per-token choice.
+        let n = LengthNormalised::choose(&lp, None, &labels);
+        assert_eq!(n.per_token, None);
+        assert_eq!(n.per_byte, Some(1));
+        // Counts that do not match the labels are not used.
+        assert_eq!(
+            LengthNormalised::choose(&lp, Some(&[1]), &labels).per_token,
+            None
+        );
+    }
 }

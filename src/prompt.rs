@@ -448,8 +448,8 @@ mod tests {
             None => Shots::None,
         };
         let labels = [("0", "negative"), ("1", "positive")].map(|(v, n)| LabelSpec {
-            value: v.into(),
             name: n.into(),
+            values: vec![v.into()],
         });
         let spec = PromptSpec {
             id: "p".into(),

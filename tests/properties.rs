@@ -47,6 +47,7 @@ fn segment_bytes() -> Vec<u8> {
                 text: None,
                 logprobs: Some(vec![-0.5, -1.5]),
                 hidden: None,
+                choice_tokens: Some(vec![1, 2]),
                 prompt_tokens: 10,
                 evaluated_tokens: 10,
                 gen_tokens: 0,

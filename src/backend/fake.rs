@@ -284,6 +284,7 @@ impl Session for FakeSession {
                         gen_tokens: words.min(*max_tokens),
                         text: Some(text),
                         logprobs: None,
+                        choice_tokens: None,
                         hidden: None,
                         finish,
                         decode_ms: 0.1,
@@ -300,6 +301,13 @@ impl Session for FakeSession {
                             })
                             .collect(),
                     ),
+                    // One token a word, as a tokenizer that splits on spaces would.
+                    choice_tokens: Some(
+                        continuations
+                            .iter()
+                            .map(|c| c.split_whitespace().count().max(1) as u32)
+                            .collect(),
+                    ),
                     hidden: None,
                     gen_tokens: 0,
                     finish: Finish::Scored,
@@ -308,6 +316,7 @@ impl Session for FakeSession {
                 Task::Hidden { states } => TaskOutput {
                     text: None,
                     logprobs: None,
+                    choice_tokens: None,
                     hidden: Some(fake_hidden(prompt, states)),
                     gen_tokens: 0,
                     finish: Finish::Scored,

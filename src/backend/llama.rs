@@ -373,8 +373,10 @@ impl LlamaSession<'_> {
         let start = Instant::now();
         let first_norm = log_sum_exp(prompt_logits);
         let mut out = Vec::with_capacity(continuations.len());
+        let mut counts = Vec::with_capacity(continuations.len());
         for cont in continuations {
             let toks = self.model.vocab().tokenize(cont.as_bytes(), false, false);
+            counts.push(toks.len() as u32);
             let Some(&first) = toks.first() else {
                 return Err(BackendError::Job(format!("label `{cont}` has no tokens")));
             };
@@ -401,6 +403,7 @@ impl LlamaSession<'_> {
         Ok(TaskOutput {
             text: None,
             logprobs: Some(out),
+            choice_tokens: Some(counts),
             hidden: None,
             gen_tokens: 0,
             finish: Finish::Scored,
@@ -722,6 +725,7 @@ impl<'a> Generation<'a> {
         TaskOutput {
             text: Some(self.text),
             logprobs: None,
+            choice_tokens: None,
             hidden: None,
             gen_tokens: self.gen_tokens,
             finish: self.finish,

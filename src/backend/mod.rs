@@ -294,6 +294,9 @@ pub struct TaskOutput {
     pub text: Option<String>,
     /// Log-probability of each continuation (log-likelihood only).
     pub logprobs: Option<Vec<f64>>,
+    /// How many tokens each continuation has (log-likelihood only): what a per-token
+    /// length-normalised choice divides by.
+    pub choice_tokens: Option<Vec<u32>>,
     /// Pooled hidden states (hidden-state tasks only).
     pub hidden: Option<Vec<f32>>,
     pub gen_tokens: u32,

@@ -808,6 +808,7 @@ impl ServerSession<'_> {
                     TaskOutput {
                         text: Some(generated.text),
                         logprobs: None,
+                        choice_tokens: None,
                         hidden: None,
                         gen_tokens: generated.tokens,
                         finish: generated.finish,
@@ -823,7 +824,7 @@ impl ServerSession<'_> {
                 ))
             }
             (Task::Loglik { continuations }, ServerApi::Completions) => {
-                let (logprobs, usage) = if self.llama() {
+                let (scores, usage) = if self.llama() {
                     self.loglik_next_token(prompt, continuations, layout, after_prompt.clone())?
                 } else {
                     self.loglik_echo(prompt, continuations)?
@@ -831,7 +832,8 @@ impl ServerSession<'_> {
                 Ok((
                     TaskOutput {
                         text: None,
-                        logprobs: Some(logprobs),
+                        logprobs: Some(scores.logprobs),
+                        choice_tokens: Some(scores.tokens),
                         hidden: None,
                         gen_tokens: 0,
                         finish: Finish::Scored,
@@ -858,10 +860,10 @@ impl ServerSession<'_> {
         continuations: &[String],
         layout: &Layout,
         after_prompt: Option<(Vec<i64>, Value)>,
-    ) -> Result<(Vec<f64>, Usage), BackendError> {
+    ) -> Result<(ChoiceScores, Usage), BackendError> {
         let url = self.completion_url();
         let mut usage = Usage::default();
-        let mut out = Vec::with_capacity(continuations.len());
+        let mut out = ChoiceScores::default();
         // The distribution after each prefix of label tokens, asked once.
         let mut seen: Vec<(Vec<i64>, Value)> = Vec::new();
         let mut prompt_tokens = None;
@@ -874,6 +876,7 @@ impl ServerSession<'_> {
             if tokens.is_empty() {
                 return Err(BackendError::Job(format!("label `{cont}` has no tokens")));
             }
+            out.tokens.push(tokens.len() as u32);
             let mut lp = 0.0;
             for i in 0..tokens.len() {
                 let prefix = &tokens[..i];
@@ -941,7 +944,7 @@ impl ServerSession<'_> {
                     }
                 }
             }
-            out.push(lp);
+            out.logprobs.push(lp);
         }
         Ok((out, usage))
     }
@@ -952,10 +955,10 @@ impl ServerSession<'_> {
         &self,
         prompt: &ChatPrompt,
         continuations: &[String],
-    ) -> Result<(Vec<f64>, Usage), BackendError> {
+    ) -> Result<(ChoiceScores, Usage), BackendError> {
         let url = self.completion_url();
         let mut usage = Usage::default();
-        let mut out = Vec::with_capacity(continuations.len());
+        let mut out = ChoiceScores::default();
         for cont in continuations {
             let answer = self.requests.post(
                 &url,
@@ -981,20 +984,28 @@ impl ServerSession<'_> {
             };
             let start = prompt.text.len() as u64;
             let mut sum = 0.0;
-            let mut any = false;
+            let mut count = 0;
             for (off, l) in offsets.iter().zip(lps) {
                 if off.as_u64().is_some_and(|o| o >= start) {
                     sum += l.as_f64().unwrap_or(f64::NEG_INFINITY);
-                    any = true;
+                    count += 1;
                 }
             }
-            if !any {
+            if count == 0 {
                 return Err(BackendError::Job(format!("label `{cont}` has no tokens")));
             }
-            out.push(sum);
+            out.logprobs.push(sum);
+            out.tokens.push(count);
         }
         Ok((out, usage))
     }
+}
+
+/// Each label's summed log-prob and its number of tokens.
+#[derive(Debug, Default)]
+struct ChoiceScores {
+    logprobs: Vec<f64>,
+    tokens: Vec<u32>,
 }
 
 fn top_len(dist: &Value) -> usize {

@@ -57,6 +57,8 @@ pub struct CachedRow {
     pub logprobs: Option<Vec<f64>>,
     /// Pooled hidden states (hidden-state rows only).
     pub hidden: Option<Vec<f32>>,
+    /// Each label's number of tokens (log-likelihood rows computed since it was recorded).
+    pub choice_tokens: Option<Vec<u32>>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -92,6 +94,7 @@ impl CachedRow {
             text: self.text.as_deref().map(Into::into),
             logprobs: self.logprobs.clone(),
             hidden: self.hidden.as_deref().map(Into::into),
+            choice_tokens: self.choice_tokens.clone(),
             prompt_tokens: self.prompt_tokens,
             evaluated_tokens: self.evaluated_tokens,
             gen_tokens: self.gen_tokens,
@@ -147,6 +150,12 @@ impl CachedRow {
             e.u64("hidden", h.len() as u64);
             for v in h {
                 e.bytes("h", &v.to_bits().to_le_bytes());
+            }
+        }
+        if let Some(t) = &self.choice_tokens {
+            e.u64("choice_tokens", t.len() as u64);
+            for v in t {
+                e.u64("t", u64::from(*v));
             }
         }
         e.finish()
@@ -1047,6 +1056,7 @@ pub(crate) mod tests {
                 None
             },
             hidden: n.is_multiple_of(3).then(|| vec![0.25, -1.0, f32::from(n)]),
+            choice_tokens: n.is_multiple_of(2).then(|| vec![1, n.into()]),
             prompt_tokens: 10,
             evaluated_tokens: 4,
             gen_tokens: 2,
@@ -1181,6 +1191,7 @@ pub(crate) mod tests {
             text: None,
             logprobs: None,
             hidden: None,
+            choice_tokens: None,
             finish: Finish::Failed,
             error: Some(RowError {
                 kind: crate::row::FailureKind::Decode,

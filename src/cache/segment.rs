@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float16Builder, Float64Array, Float64Builder, Int64Array,
-    ListBuilder, RecordBatch, StringArray, UInt32Array,
+    ListBuilder, RecordBatch, StringArray, UInt32Array, UInt32Builder,
 };
 use arrow::datatypes::{DataType, Field, Float16Type, Float64Type, Int64Type, Schema, UInt32Type};
 use parquet::arrow::ProjectionMask;
@@ -55,6 +55,7 @@ impl Columns {
                 "text",
                 "logprobs",
                 "hidden",
+                "choice_tokens",
                 "prompt_tokens",
                 "evaluated_tokens",
                 "gen_tokens",
@@ -192,6 +193,12 @@ fn hidden_at(a: Option<&arrow::array::ListArray>, i: usize) -> Option<Vec<f32>> 
     })
 }
 
+/// Row `i` of the `choice_tokens` column, where the segment has one and the row a value.
+fn counts_at(a: Option<&arrow::array::ListArray>, i: usize) -> Option<Vec<u32>> {
+    let a = a?;
+    (!a.is_null(i)).then(|| a.value(i).as_primitive::<UInt32Type>().values().to_vec())
+}
+
 /// A column added to the layout later: absent in older segments.
 fn optional(b: &RecordBatch, name: &str) -> Option<StringArray> {
     b.column_by_name(name).map(|c| c.as_string::<i32>().clone())
@@ -257,6 +264,8 @@ pub struct RowContent {
     pub logprobs: Option<Vec<f64>>,
     /// Pooled hidden states (hidden-state rows only).
     pub hidden: Option<Arc<[f32]>>,
+    /// Each label's number of tokens (log-likelihood rows, where recorded).
+    pub choice_tokens: Option<Vec<u32>>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -326,6 +335,9 @@ pub(crate) fn content_rows(
     let hidden = b
         .column_by_name("hidden")
         .map(|c| c.as_list::<i32>().clone());
+    let choice_tokens = b
+        .column_by_name("choice_tokens")
+        .map(|c| c.as_list::<i32>().clone());
     (0..b.num_rows())
         .map(|i| {
             Ok((
@@ -335,6 +347,7 @@ pub(crate) fn content_rows(
                     logprobs: (!lp.is_null(i))
                         .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
                     hidden: hidden_at(hidden.as_ref(), i).map(Into::into),
+                    choice_tokens: counts_at(choice_tokens.as_ref(), i),
                     prompt_tokens: pt.value(i),
                     evaluated_tokens: et.value(i),
                     gen_tokens: gt.value(i),
@@ -418,6 +431,11 @@ pub(crate) fn schema() -> Arc<Schema> {
             DataType::List(Arc::new(Field::new("item", DataType::Float16, true))),
             true,
         )),
+        added_later(Field::new(
+            "choice_tokens",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
+            true,
+        )),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -484,6 +502,17 @@ pub(crate) fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, TableErr
         }
     }
     cols.push(Arc::new(hidden.finish()));
+    let mut counts = ListBuilder::new(UInt32Builder::new());
+    for r in rows {
+        match &r.choice_tokens {
+            Some(v) => {
+                counts.values().append_slice(v);
+                counts.append(true);
+            }
+            None => counts.append(false),
+        }
+    }
+    cols.push(Arc::new(counts.finish()));
     RecordBatch::try_new(schema(), cols).map_err(TableError::from)
 }
 
@@ -528,6 +557,9 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
     let hidden = b
         .column_by_name("hidden")
         .map(|c| c.as_list::<i32>().clone());
+    let choice_tokens = b
+        .column_by_name("choice_tokens")
+        .map(|c| c.as_list::<i32>().clone());
     let (pt, et, gt, shared) = (
         u("prompt_tokens"),
         u("evaluated_tokens"),
@@ -563,6 +595,7 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
                 logprobs: (!lp.is_null(i))
                     .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
                 hidden: hidden_at(hidden.as_ref(), i),
+                choice_tokens: counts_at(choice_tokens.as_ref(), i),
                 prompt_tokens: pt.value(i),
                 evaluated_tokens: et.value(i),
                 gen_tokens: gt.value(i),

@@ -266,6 +266,39 @@ pub struct CellMetrics {
     pub uncalibrated: Option<Uncalibrated>,
     /// Cascade cells: the stages, how many rows went on, the cost against each stage alone.
     pub cascade: Option<crate::cascade::Summary>,
+    /// Raw log-likelihood cells: accuracy with each label's log-prob divided by its length.
+    pub length_normalised: Option<NormalisedAccuracy>,
+}
+
+/// Accuracy of a raw log-likelihood cell's length-normalised choices: per token (`None`
+/// when some row did not record its labels' tokens) and per byte (lm-eval's `acc_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct NormalisedAccuracy {
+    pub per_token: Option<f64>,
+    pub per_byte: Option<f64>,
+}
+
+impl NormalisedAccuracy {
+    fn of(rows: &[&Prediction]) -> Option<Self> {
+        let chosen: Vec<(crate::predict::LengthNormalised, usize)> = rows
+            .iter()
+            .map(|p| p.normalised.map(|n| (n, p.gold)))
+            .collect::<Option<_>>()?;
+        if chosen.is_empty() {
+            return None;
+        }
+        let accuracy = |f: &dyn Fn(&crate::predict::LengthNormalised) -> Option<usize>| {
+            let right: Option<Vec<bool>> = chosen
+                .iter()
+                .map(|(n, gold)| f(n).map(|c| c == *gold))
+                .collect();
+            right.map(|r| r.iter().filter(|x| **x).count() as f64 / r.len() as f64)
+        };
+        Some(Self {
+            per_token: accuracy(&|n| n.per_token),
+            per_byte: accuracy(&|n| n.per_byte),
+        })
+    }
 }
 
 impl CellMetrics {
@@ -452,6 +485,7 @@ pub fn compute(
                     }
                     _ => None,
                 },
+                length_normalised: NormalisedAccuracy::of(&rows),
             }
         })
         .collect()

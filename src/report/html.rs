@@ -105,6 +105,8 @@ pub struct Page {
     pub calibration: Table,
     /// Each probe's settings as cross-validated on its fit rows.
     pub probes: Table,
+    /// Raw log-likelihood cells' length-normalised choices (labels of unequal length).
+    pub normalised: Table,
     pub cascades: Table,
     /// One line per retrieval: what it searched, and what the leak guard left out.
     pub retrieval: Vec<String>,

@@ -517,6 +517,7 @@ fn render_page(
         disagreements: disagreements(plan, a),
         calibration: calibration_table(plan, m),
         probes: probes_table(m),
+        normalised: normalised_table(m, &labels),
         cascades: cascades_table(m),
         retrieval: retrieval_notes(plan),
         prov: provenance_json(prov),
@@ -829,6 +830,36 @@ fn probes_table(m: &[CellMetrics]) -> Table {
             "",
         ],
         &[0, 1],
+        rows,
+    )
+}
+
+/// Raw log-likelihood cells' length-normalised accuracies, where the labels differ in
+/// length (in bytes, or in tokens for some cell).
+fn normalised_table(m: &[CellMetrics], labels: &[String]) -> Table {
+    let unequal_bytes = labels.iter().any(|l| l.len() != labels[0].len());
+    let moved = |c: &CellMetrics| {
+        c.length_normalised
+            .is_some_and(|n| n.per_token.is_some_and(|t| t != c.accuracy))
+    };
+    if !unequal_bytes && !m.iter().any(moved) {
+        return Table::new(&[], &[], Vec::new());
+    }
+    let rows = m
+        .iter()
+        .filter_map(|c| {
+            let n = c.length_normalised?;
+            Some(vec![
+                Cell::code(&c.cell),
+                Cell::text(pct(c.accuracy)),
+                Cell::text(n.per_token.map_or("–".into(), pct)),
+                Cell::text(n.per_byte.map_or("–".into(), pct)),
+            ])
+        })
+        .collect();
+    Table::new(
+        &["cell", "accuracy", "per token", "per byte (acc_norm)"],
+        &[0],
         rows,
     )
 }

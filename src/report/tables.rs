@@ -377,6 +377,20 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Tabl
         ("roc_auc".into(), f64s(m.iter().map(|x| x.roc_auc))),
         ("brier".into(), f64s(m.iter().map(|x| x.brier))),
         ("ece".into(), f64s(m.iter().map(|x| x.ece))),
+        (
+            "accuracy_per_token".into(),
+            f64s(
+                m.iter()
+                    .map(|x| x.length_normalised.and_then(|n| n.per_token)),
+            ),
+        ),
+        (
+            "accuracy_per_byte".into(),
+            f64s(
+                m.iter()
+                    .map(|x| x.length_normalised.and_then(|n| n.per_byte)),
+            ),
+        ),
     ]);
     // Cascade cells: the share the first step sends on, and the cost against the first and
     // the last stage alone.

@@ -976,6 +976,7 @@ fn served_row(
         text: o.text.clone(),
         logprobs: o.logprobs.clone(),
         hidden: o.hidden.clone().map(crate::cache::stored_hidden),
+        choice_tokens: o.choice_tokens.clone(),
         prompt_tokens: out.prompt_tokens,
         evaluated_tokens: out.evaluated_tokens,
         gen_tokens: o.gen_tokens,

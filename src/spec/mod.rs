@@ -221,10 +221,12 @@ impl TextBudget {
     }
 }
 
+/// A class of the task: its name, and the label values of the dataset that mean it
+/// (several when the spec maps several values to one name, e.g. star ratings to buckets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelSpec {
-    pub value: String,
     pub name: String,
+    pub values: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1068,41 +1070,42 @@ impl Validator<'_> {
     }
 
     fn dataset(&self, d: raw::RawDataset) -> Result<DatasetSpec, Diagnostic> {
-        if d.labels.value.0.len() < 2 {
+        // Several values may share a name (one class); names that differ only in case may not.
+        let mut labels: Vec<LabelSpec> = Vec::new();
+        for (value, name) in &d.labels.value.0 {
+            let n = name.trim();
+            if n.is_empty() {
+                return Err(self.err(&d.labels, "dataset.labels", "label names must not be empty"));
+            }
+            match labels
+                .iter_mut()
+                .find(|l| l.name.to_lowercase() == n.to_lowercase())
+            {
+                Some(l) if l.name == n => l.values.push(value.clone()),
+                // Answers are matched to labels case-insensitively.
+                Some(l) => {
+                    return Err(self.err(
+                        &d.labels,
+                        "dataset.labels",
+                        format!(
+                            "label names `{}` and `{n}` differ only in case; answers are matched without case, so they could not be told apart (give values of one class the same name)",
+                            l.name
+                        ),
+                    ));
+                }
+                None => labels.push(LabelSpec {
+                    name: n.to_string(),
+                    values: vec![value.clone()],
+                }),
+            }
+        }
+        if labels.len() < 2 {
             return Err(self.err(
                 &d.labels,
                 "dataset.labels",
                 "name at least two labels, e.g. `{0: negative, 1: positive}`",
             ));
         }
-        let mut names: Vec<&str> = Vec::new();
-        for (_, name) in &d.labels.value.0 {
-            let n = name.trim();
-            if n.is_empty() {
-                return Err(self.err(&d.labels, "dataset.labels", "label names must not be empty"));
-            }
-            // Answers are matched to labels case-insensitively.
-            if let Some(other) = names.iter().find(|o| o.to_lowercase() == n.to_lowercase()) {
-                return Err(self.err(
-                    &d.labels,
-                    "dataset.labels",
-                    format!(
-                        "label names `{other}` and `{n}` differ only in case; answers are matched without case, so they could not be told apart"
-                    ),
-                ));
-            }
-            names.push(n);
-        }
-        let labels = d
-            .labels
-            .value
-            .0
-            .iter()
-            .map(|(value, name)| LabelSpec {
-                value: value.clone(),
-                name: name.trim().to_string(),
-            })
-            .collect();
         let sample = match d.sample {
             None => None,
             Some(s) => {

@@ -44,8 +44,8 @@ fn good_spec_parses_and_resolves_paths_against_its_folder() {
     assert_eq!(
         s.dataset.labels[1],
         LabelSpec {
-            value: "1".into(),
-            name: "positive".into()
+            name: "positive".into(),
+            values: vec!["1".into()],
         }
     );
     assert_eq!(s.sampling.temperature, vec![0.2, 0.8]);
@@ -163,6 +163,23 @@ fn label_names_that_differ_only_in_case_are_rejected() {
     let e = parse_at(&src).unwrap_err();
     assert_eq!(e.field, "dataset.labels");
     assert!(e.message.contains("differ only in case"), "{e}");
+}
+
+#[test]
+fn several_label_values_may_share_a_name() {
+    let src = GOOD.replace(
+        "{0: negative, 1: positive}",
+        "{1: very negative, 2: very negative, 9: very positive, 10: very positive}",
+    );
+    let s = parse_at(&src).unwrap();
+    assert_eq!(s.dataset.labels.len(), 2);
+    assert_eq!(s.dataset.labels[0].name, "very negative");
+    assert_eq!(s.dataset.labels[0].values, ["1", "2"]);
+    assert_eq!(s.dataset.labels[1].values, ["9", "10"]);
+    // One name for every value is one class, not a task.
+    let e =
+        parse_at(&GOOD.replace("{0: negative, 1: positive}", "{0: same, 1: same}")).unwrap_err();
+    assert!(e.message.contains("at least two labels"), "{e}");
 }
 
 #[test]

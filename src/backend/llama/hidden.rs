@@ -216,6 +216,7 @@ impl States<'_> {
         Ok(crate::backend::TaskOutput {
             text: None,
             logprobs: None,
+            choice_tokens: None,
             hidden: Some(out),
             gen_tokens: 0,
             finish: crate::backend::Finish::Scored,

@@ -215,6 +215,7 @@ impl LlamaSession<'_> {
         };
         let conts: Vec<Vec<String>> = who.iter().map(|&r| labels(r)).collect();
         let mut lps: Vec<Vec<f64>> = conts.iter().map(|c| vec![0.0; c.len()]).collect();
+        let mut counts: Vec<Vec<u32>> = conts.iter().map(|c| vec![0; c.len()]).collect();
         let most = conts.iter().map(Vec::len).max().unwrap_or(0);
         // `c` is a label's place in every row's list, not an index into one vector.
         #[allow(clippy::needless_range_loop)]
@@ -230,6 +231,7 @@ impl LlamaSession<'_> {
                 let Some(&first) = toks.first() else {
                     return Err(BackendError::Job(format!("label `{label}` has no tokens")));
                 };
+                counts[j][c] = toks.len() as u32;
                 let logits = &rows[r].logits;
                 lps[j][c] = f64::from(logits[first.0 as usize]) - log_sum_exp(logits);
                 let n = rows[r].tokens.len();
@@ -256,10 +258,11 @@ impl LlamaSession<'_> {
             self.cut_back(rows, who)?;
         }
         let each = start.elapsed().as_secs_f64() * 1000.0 / who.len() as f64;
-        for (lp, &r) in lps.into_iter().zip(who) {
+        for ((lp, counts), &r) in lps.into_iter().zip(counts).zip(who) {
             rows[r].outs.push(TaskOutput {
                 text: None,
                 logprobs: Some(lp),
+                choice_tokens: Some(counts),
                 hidden: None,
                 gen_tokens: 0,
                 finish: Finish::Scored,

@@ -1,0 +1,165 @@
+//! Tasks beyond two fixed labels on a real model (SmolLM2-135M-Instruct, found through
+//! `$PIPELINE_MODELS_DIR`): four classes with names of several tokens. Without the model
+//! these tests are listed as ignored, by name; under `CI=true` they fail.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use libtest_mimic::{Arguments, Failed};
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = common::trials_needing(
+        "SmolLM2-135M",
+        model().err(),
+        vec![(
+            "four_classes_with_names_of_several_tokens_have_per_class_metrics",
+            four_classes_with_names_of_several_tokens_have_per_class_metrics,
+        )],
+    );
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn model() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("PIPELINE_MODELS_DIR").ok_or(
+        "PIPELINE_MODELS_DIR is not set (`bash scripts/test` sets it and fetches the model)",
+    )?;
+    let p = PathBuf::from(dir).join(MODEL_FILE);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} does not exist; fetch it with `../shared/models/fetch \"$PIPELINE_MODELS_DIR\" smollm2-135m`",
+            p.display()
+        ))
+    }
+}
+
+/// Short texts of four topics, `n` of each, as JSONL rows with the topic as the label.
+fn topics(n: usize, offset: usize) -> String {
+    let about = [
+        (
+            "sport",
+            "The striker scored twice and the home team won the match",
+        ),
+        (
+            "weather",
+            "Heavy rain and strong winds are expected over the coast tonight",
+        ),
+        (
+            "food",
+            "Simmer the onions in butter, then add the flour and the stock",
+        ),
+        (
+            "money",
+            "The bank raised its interest rate and the shares fell sharply",
+        ),
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        for (topic, text) in about {
+            let id = offset + i;
+            out.push_str(&format!(
+                "{{\"id\": \"{topic}{id}\", \"text\": \"{text} (item {id}).\", \"label\": \"{topic}\"}}\n"
+            ));
+        }
+    }
+    out
+}
+
+fn spec(model: &Path) -> String {
+    format!(
+        r#"name: t
+dataset:
+  path: data/topics.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {{sport: sports news, weather: weather forecast, food: cooking recipe, money: finance}}
+models:
+  - id: smollm2
+    gguf: {model}
+    n_ctx: 512
+prompts:
+  - id: p
+    user: "Text: {{{{ text }}}}\nWhich kind of text is it: {{{{ labels | join(', ') }}}}? Answer with one of them."
+methods:
+  - id: ll
+    kind: loglik
+  - id: ll-fit
+    kind: loglik
+    calibrate: {{fit: {{from: data/fit.jsonl, n: 16, seed: 1}}}}
+  - id: probe
+    kind: probe
+    layer: [0.5]
+    pool: [mean]
+    fit: {{from: data/fit.jsonl, n: 16, seed: 1}}
+"#,
+        model = model.display()
+    )
+}
+
+fn four_classes_with_names_of_several_tokens_have_per_class_metrics() -> Result<(), Failed> {
+    let model = model()?;
+    let p = common::Project::new();
+    p.write("data/topics.jsonl", &topics(3, 0));
+    p.write("data/fit.jsonl", &topics(4, 100));
+    p.write("spec.yaml", &spec(&model));
+    p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+    let metrics = common::read_parquet(&p.path("reports/t/metrics.parquet"));
+    let labels = [
+        "sports news",
+        "weather forecast",
+        "cooking recipe",
+        "finance",
+    ];
+    for cell in ["smollm2/p/ll", "smollm2/p/ll-fit", "smollm2/p/probe"] {
+        let m = metrics
+            .iter()
+            .find(|m| m["cell"] == cell)
+            .ok_or(format!("no {cell}"))?;
+        assert_eq!(m["n"], 12, "{cell}: {m:?}");
+        for l in labels {
+            let f1 = m[&format!("f1_{l}")].as_f64();
+            assert!(
+                f1.is_some_and(|f| (0.0..=1.0).contains(&f)),
+                "{cell}: f1 of {l}: {m:?}"
+            );
+        }
+    }
+    // The raw cell reports its choices normalised by length: every row recorded how many
+    // tokens each label has.
+    let raw = metrics
+        .iter()
+        .find(|m| m["cell"] == "smollm2/p/ll")
+        .unwrap();
+    for col in ["accuracy_per_token", "accuracy_per_byte"] {
+        assert!(raw[col].as_f64().is_some(), "{col}: {raw:?}");
+    }
+    let calibrated = metrics
+        .iter()
+        .find(|m| m["cell"] == "smollm2/p/ll-fit")
+        .unwrap();
+    assert!(calibrated["accuracy_per_token"].is_null(), "{calibrated:?}");
+    // Every prediction is one of the four labels.
+    let preds = common::read_parquet(&p.path("reports/t/predictions.parquet"));
+    assert_eq!(preds.len(), 36);
+    for r in &preds {
+        let pred = r["prediction"].as_str().unwrap_or("");
+        assert!(labels.contains(&pred), "{r:?}");
+    }
+    let html = common::report_html(&p);
+    assert!(
+        html.contains("Length-normalised choices"),
+        "the report shows them"
+    );
+    assert!(
+        html.contains("F1 cooking recipe"),
+        "the metrics table has every class"
+    );
+    Ok(())
+}
