@@ -21,8 +21,22 @@ pub struct Row {
     pub index: usize,
     pub id: String,
     pub text: String,
-    /// Index into the spec's label list.
+    /// Index into the spec's label list; with per-row choices, into `choices`.
     pub label: usize,
+    /// This row's own choices (`dataset.choices`); empty for fixed labels.
+    pub choices: Vec<String>,
+}
+
+/// The most choices a row may have: the classes of a multiple-choice task are the choices'
+/// places, named by letters.
+pub const MAX_CHOICES: usize = 26;
+
+/// Choices in a CSV file (a text column): one string, the choices separated by this.
+pub const CHOICE_SEPARATOR: char = '|';
+
+/// The name of the choice at place `i` (A, B, C, ...).
+pub fn choice_letter(i: usize) -> String {
+    char::from(b'A' + (i % MAX_CHOICES) as u8).to_string()
 }
 
 #[derive(Debug, Clone)]
@@ -56,8 +70,9 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, Diagnostic> {
             spec.path.value.display()
         ));
     }
+    let labels = classes(spec, &all);
     let mut rows = match &spec.sample {
-        Some(s) => sample(all, s, spec.labels.len()),
+        Some(s) => sample(all, s, labels.len()),
         None => all,
     };
     // Clean only what is used: a sample is usually a small part of the file.
@@ -67,9 +82,24 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, Diagnostic> {
     Ok(Dataset {
         rows,
         source_rows,
-        labels: spec.labels.clone(),
+        labels,
         warnings,
     })
+}
+
+/// The task's classes: the spec's labels, or with per-row choices the choices' places (A,
+/// B, C, ... up to the most choices a row has).
+pub fn classes(spec: &DatasetSpec, rows: &[Row]) -> Vec<LabelSpec> {
+    if spec.choices.is_none() {
+        return spec.labels.clone();
+    }
+    let most = rows.iter().map(|r| r.choices.len()).max().unwrap_or(0);
+    (0..most)
+        .map(|i| LabelSpec {
+            name: choice_letter(i),
+            values: vec![i.to_string()],
+        })
+        .collect()
 }
 
 /// Draw the fixed few-shot examples of a prompt from its `shots.from` file.
@@ -91,7 +121,7 @@ pub fn load_shots(
         // Retrieved examples are chosen per row from a pool (see `load_pool`).
         ShotStrategy::Random | ShotStrategy::Knn => rng.choose(&all, shots.k),
         ShotStrategy::Balanced => {
-            let n_labels = spec.labels.len();
+            let n_labels = classes(spec, &all).len();
             let mut by_label: Vec<Vec<Row>> = vec![Vec::new(); n_labels];
             for r in all {
                 by_label[r.label].push(r);
@@ -148,7 +178,10 @@ pub fn load_pool(
         all.retain(|r| r.text.chars().count() <= max);
     }
     Ok(match sample_spec {
-        Some(s) => sample(all, s, spec.labels.len()),
+        Some(s) => {
+            let n_labels = classes(spec, &all).len();
+            sample(all, s, n_labels)
+        }
         None => all,
     })
 }
@@ -193,6 +226,25 @@ fn read_labeled(
     };
     let texts = column(&spec.text)?;
     let labels = column(&spec.label)?;
+    let choices = match &spec.choices {
+        Some(c) => {
+            if !schema_cols.contains(&c.value) {
+                return Err(c.error(format!(
+                    "column `{}` not found in {} (columns: {})",
+                    c.value,
+                    path.value.display(),
+                    schema_cols.join(", ")
+                )));
+            }
+            let mut out = Vec::new();
+            for b in &batches {
+                let col = b.column_by_name(&c.value).expect("checked above");
+                out.extend(lists(col).map_err(|e| c.error(e.to_string()))?);
+            }
+            Some((c, out))
+        }
+        None => None,
+    };
     let ids = match &spec.id {
         Some(id) => Some(column(id)?),
         None => None,
@@ -206,21 +258,21 @@ fn read_labeled(
             continue;
         };
         let label = label.ok_or_else(|| spec.label.error(format!("row {i} has no label")))?;
-        let label_idx = spec
-            .labels
-            .iter()
-            .position(|l| l.values.contains(&label))
-            .ok_or_else(|| {
-                spec.labels_at.error(format!(
-                    "label value `{label}` (row {i} of {}) has no name here; known values: {}",
-                    path.value.display(),
-                    spec.labels
-                        .iter()
-                        .flat_map(|l| l.values.iter().map(String::as_str))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+        let (label_idx, row_choices) = match &choices {
+            Some((at, all)) => {
+                let row_choices = row_choices(at, all[i].clone(), i, &path.value)?;
+                let gold = correct_choice(&label, &row_choices).ok_or_else(|| {
+                    spec.label.error(format!(
+                        "the label `{label}` of row {i} of {} is neither one of its choices ({}) nor a choice's index (0 to {})",
+                        path.value.display(),
+                        row_choices.join(" | "),
+                        row_choices.len() - 1
+                    ))
+                })?;
+                (gold, row_choices)
+            }
+            None => (fixed_label(spec, path, &label, i)?, Vec::new()),
+        };
         let id = match &ids {
             Some(ids) => ids[i].clone().unwrap_or_else(|| i.to_string()),
             None => i.to_string(),
@@ -245,6 +297,7 @@ fn read_labeled(
             id,
             text,
             label: label_idx,
+            choices: row_choices,
         });
     }
     if !null_texts.is_empty() {
@@ -275,6 +328,29 @@ pub fn clean(text: &str, c: &CleanSpec) -> String {
 }
 
 /// Read a whole table; the format follows the file extension.
+/// The class of a fixed-label row's label value.
+fn fixed_label(
+    spec: &DatasetSpec,
+    path: &Located<std::path::PathBuf>,
+    label: &str,
+    i: usize,
+) -> Result<usize, Diagnostic> {
+    spec.labels
+        .iter()
+        .position(|l| l.values.iter().any(|v| v == label))
+        .ok_or_else(|| {
+            spec.labels_at.error(format!(
+                "label value `{label}` (row {i} of {}) has no name here; known values: {}",
+                path.value.display(),
+                spec.labels
+                    .iter()
+                    .flat_map(|l| l.values.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
 pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     let ext = path
         .extension()
@@ -432,6 +508,90 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, TableError> {
         .collect())
 }
 
+/// Each row's choices: a list column (Parquet, or a JSONL array), or one text with the
+/// choices separated by [`CHOICE_SEPARATOR`] (CSV).
+fn lists(col: &ArrayRef) -> Result<Vec<Option<Vec<String>>>, TableError> {
+    let list = match col.data_type() {
+        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => {
+            arrow::compute::cast(
+                col,
+                &DataType::List(std::sync::Arc::new(arrow::datatypes::Field::new(
+                    "item",
+                    DataType::Utf8,
+                    true,
+                ))),
+            )
+            .map_err(|e| format!("cannot read the choices as lists of text: {e}"))?
+        }
+        _ => {
+            return Ok(strings(col)?
+                .into_iter()
+                .map(|s| {
+                    s.map(|s| {
+                        s.split(CHOICE_SEPARATOR)
+                            .map(|c| c.trim().to_string())
+                            .collect()
+                    })
+                })
+                .collect());
+        }
+    };
+    let list = list.as_list::<i32>();
+    Ok((0..list.len())
+        .map(|i| {
+            (!list.is_null(i)).then(|| {
+                let v = list.value(i);
+                let v = v.as_string::<i32>();
+                (0..v.len())
+                    .map(|j| if v.is_null(j) { String::new() } else { v.value(j).to_string() })
+                    .collect()
+            })
+        })
+        .collect())
+}
+
+/// Row `i`'s choices, checked: at least two, at most [`MAX_CHOICES`], none empty, none
+/// repeated.
+fn row_choices(
+    at: &Located<String>,
+    choices: Option<Vec<String>>,
+    i: usize,
+    path: &Path,
+) -> Result<Vec<String>, Diagnostic> {
+    let bad = |why: String| at.error(format!("row {i} of {}: {why}", path.display()));
+    let choices = choices.ok_or_else(|| bad("it has no choices (null)".into()))?;
+    if choices.len() < 2 || choices.len() > MAX_CHOICES {
+        return Err(bad(format!(
+            "it has {} choices; a row has 2 to {MAX_CHOICES}",
+            choices.len()
+        )));
+    }
+    for (j, c) in choices.iter().enumerate() {
+        if c.trim().is_empty() {
+            return Err(bad(format!("choice {j} is empty")));
+        }
+        if choices[..j].iter().any(|o| o.to_lowercase() == c.to_lowercase()) {
+            return Err(bad(format!(
+                "the choice `{c}` is repeated (answers are matched without case)"
+            )));
+        }
+    }
+    Ok(choices)
+}
+
+/// The correct choice's place: the label is its text (exactly, then without case and
+/// surrounding space) or its index.
+fn correct_choice(label: &str, choices: &[String]) -> Option<usize> {
+    choices
+        .iter()
+        .position(|c| c == label)
+        .or_else(|| {
+            let l = label.trim().to_lowercase();
+            choices.iter().position(|c| c.trim().to_lowercase() == l)
+        })
+        .or_else(|| label.trim().parse::<usize>().ok().filter(|i| *i < choices.len()))
+}
+
 /// A seeded sample. Stratified: each label keeps its share (largest remainder); the
 /// order interleaves labels so that any prefix (`--limit`) stays balanced.
 pub fn sample(rows: Vec<Row>, s: &SampleSpec, n_labels: usize) -> Vec<Row> {
@@ -539,6 +699,7 @@ mod tests {
                 id: format!("r{i}"),
                 text: format!("text {i}"),
                 label: l,
+                choices: Vec::new(),
             })
             .collect()
     }

@@ -234,6 +234,8 @@ struct WorkerJob {
     model: usize,
     prompt: usize,
     text: String,
+    /// The row's own choices (per-row choices only), to render again when the text is cut.
+    choices: Vec<String>,
     messages: Messages,
     /// The row's retrieved examples (to render again when the text is cut).
     examples: Option<Vec<Example>>,
@@ -341,7 +343,7 @@ fn collect_work(
                 cell: ci,
                 key,
                 components: comps,
-                task: plan.task(cell).for_row(&comps.prompt),
+                task: plan.row_task(cell, ri).for_row(&comps.prompt),
             });
         }
     }
@@ -404,6 +406,7 @@ pub fn execute(
             model: j.model,
             prompt: j.prompt,
             text: plan.sets[j.set].rows[j.row].text.clone(),
+            choices: plan.sets[j.set].rows[j.row].choices.clone(),
             messages: plan.sets[j.set].messages[j.prompt][j.row]
                 .clone()
                 .expect("a row with a key has its messages"),
@@ -659,7 +662,7 @@ fn task_parts(tasks: &[Task]) -> Vec<Range<usize>> {
     for (i, t) in tasks.iter().enumerate() {
         let c = match t {
             Task::Generate { max_tokens, .. } => u64::from(*max_tokens).max(1),
-            Task::Loglik { continuations } => continuations.len() as u64,
+            Task::Loglik { continuations, .. } => continuations.len() as u64,
             // Read during the prompt's evaluation: no decoding of its own.
             Task::Hidden { .. } => 0,
         };
@@ -751,6 +754,7 @@ impl WorkerJob {
         Evaluation {
             prompt: self.prompt,
             text: &self.text,
+            choices: &self.choices,
             messages: &self.messages,
             examples: self.examples.as_deref(),
         }
@@ -792,6 +796,8 @@ pub struct Evaluation<'a> {
     pub prompt: usize,
     /// The row's (cleaned) text, before the budget cuts it.
     pub text: &'a str,
+    /// The row's own choices (per-row choices only).
+    pub choices: &'a [String],
     /// The messages rendered with the whole text.
     pub messages: &'a Messages,
     /// The row's retrieved examples, if its prompt has them.
@@ -822,7 +828,7 @@ fn chat(
         .map(|b| session.truncate(e.text, b));
     let messages = match truncated {
         Some(t) if t != e.text => prompts
-            .render_with(e.prompt, &t, e.examples)
+            .render_with(e.prompt, &t, e.choices, e.examples)
             .map_err(|d| BackendError::Job(d.to_string()))?,
         _ => e.messages.clone(),
     };
@@ -936,6 +942,7 @@ mod tests {
         let mut tasks = vec![generate(4); 400];
         tasks.push(Task::Loglik {
             continuations: vec!["negative".into(), "positive".into()],
+            reserve: None,
         });
         let parts = task_parts(&tasks);
         // 8 generations of 4 tokens a part, and the log-likelihood task (other context

@@ -183,6 +183,9 @@ impl CacheKey for ModelPart<'_> {
 pub struct PromptPart<'a> {
     pub messages: &'a Messages,
     pub budget: Option<crate::spec::TextBudget>,
+    /// The row's own choices (per-row choices only): what its log-likelihood scores, whether
+    /// or not the prompt shows them.
+    pub choices: &'a [String],
 }
 
 impl CacheKey for PromptPart<'_> {
@@ -207,6 +210,10 @@ impl CacheKey for PromptPart<'_> {
         let texts = self.messages.system.iter().chain([&self.messages.user]);
         if texts.into_iter().any(|t| may_spell_a_chat_marker(t)) {
             e.u64("texts_as_data", 1);
+        }
+        // Fixed labels add nothing, so their keys are as before.
+        if !self.choices.is_empty() {
+            e.strs("choices", self.choices);
         }
     }
 }
@@ -576,6 +583,7 @@ mod tests {
             PromptPart {
                 messages: m,
                 budget: None,
+                choices: &[],
             }
             .digest()
         };
@@ -608,6 +616,7 @@ mod tests {
         let prompt = PromptPart {
             messages: &messages,
             budget: Some(crate::spec::TextBudget::head(768)),
+            choices: &[],
         }
         .digest();
         assert_eq!(

@@ -54,6 +54,10 @@ impl Messages {
 /// row-dependent part begins.
 const PROBES: [&str; 2] = ["\u{E000}", "\u{E001}"];
 
+/// Choices of the two probe renders (per-row choices only): the fixed part ends where the
+/// choices first appear, if before the text.
+const PROBE_CHOICES: [[&str; 2]; 2] = [["\u{E002}", "\u{E003}"], ["\u{E004}", "\u{E005}"]];
+
 /// Byte length of the longest common prefix of `a` and `b`, on a character boundary.
 fn common_prefix(a: &str, b: &str) -> usize {
     let mut n = 0;
@@ -114,17 +118,29 @@ impl FixedProbe {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Example {
     pub text: String,
+    /// The label's name; with per-row choices, the correct choice's text.
     pub label: String,
+    /// The example's own choices (`{{ ex.choices }}`), with per-row choices.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
 }
 
 impl Example {
+    /// A labelled row as an example.
+    pub fn of(row: &Row, label_names: &[String]) -> Example {
+        let label = match row.choices.get(row.label) {
+            Some(c) => c.clone(),
+            None => label_names.get(row.label).cloned().unwrap_or_default(),
+        };
+        Example {
+            text: row.text.clone(),
+            label,
+            choices: row.choices.clone(),
+        }
+    }
+
     pub fn from_rows(rows: Vec<Row>, label_names: &[String]) -> Vec<Example> {
-        rows.into_iter()
-            .map(|r| Example {
-                text: r.text,
-                label: label_names[r.label].clone(),
-            })
-            .collect()
+        rows.iter().map(|r| Example::of(r, label_names)).collect()
     }
 }
 
@@ -170,6 +186,7 @@ impl Prompts {
         prompts: &[PromptSpec],
         labels: &[LabelSpec],
         shots: Vec<Shots>,
+        choices: bool,
     ) -> Result<Self, Diagnostic> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -183,6 +200,9 @@ impl Prompts {
                 Shots::PerRow { k } => (None, Some(k)),
             };
             let mut allowed: Vec<&str> = BASE_VARS.to_vec();
+            if choices {
+                allowed.push("choices");
+            }
             if examples.is_some() || per_row.is_some() {
                 allowed.push("examples");
             }
@@ -259,14 +279,22 @@ impl Prompts {
                         Example {
                             text: text.to_string(),
                             label: prompts.labels[label % prompts.labels.len()].clone(),
+                            choices: Vec::new(),
                         };
                         k
                     ]
                 })
             };
             let (ea, eb) = (probe_examples(PROBES[0], 0), probe_examples(PROBES[1], 1));
-            let a = prompts.render_text(i, PROBES[0], ea.as_deref());
-            let b = prompts.render_text(i, PROBES[1], eb.as_deref());
+            let probe_choices = |j: usize| -> Vec<String> {
+                if choices {
+                    PROBE_CHOICES[j].map(String::from).to_vec()
+                } else {
+                    Vec::new()
+                }
+            };
+            let a = prompts.render_text(i, PROBES[0], &probe_choices(0), ea.as_deref());
+            let b = prompts.render_text(i, PROBES[1], &probe_choices(1), eb.as_deref());
             prompts.compiled[i].probe = match (a, b) {
                 (Ok(a), Ok(b)) => Some(FixedProbe::new(&a, &b)),
                 _ => None,
@@ -306,9 +334,15 @@ impl Prompts {
         &self.labels
     }
 
-    /// Render the messages of prompt `prompt` for a row's `text`.
-    pub fn render(&self, prompt: usize, text: &str) -> Result<Messages, Diagnostic> {
-        self.render_with(prompt, text, None)
+    /// Render the messages of prompt `prompt` for a row's `text` (and its own choices, with
+    /// per-row choices).
+    pub fn render(
+        &self,
+        prompt: usize,
+        text: &str,
+        choices: &[String],
+    ) -> Result<Messages, Diagnostic> {
+        self.render_with(prompt, text, choices, None)
     }
 
     /// Render with this row's own examples (prompts whose examples are chosen per row).
@@ -316,9 +350,10 @@ impl Prompts {
         &self,
         prompt: usize,
         text: &str,
+        choices: &[String],
         examples: Option<&[Example]>,
     ) -> Result<Messages, Diagnostic> {
-        let mut m = self.render_text(prompt, text, examples)?;
+        let mut m = self.render_text(prompt, text, choices, examples)?;
         if let Some(probe) = &self.compiled[prompt].probe {
             m.fixed = probe.fixed_part(&m);
         }
@@ -329,6 +364,7 @@ impl Prompts {
         &self,
         prompt: usize,
         text: &str,
+        choices: &[String],
         row_examples: Option<&[Example]>,
     ) -> Result<Messages, Diagnostic> {
         let c = &self.compiled[prompt];
@@ -336,6 +372,7 @@ impl Prompts {
         let ctx = minijinja::context! {
             text => text,
             labels => &self.labels,
+            choices => choices.to_vec(),
             examples => minijinja::Value::from(minijinja::value::Serde(&examples)),
         };
         let render = |(key, spec): &(String, TemplateSpec)| -> Result<String, Diagnostic> {
@@ -458,20 +495,20 @@ mod tests {
             shots: None,
             budget: None,
         };
-        Prompts::compile(&[spec], &labels, vec![shots]).unwrap()
+        Prompts::compile(&[spec], &labels, vec![shots], false).unwrap()
     }
 
     #[test]
     fn the_fixed_part_ends_where_the_row_begins() {
         let p = prompts(Some("You judge texts."), "Text: {{ text }}\nAnswer.", None);
-        let m = p.render(0, "Great film.").unwrap();
+        let m = p.render(0, "Great film.", &[]).unwrap();
         assert_eq!(m.fixed.system, "You judge texts.".len());
         assert_eq!(&m.user[..m.fixed.user], "Text: ");
         let f = m.fixed_part();
         assert_eq!(f.system.as_deref(), Some("You judge texts."));
         assert_eq!(f.user, "Text: ");
         // Every row of the prompt shares it.
-        assert_eq!(p.render(0, "Awful.").unwrap().fixed, m.fixed);
+        assert_eq!(p.render(0, "Awful.", &[]).unwrap().fixed, m.fixed);
     }
 
     #[test]
@@ -481,13 +518,14 @@ mod tests {
             id: "e".into(),
             text: "An example text.".into(),
             label: 1,
+            choices: Vec::new(),
         }];
         let p = prompts(
             None,
             "{% for e in examples %}{{ e.text }} -> {{ e.label }}\n{% endfor %}Text: {{ text }}",
             Some(rows),
         );
-        let m = p.render(0, "New text.").unwrap();
+        let m = p.render(0, "New text.", &[]).unwrap();
         assert_eq!(
             &m.user[..m.fixed.user],
             "An example text. -> positive\nText: "
@@ -501,7 +539,7 @@ mod tests {
             "Answer {{ labels | join(' or ') }}.",
             None,
         );
-        let m = p.render(0, "Fine.").unwrap();
+        let m = p.render(0, "Fine.", &[]).unwrap();
         assert_eq!(m.fixed.system, "Judge: ".len());
         assert_eq!(m.fixed.user, 0);
     }
@@ -509,9 +547,9 @@ mod tests {
     #[test]
     fn a_row_that_starts_like_the_probe_still_gets_the_template_prefix_only() {
         let p = prompts(None, "{{ text }} is the text.", None);
-        let m = p.render(0, "Anything").unwrap();
+        let m = p.render(0, "Anything", &[]).unwrap();
         assert_eq!(m.fixed.user, 0);
         let q = prompts(None, "R: {{ text }}", None);
-        assert_eq!(q.render(0, "R: nested").unwrap().fixed.user, 3);
+        assert_eq!(q.render(0, "R: nested", &[]).unwrap().fixed.user, 3);
     }
 }

@@ -115,7 +115,7 @@ fn renders_through_the_family_template(
     let row = &plan.dataset.rows[0];
     let messages = plan
         .prompts
-        .render_with(0, &row.text, None)
+        .render_with(0, &row.text, &row.choices, None)
         .map_err(|e| e.to_string())?;
     let load = ModelLoad {
         id: id.into(),

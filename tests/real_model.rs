@@ -239,6 +239,7 @@ fn tasks() -> Vec<Task> {
         generate(0.8, 2),
         Task::Loglik {
             continuations: vec!["negative".into(), "positive".into()],
+            reserve: None,
         },
     ]
 }
@@ -388,9 +389,11 @@ fn packed_rows_agree_with_one_at_a_time_within_the_noise_floor() -> Result<(), F
         },
         Task::Loglik {
             continuations: vec!["negative".into(), "positive".into()],
+            reserve: None,
         },
         Task::Loglik {
             continuations: vec!["very negative indeed".into(), "very positive indeed".into()],
+            reserve: None,
         },
     ];
     let mut engine = LlamaEngine::new();

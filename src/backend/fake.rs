@@ -290,7 +290,7 @@ impl Session for FakeSession {
                         decode_ms: 0.1,
                     }
                 }
-                Task::Loglik { continuations } => TaskOutput {
+                Task::Loglik { continuations, .. } => TaskOutput {
                     text: None,
                     logprobs: Some(
                         continuations

@@ -239,7 +239,13 @@ pub enum Task {
         sampler: Sampler,
     },
     /// The log-probability of each continuation right after the prompt.
-    Loglik { continuations: Vec<String> },
+    Loglik {
+        continuations: Vec<String>,
+        /// Bytes of context kept free after the prompt, when more than the longest
+        /// continuation: with per-row choices, the longest choice of the cell's rows, so that
+        /// running a row and reading it back apply one limit.
+        reserve: Option<usize>,
+    },
     /// The hidden states the prompt's evaluation computes: `n_embd` values for each state,
     /// concatenated in order.
     Hidden {
@@ -265,9 +271,15 @@ impl Task {
     pub fn context_after(&self) -> usize {
         match self {
             Task::Generate { max_tokens, .. } => *max_tokens as usize,
-            Task::Loglik { continuations } => {
-                continuations.iter().map(String::len).max().unwrap_or(0)
-            }
+            Task::Loglik {
+                continuations,
+                reserve,
+            } => continuations
+                .iter()
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+                .max(reserve.unwrap_or(0)),
             Task::Hidden { .. } => 0,
         }
     }
@@ -579,6 +591,7 @@ mod row_seed_tests {
         // Log-likelihood has nothing to seed.
         let loglik = Task::Loglik {
             continuations: vec!["a".into()],
+            reserve: None,
         };
         assert_eq!(loglik.clone().for_row(&Digest([1; 32])), loglik);
     }

@@ -823,7 +823,7 @@ impl ServerSession<'_> {
                     },
                 ))
             }
-            (Task::Loglik { continuations }, ServerApi::Completions) => {
+            (Task::Loglik { continuations, .. }, ServerApi::Completions) => {
                 let (scores, usage) = if self.llama() {
                     self.loglik_next_token(prompt, continuations, layout, after_prompt.clone())?
                 } else {

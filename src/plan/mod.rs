@@ -94,7 +94,23 @@ impl Plan {
         }
     }
 
-    /// What a cell asks of each prompt.
+    /// What a cell asks of row `row`'s prompt: with per-row choices, a log-likelihood task
+    /// scores that row's own choices.
+    pub fn row_task(&self, cell: &Cell, row: usize) -> crate::backend::Task {
+        match self.task(cell) {
+            crate::backend::Task::Loglik { .. } if self.spec.dataset.choices.is_some() => {
+                let set = &self.sets[cell.set];
+                crate::backend::Task::Loglik {
+                    continuations: set.rows.get(row).map(|r| r.choices.clone()).unwrap_or_default(),
+                    reserve: Some(set.longest_choice),
+                }
+            }
+            task => task,
+        }
+    }
+
+    /// What a cell asks of each prompt (with per-row choices, the context a row's task keeps
+    /// free; [`Plan::row_task`] names the row's choices).
     pub fn task(&self, cell: &Cell) -> crate::backend::Task {
         let method = &self.spec.methods[cell.method];
         match (method.generate(), &cell.point) {
@@ -113,8 +129,13 @@ impl Plan {
                 Some(f @ crate::spec::ProbeFeatures::Hidden { .. }) => {
                     crate::backend::Task::Hidden { states: f.states() }
                 }
+                _ if self.spec.dataset.choices.is_some() => crate::backend::Task::Loglik {
+                    continuations: Vec::new(),
+                    reserve: Some(self.sets[cell.set].longest_choice),
+                },
                 _ => crate::backend::Task::Loglik {
                     continuations: self.dataset.label_names(),
+                    reserve: None,
                 },
             },
         }
@@ -226,6 +247,9 @@ pub struct RowSet {
     pub messages: Vec<Vec<Option<Messages>>>,
     /// `[prompt][row]`: the retrieved examples shown (pool rows and similarities).
     pub shots: Vec<Vec<Option<Shown>>>,
+    /// Per-row choices: the longest choice of any row, in bytes (the context every row's
+    /// log-likelihood task keeps free).
+    pub longest_choice: usize,
 }
 
 /// The examples a row was shown: the pool rows' ids and their similarity to the row.
@@ -373,7 +397,7 @@ pub fn build(
             crate::spec::MAX_GRID_ROWS
         )));
     }
-    let labels = spec.dataset.labels.len();
+    let labels = dataset.labels.len();
 
     // Pools: one per distinct source, shared by the prompts and methods that name it.
     let mut sources: Vec<PoolSource> = Vec::new();
@@ -476,7 +500,12 @@ pub fn build(
             retrieval_specs.push((format!("method:{}", m.id), pool, search, Serves::Vote(mi)));
         }
     }
-    let prompts = Prompts::compile(&spec.prompts, &spec.dataset.labels, prompt_shots)?;
+    let prompts = Prompts::compile(
+        &spec.prompts,
+        &dataset.labels,
+        prompt_shots,
+        spec.dataset.choices.is_some(),
+    )?;
 
     // Row sets: the evaluation rows, then the rows calibrations need.
     let mut sets = vec![RowSet::new("eval", dataset.rows.clone())];
@@ -512,6 +541,7 @@ pub fn build(
                                 id: format!("content-free-{i}"),
                                 text: t.to_string(),
                                 label: 0,
+                                choices: Vec::new(),
                             })
                             .collect();
                         sets.push(RowSet::new("content-free", rows));
@@ -650,7 +680,7 @@ pub fn build(
             for (i, row) in set.rows.iter().enumerate() {
                 match retrieval {
                     None => {
-                        messages.push(Some(prompts.render(p, &row.text)?));
+                        messages.push(Some(prompts.render(p, &row.text, &row.choices)?));
                         shown.push(None);
                     }
                     Some(r) => {
@@ -659,7 +689,12 @@ pub fn build(
                             .map(|n| shown_examples(&pools[r.pool], n, prompts.labels()));
                         messages.push(match &found {
                             Some(f) => {
-                                Some(prompts.render_with(p, &row.text, Some(&f.examples))?)
+                                Some(prompts.render_with(
+                                    p,
+                                    &row.text,
+                                    &row.choices,
+                                    Some(&f.examples),
+                                )?)
                             }
                             None => None,
                         });
@@ -738,7 +773,7 @@ fn fit_set(
     let eval_ids: HashSet<&str> = dataset.rows.iter().map(|r| r.id.as_str()).collect();
     let eval_texts: HashSet<&str> = dataset.rows.iter().map(|r| r.text.as_str()).collect();
     let all = dataset::load_pool(from, None, None, &spec.dataset, warnings)?;
-    let labels = spec.dataset.labels.len();
+    let labels = dataset.labels.len();
     let rows = dataset::sample_excluding(all, sample, labels, &|r| {
         eval_ids.contains(r.id.as_str()) || eval_texts.contains(r.text.as_str())
     });
@@ -753,11 +788,17 @@ fn fit_set(
 
 impl RowSet {
     fn new(name: &str, rows: Vec<Row>) -> Self {
+        let longest_choice = rows
+            .iter()
+            .flat_map(|r| r.choices.iter().map(String::len))
+            .max()
+            .unwrap_or(0);
         Self {
             name: name.to_string(),
             rows,
             messages: Vec::new(),
             shots: Vec::new(),
+            longest_choice,
         }
     }
 }
@@ -797,10 +838,7 @@ fn shown_examples(pool: &Pool, n: &Neighbours, labels: &[String]) -> Shown {
         similarity: n.similarity.clone(),
         examples: rows
             .iter()
-            .map(|r| Example {
-                text: r.text.clone(),
-                label: labels[r.label].clone(),
-            })
+            .map(|r| Example::of(r, labels))
             .collect(),
     }
 }
@@ -845,11 +883,13 @@ impl<'a> CellFactory<'a> {
                     .enumerate()
                     .map(|(p, rows)| {
                         rows.iter()
-                            .map(|m| {
+                            .zip(&set.rows)
+                            .map(|(m, row)| {
                                 m.as_ref().map(|m| {
                                     PromptPart {
                                         messages: m,
                                         budget: prompts.budget(p),
+                                        choices: &row.choices,
                                     }
                                     .digest()
                                 })
@@ -865,7 +905,7 @@ impl<'a> CellFactory<'a> {
             prompts,
             sets,
             method_sets,
-            label_names: spec.dataset.labels.iter().map(|l| l.name.clone()).collect(),
+            label_names: prompts.labels().to_vec(),
             engine: EnginePart {
                 version: engine_version,
             }

@@ -303,10 +303,7 @@ impl Scorer {
                             examples: n
                                 .pool
                                 .iter()
-                                .map(|&i| Example {
-                                    text: p.rows[i].text.clone(),
-                                    label: self.labels[p.rows[i].label].clone(),
-                                })
+                                .map(|&i| Example::of(&p.rows[i], &self.labels))
                                 .collect(),
                         })
                     }
@@ -315,11 +312,12 @@ impl Scorer {
                 let examples = shown.as_ref().map(|s| s.examples.clone());
                 let messages = self
                     .prompts
-                    .render_with(*prompt, &text, examples.as_deref())?;
+                    .render_with(*prompt, &text, &[], examples.as_deref())?;
                 let components = Components {
                     prompt: PromptPart {
                         messages: &messages,
                         budget: self.prompts.budget(*prompt),
+                        choices: &[],
                     }
                     .digest(),
                     ..**fixed

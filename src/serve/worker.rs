@@ -82,6 +82,7 @@ pub fn spawn(
                                 &Evaluation {
                                     prompt,
                                     text: &item.text,
+                                    choices: &[],
                                     messages: &item.messages,
                                     examples: item.examples.as_deref(),
                                 },

@@ -179,9 +179,13 @@ pub struct DatasetSpec {
     pub text: Located<String>,
     pub label: Located<String>,
     pub id: Option<Located<String>>,
-    /// Label values in the dataset and their names, in the order written.
+    /// Label values in the dataset and their names, in the order written (empty with
+    /// `choices`: the classes are then the choices' places, A, B, C, ...).
     pub labels: Vec<LabelSpec>,
     pub labels_at: Located<()>,
+    /// The column of each row's own choices (multiple choice); the label column holds the
+    /// correct choice's text or its index.
+    pub choices: Option<Located<String>>,
     pub sample: Option<SampleSpec>,
     pub clean: CleanSpec,
     /// `max_text_tokens`, and which part of a longer text is kept (`truncate`).
@@ -1069,27 +1073,28 @@ impl Validator<'_> {
         }
     }
 
-    fn dataset(&self, d: raw::RawDataset) -> Result<DatasetSpec, Diagnostic> {
-        // Several values may share a name (one class); names that differ only in case may not.
+    /// Fixed labels: several values may share a name (one class); names that differ only
+    /// in case may not.
+    fn labels(&self, l: &Spanned<raw::OrderedMap<String>>) -> Result<Vec<LabelSpec>, Diagnostic> {
         let mut labels: Vec<LabelSpec> = Vec::new();
-        for (value, name) in &d.labels.value.0 {
+        for (value, name) in &l.value.0 {
             let n = name.trim();
             if n.is_empty() {
-                return Err(self.err(&d.labels, "dataset.labels", "label names must not be empty"));
+                return Err(self.err(l, "dataset.labels", "label names must not be empty"));
             }
             match labels
                 .iter_mut()
-                .find(|l| l.name.to_lowercase() == n.to_lowercase())
+                .find(|c| c.name.to_lowercase() == n.to_lowercase())
             {
-                Some(l) if l.name == n => l.values.push(value.clone()),
+                Some(class) if class.name == n => class.values.push(value.clone()),
                 // Answers are matched to labels case-insensitively.
-                Some(l) => {
+                Some(other) => {
                     return Err(self.err(
-                        &d.labels,
+                        l,
                         "dataset.labels",
                         format!(
                             "label names `{}` and `{n}` differ only in case; answers are matched without case, so they could not be told apart (give values of one class the same name)",
-                            l.name
+                            other.name
                         ),
                     ));
                 }
@@ -1101,11 +1106,33 @@ impl Validator<'_> {
         }
         if labels.len() < 2 {
             return Err(self.err(
-                &d.labels,
+                l,
                 "dataset.labels",
                 "name at least two labels, e.g. `{0: negative, 1: positive}`",
             ));
         }
+        Ok(labels)
+    }
+
+    fn dataset(&self, d: raw::RawDataset) -> Result<DatasetSpec, Diagnostic> {
+        let (labels, labels_at) = match (&d.labels, &d.choices) {
+            (Some(l), None) => (self.labels(l)?, self.located(l, "dataset.labels", ())),
+            (None, Some(c)) => (Vec::new(), self.located(c, "dataset.choices", ())),
+            (Some(l), Some(_)) => {
+                return Err(self.err(
+                    l,
+                    "dataset.labels",
+                    "with `choices`, each row's label is its correct choice (its text or its index): leave out `labels`",
+                ));
+            }
+            (None, None) => {
+                return Err(self.err(
+                    &d.label,
+                    "dataset.labels",
+                    "name the labels (`labels: {0: negative, 1: positive}`), or the column of each row's choices (`choices: COLUMN`)",
+                ));
+            }
+        };
         let sample = match d.sample {
             None => None,
             Some(s) => {
@@ -1149,7 +1176,11 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|s| self.located(s, "dataset.id", s.value.clone())),
             labels,
-            labels_at: self.located(&d.labels, "dataset.labels", ()),
+            labels_at,
+            choices: d
+                .choices
+                .as_ref()
+                .map(|c| self.located(c, "dataset.choices", c.value.clone())),
             sample,
             clean,
             budget,

@@ -128,7 +128,12 @@ pub struct RawDataset {
     pub label: Spanned<String>,
     #[serde(default)]
     pub id: Option<Spanned<String>>,
-    pub labels: Spanned<OrderedMap<String>>,
+    /// Fixed labels: each label value and its name. Absent with `choices`.
+    #[serde(default)]
+    pub labels: Option<Spanned<OrderedMap<String>>>,
+    /// Choices that differ per row: the column holding each row's list.
+    #[serde(default)]
+    pub choices: Option<Spanned<String>>,
     #[serde(default)]
     pub sample: Option<RawSample>,
     #[serde(default)]

@@ -210,7 +210,7 @@ impl LlamaSession<'_> {
         }
         let start = Instant::now();
         let labels = |r: usize| match rows[r].tasks.get(t) {
-            Some(Task::Loglik { continuations }) => continuations.clone(),
+            Some(Task::Loglik { continuations, .. }) => continuations.clone(),
             _ => unreachable!("only label tasks are passed"),
         };
         let conts: Vec<Vec<String>> = who.iter().map(|&r| labels(r)).collect();
