@@ -24,6 +24,38 @@ pub fn parse_answer(text: &str, labels: &[String], rule: ParseRule) -> Option<us
     }
 }
 
+/// The choice a generated answer names among a row's own choices: by its text (as
+/// [`parse_answer`] matches labels), else by its letter (A, B, C, ...) standing alone at the
+/// start of the answer (`B`, `(B)`, `B) Paris`, `B. Paris`) or after "answer", "option" or
+/// "choice" (`The answer is B`). `None`: it names none.
+pub fn parse_choice(text: &str, choices: &[String], rule: ParseRule) -> Option<usize> {
+    parse_answer(text, choices, rule).or_else(|| choice_letter(text, choices.len()))
+}
+
+fn choice_letter(text: &str, n: usize) -> Option<usize> {
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let letter = |w: &str| -> Option<usize> {
+        let mut chars = w.chars();
+        let c = chars.next()?;
+        (chars.next().is_none() && c.is_ascii_uppercase())
+            .then(|| (c as u8 - b'A') as usize)
+            .filter(|i| *i < n)
+    };
+    if let Some(i) = words.first().and_then(|w| letter(w)) {
+        return Some(i);
+    }
+    words.windows(2).find_map(|w| {
+        let lead = w[0].to_lowercase();
+        ["answer", "option", "choice", "is"]
+            .contains(&lead.as_str())
+            .then(|| letter(w[1]))
+            .flatten()
+    })
+}
+
 /// Byte offset of the first whole-word occurrence of `word` in `text`.
 fn first_word_match(text: &str, word: &str) -> Option<usize> {
     if word.is_empty() {
@@ -66,6 +98,21 @@ pub fn argmax(logprobs: &[f64]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_choice_is_named_by_its_text_or_its_letter() {
+        let c: Vec<String> = ["Paris", "Rome", "Berlin"].map(String::from).to_vec();
+        let rule = ParseRule::FirstLabel;
+        assert_eq!(parse_choice("It is Rome.", &c, rule), Some(1));
+        assert_eq!(parse_choice("B", &c, rule), Some(1));
+        assert_eq!(parse_choice("(C)", &c, rule), Some(2));
+        assert_eq!(parse_choice("A) the first", &c, rule), Some(0));
+        assert_eq!(parse_choice("The answer is C.", &c, rule), Some(2));
+        // A letter past the row's choices, a lowercase article, or nothing at all: none.
+        assert_eq!(parse_choice("D", &c, rule), None);
+        assert_eq!(parse_choice("a city in Europe", &c, rule), None);
+        assert_eq!(parse_choice("I do not know", &c, rule), None);
+    }
 
     fn labels() -> Vec<String> {
         vec!["negative".into(), "positive".into()]

@@ -54,6 +54,21 @@ impl Dataset {
     pub fn label_names(&self) -> Vec<String> {
         self.labels.iter().map(|l| l.name.clone()).collect()
     }
+
+    /// What answer `class` of row `row` says: the label's name, or with per-row choices the
+    /// row's choice at that place.
+    pub fn answer(&self, row: usize, class: usize) -> String {
+        let r = self.rows.get(row);
+        match r.and_then(|r| r.choices.get(class)) {
+            Some(c) => c.clone(),
+            None if r.is_some_and(|r| !r.choices.is_empty()) => choice_letter(class),
+            None => self
+                .labels
+                .get(class)
+                .map(|l| l.name.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Load the evaluation rows named by the spec.
@@ -508,7 +523,7 @@ fn strings(col: &ArrayRef) -> Result<Vec<Option<String>>, TableError> {
         .collect())
 }
 
-/// Each row's choices: a list column (Parquet, or a JSONL array), or one text with the
+/// Each row's choices: a list column (Parquet), a JSON array (JSONL), or one text with the
 /// choices separated by [`CHOICE_SEPARATOR`] (CSV).
 fn lists(col: &ArrayRef) -> Result<Vec<Option<Vec<String>>>, TableError> {
     let list = match col.data_type() {
@@ -523,16 +538,12 @@ fn lists(col: &ArrayRef) -> Result<Vec<Option<Vec<String>>>, TableError> {
             )
             .map_err(|e| format!("cannot read the choices as lists of text: {e}"))?
         }
+        // JSONL holds nested values as JSON text: an array of strings (or numbers) is a
+        // list; any other text is split at the separator.
         _ => {
             return Ok(strings(col)?
                 .into_iter()
-                .map(|s| {
-                    s.map(|s| {
-                        s.split(CHOICE_SEPARATOR)
-                            .map(|c| c.trim().to_string())
-                            .collect()
-                    })
-                })
+                .map(|s| s.map(|s| json_list(&s).unwrap_or_else(|| split_choices(&s))))
                 .collect());
         }
     };
@@ -543,11 +554,37 @@ fn lists(col: &ArrayRef) -> Result<Vec<Option<Vec<String>>>, TableError> {
                 let v = list.value(i);
                 let v = v.as_string::<i32>();
                 (0..v.len())
-                    .map(|j| if v.is_null(j) { String::new() } else { v.value(j).to_string() })
+                    .map(|j| {
+                        if v.is_null(j) {
+                            String::new()
+                        } else {
+                            v.value(j).to_string()
+                        }
+                    })
                     .collect()
             })
         })
         .collect())
+}
+
+fn json_list(s: &str) -> Option<Vec<String>> {
+    if !s.trim_start().starts_with('[') {
+        return None;
+    }
+    let v: Vec<serde_json::Value> = serde_json::from_str(s).ok()?;
+    v.into_iter()
+        .map(|x| match x {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn split_choices(s: &str) -> Vec<String> {
+    s.split(CHOICE_SEPARATOR)
+        .map(|c| c.trim().to_string())
+        .collect()
 }
 
 /// Row `i`'s choices, checked: at least two, at most [`MAX_CHOICES`], none empty, none
@@ -570,7 +607,10 @@ fn row_choices(
         if c.trim().is_empty() {
             return Err(bad(format!("choice {j} is empty")));
         }
-        if choices[..j].iter().any(|o| o.to_lowercase() == c.to_lowercase()) {
+        if choices[..j]
+            .iter()
+            .any(|o| o.to_lowercase() == c.to_lowercase())
+        {
             return Err(bad(format!(
                 "the choice `{c}` is repeated (answers are matched without case)"
             )));
@@ -589,7 +629,13 @@ fn correct_choice(label: &str, choices: &[String]) -> Option<usize> {
             let l = label.trim().to_lowercase();
             choices.iter().position(|c| c.trim().to_lowercase() == l)
         })
-        .or_else(|| label.trim().parse::<usize>().ok().filter(|i| *i < choices.len()))
+        .or_else(|| {
+            label
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|i| *i < choices.len())
+        })
 }
 
 /// A seeded sample. Stratified: each label keeps its share (largest remainder); the

@@ -251,7 +251,12 @@ pub fn prediction(
             r.logprobs.clone(),
         ),
     };
+    let row = &plan.sets[cell.set].rows[ri];
     let predicted = match method.generate() {
+        Some(g) if !row.choices.is_empty() => r
+            .text
+            .as_deref()
+            .and_then(|t| crate::answer::parse_choice(t, &row.choices, g.parse)),
         Some(g) => r
             .text
             .as_deref()
@@ -262,14 +267,18 @@ pub fn prediction(
         (None, crate::spec::MethodKind::Loglik, Some(lp)) => Some(LengthNormalised::choose(
             lp,
             r.choice_tokens.as_deref(),
-            labels,
+            if row.choices.is_empty() {
+                labels
+            } else {
+                &row.choices
+            },
         )),
         _ => None,
     };
     Some(Prediction {
         cell: ci,
         row: ri,
-        gold: plan.sets[cell.set].rows[ri].label,
+        gold: row.label,
         predicted,
         raw: r.text.clone(),
         logprobs,

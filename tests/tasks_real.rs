@@ -16,10 +16,16 @@ fn main() -> ExitCode {
     let trials = common::trials_needing(
         "SmolLM2-135M",
         model().err(),
-        vec![(
-            "four_classes_with_names_of_several_tokens_have_per_class_metrics",
-            four_classes_with_names_of_several_tokens_have_per_class_metrics,
-        )],
+        vec![
+            (
+                "four_classes_with_names_of_several_tokens_have_per_class_metrics",
+                four_classes_with_names_of_several_tokens_have_per_class_metrics,
+            ),
+            (
+                "multiple_choice_predictions_are_always_one_of_the_rows_choices",
+                multiple_choice_predictions_are_always_one_of_the_rows_choices,
+            ),
+        ],
     );
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -161,5 +167,154 @@ fn four_classes_with_names_of_several_tokens_have_per_class_metrics() -> Result<
         html.contains("F1 cooking recipe"),
         "the metrics table has every class"
     );
+    Ok(())
+}
+
+/// Questions whose choices differ per row (3 or 4 of them), the label as the correct
+/// choice's text on even rows and as its index on odd ones.
+fn questions() -> String {
+    let items: [(&str, &[&str], usize); 8] = [
+        (
+            "Which of these is a fruit?",
+            &["a car", "an apple", "a chair"],
+            1,
+        ),
+        (
+            "Which animal barks?",
+            &["a dog", "a fish", "a snail", "a cow"],
+            0,
+        ),
+        (
+            "What colour is the sky on a clear day?",
+            &["green", "red", "blue"],
+            2,
+        ),
+        (
+            "Which of these is a drink?",
+            &["water", "stone", "paper"],
+            0,
+        ),
+        (
+            "How many legs does a spider have?",
+            &["two", "four", "six", "eight"],
+            3,
+        ),
+        (
+            "Which planet do we live on?",
+            &["Mars", "Earth", "Venus"],
+            1,
+        ),
+        ("What do bees make?", &["milk", "silk", "honey", "wool"], 2),
+        (
+            "Which season is the coldest?",
+            &["winter", "summer", "spring"],
+            0,
+        ),
+    ];
+    let mut out = String::new();
+    for (i, (q, choices, gold)) in items.iter().enumerate() {
+        let label = if i % 2 == 0 {
+            format!("\"{}\"", choices[*gold])
+        } else {
+            gold.to_string()
+        };
+        let list: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+        out.push_str(&format!(
+            "{{\"id\": \"q{i}\", \"question\": \"{q}\", \"options\": [{}], \"answer\": {label}}}\n",
+            list.join(", ")
+        ));
+    }
+    out
+}
+
+fn multiple_choice_predictions_are_always_one_of_the_rows_choices() -> Result<(), Failed> {
+    let model = model()?;
+    let p = common::Project::new();
+    p.write("data/questions.jsonl", &questions());
+    p.write(
+        "spec.yaml",
+        &format!(
+            r#"name: t
+dataset:
+  path: data/questions.jsonl
+  id: id
+  text: question
+  label: answer
+  choices: options
+models:
+  - id: smollm2
+    gguf: {model}
+    n_ctx: 512
+prompts:
+  - id: p
+    user: "{{{{ text }}}}\n{{% for c in choices %}}{{{{ 'ABCD'[loop.index0] }}}}. {{{{ c }}}}\n{{% endfor %}}Answer with the right option."
+methods:
+  - id: ll
+    kind: loglik
+  - id: gen
+    kind: generate
+    max_tokens: 8
+"#,
+            model = model.display()
+        ),
+    );
+    p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+    let data: Vec<serde_json::Value> = questions()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let choices_of = |id: &str| -> Vec<String> {
+        let row = data.iter().find(|r| r["id"] == id).unwrap();
+        row["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect()
+    };
+    let preds = common::read_parquet(&p.path("reports/t/predictions.parquet"));
+    assert_eq!(preds.len(), 16);
+    let mut generated_valid = 0;
+    for r in &preds {
+        let id = r["row_id"].as_str().unwrap();
+        let choices = choices_of(id);
+        let gold = r["gold"].as_str().unwrap();
+        assert!(choices.iter().any(|c| c == gold), "gold {gold} of {id}");
+        match r["prediction"].as_str() {
+            Some(pred) => {
+                assert!(
+                    choices.iter().any(|c| c == pred),
+                    "{id}: {pred} is not one of {choices:?}"
+                );
+                if r["cell"].as_str().unwrap().contains("/gen") {
+                    generated_valid += 1;
+                }
+            }
+            None => assert!(
+                r["cell"].as_str().unwrap().contains("/gen"),
+                "a log-likelihood row always chooses: {r:?}"
+            ),
+        }
+        if r["cell"] == "smollm2/p/ll" {
+            // One log-prob per choice of its own, by place (A, B, ...).
+            let scored = ["A", "B", "C", "D"]
+                .iter()
+                .filter(|l| r[&format!("logprob_{l}")].as_f64().is_some())
+                .count();
+            assert_eq!(scored, choices.len(), "{id}: {r:?}");
+        }
+    }
+    println!("{generated_valid} of 8 generated answers name a choice");
+    let metrics = common::read_parquet(&p.path("reports/t/metrics.parquet"));
+    let ll = metrics
+        .iter()
+        .find(|m| m["cell"] == "smollm2/p/ll")
+        .unwrap();
+    assert_eq!(ll["n"], 8);
+    assert_eq!(ll["invalid"], 0);
+    // A second run asks nothing: each row's choices are part of its key.
+    p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+    let again = p.run_json();
+    assert_eq!(again["computed_rows"], 0, "{again}");
     Ok(())
 }

@@ -636,7 +636,9 @@ impl LlamaSession<'_> {
                     stop,
                     sampler,
                 } => self.generate(n, &prompt_logits, *max_tokens, stop, sampler)?,
-                Task::Loglik { continuations, .. } => self.loglik(n, &prompt_logits, continuations)?,
+                Task::Loglik { continuations, .. } => {
+                    self.loglik(n, &prompt_logits, continuations)?
+                }
                 Task::Hidden { states: wanted } => states.pooled(wanted)?,
             });
         }

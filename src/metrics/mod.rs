@@ -392,7 +392,10 @@ pub fn compute(
                     rows.iter()
                         .filter_map(|p| {
                             let lp = f(p)?;
-                            let probs = stats::label_probs(lp);
+                            let mut probs = stats::label_probs(lp);
+                            // A row with fewer choices than the most any row has: the
+                            // places it lacks have probability 0.
+                            probs.resize(k.max(probs.len()), 0.0);
                             let right = argmax(lp) == Some(p.gold);
                             Some((probs, p.gold, right))
                         })

@@ -101,7 +101,11 @@ impl Plan {
             crate::backend::Task::Loglik { .. } if self.spec.dataset.choices.is_some() => {
                 let set = &self.sets[cell.set];
                 crate::backend::Task::Loglik {
-                    continuations: set.rows.get(row).map(|r| r.choices.clone()).unwrap_or_default(),
+                    continuations: set
+                        .rows
+                        .get(row)
+                        .map(|r| r.choices.clone())
+                        .unwrap_or_default(),
                     reserve: Some(set.longest_choice),
                 }
             }
@@ -688,14 +692,12 @@ pub fn build(
                             .as_ref()
                             .map(|n| shown_examples(&pools[r.pool], n, prompts.labels()));
                         messages.push(match &found {
-                            Some(f) => {
-                                Some(prompts.render_with(
-                                    p,
-                                    &row.text,
-                                    &row.choices,
-                                    Some(&f.examples),
-                                )?)
-                            }
+                            Some(f) => Some(prompts.render_with(
+                                p,
+                                &row.text,
+                                &row.choices,
+                                Some(&f.examples),
+                            )?),
                             None => None,
                         });
                         shown.push(found);
@@ -836,10 +838,7 @@ fn shown_examples(pool: &Pool, n: &Neighbours, labels: &[String]) -> Shown {
     Shown {
         ids: rows.iter().map(|r| r.id.clone()).collect(),
         similarity: n.similarity.clone(),
-        examples: rows
-            .iter()
-            .map(|r| Example::of(r, labels))
-            .collect(),
+        examples: rows.iter().map(|r| Example::of(r, labels)).collect(),
     }
 }
 

@@ -972,7 +972,6 @@ fn snippet(t: &str) -> String {
 
 /// Rows on which the compared cells give different answers, with the text and both answers.
 fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
-    let labels = plan.dataset.label_names();
     // Each cell's prediction of each row: a pointer a row, not a hash map entry.
     let n = plan.dataset.rows.len();
     let mut by_cell: Vec<Vec<Option<&Prediction>>> = vec![Vec::new(); plan.cells.len()];
@@ -988,7 +987,7 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
     let get = |c: usize, r: usize| by_cell[c].get(r).copied().flatten();
     let answer = |p: &Prediction| Cell::Answer {
         mark: if p.correct() { "✓" } else { "✗" },
-        label: p.predicted.map(|i| labels[i].clone()),
+        label: p.predicted.map(|i| plan.dataset.answer(p.row, i)),
         raw: p.raw.as_ref().map(|r| r.trim().to_string()),
     };
     let mut out = Vec::new();
@@ -1015,7 +1014,7 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                 let row = &plan.dataset.rows[*r];
                 let mut cells = vec![
                     Cell::code(&row.id),
-                    Cell::text(&labels[row.label]),
+                    Cell::text(plan.dataset.answer(*r, row.label)),
                     answer(x),
                     answer(y),
                     Cell::LongText {

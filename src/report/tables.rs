@@ -179,11 +179,19 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Tab
         ),
         (
             "gold",
-            strs(preds.iter().map(|p| Some(labels[p.gold].clone()))),
+            strs(
+                preds
+                    .iter()
+                    .map(|p| Some(plan.dataset.answer(p.row, p.gold))),
+            ),
         ),
         (
             "prediction",
-            strs(preds.iter().map(|p| p.predicted.map(|i| labels[i].clone()))),
+            strs(
+                preds
+                    .iter()
+                    .map(|p| p.predicted.map(|i| plan.dataset.answer(p.row, i))),
+            ),
         ),
         (
             "valid",

@@ -137,6 +137,10 @@ pub enum ScorerError {
     Ensemble,
     #[error("a probe is not served: serve a `loglik` cell")]
     Probe,
+    #[error(
+        "a spec with per-row choices (`dataset.choices`) is not served: a request holds a text, not its choices"
+    )]
+    Choices,
     #[error("no embedding")]
     NoEmbedding,
     #[error("the cell's model digest is not known")]
@@ -165,6 +169,9 @@ impl Scorer {
             });
             Ok(pools.len() - 1)
         };
+        if plan.spec.dataset.choices.is_some() {
+            return Err(ScorerError::Choices);
+        }
         let method = &plan.spec.methods[c.method];
         if method.probe().is_some() {
             // Its answer needs the row's hidden states, which a served request's
@@ -310,9 +317,9 @@ impl Scorer {
                     None => None,
                 };
                 let examples = shown.as_ref().map(|s| s.examples.clone());
-                let messages = self
-                    .prompts
-                    .render_with(*prompt, &text, &[], examples.as_deref())?;
+                let messages =
+                    self.prompts
+                        .render_with(*prompt, &text, &[], examples.as_deref())?;
                 let components = Components {
                     prompt: PromptPart {
                         messages: &messages,

@@ -805,6 +805,9 @@ impl Validator<'_> {
         let prompts = self.prompts(raw.prompts, &embedders, dataset.budget)?;
         let models = self.models(raw.models, &prompts)?;
         let methods_loc = self.loc(&raw.methods.referenced);
+        if dataset.choices.is_some() {
+            self.check_choice_methods(&raw.methods)?;
+        }
         let methods = self.methods(raw.methods, &embedders, &models, &prompts)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
         // Rows (cells × dataset rows) are checked against MAX_GRID_ROWS once the dataset is
@@ -1924,6 +1927,37 @@ impl Validator<'_> {
             max_chars: r.max_chars,
             knn,
         })
+    }
+
+    /// With per-row choices, a class is a place (A, B, ...) whose text changes from row to
+    /// row: a bias per place fitted on other rows, a probe's classes, a vote of neighbours'
+    /// labels have nothing fixed to learn or count.
+    fn check_choice_methods(
+        &self,
+        methods: &Spanned<Vec<raw::RawMethod>>,
+    ) -> Result<(), Diagnostic> {
+        for (i, m) in methods.value.iter().enumerate() {
+            let why = match (m.kind.value, &m.calibrate) {
+                (MethodKind::KnnVote, _) => "a `knn_vote` counts neighbours' labels",
+                (MethodKind::Probe, _) => "a probe learns one weight vector per fixed label",
+                (_, Some(c)) => {
+                    return Err(self.err(
+                        c,
+                        format!("methods[{i}].calibrate"),
+                        "with per-row choices (`dataset.choices`) the choices' texts change from row to row, so there is no fixed label bias to calibrate: leave out `calibrate`",
+                    ));
+                }
+                _ => continue,
+            };
+            return Err(self.err(
+                &m.kind,
+                format!("methods[{i}].kind"),
+                format!(
+                    "{why}; with per-row choices (`dataset.choices`) the choices change from row to row: use `loglik` or `generate`"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn methods(
