@@ -25,6 +25,8 @@ pub struct Row {
     pub label: usize,
     /// This row's own choices (`dataset.choices`); empty for fixed labels.
     pub choices: Vec<String>,
+    /// This row's reference answer (`dataset.reference`); its `label` is then 0 (`correct`).
+    pub reference: Option<String>,
 }
 
 /// The most choices a row may have: the classes of a multiple-choice task are the choices'
@@ -55,8 +57,20 @@ impl Dataset {
         self.labels.iter().map(|l| l.name.clone()).collect()
     }
 
+    /// Row `row`'s gold answer as a person reads it: its label's name, its correct choice, or
+    /// its reference answer.
+    pub fn gold(&self, row: usize) -> String {
+        match self.rows.get(row) {
+            Some(r) => match &r.reference {
+                Some(reference) => reference.clone(),
+                None => self.answer(row, r.label),
+            },
+            None => String::new(),
+        }
+    }
+
     /// What answer `class` of row `row` says: the label's name, or with per-row choices the
-    /// row's choice at that place.
+    /// row's choice at that place (with reference answers: `correct` or `incorrect`).
     pub fn answer(&self, row: usize, class: usize) -> String {
         let r = self.rows.get(row);
         match r.and_then(|r| r.choices.get(class)) {
@@ -273,7 +287,9 @@ fn read_labeled(
             continue;
         };
         let label = label.ok_or_else(|| spec.label.error(format!("row {i} has no label")))?;
+        let reference = spec.reference.is_some().then(|| label.clone());
         let (label_idx, row_choices) = match &choices {
+            None if reference.is_some() => (0, Vec::new()),
             Some((at, all)) => {
                 let row_choices = row_choices(at, all[i].clone(), i, &path.value)?;
                 let gold = correct_choice(&label, &row_choices).ok_or_else(|| {
@@ -313,6 +329,7 @@ fn read_labeled(
             text,
             label: label_idx,
             choices: row_choices,
+            reference,
         });
     }
     if !null_texts.is_empty() {
@@ -746,6 +763,7 @@ mod tests {
                 text: format!("text {i}"),
                 label: l,
                 choices: Vec::new(),
+                reference: None,
             })
             .collect()
     }
@@ -916,5 +934,70 @@ mod tests {
             e.to_string().contains("d.jsonl:1: expected a JSON object"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod choice_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn choices_come_from_json_arrays_or_separated_text_and_the_label_is_text_or_index() {
+        let col: ArrayRef = Arc::new(arrow::array::StringArray::from(vec![
+            Some(r#"["Paris", "Rome", 3]"#),
+            Some("red | green|blue"),
+            None,
+        ]));
+        let got = lists(&col).unwrap();
+        assert_eq!(
+            got[0].as_deref(),
+            Some(&["Paris".to_string(), "Rome".into(), "3".into()][..])
+        );
+        assert_eq!(
+            got[1].as_deref(),
+            Some(&["red".to_string(), "green".into(), "blue".into()][..])
+        );
+        assert_eq!(got[2], None);
+        let c = got[0].clone().unwrap();
+        assert_eq!(correct_choice("Rome", &c), Some(1));
+        assert_eq!(correct_choice(" paris ", &c), Some(0));
+        // A choice's text wins over an index that happens to look the same.
+        assert_eq!(correct_choice("3", &c), Some(2));
+        assert_eq!(correct_choice("1", &c), Some(1));
+        assert_eq!(correct_choice("Madrid", &c), None);
+        assert_eq!(correct_choice("7", &c), None);
+    }
+
+    #[test]
+    fn a_row_needs_two_distinct_non_empty_choices() {
+        let at = Located {
+            value: "options".to_string(),
+            loc: crate::diag::SourceLoc::file_only(Path::new("spec.yaml")),
+            field: "dataset.choices".into(),
+        };
+        let path = Path::new("d.jsonl");
+        let ok = |v: &[&str]| {
+            row_choices(
+                &at,
+                Some(v.iter().map(|s| s.to_string()).collect()),
+                4,
+                path,
+            )
+        };
+        assert!(ok(&["a", "b"]).is_ok());
+        let e = ok(&["a"]).unwrap_err();
+        assert!(
+            e.message.contains("row 4 of d.jsonl: it has 1 choices"),
+            "{e}"
+        );
+        assert!(ok(&["a", "A"]).unwrap_err().message.contains("repeated"));
+        assert!(
+            ok(&["a", " "])
+                .unwrap_err()
+                .message
+                .contains("choice 1 is empty")
+        );
+        assert!(row_choices(&at, None, 0, path).is_err());
     }
 }

@@ -629,6 +629,7 @@ mod tests {
                 max_tokens: 4,
                 stop: vec!["\n".into()],
                 parse: Default::default(),
+                score: None,
             }),
             models: None,
             prompts: None,

@@ -77,6 +77,7 @@ pub mod report;
 pub mod rng;
 pub mod row;
 pub mod schedule;
+pub mod score;
 mod segments;
 pub mod serve;
 pub mod shard;

@@ -253,6 +253,12 @@ pub fn prediction(
     };
     let row = &plan.sets[cell.set].rows[ri];
     let predicted = match method.generate() {
+        Some(g) if g.score.is_some() => {
+            let (score, reference) = (g.score.as_ref()?, row.reference.as_deref()?);
+            r.text
+                .as_deref()
+                .and_then(|t| outcome(&score.apply(t, reference)))
+        }
         Some(g) if !row.choices.is_empty() => r
             .text
             .as_deref()
@@ -298,6 +304,13 @@ pub fn prediction(
         stage: None,
         normalised,
     })
+}
+
+/// A scored answer as a class of [`crate::score::OUTCOMES`]: 0 when it matches its
+/// reference, 1 when it does not, `None` (invalid) when nothing could be compared.
+pub fn outcome(s: &crate::score::Scored) -> Option<usize> {
+    s.extracted.as_ref()?;
+    Some(usize::from(!s.correct))
 }
 
 #[cfg(test)]

@@ -519,6 +519,7 @@ mod tests {
             text: "An example text.".into(),
             label: 1,
             choices: Vec::new(),
+            reference: None,
         }];
         let p = prompts(
             None,

@@ -25,6 +25,10 @@ fn main() -> ExitCode {
                 "multiple_choice_predictions_are_always_one_of_the_rows_choices",
                 multiple_choice_predictions_are_always_one_of_the_rows_choices,
             ),
+            (
+                "free_answers_scored_against_references_have_an_accuracy",
+                free_answers_scored_against_references_have_an_accuracy,
+            ),
         ],
     );
     libtest_mimic::run(&args, trials).exit_code()
@@ -316,5 +320,101 @@ methods:
     p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
     let again = p.run_json();
     assert_eq!(again["computed_rows"], 0, "{again}");
+    Ok(())
+}
+
+fn free_answers_scored_against_references_have_an_accuracy() -> Result<(), Failed> {
+    let model = model()?;
+    let p = common::Project::new();
+    let items = [
+        ("What is 2 + 3?", "5"),
+        ("What is 10 - 4?", "6"),
+        ("What is 3 times 3?", "9"),
+        ("What is 7 + 1?", "8"),
+        ("What is 20 divided by 4?", "5"),
+        ("What is 1 + 1?", "2"),
+    ];
+    let mut jsonl = String::new();
+    for (i, (q, a)) in items.iter().enumerate() {
+        jsonl.push_str(&format!(
+            "{{\"id\": \"m{i}\", \"question\": \"{q}\", \"answer\": \"{a}\"}}\n"
+        ));
+    }
+    p.write("data/sums.jsonl", &jsonl);
+    p.write(
+        "spec.yaml",
+        &format!(
+            r#"name: t
+dataset:
+  path: data/sums.jsonl
+  id: id
+  text: question
+  reference: answer
+models:
+  - id: smollm2
+    gguf: {model}
+    n_ctx: 512
+prompts:
+  - id: p
+    user: "{{{{ text }}}} Answer with the number only."
+methods:
+  - id: number
+    kind: generate
+    max_tokens: 12
+    score: {{numeric: {{tolerance: 0}}}}
+  - id: exact
+    kind: generate
+    max_tokens: 12
+    score: exact_match
+  - id: contains
+    kind: generate
+    max_tokens: 12
+    score: contains
+  - id: regex
+    kind: generate
+    max_tokens: 12
+    score: {{regex: '(\d+)'}}
+"#,
+            model = model.display()
+        ),
+    );
+    p.run_ok(&["run", "spec.yaml", "--quiet", "--threads", "2"]);
+    let metrics = common::read_parquet(&p.path("reports/t/metrics.parquet"));
+    assert_eq!(metrics.len(), 4);
+    for m in &metrics {
+        let acc = m["accuracy"].as_f64().ok_or("no accuracy")?;
+        let (lo, hi) = (
+            m["accuracy_ci95_lo"].as_f64().unwrap(),
+            m["accuracy_ci95_hi"].as_f64().unwrap(),
+        );
+        assert!(lo <= acc + 1e-9 && acc <= hi + 1e-9, "{m:?}");
+        assert_eq!(m["n"], 6, "{m:?}");
+    }
+    // One generation serves the four scores (greedy, the same key): the rows are equal
+    // and only their scoring differs.
+    let run = p.run_json();
+    assert_eq!(run["prompts_evaluated"], 6, "{run}");
+    let preds = common::read_parquet(&p.path("reports/t/predictions.parquet"));
+    for r in &preds {
+        let id = r["row_id"].as_str().unwrap();
+        let i: usize = id[1..].parse().unwrap();
+        assert_eq!(
+            r["gold"], items[i].1,
+            "the gold column holds the reference: {r:?}"
+        );
+        let raw = r["raw_answer"].as_str().unwrap_or("");
+        if r["cell"] == "smollm2/p/number" {
+            // Scored independently here: the answer's last number equals the reference.
+            let last = raw
+                .split(|c: char| !c.is_ascii_digit())
+                .rfind(|w| !w.is_empty());
+            assert_eq!(r["correct"], last == Some(items[i].1), "{r:?}");
+        }
+    }
+    let html = common::report_html(&p);
+    assert!(
+        html.contains("reference answer"),
+        "the disagreement tables name the reference"
+    );
     Ok(())
 }

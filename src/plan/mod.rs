@@ -546,6 +546,7 @@ pub fn build(
                                 text: t.to_string(),
                                 label: 0,
                                 choices: Vec::new(),
+                                reference: None,
                             })
                             .collect();
                         sets.push(RowSet::new("content-free", rows));

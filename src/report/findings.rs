@@ -82,6 +82,9 @@ pub struct CascadeView {
 #[derive(Debug, Clone, Default)]
 pub struct Input {
     pub labels: Vec<String>,
+    /// Fixed labels, per-row choices (the labels are then places: A, B, ...) or reference
+    /// answers (the labels are then `correct` and `incorrect`).
+    pub shape: crate::spec::TaskShape,
     /// The gold label of each evaluation row.
     pub gold: Vec<usize>,
     /// Models in spec order (smallest first, as specs list them by convention is not
@@ -171,6 +174,7 @@ impl Input {
             .collect();
         Self {
             labels: plan.dataset.label_names(),
+            shape: plan.spec.dataset.shape(),
             gold: plan.dataset.rows.iter().map(|r| r.label).collect(),
             models: plan.spec.models.iter().map(|m| m.id.clone()).collect(),
             cells,
@@ -193,6 +197,7 @@ pub fn derive(input: &Input) -> Vec<Finding> {
     prompts(input, &mut out);
     calibration(input, &mut out);
     bias(input, &mut out);
+    classes(input, &mut out);
     temperature(input, &mut out);
     seeds_and_samplers(input, &mut out);
     baseline(input, &mut out);
@@ -626,8 +631,78 @@ fn calibration(input: &Input, out: &mut Vec<Finding>) {
     }
 }
 
+/// Tasks of more than two classes: for each model's best cell, the class it finds worst
+/// (lowest recall) and the confusion it makes most.
+fn classes(input: &Input, out: &mut Vec<Finding>) {
+    let k = input.labels.len();
+    if k <= 2 || input.shape == crate::spec::TaskShape::Reference {
+        return;
+    }
+    let what = match input.shape {
+        crate::spec::TaskShape::Choices => "choice",
+        _ => "class",
+    };
+    for model in &input.models {
+        let Some(c) = best(input, model_cells(input, model)) else {
+            continue;
+        };
+        let mut confusion = vec![vec![0usize; k]; k];
+        for (p, g) in c.predictions.iter().zip(&input.gold) {
+            if let Some(Some(p)) = p {
+                confusion[*g][*p] += 1;
+            }
+        }
+        let recall = |l: usize| -> Option<f64> {
+            let support: usize = confusion[l].iter().sum();
+            (support > 0).then(|| confusion[l][l] as f64 / support as f64)
+        };
+        let recalls: Vec<(usize, f64)> = (0..k).filter_map(|l| Some((l, recall(l)?))).collect();
+        let (Some(worst), Some(best_class)) = (
+            recalls.iter().min_by(|a, b| a.1.total_cmp(&b.1)),
+            // The first of equals, in label order.
+            recalls.iter().min_by(|a, b| b.1.total_cmp(&a.1)),
+        ) else {
+            continue;
+        };
+        let mut confusions: Vec<(usize, usize, usize)> = Vec::new();
+        for (g, row) in confusion.iter().enumerate() {
+            for (p, &n) in row.iter().enumerate() {
+                if g != p && n > 0 {
+                    confusions.push((n, g, p));
+                }
+            }
+        }
+        confusions.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let most = confusions
+            .first()
+            .map(|(n, g, p)| {
+                format!(
+                    "; its most common confusion is '{}' answered as '{}' ({n} rows)",
+                    input.labels[*g], input.labels[*p]
+                )
+            })
+            .unwrap_or_default();
+        out.push(Finding {
+            topic: "classes",
+            text: format!(
+                "Per {what}, the best {model} cell, {}, recalls '{}' best ({}) and '{}' worst ({}){most}.",
+                c.id,
+                input.labels[best_class.0],
+                pct(best_class.1),
+                input.labels[worst.0],
+                pct(worst.1),
+            ),
+        });
+    }
+}
+
 /// Raw cells whose predicted labels lean far from the gold shares.
 fn bias(input: &Input, out: &mut Vec<Finding>) {
+    if input.shape == crate::spec::TaskShape::Reference {
+        // Gold is always `correct`: a lean toward `incorrect` is a low accuracy, said
+        // elsewhere.
+        return;
+    }
     let k = input.labels.len();
     for model in &input.models {
         let mut leaning: Vec<(&CellView, usize, f64, f64)> = Vec::new();
@@ -1158,6 +1233,7 @@ mod tests {
     fn input(n: usize) -> Input {
         Input {
             labels: vec!["negative".into(), "positive".into()],
+            shape: crate::spec::TaskShape::Labels,
             gold: (0..n).map(|i| i % 2).collect(),
             models: vec!["small".into(), "large".into()],
             cells: Vec::new(),
@@ -1203,6 +1279,47 @@ mod tests {
             .filter(|x| x.topic == topic)
             .map(|x| x.text.clone())
             .collect()
+    }
+
+    #[test]
+    fn four_classes_name_the_worst_recalled_class_and_the_commonest_confusion() {
+        let mut inp = input(40);
+        inp.labels = ["1-2", "3-4", "7-8", "9-10"].map(String::from).to_vec();
+        inp.gold = (0..40).map(|i| i % 4).collect();
+        let mut c = cell(&inp, "small", "zero", 40);
+        // Every "3-4" row answered "1-2"; one "9-10" row answered "7-8".
+        c.predictions = inp
+            .gold
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| {
+                Some(Some(match g {
+                    1 => 0,
+                    3 if i == 3 => 2,
+                    g => g,
+                }))
+            })
+            .collect();
+        inp.cells = vec![c];
+        let f = texts(&derive(&inp), "classes");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].contains("recalls '1-2' best (100.0%) and '3-4' worst (0.0%)"),
+            "{}",
+            f[0]
+        );
+        assert!(
+            f[0].contains("'3-4' answered as '1-2' (10 rows)"),
+            "{}",
+            f[0]
+        );
+        // Two labels: no per-class finding (the bias finding says it).
+        let mut two = input(40);
+        two.cells = vec![cell(&two, "small", "zero", 30)];
+        assert!(texts(&derive(&two), "classes").is_empty());
+        // Reference answers: neither.
+        inp.shape = crate::spec::TaskShape::Reference;
+        assert!(texts(&derive(&inp), "classes").is_empty());
     }
 
     #[test]

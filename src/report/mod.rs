@@ -507,7 +507,16 @@ fn render_page(
         charts,
         charts_accuracy,
         charts_errors,
-        metrics: metrics_table(m, &labels),
+        // Reference answers have one gold class (`correct`): per-class figures say nothing
+        // that accuracy does not.
+        metrics: metrics_table(
+            m,
+            if plan.spec.dataset.shape() == crate::spec::TaskShape::Reference {
+                &[]
+            } else {
+                &labels
+            },
+        ),
         groups: groups_table(a),
         compare_from_spec: plan.spec.compare.baseline.is_some()
             || !plan.spec.compare.pairs.is_empty(),
@@ -578,7 +587,7 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
                 Cell::text(c.invalid.to_string()),
                 Cell::text(c.failed.to_string()),
             ];
-            for cl in &c.classes {
+            for cl in c.classes.iter().take(labels.len()) {
                 r.push(Cell::text(format!("{:.3}", cl.precision)));
                 r.push(Cell::text(format!("{:.3}", cl.recall)));
                 r.push(Cell::text(format!("{:.3}", cl.f1)));
@@ -1014,7 +1023,7 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                 let row = &plan.dataset.rows[*r];
                 let mut cells = vec![
                     Cell::code(&row.id),
-                    Cell::text(plan.dataset.answer(*r, row.label)),
+                    Cell::text(plan.dataset.gold(*r)),
                     answer(x),
                     answer(y),
                     Cell::LongText {
@@ -1029,7 +1038,11 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
                 cells
             })
             .collect();
-        let mut head = vec!["row", "gold", "cell", "reference", "text"];
+        let gold = match plan.spec.dataset.shape() {
+            crate::spec::TaskShape::Reference => "reference answer",
+            _ => "gold",
+        };
+        let mut head = vec!["row", gold, "cell", "reference", "text"];
         if with_shots {
             head.extend(["examples shown (cell)", "examples shown (reference)"]);
         }

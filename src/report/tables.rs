@@ -179,11 +179,7 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Tab
         ),
         (
             "gold",
-            strs(
-                preds
-                    .iter()
-                    .map(|p| Some(plan.dataset.answer(p.row, p.gold))),
-            ),
+            strs(preds.iter().map(|p| Some(plan.dataset.gold(p.row)))),
         ),
         (
             "prediction",

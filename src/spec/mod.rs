@@ -186,10 +186,35 @@ pub struct DatasetSpec {
     /// The column of each row's own choices (multiple choice); the label column holds the
     /// correct choice's text or its index.
     pub choices: Option<Located<String>>,
+    /// The column of each row's reference answer (free answers scored by a generate
+    /// method's `score`); the classes are then [`crate::score::OUTCOMES`].
+    pub reference: Option<Located<String>>,
     pub sample: Option<SampleSpec>,
     pub clean: CleanSpec,
     /// `max_text_tokens`, and which part of a longer text is kept (`truncate`).
     pub budget: Option<TextBudget>,
+}
+
+/// What a row's answer is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskShape {
+    /// Labels fixed for the whole dataset (`labels`).
+    #[default]
+    Labels,
+    /// Each row's own choices (`choices`); the classes are the choices' places.
+    Choices,
+    /// A free answer scored against the row's reference (`reference`).
+    Reference,
+}
+
+impl DatasetSpec {
+    pub fn shape(&self) -> TaskShape {
+        match (&self.choices, &self.reference) {
+            (Some(_), _) => TaskShape::Choices,
+            (None, Some(_)) => TaskShape::Reference,
+            (None, None) => TaskShape::Labels,
+        }
+    }
 }
 
 /// How many of a text's tokens a prompt keeps: the first `head` and the last `tail`, with
@@ -389,6 +414,8 @@ pub struct GenerateSpec {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub parse: ParseRule,
+    /// With reference answers: how an answer is scored against its row's reference.
+    pub score: Option<crate::score::Score>,
 }
 
 impl MethodSpec {
@@ -808,6 +835,7 @@ impl Validator<'_> {
         if dataset.choices.is_some() {
             self.check_choice_methods(&raw.methods)?;
         }
+        self.check_scores(&raw.methods, dataset.reference.is_some())?;
         let methods = self.methods(raw.methods, &embedders, &models, &prompts)?;
         let sampling = self.sampling(raw.sampling.unwrap_or_default())?;
         // Rows (cells × dataset rows) are checked against MAX_GRID_ROWS once the dataset is
@@ -1118,7 +1146,60 @@ impl Validator<'_> {
     }
 
     fn dataset(&self, d: raw::RawDataset) -> Result<DatasetSpec, Diagnostic> {
+        // The column whose value is each row's gold answer: the label, or the reference.
+        let gold = match (&d.label, &d.reference) {
+            (Some(l), Some(r)) if l.value != r.value => {
+                return Err(self.err(
+                    l,
+                    "dataset.label",
+                    format!(
+                        "with reference answers the gold answer is the `reference` column (`{}`): leave out `label`",
+                        r.value
+                    ),
+                ));
+            }
+            (Some(l), _) => l,
+            (None, Some(r)) => r,
+            (None, None) => {
+                return Err(self.err(
+                    &d.path,
+                    "dataset.label",
+                    "name the column of each row's label (`label: COLUMN`), or of its reference answer (`reference: COLUMN`)",
+                ));
+            }
+        };
+        if let Some(r) = &d.reference {
+            let other = [
+                d.labels.as_ref().map(|l| ("labels", &l.referenced)),
+                d.choices.as_ref().map(|c| ("choices", &c.referenced)),
+            ];
+            if let Some((name, at)) = other.into_iter().flatten().next() {
+                return Err(Diagnostic::new(
+                    self.loc(at),
+                    format!("dataset.{name}"),
+                    format!(
+                        "a dataset with reference answers (`reference: {}`) has no `{name}`: each answer is scored against its row's reference",
+                        r.value
+                    ),
+                )
+                .with_source(self.source));
+            }
+        }
         let (labels, labels_at) = match (&d.labels, &d.choices) {
+            (None, None) if d.reference.is_some() => (
+                crate::score::OUTCOMES
+                    .iter()
+                    .map(|o| LabelSpec {
+                        name: o.to_string(),
+                        values: Vec::new(),
+                    })
+                    .collect(),
+                self.located(
+                    d.reference.as_ref().expect("matched"),
+                    "dataset.reference",
+                    (),
+                ),
+            ),
             (Some(l), None) => (self.labels(l)?, self.located(l, "dataset.labels", ())),
             (None, Some(c)) => (Vec::new(), self.located(c, "dataset.choices", ())),
             (Some(l), Some(_)) => {
@@ -1130,9 +1211,9 @@ impl Validator<'_> {
             }
             (None, None) => {
                 return Err(self.err(
-                    &d.label,
+                    gold,
                     "dataset.labels",
-                    "name the labels (`labels: {0: negative, 1: positive}`), or the column of each row's choices (`choices: COLUMN`)",
+                    "name the labels (`labels: {0: negative, 1: positive}`), the column of each row's choices (`choices: COLUMN`), or of its reference answer (`reference: COLUMN`)",
                 ));
             }
         };
@@ -1173,7 +1254,7 @@ impl Validator<'_> {
         Ok(DatasetSpec {
             path: self.located(&d.path, "dataset.path", self.path(&d.path.value)),
             text: self.located(&d.text, "dataset.text", d.text.value.clone()),
-            label: self.located(&d.label, "dataset.label", d.label.value.clone()),
+            label: self.located(gold, "dataset.label", gold.value.clone()),
             id: d
                 .id
                 .as_ref()
@@ -1184,6 +1265,10 @@ impl Validator<'_> {
                 .choices
                 .as_ref()
                 .map(|c| self.located(c, "dataset.choices", c.value.clone())),
+            reference: d
+                .reference
+                .as_ref()
+                .map(|r| self.located(r, "dataset.reference", r.value.clone())),
             sample,
             clean,
             budget,
@@ -1960,6 +2045,43 @@ impl Validator<'_> {
         Ok(())
     }
 
+    /// Reference answers are scored by `generate` methods with a `score`, and only they
+    /// use one.
+    fn check_scores(
+        &self,
+        methods: &Spanned<Vec<raw::RawMethod>>,
+        reference: bool,
+    ) -> Result<(), Diagnostic> {
+        for (i, m) in methods.value.iter().enumerate() {
+            match (&m.score, reference, m.kind.value) {
+                (Some(s), false, _) => {
+                    return Err(self.err(
+                        s,
+                        format!("methods[{i}].score"),
+                        "`score` compares an answer with its row's reference answer: name the reference column (`dataset.reference: COLUMN`)",
+                    ));
+                }
+                (None, true, MethodKind::Generate) => {
+                    return Err(self.err(
+                        &m.kind,
+                        format!("methods[{i}].score"),
+                        "with reference answers, say how an answer is scored: `score: exact_match`, `contains`, `{regex: PATTERN}` or `{numeric: {tolerance: T}}`",
+                    ));
+                }
+                (_, true, MethodKind::Generate) => {}
+                (_, true, _) => {
+                    return Err(self.err(
+                        &m.kind,
+                        format!("methods[{i}].kind"),
+                        "with reference answers there are no labels to score, vote or fit: use `generate` with a `score`",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn methods(
         &self,
         methods: Spanned<Vec<raw::RawMethod>>,
@@ -1995,7 +2117,7 @@ impl Validator<'_> {
                         m.max_tokens.as_ref().map(|s| ("max_tokens", &s.referenced)),
                         m.stop.as_ref().map(|s| ("stop", &s.referenced)),
                         m.parse.as_ref().map(|s| ("parse", &s.referenced)),
-                        None,
+                        m.score.as_ref().map(|s| ("score", &s.referenced)),
                     ],
                     "generate",
                 )?;
@@ -2135,6 +2257,7 @@ impl Validator<'_> {
                     max_tokens,
                     stop,
                     parse: m.parse.as_ref().map(|p| p.value).unwrap_or_default(),
+                    score: m.score.as_ref().map(|s| s.value.clone()),
                 }),
             };
             let known_models: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();

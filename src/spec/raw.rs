@@ -125,7 +125,9 @@ fn default_resamples() -> Spanned<usize> {
 pub struct RawDataset {
     pub path: Spanned<String>,
     pub text: Spanned<String>,
-    pub label: Spanned<String>,
+    /// The label column; with reference answers, the reference column stands in for it.
+    #[serde(default)]
+    pub label: Option<Spanned<String>>,
     #[serde(default)]
     pub id: Option<Spanned<String>>,
     /// Fixed labels: each label value and its name. Absent with `choices`.
@@ -134,6 +136,9 @@ pub struct RawDataset {
     /// Choices that differ per row: the column holding each row's list.
     #[serde(default)]
     pub choices: Option<Spanned<String>>,
+    /// Free answers: the column of each row's reference answer (no labels).
+    #[serde(default)]
+    pub reference: Option<Spanned<String>>,
     #[serde(default)]
     pub sample: Option<RawSample>,
     #[serde(default)]
@@ -393,6 +398,9 @@ pub struct RawMethod {
     /// `loglik` only.
     #[serde(default)]
     pub calibrate: Option<Spanned<RawCalibrate>>,
+    /// `generate` with `dataset.reference`: how an answer is scored against the reference.
+    #[serde(default)]
+    pub score: Option<Spanned<crate::score::Score>>,
     /// `knn_vote` only: neighbours, the embedder, the labelled file and its pool.
     #[serde(default)]
     pub k: Option<Spanned<usize>>,

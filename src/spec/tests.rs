@@ -371,3 +371,62 @@ fn a_method_may_name_the_models_and_prompts_it_has_cells_for() {
     assert_eq!(s.dataset.budget, Some(TextBudget::head(300)));
     assert_eq!(s.prompts[0].budget, Some(TextBudget::head_tail(300)));
 }
+
+#[test]
+fn tasks_are_labels_choices_or_reference_answers_and_their_methods_fit_them() {
+    let choices = GOOD.replace(
+        "  labels: {0: negative, 1: positive}\n",
+        "  choices: options\n",
+    );
+    let s = parse_at(&choices).unwrap();
+    assert_eq!(s.dataset.shape(), TaskShape::Choices);
+    assert!(s.dataset.labels.is_empty());
+    // Both: the label is the correct choice, so fixed labels make no sense.
+    let both = GOOD.replace("  labels:", "  choices: options\n  labels:");
+    let e = parse_at(&both).unwrap_err();
+    assert_eq!(e.field, "dataset.labels");
+    // Calibration has no fixed label to calibrate with per-row choices.
+    let e = parse_at(&choices.replace(
+        "  - id: ll\n    kind: loglik\n",
+        "  - id: ll\n    kind: loglik\n    calibrate: content_free\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "methods[1].calibrate");
+
+    let reference = GOOD
+        .replace(
+            "  label: label\n  labels: {0: negative, 1: positive}\n",
+            "  reference: answer\n",
+        )
+        .replace(
+            "    max_tokens: 4\n",
+            "    max_tokens: 4\n    score: {numeric: {tolerance: 0.5}}\n",
+        )
+        .replace("  - id: ll\n    kind: loglik\n", "");
+    let s = parse_at(&reference).unwrap();
+    assert_eq!(s.dataset.shape(), TaskShape::Reference);
+    assert_eq!(s.dataset.label.value, "answer");
+    assert_eq!(
+        s.methods[0].generate().unwrap().score,
+        Some(crate::score::Score::Numeric { tolerance: 0.5 })
+    );
+    // A generate method without a score, or a loglik method, has nothing to compare.
+    let e =
+        parse_at(&reference.replace("    score: {numeric: {tolerance: 0.5}}\n", "")).unwrap_err();
+    assert_eq!(e.field, "methods[0].score");
+    let e = parse_at(
+        &format!("{reference}\n").replace("methods:\n", "methods:\n  - id: ll\n    kind: loglik\n"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "methods[0].kind", "{e}");
+    // A score without reference answers, and a pattern that does not compile.
+    let e = parse_at(&GOOD.replace(
+        "    max_tokens: 4\n",
+        "    max_tokens: 4\n    score: exact_match\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "methods[0].score");
+    let e =
+        parse_at(&reference.replace("{numeric: {tolerance: 0.5}}", "{regex: '('}")).unwrap_err();
+    assert!(e.message.contains("does not compile"), "{e}");
+}
