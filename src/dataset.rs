@@ -970,6 +970,23 @@ mod choice_tests {
     }
 
     #[test]
+    fn choices_come_from_a_list_column() {
+        use arrow::array::{ListBuilder, StringBuilder};
+        let mut b = ListBuilder::new(StringBuilder::new());
+        b.values().append_value("yes");
+        b.values().append_value("no");
+        b.append(true);
+        b.append(false);
+        let col: ArrayRef = Arc::new(b.finish());
+        let got = lists(&col).unwrap();
+        assert_eq!(
+            got[0].as_deref(),
+            Some(&["yes".to_string(), "no".into()][..])
+        );
+        assert_eq!(got[1], None);
+    }
+
+    #[test]
     fn a_row_needs_two_distinct_non_empty_choices() {
         let at = Located {
             value: "options".to_string(),

@@ -186,8 +186,9 @@ impl Prompts {
         prompts: &[PromptSpec],
         labels: &[LabelSpec],
         shots: Vec<Shots>,
-        choices: bool,
+        shape: crate::spec::TaskShape,
     ) -> Result<Self, Diagnostic> {
+        let choices = shape == crate::spec::TaskShape::Choices;
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -202,6 +203,10 @@ impl Prompts {
             let mut allowed: Vec<&str> = BASE_VARS.to_vec();
             if choices {
                 allowed.push("choices");
+            }
+            if shape == crate::spec::TaskShape::Reference {
+                // Its classes (`correct`, `incorrect`) are not answers a model should give.
+                allowed.retain(|v| *v != "labels");
             }
             if examples.is_some() || per_row.is_some() {
                 allowed.push("examples");
@@ -495,7 +500,13 @@ mod tests {
             shots: None,
             budget: None,
         };
-        Prompts::compile(&[spec], &labels, vec![shots], false).unwrap()
+        Prompts::compile(
+            &[spec],
+            &labels,
+            vec![shots],
+            crate::spec::TaskShape::Labels,
+        )
+        .unwrap()
     }
 
     #[test]

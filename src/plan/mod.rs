@@ -508,7 +508,7 @@ pub fn build(
         &spec.prompts,
         &dataset.labels,
         prompt_shots,
-        spec.dataset.choices.is_some(),
+        spec.dataset.shape(),
     )?;
 
     // Row sets: the evaluation rows, then the rows calibrations need.

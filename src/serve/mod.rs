@@ -852,7 +852,7 @@ async fn answer(
         .unwrap_or_default();
     let cascade = served.stages.len() > 1;
     Ok(ClassifyResponse {
-        label: a.sentiment,
+        label: a.label,
         confidence: a.confidence,
         label_probs: a.label_probs.map(|v| v.into_iter().collect()),
         raw_answer: a.raw_answer,

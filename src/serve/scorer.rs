@@ -102,7 +102,8 @@ pub struct Prepared {
 
 /// An answer as the API gives it.
 pub struct Answer {
-    pub sentiment: Option<String>,
+    /// The label answered (`None`: the answer names none).
+    pub label: Option<String>,
     pub confidence: Option<f64>,
     pub label_probs: Option<Vec<(String, f64)>>,
     pub raw_answer: Option<String>,
@@ -114,7 +115,7 @@ impl Answer {
     /// Nats between the two best labels' log-probs, exactly as a cascade measures a row
     /// in a run; an answer that names no label has none.
     pub fn margin(&self) -> f64 {
-        let Some(lp) = self.scores.as_ref().filter(|_| self.sentiment.is_some()) else {
+        let Some(lp) = self.scores.as_ref().filter(|_| self.label.is_some()) else {
             return f64::NEG_INFINITY;
         };
         let mut sorted = lp.clone();
@@ -360,7 +361,7 @@ impl Scorer {
             let i = argmax(lp);
             let p = probs(lp);
             Answer {
-                sentiment: i.map(|i| self.labels[i].clone()),
+                label: i.map(|i| self.labels[i].clone()),
                 confidence: i.map(|i| p[i].1),
                 label_probs: Some(p),
                 raw_answer: None,
@@ -375,7 +376,7 @@ impl Scorer {
             Kind::Llm {
                 parse: Some(parse), ..
             } => Answer {
-                sentiment: text
+                label: text
                     .and_then(|t| parse_answer(t, &self.labels, *parse))
                     .map(|i| self.labels[i].clone()),
                 confidence: None,
@@ -389,7 +390,7 @@ impl Scorer {
                     None => from_logprobs(lp),
                 },
                 None => Answer {
-                    sentiment: None,
+                    label: None,
                     confidence: None,
                     label_probs: None,
                     raw_answer: None,
