@@ -634,6 +634,9 @@ pub struct Comparison {
     pub reference_only: u64,
     /// Exact McNemar test.
     pub p_value: f64,
+    /// `p_value` adjusted by Holm's step-down method over all the comparisons of the report
+    /// (one family: the spec's `compare:` pairs, or every cell against the best).
+    pub holm_p: f64,
 }
 
 /// The pairs to compare: the spec's `compare:` section, or every cell against the best one.
@@ -675,7 +678,7 @@ pub fn compare(plan: &Plan, preds: &[Prediction], pairs: &[(usize, usize)]) -> V
     }
     // Each pair's bootstrap draws from its own generator: in parallel, the same numbers.
     use rayon::prelude::*;
-    pairs
+    let mut out = pairs
         .par_iter()
         .map(|&(a, b)| {
             let (x, y): (Vec<bool>, Vec<bool>) = by_cell[a]
@@ -712,7 +715,14 @@ pub fn compare(plan: &Plan, preds: &[Prediction], pairs: &[(usize, usize)]) -> V
                 cell_only,
                 reference_only,
                 p_value: stats::mcnemar_exact(cell_only, reference_only),
+                holm_p: f64::NAN,
             }
         })
-        .collect()
+        .collect::<Vec<_>>();
+    // The report's comparisons are one family.
+    let adjusted = stats::holm(&out.iter().map(|c| c.p_value).collect::<Vec<_>>());
+    for (c, p) in out.iter_mut().zip(adjusted) {
+        c.holm_p = p;
+    }
+    out
 }

@@ -71,6 +71,23 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// Holm's step-down adjustment of a family of p-values (Holm 1979): the `i`-th smallest is
+/// multiplied by `m − i` (i from 0), made non-decreasing in that order, and capped at 1.
+/// Rejecting where the adjusted p is below α controls the family-wise error rate at α
+/// whatever the dependence between the tests. Returned in the input's order.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(a.cmp(&b)));
+    let mut out = vec![0.0; m];
+    let mut running: f64 = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
+}
+
 /// Percentile bootstrap interval of `mean(a) - mean(b)` over paired 0/1 outcomes: rows are
 /// resampled with replacement `resamples` times with a seeded generator.
 pub fn paired_bootstrap(
@@ -289,6 +306,20 @@ mod tests {
         );
         assert_eq!(prf(0, 0, 3), (0.0, 0.0, 0.0));
     }
+    #[test]
+    fn holm_matches_statsmodels() {
+        // statsmodels 0.14 multipletests(p, method="holm")[1]
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        let a = holm(&[0.01, 0.04, 0.03, 0.005]);
+        assert!(close(&a, &[0.03, 0.06, 0.06, 0.02]), "{a:?}");
+        let b = holm(&[0.2, 0.001, 0.049, 0.5, 0.0125]);
+        assert!(close(&b, &[0.4, 0.005, 0.147, 0.5, 0.05]), "{b:?}");
+        assert_eq!(holm(&[0.9]), vec![0.9]);
+        assert!(holm(&[]).is_empty());
+        // Capped at 1.
+        assert_eq!(holm(&[0.6, 0.7]), vec![1.0, 1.0]);
+    }
+
     #[test]
     fn mcnemar_matches_scipy_binomtest() {
         // scipy.stats.binomtest(3, 15, 0.5).pvalue = 0.03515625

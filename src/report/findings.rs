@@ -242,6 +242,18 @@ struct Paired {
     lo: f64,
     hi: f64,
     p: f64,
+    /// Where the test is one of a family of comparisons (the prompts against one baseline,
+    /// the temperature pairs, calibrated against raw, ...): its McNemar p adjusted by Holm's
+    /// step-down method over the family, which keeps the chance of any false win in the
+    /// family below 5%.
+    holm: Option<Holm>,
+}
+
+/// A test's Holm-adjusted p and the size of its family.
+#[derive(Debug, Clone, Copy)]
+struct Holm {
+    p: f64,
+    of: usize,
 }
 
 impl Paired {
@@ -249,19 +261,51 @@ impl Paired {
         self.a - self.b
     }
 
+    /// The p that decides: adjusted for its family where it has one.
+    fn deciding_p(&self) -> f64 {
+        self.holm.map_or(self.p, |h| h.p)
+    }
+
     fn significant(&self) -> bool {
-        (self.lo > 0.0 || self.hi < 0.0) && self.p < ALPHA
+        (self.lo > 0.0 || self.hi < 0.0) && self.deciding_p() < ALPHA
+    }
+
+    /// "McNemar p = 0.012, Holm p = 0.048 of 7", or "McNemar p = 0.41" alone.
+    fn p_values(&self) -> String {
+        match self.holm {
+            Some(h) => format!(
+                "McNemar {}, Holm {} of {}",
+                p_text(self.p),
+                p_text(h.p),
+                h.of
+            ),
+            None => format!("McNemar {}", p_text(self.p)),
+        }
     }
 
     /// "(95% paired bootstrap −3.0 to +2.0, McNemar p = 0.41, 300 rows)".
     fn evidence(&self) -> String {
         format!(
-            "95% paired bootstrap {} to {}, McNemar {}, {} rows",
+            "95% paired bootstrap {} to {}, {}, {} rows",
             signed(self.lo),
             signed(self.hi),
-            p_text(self.p),
+            self.p_values(),
             self.n
         )
+    }
+}
+
+/// Make `tests` one family: each McNemar p adjusted by Holm over all of them (a family of
+/// one keeps its p as it is).
+fn family<'a>(tests: impl IntoIterator<Item = &'a mut Paired>) {
+    let mut tests: Vec<&mut Paired> = tests.into_iter().collect();
+    if tests.len() < 2 {
+        return;
+    }
+    let adjusted = stats::holm(&tests.iter().map(|t| t.p).collect::<Vec<_>>());
+    let of = tests.len();
+    for (t, p) in tests.iter_mut().zip(adjusted) {
+        t.holm = Some(Holm { p, of });
     }
 }
 
@@ -287,6 +331,7 @@ fn paired(input: &Input, a: &CellView, b: &CellView) -> Option<Paired> {
         lo,
         hi,
         p: stats::mcnemar_exact(only_a, only_b),
+        holm: None,
     })
 }
 
@@ -332,7 +377,9 @@ fn verdict(t: &Paired, other: &str) -> String {
         // interval without 0 and an exact McNemar p above 0.05): say which one holds it back.
         let why = if t.lo > 0.0 || t.hi < 0.0 {
             "the interval excludes 0 but McNemar's p is not below 0.05, so not significant"
-        } else if t.p < ALPHA {
+        } else if t.p < ALPHA && t.holm.is_some_and(|h| h.p >= ALPHA) {
+            "McNemar's p is below 0.05 but not once adjusted for the family, so not significant"
+        } else if t.deciding_p() < ALPHA {
             "McNemar's p is below 0.05 but the interval includes 0, so not significant"
         } else {
             "not significant"
@@ -535,6 +582,7 @@ fn prompts_compared<'a>(
     let mut better = Vec::new();
     let mut worse = Vec::new();
     let mut same = Vec::new();
+    let mut tests: Vec<(&String, Paired)> = Vec::new();
     for p in prompts.iter().filter(|p| *p != first) {
         // A prompt whose cell has fewer answers than the reference (a stopped run) is
         // left out rather than judged on part of the rows.
@@ -544,8 +592,16 @@ fn prompts_compared<'a>(
         let Some(t) = paired(input, c, reference) else {
             continue;
         };
+        tests.push((p, t));
+    }
+    family(tests.iter_mut().map(|(_, t)| t));
+    for (p, t) in &tests {
+        let holm = t
+            .holm
+            .map(|h| format!(", Holm {}", p_text(h.p)))
+            .unwrap_or_default();
         let item = format!(
-            "{p} {} ({}, {} to {}, {})",
+            "{p} {} ({}, {} to {}, {}{holm})",
             signed(t.diff()),
             pct(t.a),
             signed(t.lo),
@@ -574,9 +630,14 @@ fn prompts_compared<'a>(
     out.push(Finding {
         topic: "prompts",
         text: format!(
-            "On {model}, against {first} at {} ({} scoring; points, 95% paired bootstrap interval, McNemar p): {}.",
+            "On {model}, against {first} at {} ({} scoring; points, 95% paired bootstrap interval, McNemar p{}): {}.",
             pct(reference.accuracy(&input.gold).unwrap_or(0.0)),
             reference.method,
+            if tests.len() > 1 {
+                format!(" and its Holm adjustment over the {} prompts", tests.len())
+            } else {
+                String::new()
+            },
             parts.join("; ")
         ),
     });
@@ -596,6 +657,7 @@ fn calibration(input: &Input, out: &mut Vec<Finding>) {
                 tests.push((c, t));
             }
         }
+        family(tests.iter_mut().map(|(_, t)| t));
         let Some((top, t)) = tests
             .iter()
             .max_by(|x, y| x.1.diff().total_cmp(&y.1.diff()))
@@ -614,8 +676,13 @@ fn calibration(input: &Input, out: &mut Vec<Finding>) {
         out.push(Finding {
             topic: "calibration",
             text: format!(
-                "Calibration on {model}: {gains} of {} calibrated cells are significantly more accurate than their raw cell and {losses} less; the largest change is {}, from {} to {} ({} points, {}{}).",
+                "Calibration on {model}: {gains} of {} calibrated cells are significantly more accurate than their raw cell and {losses} less{}; the largest change is {}, from {} to {} ({} points, {}{}).",
                 tests.len(),
+                if tests.len() > 1 {
+                    format!(" (McNemar p Holm-adjusted over the {})", tests.len())
+                } else {
+                    String::new()
+                },
                 top.id,
                 pct(t.b),
                 pct(t.a),
@@ -815,10 +882,11 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
         }
         // Every pair tested; the one shown is the largest significant change, or the first
         // pair when none is significant, so a large effect on one prompt is not averaged away.
-        let tested: Vec<(&CellView, Paired)> = pairs
+        let mut tested: Vec<(&CellView, Paired)> = pairs
             .iter()
             .filter_map(|(a, b)| Some((*a, paired(input, b, a)?)))
             .collect();
+        family(tested.iter_mut().map(|(_, t)| t));
         let significant: Vec<&(&CellView, Paired)> =
             tested.iter().filter(|(_, t)| t.significant()).collect();
         let lower = significant.iter().filter(|(_, t)| t.diff() < 0.0).count();
@@ -834,7 +902,7 @@ fn temperature(input: &Input, out: &mut Vec<Finding>) {
             (0, 1) => "the one pair does not differ significantly".to_string(),
             (0, n) => format!("none of the {n} pairs differs significantly"),
             (k, n) => format!(
-                "{k} of {n} pairs {} significantly ({lower} lower at t={high}); the largest",
+                "{k} of {n} pairs {} significantly (McNemar p Holm-adjusted over the {n}; {lower} lower at t={high}); the largest",
                 if k == 1 { "differs" } else { "differ" }
             ),
         };
@@ -1142,6 +1210,18 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
 /// calibrated `loglik` cells): what reading the hidden states bought. A probe without a
 /// model (an embedder's) is set beside each model's best such cell.
 fn probes(input: &Input, out: &mut Vec<Finding>) {
+    let of_model = |m: &str| {
+        best(
+            input,
+            input
+                .cells
+                .iter()
+                .filter(move |c| c.model == m && c.kind == CellKind::Loglik && c.n() > 0),
+        )
+    };
+    // Every probe against the best loglik cell of its model (an embedder's probe: of each
+    // model), one family.
+    let mut found: Vec<(&CellView, f64, Vec<(String, Paired)>)> = Vec::new();
     for p in input
         .cells
         .iter()
@@ -1149,15 +1229,6 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
     {
         let Some(acc) = p.accuracy(&input.gold) else {
             continue;
-        };
-        let of_model = |m: &str| {
-            best(
-                input,
-                input
-                    .cells
-                    .iter()
-                    .filter(move |c| c.model == m && c.kind == CellKind::Loglik && c.n() > 0),
-            )
         };
         let models: Vec<&str> = if input.models.contains(&p.model) {
             vec![p.model.as_str()]
@@ -1169,12 +1240,20 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
             if let Some(b) = of_model(m)
                 && let Some(t) = paired(input, p, b)
             {
-                tests.push(verdict(
-                    &t,
-                    &format!("the best {m} loglik cell {} ({})", b.id, pct(t.b)),
+                tests.push((
+                    format!("the best {m} loglik cell {} ({})", b.id, pct(t.b)),
+                    t,
                 ));
             }
         }
+        found.push((p, acc, tests));
+    }
+    family(
+        found
+            .iter_mut()
+            .flat_map(|(_, _, t)| t.iter_mut().map(|(_, t)| t)),
+    );
+    for (p, acc, tests) in found {
         let how = p
             .probe
             .as_ref()
@@ -1182,8 +1261,9 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
             .unwrap_or_default();
         let mut text = format!("The probe {}{how} reaches {}", p.id, pct(acc));
         if !tests.is_empty() {
+            let verdicts: Vec<String> = tests.iter().map(|(o, t)| verdict(t, o)).collect();
             text.push_str("; it ");
-            text.push_str(&tests.join("; it "));
+            text.push_str(&verdicts.join("; it "));
         }
         text.push('.');
         out.push(Finding {
@@ -1195,6 +1275,8 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
 
 /// Each ensemble against its best member, on paired rows: what averaging bought.
 fn ensembles(input: &Input, out: &mut Vec<Finding>) {
+    // Each ensemble against its best member, the ensembles one family.
+    let mut tests: Vec<(&CellView, &CellView, f64, Paired)> = Vec::new();
     for e in input
         .cells
         .iter()
@@ -1209,9 +1291,12 @@ fn ensembles(input: &Input, out: &mut Vec<Finding>) {
         let (Some(top), Some(acc)) = (best(input, members()), e.accuracy(&input.gold)) else {
             continue;
         };
-        let Some(t) = paired(input, e, top) else {
-            continue;
-        };
+        if let Some(t) = paired(input, e, top) {
+            tests.push((e, top, acc, t));
+        }
+    }
+    family(tests.iter_mut().map(|(_, _, _, t)| t));
+    for (e, top, acc, t) in tests {
         out.push(Finding {
             topic: "ensemble",
             text: format!(
@@ -1504,6 +1589,43 @@ mod tests {
     }
 
     #[test]
+    fn a_family_of_prompts_is_judged_on_holm_adjusted_p_values() {
+        let mut inp = input(300);
+        // Right on rows 0..200 but for three of them, and on 200..212: 12 rows only this
+        // prompt gets right, 3 only the reference does (McNemar p = 0.035 alone).
+        let nearly = |inp: &Input, prompt: &str| {
+            let mut c = cell(inp, "small", prompt, 212);
+            for r in [0, 1, 2] {
+                c.predictions[r] = Some(Some(1 - inp.gold[r]));
+            }
+            c
+        };
+        inp.cells = vec![cell(&inp, "small", "zero", 200), nearly(&inp, "a")];
+        let one = texts(&derive(&inp), "prompts");
+        assert!(one[0].contains("better: a +3.0 (69.7%"), "{}", one[0]);
+        assert!(
+            !one[0].contains("Holm"),
+            "a family of one is not adjusted: {}",
+            one[0]
+        );
+        inp.cells.push(nearly(&inp, "b"));
+        inp.cells.push(nearly(&inp, "c"));
+        let three = texts(&derive(&inp), "prompts");
+        // statsmodels multipletests([0.0352]*3, method="holm"): 0.1055 each.
+        assert!(
+            three[0].contains("not significantly different: a +3.0 (69.7%, ")
+                && three[0].contains("p = 0.035, Holm p = 0.105)"),
+            "{}",
+            three[0]
+        );
+        assert!(
+            three[0].contains("its Holm adjustment over the 3 prompts"),
+            "{}",
+            three[0]
+        );
+    }
+
+    #[test]
     fn calibration_and_prompts_are_sorted_into_better_and_worse() {
         let mut inp = input(300);
         let mut fit = cell(&inp, "small", "zero", 270);
@@ -1615,7 +1737,7 @@ mod tests {
         ];
         let t = texts(&derive(&inp), "temperature");
         assert!(
-            t[0].contains("1 of 2 pairs differs significantly (1 lower at t=0.8); the largest: in small/role/generate (top_k=40, seed=1), t=0.8 at 75.0% trails t=0.2 at 90.0% by 15.0 points"),
+            t[0].contains("1 of 2 pairs differs significantly (McNemar p Holm-adjusted over the 2; 1 lower at t=0.8); the largest: in small/role/generate (top_k=40, seed=1), t=0.8 at 75.0% trails t=0.2 at 90.0% by 15.0 points"),
             "{}",
             t[0]
         );

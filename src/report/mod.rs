@@ -665,6 +665,7 @@ fn comparisons_table(a: &Analysis) -> Table {
                 )),
                 Cell::text(format!("{} / {}", c.cell_only, c.reference_only)),
                 Cell::text(p_value(c.p_value)),
+                Cell::text(p_value(c.holm_p)),
             ]
         })
         .collect();
@@ -677,6 +678,7 @@ fn comparisons_table(a: &Analysis) -> Table {
             "95% CI",
             "discordant",
             "McNemar p",
+            "Holm p",
         ],
         &[0, 1],
         rows,

@@ -443,6 +443,7 @@ pub fn comparisons(c: &[Comparison]) -> Result<RecordBatch, TableError> {
         ("cell_only_correct", u(&|x| x.cell_only)),
         ("reference_only_correct", u(&|x| x.reference_only)),
         ("mcnemar_exact_p", f(&|x| x.p_value)),
+        ("mcnemar_holm_p", f(&|x| x.holm_p)),
     ])
 }
 
