@@ -1209,6 +1209,13 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
 /// Each probe against the best cell of its model that reads label scores (its raw and
 /// calibrated `loglik` cells): what reading the hidden states bought. A probe without a
 /// model (an embedder's) is set beside each model's best such cell.
+/// A probe and its tests against other cells (each named as a sentence names it).
+struct ProbeTests<'a> {
+    probe: &'a CellView,
+    accuracy: f64,
+    tests: Vec<(String, Paired)>,
+}
+
 fn probes(input: &Input, out: &mut Vec<Finding>) {
     let of_model = |m: &str| {
         best(
@@ -1221,7 +1228,7 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
     };
     // Every probe against the best loglik cell of its model (an embedder's probe: of each
     // model), one family.
-    let mut found: Vec<(&CellView, f64, Vec<(String, Paired)>)> = Vec::new();
+    let mut found: Vec<ProbeTests> = Vec::new();
     for p in input
         .cells
         .iter()
