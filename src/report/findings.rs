@@ -1253,14 +1253,23 @@ fn probes(input: &Input, out: &mut Vec<Finding>) {
                 ));
             }
         }
-        found.push((p, acc, tests));
+        found.push(ProbeTests {
+            probe: p,
+            accuracy: acc,
+            tests,
+        });
     }
     family(
         found
             .iter_mut()
-            .flat_map(|(_, _, t)| t.iter_mut().map(|(_, t)| t)),
+            .flat_map(|f| f.tests.iter_mut().map(|(_, t)| t)),
     );
-    for (p, acc, tests) in found {
+    for ProbeTests {
+        probe: p,
+        accuracy: acc,
+        tests,
+    } in found
+    {
         let how = p
             .probe
             .as_ref()
