@@ -300,3 +300,41 @@ fn a_calibrated_cell_never_shows_a_fit_on_part_of_its_rows() {
         "some stop came before the fit's rows were all computed"
     );
 }
+
+#[test]
+fn plan_says_what_the_sample_can_resolve_before_anything_runs() {
+    let p = Project::new();
+    let plan = p.plan();
+    // 12 rows, 10% discordant: no difference is detectable with 80% power.
+    assert_eq!(plan["resolution"]["rows"], 12);
+    assert!(
+        plan["detectable_difference"].is_null(),
+        "{}",
+        plan["resolution"]
+    );
+    let half = plan["resolution"]["half_width_at_50"].as_f64().unwrap();
+    assert!(half > 0.2 && half < 0.3, "{half}");
+    // With most rows discordant, a large difference is.
+    let out = p.run_ok(&[
+        "plan",
+        "spec.yaml",
+        "--json",
+        "--backend",
+        "fake",
+        "--discordant",
+        "1",
+        "--expect-accuracy",
+        "0.9",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = v["detectable_difference"].as_f64().unwrap();
+    assert!(d > 0.5 && d <= 1.0, "{d}");
+    assert_eq!(v["resolution"]["expected_accuracy"], 0.9);
+    // Out of range is refused by name.
+    let bad = p
+        .cmd(&["plan", "spec.yaml", "--discordant", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a share"));
+}

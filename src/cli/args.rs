@@ -90,6 +90,26 @@ pub struct PlanArgs {
     /// Show how the rows still to run split into N shards (`run --shard I/N`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub shards: Option<u64>,
+    /// The accuracy you expect of a cell, for the interval `plan` states (default 0.8).
+    #[arg(long, value_name = "A", default_value_t = 0.8, value_parser = share)]
+    pub expect_accuracy: f64,
+    /// The share of rows you expect two cells to answer differently, for the difference
+    /// `plan` says is detectable (default 0.1).
+    #[arg(long, value_name = "D", default_value_t = 0.1, value_parser = share)]
+    pub discordant: f64,
+}
+
+/// A value that is not a share in (0, 1].
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a share above 0 and at most 1")]
+pub struct BadShare(String);
+
+/// A share in (0, 1].
+fn share(s: &str) -> Result<f64, BadShare> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(BadShare(s.to_string())),
+    }
 }
 
 #[derive(Args)]

@@ -17,11 +17,18 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
         limit,
         shards,
         dot,
+        expect_accuracy,
+        discordant,
     } = args;
     let cfg = config(cli, None);
     let planned = app::plan(&cfg, spec, *limit)?;
     warn(&planned.warnings());
     let dag = planned.dag()?;
+    let resolution = crate::metrics::stats::Resolution::of(
+        planned.plan.dataset.rows.len() as u64,
+        *expect_accuracy,
+        *discordant,
+    );
     if *dot {
         out_inline!("{}", dag.dot());
     } else if let Some(n) = shards {
@@ -38,16 +45,15 @@ pub(super) fn command(cli: &Cli, args: &PlanArgs) -> Result<ExitCode, AppError> 
             out_inline!("{}", planned.explain(cell)?);
         }
     } else if *json {
-        out!(
-            "{}",
-            to_json(
-                &planned
-                    .plan
-                    .to_json(&planned.cache, &planned.decided.routing, dag.stages())
-            )
-        );
+        let mut v = planned
+            .plan
+            .to_json(&planned.cache, &planned.decided.routing, dag.stages());
+        v["resolution"] = serde_json::to_value(resolution).unwrap_or_default();
+        v["detectable_difference"] = resolution.detectable_difference.into();
+        out!("{}", to_json(&v));
     } else {
         print_plan(&planned, &dag);
+        out!("{}", resolution.sentence());
         for ci in 0..planned.plan.cascades.len() {
             out!(
                 "{}",

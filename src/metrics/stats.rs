@@ -71,6 +71,86 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// The standard normal quantile at 0.8: 80% power.
+pub const Z_POWER_80: f64 = 0.841_621_233_572_914_3;
+
+/// The smallest paired difference in accuracy (rows only A gets right minus rows only B
+/// gets right, as a share of `n`) that a two-sided McNemar test at 5% detects with 80%
+/// power, when a share `discordant` of the rows is answered right by one cell only (Connor
+/// 1987's sample size, solved for the difference). `None` when even a difference as large
+/// as the discordant share is out of reach.
+pub fn mcnemar_detectable(n: u64, discordant: f64) -> Option<f64> {
+    if n == 0 || !(discordant > 0.0 && discordant <= 1.0) {
+        return None;
+    }
+    let needed = |d: f64| {
+        let s = Z95 * discordant.sqrt() + Z_POWER_80 * (discordant - d * d).max(0.0).sqrt();
+        s * s / (d * d)
+    };
+    let n = n as f64;
+    if needed(discordant) > n {
+        return None;
+    }
+    // `needed` falls as the difference grows: bisect for where it meets n.
+    let (mut lo, mut hi) = (0.0, discordant);
+    for _ in 0..200 {
+        let mid = (lo + hi) / 2.0;
+        if needed(mid) > n { lo = mid } else { hi = mid }
+    }
+    Some(hi)
+}
+
+/// What a sample of `rows` can resolve, said before anything runs: the half-width of a 95%
+/// Wilson interval on one cell's accuracy (at 50%, its widest, and at the accuracy the user
+/// expects), and the paired difference a McNemar test detects with 80% power when a given
+/// share of the rows is discordant.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Resolution {
+    pub rows: u64,
+    pub half_width_at_50: f64,
+    pub expected_accuracy: f64,
+    pub half_width_at_expected: f64,
+    pub discordant_share: f64,
+    /// `None`: no difference is detectable with 80% power at this share.
+    pub detectable_difference: Option<f64>,
+}
+
+impl Resolution {
+    pub fn of(rows: u64, expected_accuracy: f64, discordant_share: f64) -> Self {
+        let half = |a: f64| {
+            let (lo, hi) = wilson((a * rows as f64).round() as u64, rows, Z95);
+            (hi - lo) / 2.0
+        };
+        Self {
+            rows,
+            half_width_at_50: half(0.5),
+            expected_accuracy,
+            half_width_at_expected: half(expected_accuracy),
+            discordant_share,
+            detectable_difference: mcnemar_detectable(rows, discordant_share),
+        }
+    }
+
+    /// One sentence for `plan`.
+    pub fn sentence(&self) -> String {
+        let detect = match self.detectable_difference {
+            Some(d) => format!(
+                "a paired difference of {:.1} points or more is detected with 80% power (McNemar, 5%)",
+                100.0 * d
+            ),
+            None => "no paired difference is detected with 80% power (McNemar, 5%)".into(),
+        };
+        format!(
+            "{} rows resolve one cell's accuracy to ±{:.1} points at 50% and ±{:.1} at the expected {:.0}% (95% Wilson); when {:.0}% of the rows are answered right by only one of two cells, {detect}.",
+            self.rows,
+            100.0 * self.half_width_at_50,
+            100.0 * self.half_width_at_expected,
+            100.0 * self.expected_accuracy,
+            100.0 * self.discordant_share,
+        )
+    }
+}
+
 /// Holm's step-down adjustment of a family of p-values (Holm 1979): the `i`-th smallest is
 /// multiplied by `m − i` (i from 0), made non-decreasing in that order, and capped at 1.
 /// Rejecting where the adjusted p is below α controls the family-wise error rate at α
@@ -306,6 +386,28 @@ mod tests {
         );
         assert_eq!(prf(0, 0, 3), (0.0, 0.0, 0.0));
     }
+    #[test]
+    fn detectable_difference_matches_connors_formula_solved_by_scipy() {
+        // scipy: brentq(lambda d: (norm.ppf(.975)*sqrt(psi) + norm.ppf(.8)*sqrt(psi-d*d))**2
+        //   / d**2 - n, 1e-9, psi)
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(
+            mcnemar_detectable(300, 0.1),
+            0.050_948_969_798_222_51
+        ));
+        assert!(close(
+            mcnemar_detectable(1000, 0.1),
+            0.027_982_836_304_473_485
+        ));
+        assert!(close(
+            mcnemar_detectable(300, 0.2),
+            0.072_052_724_077_581_95
+        ));
+        // 100 rows with 5% discordant: even the largest difference needs 155 rows.
+        assert_eq!(mcnemar_detectable(100, 0.05), None);
+        assert_eq!(mcnemar_detectable(0, 0.1), None);
+    }
+
     #[test]
     fn holm_matches_statsmodels() {
         // statsmodels 0.14 multipletests(p, method="holm")[1]
