@@ -338,6 +338,139 @@ pub fn run_with_backend(
     })
 }
 
+/// `run --until-resolved A B`: the two cells, the most rows, and the rows added per look.
+#[derive(Debug, Clone)]
+pub struct UntilResolved {
+    pub cells: [String; 2],
+    /// At most this many of the spec's sampled rows (default: all of them).
+    pub max_rows: Option<usize>,
+    pub batch: usize,
+}
+
+/// Run growing prefixes of the spec's sample (`batch` rows more each time, every prefix
+/// balanced by label) until the anytime-valid test of `until.cells` decides or the cap is
+/// reached (`crate::sequential`); the last run's report and `run.json` say why it stopped.
+pub fn run_until_resolved(
+    cfg: &Config,
+    spec_path: &Path,
+    opts: &RunOptions,
+    cancel: Arc<AtomicBool>,
+    make_backend: MakeBackend,
+    until: &UntilResolved,
+) -> Result<(RunOutcome, crate::sequential::Sequential), AppError> {
+    use crate::sequential::{Sequential, Stopped};
+    let planned = plan(cfg, spec_path, None)?;
+    let known = || {
+        planned
+            .plan
+            .cells
+            .iter()
+            .map(|c| c.id.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for cell in &until.cells {
+        if planned.plan.cell_by_id(cell).is_none() {
+            return Err(AppError::UnknownCell {
+                cell: cell.clone(),
+                known: known(),
+            });
+        }
+    }
+    let sampled = planned.plan.dataset.rows.len();
+    drop(planned);
+    let max_rows = until.max_rows.unwrap_or(sampled).min(sampled);
+    let batch = until.batch.max(1);
+    let mut seq = Sequential {
+        cells: until.cells.clone(),
+        rows: 0,
+        max_rows,
+        batch,
+        looks: 0,
+        stopped: Stopped::Incomplete,
+        first_only: 0,
+        second_only: 0,
+        e_value: 1.0,
+        why: String::new(),
+    };
+    let mut rows = batch.min(max_rows);
+    loop {
+        let step = RunOptions {
+            limit: Some(rows),
+            ..opts.clone()
+        };
+        let outcome =
+            run_with_backend(cfg, spec_path, &step, cancel.clone(), make_backend.clone())?;
+        let analysis = outcome.written.as_ref().map(|w| &w.analysis);
+        let counts = analysis.and_then(|a| discordant(a, &until.cells));
+        let stopped_early = outcome.error.is_some()
+            || outcome.stats.interrupted
+            || cancel.load(std::sync::atomic::Ordering::SeqCst);
+        match counts {
+            Some((b, c)) => seq.look(rows, b, c),
+            None => seq.rows = rows,
+        }
+        let stop = if stopped_early || counts.is_none() {
+            Some(Stopped::Incomplete)
+        } else if seq.resolved() {
+            Some(Stopped::Resolved)
+        } else if rows >= max_rows {
+            Some(Stopped::Cap)
+        } else {
+            None
+        };
+        if let Some(stopped) = stop {
+            seq.stopped = stopped;
+            seq.why = seq.sentence();
+            // The last run's report again, now saying why the run stopped.
+            let mut outcome = outcome;
+            if outcome.written.is_some() {
+                let p = plan(cfg, spec_path, Some(rows))?;
+                let mut prov = Provenance::new(&p.plan, cfg.threads, Some(outcome.stats.clone()));
+                prov.sequential = Some(seq.clone());
+                outcome.written = Some(report::write(
+                    &p.plan,
+                    &p.decided,
+                    &p.cache,
+                    &outcome.stats.computed,
+                    &prov,
+                    &cfg.reports_dir,
+                    opts.scripts,
+                )?);
+            }
+            return Ok((outcome, seq));
+        }
+        rows = (rows + batch).min(max_rows);
+    }
+}
+
+/// Rows only the first cell got right and rows only the second did, on the rows both
+/// answered; `None` when either cell has no rows.
+fn discordant(a: &crate::report::Analysis, cells: &[String; 2]) -> Option<(u64, u64)> {
+    let index = |id: &str| a.metrics.iter().position(|m| m.cell == id);
+    let (x, y) = (index(&cells[0])?, index(&cells[1])?);
+    let mut right: std::collections::HashMap<usize, [Option<bool>; 2]> = Default::default();
+    for p in &a.predictions {
+        let slot = if p.cell == x {
+            0
+        } else if p.cell == y {
+            1
+        } else {
+            continue;
+        };
+        right.entry(p.row).or_default()[slot] = Some(p.correct());
+    }
+    let (mut b, mut c) = (0, 0);
+    for [p, q] in right.values() {
+        match (p, q) {
+            (Some(true), Some(false)) => b += 1,
+            (Some(false), Some(true)) => c += 1,
+            _ => {}
+        }
+    }
+    Some((b, c))
+}
+
 /// One shard of `plan --shards N`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ShardSummary {

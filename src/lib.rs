@@ -79,6 +79,7 @@ pub mod row;
 pub mod schedule;
 pub mod score;
 mod segments;
+pub mod sequential;
 pub mod serve;
 pub mod shard;
 pub mod spec;

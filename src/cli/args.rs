@@ -136,6 +136,16 @@ pub struct RunArgs {
     /// The number of shards, for schedulers that give only the index.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub shards: Option<u64>,
+    /// Grow the rows in batches (prefixes of the spec's sample) until an anytime-valid
+    /// test says these two cells differ, or `--max-rows` is reached.
+    #[arg(long, num_args = 2, value_names = ["CELL_A", "CELL_B"], conflicts_with_all = ["limit", "shard", "shards"])]
+    pub until_resolved: Option<Vec<String>>,
+    /// With --until-resolved: at most this many rows (default: the spec's whole sample).
+    #[arg(long, value_name = "N", requires = "until_resolved", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_rows: Option<u64>,
+    /// With --until-resolved: rows added before each look at the evidence.
+    #[arg(long, value_name = "N", requires = "until_resolved", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: u64,
 }
 
 #[derive(Args)]

@@ -18,6 +18,9 @@ pub(super) fn command(cli: &Cli, args: &RunArgs) -> Result<ExitCode, AppError> {
         fail_fast,
         shard,
         shards,
+        until_resolved,
+        max_rows,
+        batch,
     } = args;
 
     let cfg = config(cli, *threads);
@@ -49,7 +52,26 @@ pub(super) fn command(cli: &Cli, args: &RunArgs) -> Result<ExitCode, AppError> {
         fail_fast: *fail_fast,
         shard,
     };
-    let outcome = app::run(&cfg, spec, &opts, cancel)?;
+    let outcome = match until_resolved.as_deref() {
+        Some([a, b]) => {
+            let kind = cfg.backend;
+            let (outcome, seq) = app::run_until_resolved(
+                &cfg,
+                spec,
+                &opts,
+                cancel,
+                std::sync::Arc::new(move || kind.create()),
+                &app::UntilResolved {
+                    cells: [a.clone(), b.clone()],
+                    max_rows: max_rows.map(|n| n as usize),
+                    batch: *batch as usize,
+                },
+            )?;
+            out!("{}", seq.why);
+            outcome
+        }
+        _ => app::run(&cfg, spec, &opts, cancel)?,
+    };
     warn(&outcome.warnings);
     let stats = &outcome.stats;
     if let Some(w) = &outcome.written {

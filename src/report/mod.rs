@@ -67,6 +67,9 @@ pub struct Provenance {
     pub last_run: Option<serde_json::Value>,
     /// How many of the report's rows each host and shard computed (filled in by [`write`]).
     pub computed_by: Vec<ComputedBy>,
+    /// `run --until-resolved`: why the run stopped, and at how many rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<crate::sequential::Sequential>,
 }
 
 /// The rows of a report that one host (and shard, in a split run) computed; rows cached
@@ -183,6 +186,7 @@ impl Provenance {
             run,
             last_run: None,
             computed_by: Vec::new(),
+            sequential: None,
         }
     }
 
