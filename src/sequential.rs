@@ -127,7 +127,7 @@ mod tests {
             let mut rng = crate::rng::SplitMix64::for_stream(seed, "sequential-test");
             let (mut b, mut c) = (0, 0);
             for i in 1..=1000 {
-                if rng.next_u64() % 2 == 0 {
+                if rng.next_u64().is_multiple_of(2) {
                     b += 1
                 } else {
                     c += 1
@@ -143,7 +143,7 @@ mod tests {
         let mut rng = crate::rng::SplitMix64::for_stream(1, "sequential-test-alt");
         let (mut b, mut c) = (0, 0);
         let at = (1..=1000).find(|_| {
-            if rng.next_u64() % 4 == 0 {
+            if rng.next_u64().is_multiple_of(4) {
                 c += 1
             } else {
                 b += 1
