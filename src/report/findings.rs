@@ -395,17 +395,30 @@ fn verdict(t: &Paired, other: &str) -> String {
 /// The most accurate of `cells` among those with the most answers (ties: the first): a
 /// cell a stopped run left with a few rows is never called the best on them.
 /// The accuracy of "the best cell" without the lift of having picked it on the same rows:
-/// the cell most accurate on the even rows, measured on the odd rows, and the other way
-/// round, averaged by the rows measured. Picking the best of many cells on the rows that
+/// the cell most accurate on one half of the rows, measured on the other half, and the other
+/// way round, averaged by the rows measured. Picking the best of many cells on the rows that
 /// then measure it favours a cell that was lucky on them; this estimate is not inflated so.
 fn honest_best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<f64> {
     let cells: Vec<&CellView> = cells.collect();
     let most = cells.iter().map(|c| c.n()).max()?;
     let cells: Vec<&CellView> = cells.into_iter().filter(|c| c.n() == most).collect();
+    // The halves alternate within each label, so each half keeps the labels' shares (rows
+    // are usually interleaved by label, and halves by row index alone would put one label
+    // in each).
+    let mut seen = vec![0usize; input.labels.len().max(1)];
+    let half: Vec<usize> = input
+        .gold
+        .iter()
+        .map(|&g| {
+            let slot = g.min(seen.len() - 1);
+            seen[slot] += 1;
+            (seen[slot] - 1) % 2
+        })
+        .collect();
     let on_half = |c: &CellView, parity: usize| -> Option<(usize, usize)> {
         let (mut right, mut n) = (0, 0);
         for (i, (p, g)) in c.predictions.iter().zip(&input.gold).enumerate() {
-            if i % 2 == parity
+            if half[i] == parity
                 && let Some(p) = p
             {
                 n += 1;
@@ -558,7 +571,7 @@ fn models(input: &Input, out: &mut Vec<Finding>) {
             out.push(Finding {
                 topic: "models",
                 text: format!(
-                    "The best {b} cell, {} ({}, the most accurate of {} cells{}), {}. Both were picked as the best after the run, which favours them: the honest estimates beside them choose the best cell on the even rows and measure it on the odd ones, and the other way round.",
+                    "The best {b} cell, {} ({}, the most accurate of {} cells{}), {}. Both were picked as the best after the run, which favours them: the honest estimates beside them choose the best cell on one half of the rows and measure it on the other, and the other way round.",
                     bb.id,
                     pct(t.a),
                     count(b),
@@ -1682,6 +1695,21 @@ mod tests {
             "the best of twenty 70% cells looks better: {raw}"
         );
         assert!(honest < raw - 0.03, "honest {honest} vs raw {raw}");
+        // Rows alternate by label here: a cell that always says the first label is right on
+        // every even row, and must not be chosen on a half that holds only those.
+        let mut constant = cell(&inp, "small", "constant", 0);
+        constant.predictions = inp.gold.iter().map(|_| Some(Some(0))).collect();
+        let mut with_constant = inp.cells.clone();
+        with_constant.push(constant);
+        let honest_with = honest_best(
+            &Input {
+                cells: with_constant.clone(),
+                ..input(200)
+            },
+            with_constant.iter(),
+        )
+        .unwrap();
+        assert!(honest_with > 0.6, "{honest_with}");
         // A cell better on every row is chosen on both halves, and its estimate is exact.
         inp.cells.push(cell(&inp, "small", "good", 180));
         assert!((honest_best(&inp, inp.cells.iter()).unwrap() - 0.9).abs() < 1e-12);
