@@ -237,41 +237,11 @@ fn read_labeled(
                 .collect()
         })
         .unwrap_or_default();
-    let column = |name: &Located<String>| -> Result<Vec<Option<String>>, Diagnostic> {
-        if !schema_cols.contains(&name.value) {
-            return Err(name.error(format!(
-                "column `{}` not found in {} (columns: {})",
-                name.value,
-                path.value.display(),
-                schema_cols.join(", ")
-            )));
-        }
-        let mut out = Vec::new();
-        for b in &batches {
-            let col = b.column_by_name(&name.value).expect("checked above");
-            out.extend(strings(col).map_err(|e| name.error(e.to_string()))?);
-        }
-        Ok(out)
-    };
+    let column = |name: &Located<String>| read_column(&batches, &schema_cols, path, name, strings);
     let texts = column(&spec.text)?;
     let labels = column(&spec.label)?;
     let choices = match &spec.choices {
-        Some(c) => {
-            if !schema_cols.contains(&c.value) {
-                return Err(c.error(format!(
-                    "column `{}` not found in {} (columns: {})",
-                    c.value,
-                    path.value.display(),
-                    schema_cols.join(", ")
-                )));
-            }
-            let mut out = Vec::new();
-            for b in &batches {
-                let col = b.column_by_name(&c.value).expect("checked above");
-                out.extend(lists(col).map_err(|e| c.error(e.to_string()))?);
-            }
-            Some((c, out))
-        }
+        Some(c) => Some((c, read_column(&batches, &schema_cols, path, c, lists)?)),
         None => None,
     };
     let ids = match &spec.id {
@@ -360,6 +330,31 @@ pub fn clean(text: &str, c: &CleanSpec) -> String {
 }
 
 /// Read a whole table; the format follows the file extension.
+/// A column's values, read by `read` (as text, or as lists of choices), once it is known to
+/// exist; an error names the column, the file and the columns it has.
+fn read_column<T>(
+    batches: &[RecordBatch],
+    schema_cols: &[String],
+    path: &Located<std::path::PathBuf>,
+    name: &Located<String>,
+    read: fn(&ArrayRef) -> Result<Vec<T>, TableError>,
+) -> Result<Vec<T>, Diagnostic> {
+    if !schema_cols.contains(&name.value) {
+        return Err(name.error(format!(
+            "column `{}` not found in {} (columns: {})",
+            name.value,
+            path.value.display(),
+            schema_cols.join(", ")
+        )));
+    }
+    let mut out = Vec::new();
+    for b in batches {
+        let col = b.column_by_name(&name.value).expect("checked above");
+        out.extend(read(col).map_err(|e| name.error(e.to_string()))?);
+    }
+    Ok(out)
+}
+
 /// The class of a fixed-label row's label value.
 fn fixed_label(
     spec: &DatasetSpec,

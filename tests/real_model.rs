@@ -12,8 +12,6 @@ use pipeline::backend::llama::LlamaEngine;
 use pipeline::backend::{Backend, ModelLoad, PromptOutput, Sampler, Task};
 use pipeline::prompt::{FixedPart, Messages};
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
-
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = common::trials_needing(
@@ -66,18 +64,7 @@ fn main() -> ExitCode {
 }
 
 fn model() -> Result<PathBuf, String> {
-    let dir = std::env::var_os("PIPELINE_MODELS_DIR").ok_or(
-        "PIPELINE_MODELS_DIR is not set (`bash scripts/test` sets it and fetches the model)",
-    )?;
-    let p = PathBuf::from(dir).join(MODEL_FILE);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{} does not exist; fetch it with `../shared/models/fetch \"$PIPELINE_MODELS_DIR\" smollm2-135m`",
-            p.display()
-        ))
-    }
+    common::smollm2()
 }
 
 fn repo_file(rel: &str) -> PathBuf {

@@ -9,8 +9,6 @@ use std::process::ExitCode;
 
 use libtest_mimic::{Arguments, Failed};
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
-
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = common::trials_needing(
@@ -35,18 +33,7 @@ fn main() -> ExitCode {
 }
 
 fn model() -> Result<PathBuf, String> {
-    let dir = std::env::var_os("PIPELINE_MODELS_DIR").ok_or(
-        "PIPELINE_MODELS_DIR is not set (`bash scripts/test` sets it and fetches the model)",
-    )?;
-    let p = PathBuf::from(dir).join(MODEL_FILE);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{} does not exist; fetch it with `../shared/models/fetch \"$PIPELINE_MODELS_DIR\" smollm2-135m`",
-            p.display()
-        ))
-    }
+    common::smollm2()
 }
 
 /// Short texts of four topics, `n` of each, as JSONL rows with the topic as the label.

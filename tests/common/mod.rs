@@ -715,3 +715,20 @@ pub fn fake_run_with(
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     (outcome, calls)
 }
+
+/// The small real model the real-model tests use, found through `$PIPELINE_MODELS_DIR`; why
+/// not, when it is not there.
+pub fn smollm2() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("PIPELINE_MODELS_DIR").ok_or(
+        "PIPELINE_MODELS_DIR is not set (`bash scripts/test` sets it and fetches the model)",
+    )?;
+    let p = PathBuf::from(dir).join("SmolLM2-135M-Instruct-Q4_1.gguf");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} does not exist; fetch it with `../shared/models/fetch \"$PIPELINE_MODELS_DIR\" smollm2-135m`",
+            p.display()
+        ))
+    }
+}
