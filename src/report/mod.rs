@@ -852,7 +852,9 @@ fn probes_table(m: &[CellMetrics]) -> Table {
 /// Raw log-likelihood cells' length-normalised accuracies, where the labels differ in
 /// length (in bytes, or in tokens for some cell).
 fn normalised_table(m: &[CellMetrics], labels: &[String]) -> Table {
-    let unequal_bytes = labels.iter().any(|l| l.len() != labels[0].len());
+    let unequal_bytes = labels
+        .first()
+        .is_some_and(|first| labels.iter().any(|l| l.len() != first.len()));
     let moved = |c: &CellMetrics| {
         c.length_normalised
             .is_some_and(|n| n.per_token.is_some_and(|t| t != c.accuracy))

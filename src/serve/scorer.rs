@@ -142,6 +142,10 @@ pub enum ScorerError {
         "a spec with per-row choices (`dataset.choices`) is not served: a request holds a text, not its choices"
     )]
     Choices,
+    #[error(
+        "a spec with reference answers (`dataset.reference`) is not served: a request has no reference to score its answer against"
+    )]
+    Reference,
     #[error("no embedding")]
     NoEmbedding,
     #[error("the cell's model digest is not known")]
@@ -170,8 +174,10 @@ impl Scorer {
             });
             Ok(pools.len() - 1)
         };
-        if plan.spec.dataset.choices.is_some() {
-            return Err(ScorerError::Choices);
+        match plan.spec.dataset.shape() {
+            crate::spec::TaskShape::Choices => return Err(ScorerError::Choices),
+            crate::spec::TaskShape::Reference => return Err(ScorerError::Reference),
+            crate::spec::TaskShape::Labels => {}
         }
         let method = &plan.spec.methods[c.method];
         if method.probe().is_some() {
