@@ -59,6 +59,7 @@ pub mod ensemble;
 pub mod error;
 pub mod exec;
 pub mod fs;
+pub mod gguf;
 pub mod guard;
 pub mod interrupt;
 pub mod key;

@@ -58,6 +58,10 @@ fn main() -> ExitCode {
                 "probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused",
                 probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused,
             ),
+            (
+                "the_gguf_header_counts_the_parameters_as_gguf_py_does",
+                the_gguf_header_counts_the_parameters_as_gguf_py_does,
+            ),
         ],
     );
     libtest_mimic::run(&args, trials).exit_code()
@@ -884,5 +888,13 @@ fn probe_batch_and_ensemble_cells_run_and_their_hidden_states_are_reused() -> Re
     let second = run_llama(&p);
     assert_eq!(second["computed_rows"], 0, "{second}");
     assert_eq!(second["prompts_evaluated"], 0, "{second}");
+    Ok(())
+}
+
+fn the_gguf_header_counts_the_parameters_as_gguf_py_does() -> Result<(), Failed> {
+    let model = model()?;
+    // gguf-py 0.19: sum(t.n_elements for t in GGUFReader(path).tensors) = 134515008 (272
+    // tensors).
+    assert_eq!(pipeline::gguf::parameters(&model)?, 134_515_008);
     Ok(())
 }
