@@ -329,7 +329,6 @@ pub fn clean(text: &str, c: &CleanSpec) -> String {
     t.trim().to_string()
 }
 
-/// Read a whole table; the format follows the file extension.
 /// A column's values, read by `read` (as text, or as lists of choices), once it is known to
 /// exist; an error names the column, the file and the columns it has.
 fn read_column<T>(
@@ -378,6 +377,7 @@ fn fixed_label(
         })
 }
 
+/// Read a whole table; the format follows the file extension.
 pub fn read_table(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     let ext = path
         .extension()

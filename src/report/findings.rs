@@ -392,8 +392,6 @@ fn verdict(t: &Paired, other: &str) -> String {
     }
 }
 
-/// The most accurate of `cells` among those with the most answers (ties: the first): a
-/// cell a stopped run left with a few rows is never called the best on them.
 /// The accuracy of "the best cell" without the lift of having picked it on the same rows:
 /// the cell most accurate on one half of the rows, measured on the other half, and the other
 /// way round, averaged by the rows measured. Picking the best of many cells on the rows that
@@ -446,6 +444,8 @@ fn honest_best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> 
     (n > 0).then(|| right as f64 / n as f64)
 }
 
+/// The most accurate of `cells` among those with the most answers (ties: the first): a
+/// cell a stopped run left with a few rows is never called the best on them.
 fn best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<&'a CellView> {
     let cells: Vec<&CellView> = cells.collect();
     let most = cells.iter().map(|c| c.n()).max()?;
@@ -1265,9 +1265,6 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
     }
 }
 
-/// Each probe against the best cell of its model that reads label scores (its raw and
-/// calibrated `loglik` cells): what reading the hidden states bought. A probe without a
-/// model (an embedder's) is set beside each model's best such cell.
 /// A probe and its tests against other cells (each named as a sentence names it).
 struct ProbeTests<'a> {
     probe: &'a CellView,
@@ -1275,6 +1272,9 @@ struct ProbeTests<'a> {
     tests: Vec<(String, Paired)>,
 }
 
+/// Each probe against the best cell of its model that reads label scores (its raw and
+/// calibrated `loglik` cells): what reading the hidden states bought. A probe without a
+/// model (an embedder's) is set beside each model's best such cell.
 fn probes(input: &Input, out: &mut Vec<Finding>) {
     let of_model = |m: &str| {
         best(
