@@ -360,22 +360,8 @@ pub fn run_until_resolved(
 ) -> Result<(RunOutcome, crate::sequential::Sequential), AppError> {
     use crate::sequential::{Sequential, Stopped};
     let planned = plan(cfg, spec_path, None)?;
-    let known = || {
-        planned
-            .plan
-            .cells
-            .iter()
-            .map(|c| c.id.clone())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for cell in &until.cells {
-        if planned.plan.cell_by_id(cell).is_none() {
-            return Err(AppError::UnknownCell {
-                cell: cell.clone(),
-                known: known(),
-            });
-        }
+        crate::schedule::reported_cell(&planned.plan, cell)?;
     }
     let sampled = planned.plan.dataset.rows.len();
     drop(planned);
@@ -449,7 +435,7 @@ pub fn run_until_resolved(
 fn discordant(a: &crate::report::Analysis, cells: &[String; 2]) -> Option<(u64, u64)> {
     let index = |id: &str| a.metrics.iter().position(|m| m.cell == id);
     let (x, y) = (index(&cells[0])?, index(&cells[1])?);
-    let mut right: std::collections::HashMap<usize, [Option<bool>; 2]> = Default::default();
+    let mut right: std::collections::BTreeMap<usize, [Option<bool>; 2]> = Default::default();
     for p in &a.predictions {
         let slot = if p.cell == x {
             0
@@ -460,15 +446,11 @@ fn discordant(a: &crate::report::Analysis, cells: &[String; 2]) -> Option<(u64, 
         };
         right.entry(p.row).or_default()[slot] = Some(p.correct());
     }
-    let (mut b, mut c) = (0, 0);
-    for [p, q] in right.values() {
-        match (p, q) {
-            (Some(true), Some(false)) => b += 1,
-            (Some(false), Some(true)) => c += 1,
-            _ => {}
-        }
-    }
-    Some((b, c))
+    let (first, second): (Vec<bool>, Vec<bool>) = right
+        .values()
+        .filter_map(|[p, q]| Some(((*p)?, (*q)?)))
+        .unzip();
+    Some(crate::metrics::stats::discordant(&first, &second))
 }
 
 /// One shard of `plan --shards N`.

@@ -93,10 +93,10 @@ pub enum Target {
     Serve(String),
 }
 
-/// A served cell: its index, and the cells that answer (the cell, or a cascade's stages in
-/// turn). An unknown id is bad input that names the cells there are.
-pub fn served_cell(plan: &Plan, cell: &str) -> Result<(usize, Vec<CellRef>), AppError> {
-    let ci = plan.cell_by_id(cell).ok_or_else(|| AppError::UnknownCell {
+/// A reported cell's index by its id; an unknown id is bad input that names the cells there
+/// are.
+pub fn reported_cell(plan: &Plan, cell: &str) -> Result<usize, AppError> {
+    plan.cell_by_id(cell).ok_or_else(|| AppError::UnknownCell {
         cell: cell.to_string(),
         known: plan
             .cells
@@ -104,7 +104,13 @@ pub fn served_cell(plan: &Plan, cell: &str) -> Result<(usize, Vec<CellRef>), App
             .map(|c| c.id.as_str())
             .collect::<Vec<_>>()
             .join(", "),
-    })?;
+    })
+}
+
+/// A served cell: its index, and the cells that answer (the cell, or a cascade's stages in
+/// turn). An unknown id is bad input that names the cells there are.
+pub fn served_cell(plan: &Plan, cell: &str) -> Result<(usize, Vec<CellRef>), AppError> {
+    let ci = reported_cell(plan, cell)?;
     let stages = match plan.cells[ci].source {
         Source::Cascade { cascade } => plan.cascades[cascade].stages.clone(),
         _ => vec![CellRef::Reported(ci)],

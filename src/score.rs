@@ -25,10 +25,35 @@ pub enum Score {
     Contains,
     /// The pattern's first capture group (or its whole match) in the answer, normalised,
     /// equals the normalised reference. No match: an invalid answer.
-    Regex(String),
+    Regex(Pattern),
     /// The answer's last number is within `tolerance` of the reference's. No number: an
     /// invalid answer.
     Numeric { tolerance: f64 },
+}
+
+/// A regular expression, compiled once when the spec is read (a score runs on every row);
+/// equal and serialized as its text.
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    pub fn new(pattern: &str) -> Result<Self, ScoreError> {
+        regex::Regex::new(pattern)
+            .map(Pattern)
+            .map_err(|e| ScoreError::Pattern(e.to_string()))
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
 }
 
 /// Why a score from a spec cannot be used.
@@ -49,13 +74,10 @@ pub struct Scored {
 }
 
 impl Score {
-    /// Check what a spec cannot express: a pattern that compiles, a tolerance that is a
-    /// finite number ≥ 0.
+    /// Check what a spec cannot express: a tolerance that is a finite number ≥ 0 (a pattern
+    /// is checked when it is compiled).
     pub fn check(&self) -> Result<(), ScoreError> {
         match self {
-            Score::Regex(p) => regex::Regex::new(p)
-                .map(|_| ())
-                .map_err(|e| ScoreError::Pattern(e.to_string())),
             Score::Numeric { tolerance } if !(tolerance.is_finite() && *tolerance >= 0.0) => {
                 Err(ScoreError::Tolerance(*tolerance))
             }
@@ -81,15 +103,12 @@ impl Score {
                     extracted: Some(a),
                 }
             }
-            Score::Regex(pattern) => {
-                // Checked when the spec was read; a pattern that fails here matches nothing.
-                let found = regex::Regex::new(pattern).ok().and_then(|re| {
-                    re.captures(answer).map(|c| {
-                        c.get(1)
-                            .or_else(|| c.get(0))
-                            .map_or("", |m| m.as_str())
-                            .to_string()
-                    })
+            Score::Regex(Pattern(re)) => {
+                let found = re.captures(answer).map(|c| {
+                    c.get(1)
+                        .or_else(|| c.get(0))
+                        .map_or("", |m| m.as_str())
+                        .to_string()
                 });
                 match found {
                     Some(x) => Scored {
@@ -131,8 +150,12 @@ pub fn normalise(text: &str) -> String {
 /// The last number in `text`: an optional minus sign, digits with optional `,` between
 /// groups of three, an optional fraction.
 fn last_number(text: &str) -> Option<f64> {
-    let re = regex::Regex::new(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?").ok()?;
-    re.find_iter(text)
+    static NUMBER: std::sync::LazyLock<Option<regex::Regex>> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?").ok()
+    });
+    NUMBER
+        .as_ref()?
+        .find_iter(text)
         .last()
         .and_then(|m| m.as_str().replace(',', "").parse().ok())
 }
@@ -163,7 +186,10 @@ impl<'de> Deserialize<'de> for Score {
                     return Err(de::Error::custom("an empty map names no score"));
                 };
                 let score = match k.as_str() {
-                    "regex" => Score::Regex(map.next_value()?),
+                    "regex" => {
+                        let p: String = map.next_value()?;
+                        Score::Regex(Pattern::new(&p).map_err(de::Error::custom)?)
+                    }
                     "numeric" => {
                         let n: Numeric = map.next_value()?;
                         Score::Numeric {
@@ -212,14 +238,14 @@ mod tests {
 
     #[test]
     fn regex_compares_the_first_capture_and_no_match_is_invalid() {
-        let s = Score::Regex(r"(?i)answer:\s*(\w+)".into());
+        let s = Score::Regex(Pattern::new(r"(?i)answer:\s*(\w+)").unwrap());
         let hit = s.apply("Reasoning... Answer: Blue", "blue");
         assert!(hit.correct);
         assert_eq!(hit.extracted.as_deref(), Some("Blue"));
         let miss = s.apply("no idea", "blue");
         assert_eq!(miss.extracted, None);
         assert!(!miss.correct);
-        assert!(Score::Regex("(".into()).check().is_err());
+        assert!(Pattern::new("(").is_err());
     }
 
     #[test]
@@ -239,7 +265,7 @@ mod tests {
         assert_eq!(read("exact_match").unwrap(), Score::ExactMatch);
         assert_eq!(
             read("{regex: 'x(\\d)'}").unwrap(),
-            Score::Regex("x(\\d)".into())
+            Score::Regex(Pattern::new("x(\\d)").unwrap())
         );
         assert_eq!(
             read("{numeric: {tolerance: 0.5}}").unwrap(),

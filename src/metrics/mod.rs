@@ -694,8 +694,7 @@ pub fn compare(plan: &Plan, preds: &[Prediction], pairs: &[(usize, usize)]) -> V
                     v.iter().filter(|&&t| t).count() as f64 / v.len() as f64
                 }
             };
-            let cell_only = x.iter().zip(&y).filter(|(p, q)| **p && !**q).count() as u64;
-            let reference_only = x.iter().zip(&y).filter(|(p, q)| !**p && **q).count() as u64;
+            let (cell_only, reference_only) = stats::discordant(&x, &y);
             let (lo, hi) = stats::paired_bootstrap(
                 &x,
                 &y,

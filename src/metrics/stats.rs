@@ -50,6 +50,16 @@ pub fn prf(tp: u64, fp: u64, fn_: u64) -> (f64, f64, f64) {
     (p, r, f)
 }
 
+/// The discordant pairs of two cells' paired outcomes: rows only `a` got right, and rows
+/// only `b` got right (McNemar's b and c).
+pub fn discordant(a: &[bool], b: &[bool]) -> (u64, u64) {
+    a.iter().zip(b).fold((0, 0), |(x, y), (p, q)| match (p, q) {
+        (true, false) => (x + 1, y),
+        (false, true) => (x, y + 1),
+        _ => (x, y),
+    })
+}
+
 /// Exact McNemar test (two-sided): with `b` and `c` the discordant pairs (A right and B
 /// wrong, and the reverse), the p-value of a binomial test of `min(b, c)` in `b + c` at 1/2.
 pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
@@ -100,6 +110,12 @@ pub fn mcnemar_detectable(n: u64, discordant: f64) -> Option<f64> {
     Some(hi)
 }
 
+/// Half the width of the 95% Wilson interval on an accuracy of `accuracy` over `rows` rows.
+pub fn wilson_half_width(accuracy: f64, rows: u64) -> f64 {
+    let (lo, hi) = wilson((accuracy * rows as f64).round() as u64, rows, Z95);
+    (hi - lo) / 2.0
+}
+
 /// What a sample of `rows` can resolve, said before anything runs: the half-width of a 95%
 /// Wilson interval on one cell's accuracy (at 50%, its widest, and at the accuracy the user
 /// expects), and the paired difference a McNemar test detects with 80% power when a given
@@ -117,15 +133,11 @@ pub struct Resolution {
 
 impl Resolution {
     pub fn of(rows: u64, expected_accuracy: f64, discordant_share: f64) -> Self {
-        let half = |a: f64| {
-            let (lo, hi) = wilson((a * rows as f64).round() as u64, rows, Z95);
-            (hi - lo) / 2.0
-        };
         Self {
             rows,
-            half_width_at_50: half(0.5),
+            half_width_at_50: wilson_half_width(0.5, rows),
             expected_accuracy,
-            half_width_at_expected: half(expected_accuracy),
+            half_width_at_expected: wilson_half_width(expected_accuracy, rows),
             discordant_share,
             detectable_difference: mcnemar_detectable(rows, discordant_share),
         }
@@ -420,6 +432,15 @@ mod tests {
         assert!(holm(&[]).is_empty());
         // Capped at 1.
         assert_eq!(holm(&[0.6, 0.7]), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn discordant_counts_the_rows_each_cell_alone_got_right() {
+        let a = [true, true, false, false, true];
+        let b = [true, false, true, false, false];
+        assert_eq!(discordant(&a, &b), (2, 1));
+        assert_eq!(discordant(&b, &a), (1, 2));
+        assert_eq!(discordant(&[], &[]), (0, 0));
     }
 
     #[test]

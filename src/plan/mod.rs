@@ -97,20 +97,14 @@ impl Plan {
     /// What a cell asks of row `row`'s prompt: with per-row choices, a log-likelihood task
     /// scores that row's own choices.
     pub fn row_task(&self, cell: &Cell, row: usize) -> crate::backend::Task {
-        match self.task(cell) {
-            crate::backend::Task::Loglik { .. } if self.spec.dataset.choices.is_some() => {
-                let set = &self.sets[cell.set];
-                crate::backend::Task::Loglik {
-                    continuations: set
-                        .rows
-                        .get(row)
-                        .map(|r| r.choices.clone())
-                        .unwrap_or_default(),
-                    reserve: Some(set.longest_choice),
-                }
-            }
-            task => task,
+        let mut task = self.task(cell);
+        if let crate::backend::Task::Loglik { continuations, .. } = &mut task
+            && let Some(r) = self.sets[cell.set].rows.get(row)
+            && !r.choices.is_empty()
+        {
+            *continuations = r.choices.clone();
         }
+        task
     }
 
     /// What a cell asks of each prompt (with per-row choices, the context a row's task keeps

@@ -322,8 +322,7 @@ fn paired(input: &Input, a: &CellView, b: &CellView) -> Option<Paired> {
     }
     let acc = |v: &[bool]| v.iter().filter(|&&t| t).count() as f64 / v.len() as f64;
     let (lo, hi) = stats::paired_bootstrap(&x, &y, input.resamples, input.seed, 0.95);
-    let only_a = x.iter().zip(&y).filter(|(p, q)| **p && !**q).count() as u64;
-    let only_b = x.iter().zip(&y).filter(|(p, q)| !**p && **q).count() as u64;
+    let (only_a, only_b) = stats::discordant(&x, &y);
     Some(Paired {
         n: x.len(),
         a: acc(&x),
@@ -397,9 +396,7 @@ fn verdict(t: &Paired, other: &str) -> String {
 /// way round, averaged by the rows measured. Picking the best of many cells on the rows that
 /// then measure it favours a cell that was lucky on them; this estimate is not inflated so.
 fn honest_best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<f64> {
-    let cells: Vec<&CellView> = cells.collect();
-    let most = cells.iter().map(|c| c.n()).max()?;
-    let cells: Vec<&CellView> = cells.into_iter().filter(|c| c.n() == most).collect();
+    let cells = most_answered(cells);
     // The halves alternate within each label, so each half keeps the labels' shares (rows
     // are usually interleaved by label, and halves by row index alone would put one label
     // in each).
@@ -427,17 +424,10 @@ fn honest_best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> 
     };
     let (mut right, mut n) = (0, 0);
     for parity in [0, 1] {
-        // The first of equals, in cell order, as `best` picks.
-        let mut chosen: Option<(&CellView, f64)> = None;
-        for c in &cells {
-            if let Some((r, k)) = on_half(c, parity) {
-                let a = r as f64 / k as f64;
-                if chosen.is_none_or(|(_, b)| a > b) {
-                    chosen = Some((c, a));
-                }
-            }
-        }
-        let (r, k) = on_half(chosen?.0, 1 - parity)?;
+        let (chosen, _) = first_best(&cells, |c| {
+            on_half(c, parity).map(|(r, k)| r as f64 / k as f64)
+        })?;
+        let (r, k) = on_half(chosen, 1 - parity)?;
         right += r;
         n += k;
     }
@@ -447,17 +437,30 @@ fn honest_best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> 
 /// The most accurate of `cells` among those with the most answers (ties: the first): a
 /// cell a stopped run left with a few rows is never called the best on them.
 fn best<'a>(input: &Input, cells: impl Iterator<Item = &'a CellView>) -> Option<&'a CellView> {
+    first_best(&most_answered(cells), |c| c.accuracy(&input.gold)).map(|(c, _)| c)
+}
+
+/// The cells with the most answers.
+fn most_answered<'a>(cells: impl Iterator<Item = &'a CellView>) -> Vec<&'a CellView> {
     let cells: Vec<&CellView> = cells.collect();
-    let most = cells.iter().map(|c| c.n()).max()?;
+    let most = cells.iter().map(|c| c.n()).max().unwrap_or(0);
+    cells.into_iter().filter(|c| c.n() == most).collect()
+}
+
+/// The cell with the highest `score` (ties: the first), and that score.
+fn first_best<'a>(
+    cells: &[&'a CellView],
+    score: impl Fn(&CellView) -> Option<f64>,
+) -> Option<(&'a CellView, f64)> {
     let mut top: Option<(&CellView, f64)> = None;
-    for c in cells.into_iter().filter(|c| c.n() == most) {
-        if let Some(a) = c.accuracy(&input.gold)
+    for &c in cells {
+        if let Some(a) = score(c)
             && top.is_none_or(|(_, b)| a > b)
         {
             top = Some((c, a));
         }
     }
-    top.map(|(c, _)| c)
+    top
 }
 
 /// The cell of `model` and `prompt` that scores labels raw: the first raw `loglik` method,
@@ -510,11 +513,7 @@ fn precision(input: &Input, out: &mut Vec<Finding>) {
     }
     accs.sort_by(f64::total_cmp);
     let median = accs[accs.len() / 2];
-    let half = |a: f64| {
-        let k = (a * n as f64).round() as u64;
-        let (lo, hi) = stats::wilson(k, n as u64, 1.959_964);
-        (hi - lo) / 2.0
-    };
+    let half = |a: f64| stats::wilson_half_width(a, n as u64);
     // The smallest net win the exact McNemar test calls significant when a tenth of the
     // rows are discordant.
     let discordant = ((n as f64 * 0.1).round() as u64).max(1);

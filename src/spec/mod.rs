@@ -1185,8 +1185,8 @@ impl Validator<'_> {
                 .with_source(self.source));
             }
         }
-        let (labels, labels_at) = match (&d.labels, &d.choices) {
-            (None, None) if d.reference.is_some() => (
+        let (labels, labels_at) = match (&d.labels, &d.choices, &d.reference) {
+            (None, None, Some(r)) => (
                 crate::score::OUTCOMES
                     .iter()
                     .map(|o| LabelSpec {
@@ -1194,22 +1194,18 @@ impl Validator<'_> {
                         values: Vec::new(),
                     })
                     .collect(),
-                self.located(
-                    d.reference.as_ref().expect("matched"),
-                    "dataset.reference",
-                    (),
-                ),
+                self.located(r, "dataset.reference", ()),
             ),
-            (Some(l), None) => (self.labels(l)?, self.located(l, "dataset.labels", ())),
-            (None, Some(c)) => (Vec::new(), self.located(c, "dataset.choices", ())),
-            (Some(l), Some(_)) => {
+            (Some(l), None, _) => (self.labels(l)?, self.located(l, "dataset.labels", ())),
+            (None, Some(c), _) => (Vec::new(), self.located(c, "dataset.choices", ())),
+            (Some(l), Some(_), _) => {
                 return Err(self.err(
                     l,
                     "dataset.labels",
                     "with `choices`, each row's label is its correct choice (its text or its index): leave out `labels`",
                 ));
             }
-            (None, None) => {
+            (None, None, None) => {
                 return Err(self.err(
                     gold,
                     "dataset.labels",
