@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::cache::{Cache, CacheError, Lookup, Rows};
 use crate::calibrate::{CalibrationError, Params};
+use crate::cost::Work;
 use crate::key::Digest;
 use crate::plan::{Cell, CellRef, Plan};
 use crate::predict::{self as metrics, Prediction};
@@ -330,7 +331,12 @@ pub struct Summary {
     pub accuracy: f64,
     pub first: Alone,
     pub last: Alone,
-    /// Time and prompt tokens per row against each stage alone.
+    /// The cascade's work per row (every stage a row went through), and its compute
+    /// against each stage alone on the same rows: the cost that no load moves.
+    pub work: Work,
+    pub compute_vs_first: Option<f64>,
+    pub compute_vs_last: Option<f64>,
+    /// Wall-clock time and prompt tokens per row against each stage alone (as measured).
     pub time_vs_first: Option<f64>,
     pub time_vs_last: Option<f64>,
     pub tokens_vs_first: Option<f64>,
@@ -348,6 +354,8 @@ pub struct Alone {
     pub accuracy: Option<f64>,
     pub seconds_per_row: f64,
     pub prompt_tokens_per_row: f64,
+    /// Its work per row.
+    pub work: Work,
     /// Cost from the rows it did compute, when it did not compute them all.
     pub estimated: bool,
 }
@@ -360,6 +368,8 @@ pub struct CurvePoint {
     pub accuracy: f64,
     pub seconds_per_row: f64,
     pub prompt_tokens_per_row: f64,
+    /// Compute per row, where every stage's model size is known.
+    pub gflop_per_row: Option<f64>,
 }
 
 /// Points on a cascade's curve, at most.
@@ -396,6 +406,7 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> 
         .collect();
     let mut reached = vec![0u64; steps + 1];
     let (mut correct, mut secs, mut tokens) = (0usize, 0.0, 0.0);
+    let mut work = Vec::with_capacity(n);
     for &(r, k) in &rows {
         for x in reached.iter_mut().take(k + 1) {
             *x += 1;
@@ -404,7 +415,9 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> 
         correct += usize::from(went.last().is_some_and(|p| p.correct()));
         secs += went.iter().map(|p| p.latency_ms).sum::<f64>() / 1000.0;
         tokens += went.iter().map(|p| f64::from(p.prompt_tokens)).sum::<f64>();
+        work.push(Work::sum(went.iter().map(|p| &p.work)));
     }
+    let work = Work::sum(&work).per_row(n);
     let alone = |s: usize| -> Alone {
         let have: Vec<&Prediction> = rows
             .iter()
@@ -425,6 +438,7 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> 
                 .then(|| have.iter().filter(|p| p.correct()).count() as f64 / n as f64),
             seconds_per_row: mean(&|p| p.latency_ms / 1000.0),
             prompt_tokens_per_row: mean(&|p| f64::from(p.prompt_tokens)),
+            work: Work::sum(have.iter().map(|p| &p.work)).per_row(m),
             estimated: m < n,
         }
     };
@@ -438,6 +452,9 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> 
         reached,
         rows: n as u64,
         accuracy: correct as f64 / n as f64,
+        compute_vs_first: work.ratio(&first.work),
+        compute_vs_last: work.ratio(&last.work),
+        work,
         time_vs_first: ratio(per_row(secs), first.seconds_per_row),
         time_vs_last: ratio(per_row(secs), last.seconds_per_row),
         tokens_vs_first: ratio(per_row(tokens), first.prompt_tokens_per_row),
@@ -460,15 +477,16 @@ fn curve(
     let steps = preds.len() - 1;
     // From stage 1 on, the answer and the cost of each row as the cascade's later rules
     // would give them; `None` where a stage row is not cached.
-    let rest = |r: usize| -> Option<(bool, f64, f64)> {
-        let (mut secs, mut tokens) = (0.0, 0.0);
+    let rest = |r: usize| -> Option<(bool, f64, f64, Work)> {
+        let (mut secs, mut tokens, mut work) = (0.0, 0.0, Work::none());
         let mut k = 1;
         loop {
             let p = preds[k][r].as_ref()?;
             secs += p.latency_ms / 1000.0;
             tokens += f64::from(p.prompt_tokens);
+            work = Work::sum([&work, &p.work]);
             if k == steps || margin(p) >= thresholds[k]? {
-                return Some((p.correct(), secs, tokens));
+                return Some((p.correct(), secs, tokens, work));
             }
             k += 1;
         }
@@ -483,13 +501,15 @@ fn curve(
         return Vec::new();
     }
     let (mut correct, mut secs, mut tokens) = (0usize, 0.0, 0.0);
+    let mut work = Work::none();
     for (_, p, _) in &by_margin {
         correct += usize::from(p.correct());
         secs += p.latency_ms / 1000.0;
         tokens += f64::from(p.prompt_tokens);
+        work = Work::sum([&work, &p.work]);
     }
     let every = n.div_ceil(CURVE_POINTS - 1).max(1);
-    let point = |j: usize, correct: usize, secs: f64, tokens: f64| CurvePoint {
+    let point = |j: usize, correct: usize, secs: f64, tokens: f64, work: &Work| CurvePoint {
         escalated: j as f64 / n as f64,
         threshold: if j == 0 {
             by_margin[0].0
@@ -501,15 +521,19 @@ fn curve(
         accuracy: correct as f64 / n as f64,
         seconds_per_row: secs / n as f64,
         prompt_tokens_per_row: tokens / n as f64,
+        gflop_per_row: work.per_row(n).gflop(),
     };
-    let mut out = vec![point(0, correct, secs, tokens)];
+    let mut out = vec![point(0, correct, secs, tokens, &work)];
     for (j, &(_, p, r)) in by_margin.iter().enumerate() {
-        let Some((right, s, t)) = rest(r) else { break };
+        let Some((right, s, t, w)) = rest(r) else {
+            break;
+        };
         correct = correct + usize::from(right) - usize::from(p.correct());
         secs += s;
         tokens += t;
+        work = Work::sum([&work, &w]);
         if (j + 1) % every == 0 || j + 1 == n {
-            out.push(point(j + 1, correct, secs, tokens));
+            out.push(point(j + 1, correct, secs, tokens, &work));
         }
     }
     out.retain(|p| p.threshold.is_finite() || p.escalated == 1.0);
@@ -587,6 +611,7 @@ mod tests {
             prefill_ms: 5.0,
             decode_ms: 1.0,
             shared_by: 1,
+            work: Work::none(),
             latency_ms: 6.0,
             shared_latency_ms: 6.0,
             from_cache: true,

@@ -47,6 +47,13 @@ pub enum AppError {
     Dag(#[from] crate::dag::DagError),
     #[error("{}: is the cache itself; export into another folder", .0.display())]
     ExportIntoCache(PathBuf),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl AppError {

@@ -96,6 +96,11 @@ pub struct ExecStats {
     pub unstored_rows: usize,
     /// Peak resident memory of the process (VmHWM), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// CPU time the process used while the run computed, and its share of the engine
+    /// threads' time over the run's wall-clock time: the load the run's wall-clock figures
+    /// were measured under (near 1: the machine was the run's; well below: shared).
+    pub cpu_s: Option<f64>,
+    pub cpu_share: Option<f64>,
     /// The embed stage of this run.
     pub embed: crate::embed::EmbedStats,
     /// Keys computed by this run (the rest of the report's rows came from the cache).
@@ -117,6 +122,17 @@ impl ExecStats {
         self.prompt_tokens += later.prompt_tokens;
         self.evaluated_tokens += later.evaluated_tokens;
         self.models_loaded += later.models_loaded;
+        // The share over both, each weighted by its wall-clock time.
+        self.cpu_share = match (self.cpu_share, later.cpu_share) {
+            (Some(a), Some(b)) if self.wall_s + later.wall_s > 0.0 => {
+                Some((a * self.wall_s + b * later.wall_s) / (self.wall_s + later.wall_s))
+            }
+            (a, b) => a.or(b),
+        };
+        self.cpu_s = match (self.cpu_s, later.cpu_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         self.wall_s += later.wall_s;
         self.interrupted |= later.interrupted;
         self.unstored_rows += later.unstored_rows;
@@ -379,6 +395,7 @@ pub fn execute(
     cancel: Arc<AtomicBool>,
 ) -> ExecOutcome {
     let start = Instant::now();
+    let cpu_at_start = crate::rate::process_cpu_seconds();
     let mut work = collect_work(plan, routing, cache, opts.only_cells.as_ref());
     if let Some(f) = &opts.shard {
         work.jobs.retain(|j| f.manifest.owner(&j.id()) == f.index);
@@ -507,6 +524,7 @@ pub fn execute(
                         logprobs: o.logprobs,
                         hidden: o.hidden.map(crate::cache::stored_hidden),
                         choice_tokens: o.choice_tokens,
+                        prefix_tokens: Some(out.prefix_tokens),
                         prompt_tokens: out.prompt_tokens,
                         evaluated_tokens: paid.evaluated_tokens,
                         gen_tokens: o.gen_tokens,
@@ -584,6 +602,12 @@ pub fn execute(
     stats.interrupted = cancel.load(Ordering::SeqCst) && error.is_none();
     stats.wall_s = start.elapsed().as_secs_f64();
     stats.peak_rss_bytes = peak_rss_bytes();
+    stats.cpu_s = cpu_at_start
+        .zip(crate::rate::process_cpu_seconds())
+        .map(|(a, b)| b - a);
+    stats.cpu_share = stats
+        .cpu_s
+        .and_then(|cpu| crate::rate::cpu_share(cpu, stats.wall_s, opts.threads));
     ExecOutcome { stats, error }
 }
 
@@ -599,6 +623,7 @@ fn row_of(plan: &Plan, j: &Job, t: &PendingTask, now_ms: i64, origin: &Origin) -
         logprobs: None,
         hidden: None,
         choice_tokens: None,
+        prefix_tokens: None,
         prompt_tokens: 0,
         evaluated_tokens: 0,
         gen_tokens: 0,

@@ -11,6 +11,9 @@
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
+/// The first four bytes of every GGUF file.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
 /// Why a header could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -51,7 +54,7 @@ pub fn parameters(path: &Path) -> Result<u64, GgufError> {
     };
     let mut magic = [0u8; 4];
     r.read(&mut magic)?;
-    if &magic != crate::model::GGUF_MAGIC {
+    if &magic != GGUF_MAGIC {
         return Err(GgufError::Magic { path: r.path });
     }
     let version = r.u32()?;

@@ -61,9 +61,14 @@ pub struct KnownModel {
     pub file: Option<ResolvedModel>,
     /// sha256 of the file (from the file, or from the spec when the file is not here yet).
     pub sha256: Option<String>,
+    /// Parameter count (from the GGUF header, or the spec where the file is not here or
+    /// the model is served): what turns tokens into compute.
+    pub parameters: Option<u64>,
+    /// The engine's measured speed for this model on this machine, where one was saved.
+    pub rate: Option<crate::rate::EngineRate>,
 }
 
-pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+pub use crate::gguf::GGUF_MAGIC;
 
 impl Resolver {
     /// The model's file if it is already on this machine (never downloads).
@@ -111,10 +116,13 @@ impl Resolver {
                     .as_ref()
                     .map(|r| r.sha256.clone())
                     .or_else(|| m.sha256.as_ref().map(|s| s.value.clone()));
+                let parameters = parameters(m, file.as_ref())?;
                 Ok(KnownModel {
                     id: m.id.clone(),
                     file,
                     sha256,
+                    parameters,
+                    rate: None,
                 })
             })
             .collect()
@@ -326,6 +334,23 @@ fn remove_hub_file(path: &Path) {
         let _ = std::fs::remove_file(target);
     }
     let _ = std::fs::remove_file(path);
+}
+
+/// A model's parameter count: its GGUF header's where the file is here and readable (the
+/// spec's count, if it gives one, must agree), else the spec's.
+fn parameters(spec: &ModelSpec, file: Option<&ResolvedModel>) -> Result<Option<u64>, Diagnostic> {
+    let stated = spec.parameters.as_ref();
+    let header = file
+        .filter(|f| f.server.is_none())
+        .and_then(|f| crate::gguf::parameters(&f.path).ok());
+    match (header, stated) {
+        (Some(h), Some(s)) if h != s.value => Err(s.error(format!(
+            "the model file's GGUF header counts {h} parameters, not {}",
+            s.value
+        ))),
+        (Some(h), _) => Ok(Some(h)),
+        (None, s) => Ok(s.map(|s| s.value)),
+    }
 }
 
 /// Fail unless the file starts with the GGUF magic.

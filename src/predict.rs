@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use crate::answer::{argmax, parse_answer};
 use crate::cache::{Lookup, RowContent, Rows};
 use crate::calibrate::{self, Params};
+use crate::cost::{RowTokens, Work};
 use crate::key::Digest;
 use crate::plan::{Cell, Plan};
 use crate::row::Finish;
@@ -34,7 +35,11 @@ pub struct Prediction {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub shared_by: u32,
-    /// Time to compute this row alone: the whole prompt evaluation plus its own decoding.
+    /// What the row asks of its model(s), from its tokens alone: its cost, the same on any
+    /// machine under any load.
+    pub work: Work,
+    /// Time to compute this row alone: the whole prompt evaluation plus its own decoding
+    /// (wall-clock, as measured when it was computed).
     pub latency_ms: f64,
     /// Its share when the prompt evaluation served `shared_by` cells.
     pub shared_latency_ms: f64,
@@ -99,6 +104,7 @@ impl Prediction {
             prefill_ms: 0.0,
             decode_ms: 0.0,
             shared_by: 1,
+            work: Work::none(),
             latency_ms: 0.0,
             shared_latency_ms: 0.0,
             from_cache: true,
@@ -127,6 +133,7 @@ impl Prediction {
             latency_ms: sum(&|p| p.latency_ms),
             shared_latency_ms: sum(&|p| p.shared_latency_ms),
             shared_by: 1,
+            work: Work::sum(parts.iter().map(|p| &p.work)),
             from_cache: parts.iter().all(|p| p.from_cache),
             ..self
         }
@@ -296,6 +303,19 @@ pub fn prediction(
         prefill_ms: r.prefill_ms,
         decode_ms: r.decode_ms,
         shared_by: r.shared_by,
+        work: match cell.source {
+            crate::plan::Source::Llm { model, .. } => Work::of_row(
+                RowTokens {
+                    prompt: r.prompt_tokens,
+                    prefix: r.prefix_tokens,
+                    evaluated: r.evaluated_tokens,
+                    choices: r.choice_tokens.as_deref(),
+                    generated: r.gen_tokens,
+                },
+                &plan.models[model],
+            ),
+            _ => Work::none(),
+        },
         latency_ms: r.prefill_ms + r.decode_ms,
         shared_latency_ms: r.latency_ms(),
         from_cache: true,

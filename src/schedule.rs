@@ -50,7 +50,17 @@ pub fn load_plan(
     let spec = spec::load(spec_path)?;
     let resolver = cfg.resolver(models == Models::LocateOnly);
     let fetch = models == Models::Fetch;
-    let known = resolver.known_models(&spec.models, fetch)?;
+    let mut known = resolver.known_models(&spec.models, fetch)?;
+    // The engine's rate for each model: measured on this machine (`engine-bench --save`),
+    // else as the report this plan's report replaces recorded it.
+    let engine = cfg.engine_version();
+    let last_run = cfg.reports_dir.join(&spec.name).join("run.json");
+    for m in &mut known {
+        m.rate = m.sha256.as_deref().and_then(|sha| {
+            crate::rate::load(&cfg.cache_dir, sha, &engine, cfg.threads)
+                .or_else(|| crate::rate::recorded(&last_run, sha, &engine, cfg.threads))
+        });
+    }
     let embedder_specs: Vec<_> = spec.embedders.iter().map(|e| e.model.clone()).collect();
     let embedders = resolver.known_models(&embedder_specs, fetch)?;
     Ok(plan::build(

@@ -48,6 +48,7 @@ fn segment_bytes() -> Vec<u8> {
                 logprobs: Some(vec![-0.5, -1.5]),
                 hidden: None,
                 choice_tokens: Some(vec![1, 2]),
+                prefix_tokens: Some(4),
                 prompt_tokens: 10,
                 evaluated_tokens: 10,
                 gen_tokens: 0,

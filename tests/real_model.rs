@@ -896,5 +896,24 @@ fn the_gguf_header_counts_the_parameters_as_gguf_py_does() -> Result<(), Failed>
     // gguf-py 0.19: sum(t.n_elements for t in GGUFReader(path).tensors) = 134515008 (272
     // tensors).
     assert_eq!(pipeline::gguf::parameters(&model)?, 134_515_008);
+    // A spec that states the count is checked against the header, at its line.
+    let p = common::Project::new();
+    let spec = |count: u64| {
+        format!(
+            "name: t\ndataset:\n  path: data/reviews.jsonl\n  text: text\n  label: label\n  labels: {{0: negative, 1: positive}}\nmodels:\n  - id: m\n    gguf: {}\n    parameters: {count}\nprompts:\n  - id: p\n    user: \"{{{{ text }}}}\"\nmethods:\n  - id: ll\n    kind: loglik\n",
+            model.display()
+        )
+    };
+    p.write("spec.yaml", &spec(134_515_008));
+    p.run_ok(&["plan", "spec.yaml"]);
+    p.write("spec.yaml", &spec(134_000_000));
+    let out = p.cmd(&["plan", "spec.yaml"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success()
+        || !err.contains("spec.yaml:10")
+        || !err.contains("counts 134515008 parameters")
+    {
+        return Err(format!("a wrong parameter count was not refused at its line: {err}").into());
+    }
     Ok(())
 }

@@ -210,6 +210,13 @@ impl Session for FakeSession {
                 .or_default() += 1;
         }
         self.calls.tasks.fetch_add(tasks.len(), Ordering::SeqCst);
+        // The words of the template's fixed text, less the last (which may run on into the
+        // row's own text), as llama.cpp's session counts the shared prefix.
+        let prefix_tokens = prompt
+            .fixed_text()
+            .split_whitespace()
+            .count()
+            .saturating_sub(1);
         let prompt = prompt.text.as_str();
         let prompt_tokens = prompt.split_whitespace().count();
         if prompt.contains(FAIL_MARKER) {
@@ -329,6 +336,7 @@ impl Session for FakeSession {
         Ok(PromptOutput {
             prompt_tokens: prompt_tokens as u32,
             evaluated_tokens: if reused { 0 } else { prompt_tokens as u32 },
+            prefix_tokens: prefix_tokens.min(prompt_tokens.saturating_sub(1)) as u32,
             prefill_ms: start.elapsed().as_secs_f64() * 1000.0,
             tasks: outs,
         })

@@ -330,7 +330,7 @@ impl LlamaSession<'_> {
 
     /// The prompt's token count that is the same for every row of its template: the
     /// tokens of the fixed text, less the last one (which may merge with what follows).
-    fn fixed_tokens(&self, tokens: &[LlamaToken], fixed_text: &str) -> usize {
+    pub(super) fn fixed_tokens(&self, tokens: &[LlamaToken], fixed_text: &str) -> usize {
         if fixed_text.is_empty() {
             return 0;
         }
@@ -645,6 +645,7 @@ impl LlamaSession<'_> {
         Ok(PromptOutput {
             prompt_tokens: n as u32,
             evaluated_tokens: evaluated as u32,
+            prefix_tokens: fixed as u32,
             prefill_ms,
             tasks: outs,
         })

@@ -59,6 +59,9 @@ pub struct CachedRow {
     pub hidden: Option<Vec<f32>>,
     /// Each label's number of tokens (log-likelihood rows computed since it was recorded).
     pub choice_tokens: Option<Vec<u32>>,
+    /// The prompt's leading tokens that every row of its template shares (rows computed
+    /// since it was recorded): what a row's own compute leaves out (issue #31).
+    pub prefix_tokens: Option<u32>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -95,6 +98,7 @@ impl CachedRow {
             logprobs: self.logprobs.clone(),
             hidden: self.hidden.as_deref().map(Into::into),
             choice_tokens: self.choice_tokens.clone(),
+            prefix_tokens: self.prefix_tokens,
             prompt_tokens: self.prompt_tokens,
             evaluated_tokens: self.evaluated_tokens,
             gen_tokens: self.gen_tokens,
@@ -157,6 +161,9 @@ impl CachedRow {
             for v in t {
                 e.u64("t", u64::from(*v));
             }
+        }
+        if let Some(p) = self.prefix_tokens {
+            e.u64("prefix_tokens", p.into());
         }
         e.finish()
     }
@@ -1057,6 +1064,7 @@ pub(crate) mod tests {
             },
             hidden: n.is_multiple_of(3).then(|| vec![0.25, -1.0, f32::from(n)]),
             choice_tokens: n.is_multiple_of(2).then(|| vec![1, n.into()]),
+            prefix_tokens: n.is_multiple_of(4).then_some(6),
             prompt_tokens: 10,
             evaluated_tokens: 4,
             gen_tokens: 2,

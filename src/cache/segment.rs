@@ -58,6 +58,7 @@ impl Columns {
                 "choice_tokens",
                 "prompt_tokens",
                 "evaluated_tokens",
+                "prefix_tokens",
                 "gen_tokens",
                 "finish",
                 "prefill_ms",
@@ -199,6 +200,12 @@ fn counts_at(a: Option<&arrow::array::ListArray>, i: usize) -> Option<Vec<u32>> 
     (!a.is_null(i)).then(|| a.value(i).as_primitive::<UInt32Type>().values().to_vec())
 }
 
+/// Row `i` of a number column added later, where the segment has one and the row a value.
+fn u32_at(a: Option<&arrow::array::UInt32Array>, i: usize) -> Option<u32> {
+    let a = a?;
+    (!a.is_null(i)).then(|| a.value(i))
+}
+
 /// A column added to the layout later: absent in older segments.
 fn optional(b: &RecordBatch, name: &str) -> Option<StringArray> {
     b.column_by_name(name).map(|c| c.as_string::<i32>().clone())
@@ -266,6 +273,8 @@ pub struct RowContent {
     pub hidden: Option<Arc<[f32]>>,
     /// Each label's number of tokens (log-likelihood rows, where recorded).
     pub choice_tokens: Option<Vec<u32>>,
+    /// The prompt's leading tokens shared by its template's rows (where recorded).
+    pub prefix_tokens: Option<u32>,
     pub prompt_tokens: u32,
     pub evaluated_tokens: u32,
     pub gen_tokens: u32,
@@ -338,6 +347,9 @@ pub(crate) fn content_rows(
     let choice_tokens = b
         .column_by_name("choice_tokens")
         .map(|c| c.as_list::<i32>().clone());
+    let prefix_tokens = b
+        .column_by_name("prefix_tokens")
+        .map(|c| c.as_primitive::<UInt32Type>().clone());
     (0..b.num_rows())
         .map(|i| {
             Ok((
@@ -348,6 +360,7 @@ pub(crate) fn content_rows(
                         .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
                     hidden: hidden_at(hidden.as_ref(), i).map(Into::into),
                     choice_tokens: counts_at(choice_tokens.as_ref(), i),
+                    prefix_tokens: u32_at(prefix_tokens.as_ref(), i),
                     prompt_tokens: pt.value(i),
                     evaluated_tokens: et.value(i),
                     gen_tokens: gt.value(i),
@@ -436,6 +449,7 @@ pub(crate) fn schema() -> Arc<Schema> {
             DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
             true,
         )),
+        added_later(Field::new("prefix_tokens", DataType::UInt32, true)),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -513,6 +527,9 @@ pub(crate) fn encode_segment(rows: &[CachedRow]) -> Result<RecordBatch, TableErr
         }
     }
     cols.push(Arc::new(counts.finish()));
+    cols.push(Arc::new(UInt32Array::from(
+        rows.iter().map(|r| r.prefix_tokens).collect::<Vec<_>>(),
+    )));
     RecordBatch::try_new(schema(), cols).map_err(TableError::from)
 }
 
@@ -560,6 +577,9 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
     let choice_tokens = b
         .column_by_name("choice_tokens")
         .map(|c| c.as_list::<i32>().clone());
+    let prefix_tokens = b
+        .column_by_name("prefix_tokens")
+        .map(|c| c.as_primitive::<UInt32Type>().clone());
     let (pt, et, gt, shared) = (
         u("prompt_tokens"),
         u("evaluated_tokens"),
@@ -596,6 +616,7 @@ pub(crate) fn decode_batch(b: &RecordBatch) -> Vec<Result<CachedRow, TableError>
                     .then(|| lp.value(i).as_primitive::<Float64Type>().values().to_vec()),
                 hidden: hidden_at(hidden.as_ref(), i),
                 choice_tokens: counts_at(choice_tokens.as_ref(), i),
+                prefix_tokens: u32_at(prefix_tokens.as_ref(), i),
                 prompt_tokens: pt.value(i),
                 evaluated_tokens: et.value(i),
                 gen_tokens: gt.value(i),

@@ -162,6 +162,11 @@ pub struct EngineBenchArgs {
     /// each, in separate KV streams, in one decode call (`--packed 16x4096`).
     #[arg(long, value_parser = parse_packed)]
     pub packed: Option<(usize, usize)>,
+    /// Keep the measured rate in the cache folder: reports then turn each row's compute
+    /// into the time it is expected to take on this machine. Refused when the machine was
+    /// busy (the process got under 80% of its threads' time).
+    #[arg(long, conflicts_with_all = ["embed_tokens", "packed"])]
+    pub save: bool,
 }
 
 #[derive(Args)]

@@ -5,13 +5,14 @@ use std::process::ExitCode;
 use super::args::{Cli, EngineBenchArgs};
 use crate::app::AppError;
 
-pub(super) fn command(_: &Cli, args: &EngineBenchArgs) -> Result<ExitCode, AppError> {
+pub(super) fn command(cli: &Cli, args: &EngineBenchArgs) -> Result<ExitCode, AppError> {
     let EngineBenchArgs {
         model,
         threads,
         reps,
         embed_tokens,
         packed,
+        save,
     } = args;
 
     let threads = threads.unwrap_or_else(crate::exec::default_threads);
@@ -35,7 +36,19 @@ pub(super) fn command(_: &Cli, args: &EngineBenchArgs) -> Result<ExitCode, AppEr
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let (wall, cpu) = (
+        std::time::Instant::now(),
+        crate::rate::process_cpu_seconds(),
+    );
     let (pp, tg) = crate::backend::llama::raw_throughput(model, threads, *reps).map_err(failed)?;
+    let cpu_share = cpu
+        .zip(crate::rate::process_cpu_seconds())
+        .and_then(|(a, b)| crate::rate::cpu_share(b - a, wall.elapsed().as_secs_f64(), threads));
+    let saved = if *save {
+        Some(save_rate(cli, model, threads, pp, tg, cpu_share)?)
+    } else {
+        None
+    };
     let packed_pp = match packed {
         Some((rows, batch)) => Some(
             crate::backend::llama::raw_packed_throughput(model, threads, *rows, *batch, *reps)
@@ -51,8 +64,76 @@ pub(super) fn command(_: &Cli, args: &EngineBenchArgs) -> Result<ExitCode, AppEr
             "engine": crate::backend::llama::engine_version(),
             "pp512_tok_s": pp,
             "tg32_tok_s": tg,
+            "cpu_share": cpu_share,
+            "saved": saved.as_ref().map(ToString::to_string),
             "packed": packed.map(|(r, b)| serde_json::json!({"rows": r, "batch": b, "pp_tok_s": packed_pp})),
         })
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(match saved {
+        Some(Saved::Busy { .. }) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Where a measured rate was kept, or why it was not.
+enum Saved {
+    At(std::path::PathBuf),
+    /// The process got under [`crate::rate::QUIET_CPU_SHARE`] of its threads' time.
+    Busy {
+        share: f64,
+        threads: usize,
+    },
+}
+
+impl std::fmt::Display for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Saved::At(p) => write!(f, "{}", p.display()),
+            Saved::Busy { share, threads } => write!(
+                f,
+                "not saved: the machine was busy (the bench got {:.0}% of its {threads} threads' time); measure again when it is quiet",
+                100.0 * share
+            ),
+        }
+    }
+}
+
+/// Keep a rate measured on a quiet machine.
+fn save_rate(
+    cli: &Cli,
+    model: &std::path::Path,
+    threads: usize,
+    pp: f64,
+    tg: f64,
+    cpu_share: Option<f64>,
+) -> Result<Saved, AppError> {
+    if let Some(share) = cpu_share.filter(|s| *s < crate::rate::QUIET_CPU_SHARE) {
+        return Ok(Saved::Busy { share, threads });
+    }
+    let cfg = super::config(cli, Some(threads));
+    let (sha256, _) = cfg
+        .resolver(false)
+        .sha256_memo(model)
+        .map_err(|source| AppError::Io {
+            what: "read",
+            path: model.to_path_buf(),
+            source,
+        })?;
+    let rate = crate::rate::EngineRate {
+        prompt_tok_s: pp,
+        gen_tok_s: tg,
+        model_sha256: sha256,
+        engine: crate::backend::llama::engine_version(),
+        threads,
+        machine: crate::report::machine_description(),
+        date_utc: crate::report::utc_now(),
+        cpu_share,
+    };
+    crate::rate::save(&cfg.cache_dir, &rate)
+        .map(Saved::At)
+        .map_err(|source| AppError::Io {
+            what: "save the rate in",
+            path: cfg.cache_dir.join("rates"),
+            source,
+        })
 }

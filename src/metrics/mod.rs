@@ -240,6 +240,11 @@ pub struct CellMetrics {
     pub classes: Vec<ClassMetrics>,
     /// `confusion[gold][predicted]`; the last column counts invalid answers.
     pub confusion: Vec<Vec<u64>>,
+    /// What a row of this cell costs on average, from its tokens alone (the same on any
+    /// machine, under any load); `None` when no model computed its rows (a vote).
+    pub work: Option<crate::cost::Work>,
+    /// Wall-clock, as measured when the rows were computed (it moves with the machine's
+    /// load; `work` does not).
     pub latency_p50_ms: f64,
     pub latency_p95_ms: f64,
     /// Time to compute the cell's rows on their own (prompt evaluation paid in full).
@@ -465,6 +470,10 @@ pub fn compute(
                 macro_f1,
                 classes,
                 confusion,
+                work: {
+                    let w = crate::cost::Work::sum(rows.iter().map(|p| &p.work));
+                    (n > 0 && w.tokens() > 0.0).then(|| w.per_row(rows.len()))
+                },
                 latency_p50_ms: stats::quantile(&lat, 0.5).unwrap_or(0.0),
                 latency_p95_ms: stats::quantile(&lat, 0.95).unwrap_or(0.0),
                 compute_s,

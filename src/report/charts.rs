@@ -218,27 +218,74 @@ pub fn accuracy_vs_temperature(metrics: &[CellMetrics]) -> Option<Vegalite> {
     })
 }
 
-/// The cost/quality frontier: accuracy against rows per second (each cell on its own).
+/// What the cost axes plot: compute from the rows' tokens where every plotted cell's model
+/// size is known (the same on any machine), else wall-clock time as it was measured.
+#[derive(Clone, Copy, PartialEq)]
+enum CostAxis {
+    Compute,
+    WallClock,
+}
+
+impl CostAxis {
+    fn of(metrics: &[CellMetrics]) -> Self {
+        let plotted: Vec<&CellMetrics> = metrics
+            .iter()
+            .filter(|m| m.n > 0 && m.work.is_some())
+            .collect();
+        if !plotted.is_empty()
+            && plotted
+                .iter()
+                .all(|m| m.work.and_then(|w| w.flops).is_some())
+        {
+            Self::Compute
+        } else {
+            Self::WallClock
+        }
+    }
+
+    /// A cell's cost per row on this axis, where it has one.
+    fn per_row(self, m: &CellMetrics) -> Option<f64> {
+        match self {
+            Self::Compute => m.work.and_then(|w| w.gflop()).filter(|g| *g > 0.0),
+            Self::WallClock => (m.n > 0 && m.compute_s > 0.0).then(|| m.compute_s / m.n as f64),
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Compute => "GFLOP per row (2 × parameters × tokens; log scale)",
+            Self::WallClock => "seconds per row, wall-clock as measured (log scale)",
+        }
+    }
+}
+
+/// The cost/quality frontier: accuracy against each cell's cost per row on its own.
 pub fn cost_quality(metrics: &[CellMetrics]) -> Vegalite {
+    let axis = CostAxis::of(metrics);
     let values: Vec<Value> = metrics
         .iter()
-        .filter(|m| m.n > 0 && m.rows_per_s > 0.0)
-        .map(|m| {
-            serde_json::json!({
+        .filter(|m| m.n > 0)
+        .filter_map(|m| {
+            Some(serde_json::json!({
                 "cell": m.cell, "model": m.model, "prompt": m.prompt, "method": m.method,
-                "accuracy": m.accuracy, "rows_per_s": m.rows_per_s,
-            })
+                "accuracy": m.accuracy, "cost": axis.per_row(m)?,
+            }))
         })
         .collect();
     Vegalite {
-        title: chart_title("Accuracy vs speed (rows/s, each cell on its own)"),
+        title: chart_title(match axis {
+            CostAxis::Compute => "Accuracy vs compute (GFLOP a row, each cell on its own)",
+            CostAxis::WallClock => {
+                "Accuracy vs wall-clock time (each cell on its own, as measured)"
+            }
+        }),
         data: inline(values),
         width: Some(HeightUnion::Double(420.0)),
         mark: Some(AnyMark::Enum(Mark::Point)),
         encoding: Some(Box::new(EdEncoding {
             x: Some(quant_x(
-                "rows_per_s",
-                "rows per second (log scale)",
+                "cost",
+                axis.title(),
                 RemovableValue::Specified(Scale {
                     scale_type: Some(ScaleType::Log),
                     ..Default::default()
@@ -259,7 +306,7 @@ pub fn cost_quality(metrics: &[CellMetrics]) -> Vegalite {
             tooltip: tooltip(&[
                 ("cell", StandardType::Nominal, "cell"),
                 ("accuracy", StandardType::Quantitative, "accuracy"),
-                ("rows_per_s", StandardType::Quantitative, "rows/s"),
+                ("cost", StandardType::Quantitative, "cost per row"),
             ]),
             ..Default::default()
         })),
@@ -507,38 +554,47 @@ pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
     if cascades.is_empty() {
         return None;
     }
+    let axis = CostAxis::of(metrics);
     let mut values: Vec<Value> = metrics
         .iter()
-        .filter(|m| m.cascade.is_none() && m.n > 0 && m.compute_s > 0.0)
-        .map(|m| {
-            serde_json::json!({
+        .filter(|m| m.cascade.is_none() && m.n > 0)
+        .filter_map(|m| {
+            Some(serde_json::json!({
                 "series": m.model, "kind": "cell", "cell": m.cell, "accuracy": m.accuracy,
-                "seconds": m.compute_s / m.n as f64, "escalated": null,
-            })
+                "cost": axis.per_row(m)?, "escalated": null,
+            }))
         })
         .collect();
     for m in &cascades {
         let s = m.cascade.as_ref().expect("filtered");
         for p in &s.curve {
+            let cost = match axis {
+                CostAxis::Compute => p.gflop_per_row,
+                CostAxis::WallClock => Some(p.seconds_per_row),
+            };
+            let Some(cost) = cost else { continue };
             values.push(serde_json::json!({
                 "series": m.cell, "kind": "curve", "cell": m.cell, "accuracy": p.accuracy,
-                "seconds": p.seconds_per_row, "escalated": p.escalated,
+                "cost": cost, "escalated": p.escalated,
             }));
         }
-        if m.n > 0 {
+        if let Some(cost) = axis.per_row(m) {
             values.push(serde_json::json!({
                 "series": m.cell, "kind": "chosen", "cell": m.cell, "accuracy": m.accuracy,
-                "seconds": m.compute_s / m.n as f64,
+                "cost": cost,
                 "escalated": s.reached.get(1).map(|&r| r as f64 / s.rows.max(1) as f64),
             }));
         }
     }
-    let x = serde_json::json!({"field": "seconds", "type": "quantitative", "scale": {"type": "log"},
-        "title": "seconds per row, each cell on its own (log scale)"});
+    let x = serde_json::json!({"field": "cost", "type": "quantitative", "scale": {"type": "log"},
+        "title": axis.title()});
     let y = serde_json::json!({"field": "accuracy", "type": "quantitative", "scale": {"zero": false},
         "title": "accuracy"});
     let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".3f"},
-        {"field": "seconds", "format": ".2f", "title": "s/row"},
+        {"field": "cost", "format": ".3~g", "title": match axis {
+            CostAxis::Compute => "GFLOP/row",
+            CostAxis::WallClock => "s/row",
+        }},
         {"field": "escalated", "format": ".0%", "title": "sent on"}]);
     Some(serde_json::json!({
         "$schema": "https://vega.github.io/schema/vega-lite/v4.json",

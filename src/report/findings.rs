@@ -6,8 +6,8 @@
 use serde::Serialize;
 
 use super::Analysis;
+use crate::cost::{Work, describe};
 use crate::metrics::CellKind;
-use crate::metrics::CellMetrics;
 use crate::metrics::stats;
 use crate::plan::Plan;
 use crate::spec::CalibrationKind;
@@ -56,9 +56,9 @@ pub struct CellView {
     /// `Some(None)` for an invalid answer.
     pub predictions: Vec<Option<Option<usize>>>,
     pub invalid: u64,
-    pub rows_per_s: f64,
-    pub words_per_s: f64,
-    pub mean_prompt_tokens: f64,
+    /// What a row costs, from its tokens (never its wall-clock time, which moves with
+    /// the machine's load); `None` where no model computed the cell's rows.
+    pub work: Option<Work>,
     /// Cascade cells: the stages and what the cascade costs beside them.
     pub cascade: Option<CascadeView>,
     /// Ensemble cells: the member cells' ids.
@@ -74,8 +74,8 @@ pub struct CascadeView {
     pub last: String,
     /// Each later stage, with the share of all rows that reach it.
     pub onward: Vec<(String, f64)>,
-    pub time_vs_first: Option<f64>,
-    pub time_vs_last: Option<f64>,
+    pub compute_vs_first: Option<f64>,
+    pub compute_vs_last: Option<f64>,
 }
 
 /// Everything the rules read.
@@ -99,19 +99,15 @@ impl Input {
     pub fn new(plan: &Plan, a: &Analysis) -> Self {
         let n_rows = plan.dataset.rows.len();
         let mut predictions = vec![vec![None; n_rows]; plan.cells.len()];
-        let mut tokens = vec![(0u64, 0u64); plan.cells.len()];
         for p in &a.predictions {
             predictions[p.cell][p.row] = Some(p.predicted);
-            tokens[p.cell].0 += u64::from(p.prompt_tokens);
-            tokens[p.cell].1 += 1;
         }
         let cells = plan
             .cells
             .iter()
             .zip(&a.metrics)
             .zip(predictions)
-            .zip(tokens)
-            .map(|(((cell, m), predictions), (tok, rows))| CellView {
+            .map(|((cell, m), predictions)| CellView {
                 id: cell.id.clone(),
                 model: m.model.clone(),
                 prompt: m.prompt.clone(),
@@ -132,13 +128,7 @@ impl Input {
                     .unwrap_or_default(),
                 predictions,
                 invalid: m.invalid,
-                rows_per_s: speed(m),
-                words_per_s: m.words_per_s,
-                mean_prompt_tokens: if rows > 0 {
-                    tok as f64 / rows as f64
-                } else {
-                    0.0
-                },
+                work: m.work,
                 cascade: m.cascade.as_ref().map(|s| CascadeView {
                     first: s.stages.first().cloned().unwrap_or_default(),
                     last: s.stages.last().cloned().unwrap_or_default(),
@@ -149,8 +139,8 @@ impl Input {
                         .skip(1)
                         .map(|(stage, &n)| (stage.clone(), n as f64 / s.rows.max(1) as f64))
                         .collect(),
-                    time_vs_first: s.time_vs_first,
-                    time_vs_last: s.time_vs_last,
+                    compute_vs_first: s.compute_vs_first,
+                    compute_vs_last: s.compute_vs_last,
                 }),
                 probe: m.calibration.as_ref().and_then(|c| match &c.params {
                     Some(crate::calibrate::Params::Probe(p)) => Some(format!(
@@ -182,11 +172,6 @@ impl Input {
             seed: plan.spec.compare.seed,
         }
     }
-}
-
-/// Rows per second of a cell a model computed (0 for a vote).
-fn speed(m: &CellMetrics) -> f64 {
-    if m.compute_s > 0.0 { m.rows_per_s } else { 0.0 }
 }
 
 /// The findings, in reading order.
@@ -1139,40 +1124,44 @@ fn validity(input: &Input, out: &mut Vec<Finding>) {
     });
 }
 
-/// What each prompt costs per row against the first, and the models against each other.
+/// What each prompt costs per row against the first, and the models against each other:
+/// in compute from the rows' tokens, so that the same rows give the same sentences on any
+/// machine under any load (wall-clock time is in the page's speed table, labelled).
 fn cost(input: &Input, out: &mut Vec<Finding>) {
+    let work = |c: &CellView| c.work.filter(|w| w.tokens() > 0.0);
     for model in &input.models {
         let prompts = prompts_of(input, model);
-        let Some(reference) = prompts
+        let Some((reference, w)) = prompts
             .first()
             .and_then(|p| reference_cell(input, model, p))
+            .and_then(|c| Some((c, work(c)?)))
         else {
             continue;
         };
-        if reference.rows_per_s <= 0.0 {
-            continue;
-        }
         let items: Vec<String> = prompts[1..]
             .iter()
             .filter_map(|p| reference_cell(input, model, p))
-            .filter(|c| c.rows_per_s > 0.0)
-            .map(|c| {
-                format!(
-                    "{} {:.2}× the time ({:.0} prompt tokens)",
+            .filter_map(|c| {
+                let x = work(c)?;
+                // One model: compute and tokens give the same ratio.
+                let r = x
+                    .ratio(&w)
+                    .or_else(|| (w.tokens() > 0.0).then(|| x.tokens() / w.tokens()))?;
+                Some(format!(
+                    "{} {r:.2}× the compute ({:.0} tokens)",
                     c.prompt,
-                    reference.rows_per_s / c.rows_per_s,
-                    c.mean_prompt_tokens
-                )
+                    x.tokens()
+                ))
             })
             .collect();
         out.push(Finding {
             topic: "cost",
             text: format!(
-                "On {model}, {} runs at {:.2} rows/s ({:.0} words/s, {:.0} prompt tokens a row){}.",
+                "On {model}, {} costs {} a row ({:.0} prompt and {:.0} generated tokens beyond its template's shared prefix){}.",
                 reference.prompt,
-                reference.rows_per_s,
-                reference.words_per_s,
-                reference.mean_prompt_tokens,
+                describe(&w),
+                w.prompt_tokens,
+                w.generated_tokens,
                 if items.is_empty() {
                     String::new()
                 } else {
@@ -1184,19 +1173,19 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
     for (i, a) in input.models.iter().enumerate() {
         for b in &input.models[i + 1..] {
             let first = prompts_of(input, a).into_iter().next().unwrap_or_default();
-            if let (Some(x), Some(y)) = (
-                reference_cell(input, a, &first),
-                reference_cell(input, b, &first),
-            ) && x.rows_per_s > 0.0
-                && y.rows_per_s > 0.0
-            {
+            let (Some(x), Some(y)) = (
+                reference_cell(input, a, &first).and_then(work),
+                reference_cell(input, b, &first).and_then(work),
+            ) else {
+                continue;
+            };
+            if let Some(r) = y.ratio(&x) {
                 out.push(Finding {
                     topic: "cost",
                     text: format!(
-                        "{b} takes {:.2}× the time of {a} per row on {first} ({:.2} vs {:.2} rows/s).",
-                        x.rows_per_s / y.rows_per_s,
-                        y.rows_per_s,
-                        x.rows_per_s
+                        "{b} costs {r:.2}× the compute of {a} per row on {first} ({} vs {}).",
+                        describe(&y),
+                        describe(&x)
                     ),
                 });
             }
@@ -1214,14 +1203,18 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
             continue;
         };
         let times =
-            |r: Option<f64>, who: &str| r.map(|r| format!("{r:.2}× the time of {who} alone"));
+            |r: Option<f64>, who: &str| r.map(|r| format!("{r:.2}× the compute of {who} alone"));
         let cost: Vec<String> = [
-            times(v.time_vs_first, &v.first),
-            times(v.time_vs_last, &v.last),
+            times(v.compute_vs_first, &v.first),
+            times(v.compute_vs_last, &v.last),
         ]
         .into_iter()
         .flatten()
         .collect();
+        let per_row = match (cost.is_empty(), c.work) {
+            (false, Some(w)) => format!(" ({} a row)", describe(&w)),
+            _ => String::new(),
+        };
         // "18.0% of rows on from A to B" and, for longer chains, "and 4.3% on to C".
         let path = v
             .onward
@@ -1239,7 +1232,7 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
             if cost.is_empty() {
                 String::new()
             } else {
-                format!(" at {}", cost.join(" and "))
+                format!(" at {}{per_row}", cost.join(" and "))
             }
         );
         let mut tests = Vec::new();
@@ -1416,9 +1409,13 @@ mod tests {
                 .enumerate()
                 .map(|(i, &g)| Some(Some(if i < right { g } else { 1 - g })))
                 .collect(),
-            rows_per_s: 1.0,
-            words_per_s: 200.0,
-            mean_prompt_tokens: 300.0,
+            // 300 prompt tokens a row, on a model of 100M parameters.
+            work: Some(Work {
+                prompt_tokens: 300.0,
+                generated_tokens: 0.0,
+                flops: Some(2.0 * 1e8 * 300.0),
+                expected_s: None,
+            }),
             ..Default::default()
         }
     }
@@ -1899,8 +1896,8 @@ mod tests {
                 },
                 0.25,
             )],
-            time_vs_first: Some(1.8),
-            time_vs_last: Some(0.45),
+            compute_vs_first: Some(1.8),
+            compute_vs_last: Some(0.45),
         });
         c
     }
@@ -1919,7 +1916,7 @@ mod tests {
         assert_eq!(c.len(), 1, "{c:?}");
         let t = &c[0];
         assert!(
-            t.starts_with("The cascade cascade/casc sends 25.0% of rows on from small/zero/loglik to large/zero/loglik and reaches 89.0% at 1.80× the time of small/zero/loglik alone and 0.45× the time of large/zero/loglik alone"),
+            t.starts_with("The cascade cascade/casc sends 25.0% of rows on from small/zero/loglik to large/zero/loglik and reaches 89.0% at 1.80× the compute of small/zero/loglik alone and 0.45× the compute of large/zero/loglik alone (60.0 GFLOP a row)"),
             "{t}"
         );
         assert!(

@@ -115,6 +115,10 @@ pub struct Page {
     pub rows_from_cache: usize,
     pub run_wall: String,
     pub embed_rate: String,
+    /// How the page's expected times were derived, and under what the wall-clock figures
+    /// were measured.
+    pub expected_note: String,
+    pub wall_note: String,
 }
 
 #[derive(Debug, Serialize)]

@@ -105,6 +105,13 @@ pub struct ModelInfo {
     pub file: String,
     pub sha256: String,
     pub size_bytes: u64,
+    /// Its parameter count (GGUF header or spec): what turns tokens into compute.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parameters: Option<u64>,
+    /// The engine's rate for it on this machine, measured on a quiet machine
+    /// (`engine-bench --save`): what turns compute into the expected times shown.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rate: Option<crate::rate::EngineRate>,
     /// A model behind a server: where, what it said it is, and why its rows are not
     /// bit-exact.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -164,6 +171,8 @@ impl Provenance {
                         .unwrap_or_default(),
                     sha256: m.sha256.clone().unwrap_or_default(),
                     size_bytes: m.file.as_ref().map_or(0, |r| r.size),
+                    parameters: m.parameters,
+                    rate: m.rate.clone(),
                     server: m
                         .file
                         .as_ref()
@@ -546,6 +555,8 @@ fn render_page(
             .as_ref()
             .map(|r| format!("{:.1}", r.embed.texts_per_s))
             .unwrap_or_default(),
+        expected_note: expected_note(prov),
+        wall_note: wall_note(prov),
     };
     html::render(&page, scripts).map_err(|e| ReportError::Encode {
         what: "index.html",
@@ -569,7 +580,10 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
             "AUC",
             "Brier",
             "ECE",
-            "rows/s",
+            "GFLOP/row",
+            "tokens/row",
+            "expected s/row",
+            "rows/s (wall)",
             "p50 ms",
             "p95 ms",
             "prompt tok/s",
@@ -601,6 +615,13 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
                     opt3(c.roc_auc),
                     opt3(c.brier),
                     opt3(c.ece),
+                    c.work
+                        .and_then(|w| w.gflop())
+                        .map_or("–".into(), crate::cost::significant),
+                    c.work.map_or("–".into(), |w| format!("{:.0}", w.tokens())),
+                    c.work
+                        .and_then(|w| w.expected_s)
+                        .map_or("–".into(), |s| format!("{s:.3}")),
                     c.rows_per_s_text(3),
                     format!("{:.0}", c.latency_p50_ms),
                     format!("{:.0}", c.latency_p95_ms),
@@ -910,15 +931,25 @@ fn cascades_table(m: &[CellMetrics]) -> Table {
             let alone = |a: &crate::cascade::Alone| {
                 let acc = a.accuracy.map_or("–".into(), pct);
                 let est = if a.estimated { ", estimated" } else { "" };
-                format!("{acc}, {:.2} s/row{est}", a.seconds_per_row)
+                format!(
+                    "{acc}, {} ({:.2} s wall-clock){est}",
+                    crate::cost::describe(&a.work),
+                    a.seconds_per_row
+                )
             };
             Some(vec![
                 Cell::code(&c.cell),
                 Cell::text(steps.join("; ")),
                 Cell::text(format!("{} ({} rows)", pct(c.accuracy), c.n)),
-                Cell::text(format!("{:.2} s/row", c.compute_s / c.n.max(1) as f64)),
+                Cell::text(format!(
+                    "{} a row ({:.2} s wall-clock)",
+                    crate::cost::describe(&s.work),
+                    c.compute_s / c.n.max(1) as f64
+                )),
                 Cell::text(alone(&s.first)),
                 Cell::text(alone(&s.last)),
+                Cell::text(ratio(s.compute_vs_first)),
+                Cell::text(ratio(s.compute_vs_last)),
                 Cell::text(ratio(s.time_vs_first)),
                 Cell::text(ratio(s.time_vs_last)),
                 Cell::text(ratio(s.tokens_vs_first)),
@@ -934,7 +965,9 @@ fn cascades_table(m: &[CellMetrics]) -> Table {
             "cost",
             "first alone",
             "last alone",
-            "time vs first",
+            "compute vs first",
+            "vs last",
+            "wall-clock vs first",
             "vs last",
             "prompt tokens vs first",
             "vs last",
@@ -1065,6 +1098,81 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
 }
 
 /// Provenance as the page shows it (sizes in MB).
+/// Where the expected times come from: each model's engine rate, as measured.
+fn expected_note(p: &Provenance) -> String {
+    let rated: Vec<String> = p
+        .models
+        .iter()
+        .filter_map(|m| {
+            let r = m.rate.as_ref()?;
+            Some(format!(
+                "{} {:.0} prompt / {:.1} generated tokens a second ({} threads, {}, {}{})",
+                m.id,
+                r.prompt_tok_s,
+                r.gen_tok_s,
+                r.threads,
+                r.machine,
+                r.date_utc,
+                r.cpu_share
+                    .map(|s| format!(", {:.0}% CPU share", 100.0 * s))
+                    .unwrap_or_default()
+            ))
+        })
+        .collect();
+    if rated.is_empty() {
+        "No engine rate has been measured for these models here (`pipeline engine-bench MODEL --save` on a quiet machine), so no expected time is shown.".into()
+    } else {
+        format!(
+            "Expected times are that work at the engine's rates measured on a quiet machine: {}.",
+            rated.join("; ")
+        )
+    }
+}
+
+/// What the wall-clock figures were measured under: which hosts computed the rows, and
+/// how much of its threads' time the run that computed them got.
+fn wall_note(p: &Provenance) -> String {
+    let hosts: Vec<String> = p
+        .computed_by
+        .iter()
+        .map(|c| {
+            let who = match (&c.host, &c.shard) {
+                (Some(h), Some(s)) => format!("{h} (shard {s})"),
+                (Some(h), None) => h.clone(),
+                _ => "an unrecorded host".into(),
+            };
+            format!("{who}: {} rows", c.rows)
+        })
+        .collect();
+    let share = |run: &serde_json::Value| run["cpu_share"].as_f64();
+    let load = match (&p.run, &p.last_run) {
+        (Some(r), _) if r.computed_rows > 0 => r.cpu_share.map(|s| {
+            format!(
+                "the run that wrote this report got {:.0}% of its {} threads' time while it computed",
+                100.0 * s,
+                p.threads
+            )
+        }),
+        (_, Some(last)) => share(&last["run"]).map(|s| {
+            format!(
+                "the last run got {:.0}% of its threads' time while it computed",
+                100.0 * s
+            )
+        }),
+        _ => None,
+    };
+    format!(
+        "Wall-clock figures (rows/s, p50/p95 ms, \"wall-clock\") are the times the rows took when they were computed, on {} ({}); {}. They move with the machine and its load; the compute figures do not.",
+        p.machine,
+        if hosts.is_empty() {
+            "no rows yet".into()
+        } else {
+            hosts.join(", ")
+        },
+        load.unwrap_or_else(|| "the load they were measured under was not recorded".into())
+    )
+}
+
 fn provenance_json(p: &Provenance) -> serde_json::Value {
     let mut v = serde_json::to_value(p).expect("provenance serializes");
     if let Some(models) = v["models"].as_array_mut() {
@@ -1087,7 +1195,7 @@ fn shown_path(p: &Path) -> String {
         .to_string()
 }
 
-fn machine_description() -> String {
+pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -274,6 +274,16 @@ pub fn predictions(plan: &Plan, preds: &[Prediction]) -> Result<RecordBatch, Tab
         ("prompt_tokens", u32s(&|p| p.prompt_tokens)),
         ("evaluated_tokens", u32s(&|p| p.evaluated_tokens)),
         ("generated_tokens", u32s(&|p| p.gen_tokens)),
+        // The row's cost from its tokens (issue #31): the same whatever ran before it.
+        (
+            "work_prompt_tokens",
+            f64s(preds.iter().map(|p| Some(p.work.prompt_tokens))),
+        ),
+        (
+            "work_gen_tokens",
+            f64s(preds.iter().map(|p| Some(p.work.generated_tokens))),
+        ),
+        ("gflop", f64s(preds.iter().map(|p| p.work.gflop()))),
         ("finish", Arc::new(finish.finish()) as ArrayRef),
         ("latency_ms", f64s(preds.iter().map(|p| Some(p.latency_ms)))),
         (
@@ -395,6 +405,21 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Tabl
                     .map(|x| x.length_normalised.and_then(|n| n.per_byte)),
             ),
         ),
+        // Cost from the rows' tokens (issue #31): the same on any machine, under any load.
+        // The time expected from it depends on the machine and is in run.json and the
+        // page, not here.
+        (
+            "work_prompt_tokens_per_row".into(),
+            f64s(m.iter().map(|x| x.work.map(|w| w.prompt_tokens))),
+        ),
+        (
+            "work_gen_tokens_per_row".into(),
+            f64s(m.iter().map(|x| x.work.map(|w| w.generated_tokens))),
+        ),
+        (
+            "gflop_per_row".into(),
+            f64s(m.iter().map(|x| x.work.and_then(|w| w.gflop()))),
+        ),
     ]);
     // Cascade cells: the share the first step sends on, and the cost against the first and
     // the last stage alone.
@@ -407,6 +432,14 @@ pub fn metrics(m: &[CellMetrics], labels: &[String]) -> Result<RecordBatch, Tabl
             cascade(&|c| {
                 Some(c.reached.get(1).copied().unwrap_or(0) as f64 / c.rows.max(1) as f64)
             }),
+        ),
+        (
+            "cascade_compute_vs_first".into(),
+            cascade(&|c| c.compute_vs_first),
+        ),
+        (
+            "cascade_compute_vs_last".into(),
+            cascade(&|c| c.compute_vs_last),
         ),
         (
             "cascade_time_vs_first".into(),

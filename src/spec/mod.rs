@@ -276,6 +276,9 @@ pub struct ModelSpec {
     pub id: String,
     pub gguf: Located<ModelSource>,
     pub sha256: Option<Located<String>>,
+    /// Its parameter count as the spec states it (for a served model, or a file not here
+    /// yet); a local GGUF file's header is checked against it.
+    pub parameters: Option<Located<u64>>,
     pub n_ctx: u32,
     /// `false`: the model has no cells of its own and runs only the rows a cascade
     /// escalates to it.
@@ -1370,6 +1373,17 @@ impl Validator<'_> {
                     ));
                 }
             };
+            model.parameters = match &m.parameters {
+                Some(p) if p.value == 0 => {
+                    return Err(self.err(
+                        p,
+                        format!("{field}.parameters"),
+                        "a model has at least one parameter (write the count, e.g. 494032768)",
+                    ));
+                }
+                Some(p) => Some(self.located(p, format!("{field}.parameters"), p.value)),
+                None => None,
+            };
             model.grid = m.grid.as_ref().is_none_or(|g| g.value);
             model.prompts = match &m.prompts {
                 Some(list) => {
@@ -1575,6 +1589,7 @@ impl Validator<'_> {
             id,
             gguf: self.located(server, field, ModelSource::Server(Box::new(spec))),
             sha256: None,
+            parameters: None,
             n_ctx,
             grid: true,
             prompts: None,
@@ -1651,6 +1666,7 @@ impl Validator<'_> {
             id,
             gguf: self.located(gguf, gguf_field, source),
             sha256,
+            parameters: None,
             n_ctx,
             grid: true,
             prompts: None,

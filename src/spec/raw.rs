@@ -241,6 +241,10 @@ pub struct RawModel {
     pub sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub n_ctx: Option<Spanned<u32>>,
+    /// The model's parameter count: checked against the GGUF header where the file is
+    /// here, and the only source for a served model (compute cost, issue #31).
+    #[serde(default)]
+    pub parameters: Option<Spanned<u64>>,
     /// `false`: no cells of its own; the model runs only the rows a cascade escalates to it.
     #[serde(default)]
     pub grid: Option<Spanned<bool>>,

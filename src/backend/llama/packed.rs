@@ -25,6 +25,9 @@ use crate::backend::{BackendError, ChatPrompt, Finish, PromptOutput, Task, TaskO
 struct Row<'a> {
     stream: i32,
     tokens: Vec<LlamaToken>,
+    /// Its template's shared leading tokens (evaluated anew here, but a row's own work
+    /// excludes them, as in the one-at-a-time path).
+    prefix: usize,
     tasks: &'a [Task],
     /// The logits after its last prompt token.
     logits: Vec<f32>,
@@ -57,6 +60,9 @@ impl LlamaSession<'_> {
                 Ok(tokens) => {
                     rows.push(Row {
                         stream: rows.len() as i32,
+                        prefix: self
+                            .fixed_tokens(&tokens, prompt.fixed_text())
+                            .min(tokens.len().saturating_sub(1)),
                         tokens,
                         tasks,
                         logits: Vec::new(),
@@ -76,6 +82,7 @@ impl LlamaSession<'_> {
                         results[*i] = Some(Ok(PromptOutput {
                             prompt_tokens: row.tokens.len() as u32,
                             evaluated_tokens: row.tokens.len() as u32,
+                            prefix_tokens: row.prefix as u32,
                             prefill_ms,
                             tasks: row.outs,
                         }));
