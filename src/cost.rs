@@ -5,8 +5,9 @@
 //! prefix every row of its template shares, which is evaluated once and reused; plus the
 //! label tokens a log-likelihood row feeds after the prompt) and the tokens it generates.
 //! Compute is the usual estimate of a decoder's forward pass, 2 × parameters a token
-//! (Kaplan et al. 2020, every weight counted once, attention over the context left out:
-//! at a few hundred tokens it is a few percent of a 0.5B model's). The time this work is
+//! (Kaplan et al. 2020), counting every weight a token passes through once: all of the
+//! model's tensors but the token-embedding table, which is a lookup. Attention over the
+//! context is left out: at a few hundred tokens it is a few percent of a 0.5B model's. The time this work is
 //! expected to take on this machine comes from the engine's rate measured once in a quiet
 //! moment ([`crate::rate`]); wall-clock times, which move with the load, are kept beside it
 //! and labelled as what they are.

@@ -40,9 +40,29 @@ const MAX_ARRAY: u64 = 1 << 24;
 /// The most dimensions of a tensor (ggml has 4).
 const MAX_DIMS: u32 = 8;
 
-/// The number of parameters of the model in the GGUF file at `path`: the sum of its
-/// tensors' element counts.
-pub fn parameters(path: &Path) -> Result<u64, GgufError> {
+/// The token-embedding table: a lookup per token, not a product, so it costs no compute.
+const TOKEN_EMBEDDING: &[u8] = b"token_embd.weight";
+
+/// A model's parameters as its GGUF header counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parameters {
+    /// Every tensor's elements (what gguf-py and model cards count).
+    pub total: u64,
+    /// The token-embedding table's elements.
+    pub embedding: u64,
+}
+
+impl Parameters {
+    /// The parameters a token passes through (every weight but the embedding lookup; an
+    /// untied output head counts): the N of `2 × N` FLOPs a token (Kaplan et al. 2020).
+    pub fn per_token(&self) -> u64 {
+        self.total - self.embedding
+    }
+}
+
+/// The parameters of the model in the GGUF file at `path`: the sum of its tensors'
+/// element counts, and the token embedding's.
+pub fn parameters(path: &Path) -> Result<Parameters, GgufError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
         path: shown.clone(),
@@ -71,9 +91,9 @@ pub fn parameters(path: &Path) -> Result<u64, GgufError> {
         let kind = r.u32()?;
         r.skip_value(kind, 0)?;
     }
-    let mut total: u64 = 0;
+    let (mut total, mut embedding) = (0u64, 0u64);
     for _ in 0..tensors {
-        r.skip_string()?;
+        let is_embedding = r.string_is(TOKEN_EMBEDDING)?;
         let dims = r.u32()?;
         if dims == 0 || dims > MAX_DIMS {
             return Err(r.bad(format!("a tensor with {dims} dimensions")));
@@ -90,8 +110,11 @@ pub fn parameters(path: &Path) -> Result<u64, GgufError> {
         total = total
             .checked_add(elements)
             .ok_or_else(|| r.bad("the parameter count overflows".into()))?;
+        if is_embedding {
+            embedding = elements;
+        }
     }
-    Ok(total)
+    Ok(Parameters { total, embedding })
 }
 
 struct Header<R> {
@@ -146,6 +169,21 @@ impl<R: Read + Seek> Header<R> {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Read a string and say whether it is `expected` (only one of that length is read).
+    fn string_is(&mut self, expected: &[u8]) -> Result<bool, GgufError> {
+        let n = self.u64()?;
+        if n > MAX_STRING {
+            return Err(self.bad(format!("a string of {n} bytes")));
+        }
+        if n != expected.len() as u64 {
+            self.skip(n)?;
+            return Ok(false);
+        }
+        let mut b = vec![0u8; expected.len()];
+        self.read(&mut b)?;
+        Ok(b == expected)
     }
 
     fn skip_string(&mut self) -> Result<(), GgufError> {
@@ -223,7 +261,11 @@ mod tests {
         string(&mut b, "<s>");
         string(&mut b, "hello");
         for (i, dims) in tensors.iter().enumerate() {
-            string(&mut b, &format!("blk.{i}.weight"));
+            let name = match i {
+                0 => "token_embd.weight".to_string(),
+                _ => format!("blk.{i}.weight"),
+            };
+            string(&mut b, &name);
             b.extend((dims.len() as u32).to_le_bytes());
             for d in *dims {
                 b.extend(d.to_le_bytes());
@@ -234,7 +276,7 @@ mod tests {
         b
     }
 
-    fn count(bytes: &[u8]) -> Result<u64, GgufError> {
+    fn count(bytes: &[u8]) -> Result<Parameters, GgufError> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.gguf");
         std::fs::write(&p, bytes).unwrap();
@@ -243,11 +285,10 @@ mod tests {
 
     #[test]
     fn parameters_sum_every_tensors_elements() {
-        assert_eq!(
-            count(&header(&[&[4, 3], &[7], &[2, 2, 2]])).unwrap(),
-            12 + 7 + 8
-        );
-        assert_eq!(count(&header(&[])).unwrap(), 0);
+        let p = count(&header(&[&[4, 3], &[7], &[2, 2, 2]])).unwrap();
+        assert_eq!((p.total, p.embedding, p.per_token()), (12 + 7 + 8, 12, 7 + 8));
+        let none = count(&header(&[])).unwrap();
+        assert_eq!((none.total, none.embedding), (0, 0));
     }
 
     #[test]

@@ -342,10 +342,11 @@ fn parameters(spec: &ModelSpec, file: Option<&ResolvedModel>) -> Result<Option<u
     let stated = spec.parameters.as_ref();
     let header = file
         .filter(|f| f.server.is_none())
-        .and_then(|f| crate::gguf::parameters(&f.path).ok());
+        .and_then(|f| crate::gguf::parameters(&f.path).ok())
+        .map(|p| p.per_token());
     match (header, stated) {
         (Some(h), Some(s)) if h != s.value => Err(s.error(format!(
-            "the model file's GGUF header counts {h} parameters, not {}",
+            "the model file's GGUF header counts {h} parameters outside its token embedding, not {}",
             s.value
         ))),
         (Some(h), _) => Ok(Some(h)),
