@@ -131,12 +131,12 @@ impl Work {
     }
 }
 
-/// A compute figure for a sentence: "12.3 GFLOP" (or tokens where the model's size is not
-/// known), with the expected time on this machine where its engine rate was measured.
+/// A row's compute for a sentence: "12.3 GFLOP a row" (tokens where a model's size is not
+/// known), with the time expected on this machine where its engine rate was measured.
 pub fn describe(w: &Work) -> String {
     let amount = match w.gflop() {
-        Some(g) => format!("{} GFLOP", significant(g)),
-        None => format!("{:.0} tokens", w.tokens()),
+        Some(g) => format!("{} GFLOP a row", significant(g)),
+        None => format!("{:.0} tokens a row", w.tokens()),
     };
     match w.expected_s {
         Some(s) if s > 0.0 => format!("{amount}, {} expected", seconds(s)),
@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(Work::of_row(tokens(None, 0), &m).prompt_tokens, 102.0);
         let w = Work::of_row(tokens(None, 70), &m);
         assert_eq!((w.flops, w.expected_s), (None, None));
-        assert_eq!(describe(&w), "76 tokens");
+        assert_eq!(describe(&w), "76 tokens a row");
     }
 
     #[test]
@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(both.ratio(&known), Some(2.0));
         assert_eq!(known.ratio(&unknown), None);
         assert_eq!(Work::sum([]), Work::none());
-        assert_eq!(describe(&known), "0.000152 GFLOP, 1.12 s expected");
+        assert_eq!(describe(&known), "0.000152 GFLOP a row, 1.12 s expected");
         assert_eq!(
             [1234.6, 98.76, 1.0, 0.5].map(significant),
             ["1235", "98.8", "1.00", "0.500"]

@@ -286,7 +286,10 @@ mod tests {
     #[test]
     fn parameters_sum_every_tensors_elements() {
         let p = count(&header(&[&[4, 3], &[7], &[2, 2, 2]])).unwrap();
-        assert_eq!((p.total, p.embedding, p.per_token()), (12 + 7 + 8, 12, 7 + 8));
+        assert_eq!(
+            (p.total, p.embedding, p.per_token()),
+            (12 + 7 + 8, 12, 7 + 8)
+        );
         let none = count(&header(&[])).unwrap();
         assert_eq!((none.total, none.embedding), (0, 0));
     }

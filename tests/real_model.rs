@@ -896,7 +896,10 @@ fn the_gguf_header_counts_the_parameters_as_gguf_py_does() -> Result<(), Failed>
     // gguf-py 0.19: sum(t.n_elements for t in GGUFReader(path).tensors) = 134515008 (272
     // tensors), of which token_embd.weight 28311552 (49152 × 576).
     let counted = pipeline::gguf::parameters(&model)?;
-    assert_eq!((counted.total, counted.embedding), (134_515_008, 28_311_552));
+    assert_eq!(
+        (counted.total, counted.embedding),
+        (134_515_008, 28_311_552)
+    );
     // A spec that states the count is checked against the header, at its line.
     let p = common::Project::new();
     let spec = |count: u64| {

@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use super::Analysis;
-use crate::cost::{Work, describe};
+use crate::cost::{Work, describe, seconds, significant};
 use crate::metrics::CellKind;
 use crate::metrics::stats;
 use crate::plan::Plan;
@@ -1157,7 +1157,7 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
         out.push(Finding {
             topic: "cost",
             text: format!(
-                "On {model}, {} costs {} a row ({:.0} prompt and {:.0} generated tokens beyond its template's shared prefix){}.",
+                "On {model}, {} costs {}: {:.0} prompt and {:.0} generated tokens beyond its template's shared prefix{}.",
                 reference.prompt,
                 describe(&w),
                 w.prompt_tokens,
@@ -1180,12 +1180,18 @@ fn cost(input: &Input, out: &mut Vec<Finding>) {
                 continue;
             };
             if let Some(r) = y.ratio(&x) {
+                let expected = match (y.expected_s, x.expected_s) {
+                    (Some(ys), Some(xs)) => {
+                        format!("; {} vs {} expected", seconds(ys), seconds(xs))
+                    }
+                    _ => String::new(),
+                };
                 out.push(Finding {
                     topic: "cost",
                     text: format!(
-                        "{b} costs {r:.2}× the compute of {a} per row on {first} ({} vs {}).",
-                        describe(&y),
-                        describe(&x)
+                        "{b} costs {r:.2}× the compute of {a} per row on {first} ({} vs {} GFLOP a row{expected}).",
+                        y.gflop().map_or("?".into(), significant),
+                        x.gflop().map_or("?".into(), significant),
                     ),
                 });
             }
@@ -1212,7 +1218,7 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
         .flatten()
         .collect();
         let per_row = match (cost.is_empty(), c.work) {
-            (false, Some(w)) => format!(" ({} a row)", describe(&w)),
+            (false, Some(w)) => format!(" ({})", describe(&w)),
             _ => String::new(),
         };
         // "18.0% of rows on from A to B" and, for longer chains, "and 4.3% on to C".

@@ -942,7 +942,7 @@ fn cascades_table(m: &[CellMetrics]) -> Table {
                 Cell::text(steps.join("; ")),
                 Cell::text(format!("{} ({} rows)", pct(c.accuracy), c.n)),
                 Cell::text(format!(
-                    "{} a row ({:.2} s wall-clock)",
+                    "{} ({:.2} s wall-clock)",
                     crate::cost::describe(&s.work),
                     c.compute_s / c.n.max(1) as f64
                 )),
