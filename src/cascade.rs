@@ -336,6 +336,10 @@ pub struct Summary {
     pub work: Work,
     pub compute_vs_first: Option<f64>,
     pub compute_vs_last: Option<f64>,
+    /// Its expected time against each stage's alone, at the engine rates measured on this
+    /// machine (a model's rate weighs its compute: a larger model may use the cores better).
+    pub expected_vs_first: Option<f64>,
+    pub expected_vs_last: Option<f64>,
     /// Wall-clock time and prompt tokens per row against each stage alone (as measured).
     pub time_vs_first: Option<f64>,
     pub time_vs_last: Option<f64>,
@@ -454,6 +458,8 @@ pub fn summary(plan: &Plan, decided: &Decided, cache: &Rows, cascade: usize) -> 
         accuracy: correct as f64 / n as f64,
         compute_vs_first: work.ratio(&first.work),
         compute_vs_last: work.ratio(&last.work),
+        expected_vs_first: work.expected_ratio(&first.work),
+        expected_vs_last: work.expected_ratio(&last.work),
         work,
         time_vs_first: ratio(per_row(secs), first.seconds_per_row),
         time_vs_last: ratio(per_row(secs), last.seconds_per_row),

@@ -115,12 +115,20 @@ impl Work {
         }
     }
 
-    /// This work against `other`'s: by compute where both are known (it weighs each model
-    /// by its size), else by tokens when both are one model's.
+    /// This work's compute against `other`'s, where both are known (compute weighs each
+    /// model by its size, so works of different models compare).
     pub fn ratio(&self, other: &Work) -> Option<f64> {
         let r = |a: f64, b: f64| (b > 0.0).then(|| a / b);
         match (self.flops, other.flops) {
             (Some(a), Some(b)) => r(a, b),
+            _ => None,
+        }
+    }
+
+    /// This work's expected time against `other`'s, where both are known.
+    pub fn expected_ratio(&self, other: &Work) -> Option<f64> {
+        match (self.expected_s, other.expected_s) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
         }
     }

@@ -76,6 +76,8 @@ pub struct CascadeView {
     pub onward: Vec<(String, f64)>,
     pub compute_vs_first: Option<f64>,
     pub compute_vs_last: Option<f64>,
+    pub expected_vs_first: Option<f64>,
+    pub expected_vs_last: Option<f64>,
 }
 
 /// Everything the rules read.
@@ -141,6 +143,8 @@ impl Input {
                         .collect(),
                     compute_vs_first: s.compute_vs_first,
                     compute_vs_last: s.compute_vs_last,
+                    expected_vs_first: s.expected_vs_first,
+                    expected_vs_last: s.expected_vs_last,
                 }),
                 probe: m.calibration.as_ref().and_then(|c| match &c.params {
                     Some(crate::calibrate::Params::Probe(p)) => Some(format!(
@@ -1218,7 +1222,13 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
         .flatten()
         .collect();
         let per_row = match (cost.is_empty(), c.work) {
-            (false, Some(w)) => format!(" ({})", describe(&w)),
+            (false, Some(w)) => match (v.expected_vs_first, v.expected_vs_last) {
+                (Some(f), Some(l)) => format!(
+                    " ({}: {f:.2}× and {l:.2}× theirs on this machine)",
+                    describe(&w)
+                ),
+                _ => format!(" ({})", describe(&w)),
+            },
             _ => String::new(),
         };
         // "18.0% of rows on from A to B" and, for longer chains, "and 4.3% on to C".
@@ -1904,6 +1914,8 @@ mod tests {
             )],
             compute_vs_first: Some(1.8),
             compute_vs_last: Some(0.45),
+            expected_vs_first: None,
+            expected_vs_last: None,
         });
         c
     }
