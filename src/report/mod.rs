@@ -556,7 +556,7 @@ fn render_page(
             .map(|r| format!("{:.1}", r.embed.texts_per_s))
             .unwrap_or_default(),
         expected_note: expected_note(prov),
-        wall_note: wall_note(prov),
+        wall_note: wall_note(prov, a.predictions.len() - from_cache, from_cache),
     };
     html::render(&page, scripts).map_err(|e| ReportError::Encode {
         what: "index.html",
@@ -1129,9 +1129,9 @@ fn expected_note(p: &Provenance) -> String {
     }
 }
 
-/// What the wall-clock figures were measured under: which hosts computed the rows, and
-/// how much of its threads' time the run that computed them got.
-fn wall_note(p: &Provenance) -> String {
+/// What the wall-clock figures were measured under: which hosts computed the rows, how
+/// much of its threads' time the run that computed them got, and whether they mix runs.
+fn wall_note(p: &Provenance, computed_now: usize, from_cache: usize) -> String {
     let hosts: Vec<String> = p
         .computed_by
         .iter()
@@ -1161,8 +1161,15 @@ fn wall_note(p: &Provenance) -> String {
         }),
         _ => None,
     };
+    let mixed = if computed_now > 0 && from_cache > 0 {
+        format!(
+            " They mix runs: {computed_now} rows were timed by the run that wrote this report, {from_cache} by earlier runs, whose loads may differ."
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "Wall-clock figures (rows/s, p50/p95 ms, \"wall-clock\") are the times the rows took when they were computed, on {} ({}); {}. They move with the machine and its load; the compute figures do not.",
+        "Wall-clock figures (rows/s, p50/p95 ms, \"wall-clock\") are the times the rows took when they were computed, on {} ({}); {}.{mixed} They move with the machine and its load; the compute figures do not.",
         p.machine,
         if hosts.is_empty() {
             "no rows yet".into()
