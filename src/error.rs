@@ -47,6 +47,8 @@ pub enum AppError {
     Dag(#[from] crate::dag::DagError),
     #[error("{}: is the cache itself; export into another folder", .0.display())]
     ExportIntoCache(PathBuf),
+    #[error(transparent)]
+    Starter(#[from] crate::spec::starter::StarterError),
     #[error("cannot {what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -64,7 +66,11 @@ impl AppError {
             | AppError::UnknownCell { .. }
             | AppError::NotACache(_)
             | AppError::Shard(_)
-            | AppError::ExportIntoCache(_) => 2,
+            | AppError::ExportIntoCache(_)
+            | AppError::Starter(
+                crate::spec::starter::StarterError::BadName(_)
+                | crate::spec::starter::StarterError::Exists(_),
+            ) => 2,
             _ => 1,
         }
     }

@@ -81,7 +81,7 @@ impl Resolver {
         if let (Some(dir), Some(name)) = (&self.models_dir, spec.gguf.value.file_name()) {
             let p = dir.join(name);
             if p.is_file() {
-                return Ok(Some((p, "PIPELINE_MODELS_DIR")));
+                return Ok(Some((p, "the models folder")));
             }
         }
         if let ModelSource::Hub { owner, repo, file } = &spec.gguf.value {
@@ -170,7 +170,10 @@ impl Resolver {
                 ModelSource::Path(p) => {
                     let mut msg = format!("model file not found: {}", p.display());
                     if let Some(dir) = &self.models_dir {
-                        msg.push_str(&format!(" (nor in PIPELINE_MODELS_DIR={})", dir.display()));
+                        msg.push_str(&format!(
+                            " (nor in the models folder {}, set by --models-dir or PIPELINE_MODELS_DIR)",
+                            dir.display()
+                        ));
                     }
                     return Err(spec.gguf.error(msg));
                 }
@@ -334,6 +337,17 @@ fn remove_hub_file(path: &Path) {
         let _ = std::fs::remove_file(target);
     }
     let _ = std::fs::remove_file(path);
+}
+
+/// Where model files are looked up by name when neither `--models-dir` nor
+/// `PIPELINE_MODELS_DIR` says: the platform's cache folder's `pipeline-models`
+/// (`$XDG_CACHE_HOME`, else `~/.cache`), where `scripts/` and `shared/models/fetch` put them.
+pub fn default_models_dir() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("pipeline-models"))
 }
 
 /// A model's parameter count: its GGUF header's where the file is here and readable (the

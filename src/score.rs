@@ -209,6 +209,23 @@ impl<'de> Deserialize<'de> for Score {
     }
 }
 
+impl schemars::JsonSchema for Score {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Score".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "How a generated answer is scored against its row's reference: `exact_match`, `contains`, `{regex: PATTERN}` (its first group, else its match) or `{numeric: {tolerance: T}}` (the answer's last number).",
+            "oneOf": [
+                {"type": "string", "enum": ["exact_match", "contains", "numeric"]},
+                {"type": "object", "properties": {"regex": {"type": "string"}}, "required": ["regex"], "additionalProperties": false},
+                {"type": "object", "properties": {"numeric": {"type": "object", "properties": {"tolerance": {"type": "number", "minimum": 0}}, "additionalProperties": false}},
+                 "required": ["numeric"], "additionalProperties": false}
+            ]
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Numeric {

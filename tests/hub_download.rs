@@ -189,5 +189,5 @@ fn models_dir_is_searched_by_file_name_before_the_hub() {
     let mut r = resolver(dir.path(), "http://127.0.0.1:9");
     r.models_dir = Some(dir.path().join("models"));
     let m = r.resolve(&spec).unwrap();
-    assert_eq!(m.found_via, "PIPELINE_MODELS_DIR");
+    assert_eq!(m.found_via, "the models folder");
 }

@@ -32,7 +32,8 @@ pub struct Cli {
         default_value = "reports"
     )]
     pub reports_dir: PathBuf,
-    /// Folder searched for model files by name.
+    /// Folder searched for model files by name [default: the platform's cache folder's
+    /// `pipeline-models`, e.g. ~/.cache/pipeline-models, where the scripts fetch them].
     #[arg(long, global = true, env = "PIPELINE_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
     /// No progress output.
@@ -66,9 +67,31 @@ pub enum Command {
     Report(ReportArgs),
     /// Serve one cell of a spec as an HTTP API (its model, prompt, method and calibration).
     Serve(ServeArgs),
+    /// Check a spec (its fields, templates and references) without planning or reading data.
+    Validate(ValidateArgs),
+    /// Print the spec's JSON Schema, for editors (yaml-language-server) and checks.
+    Schema,
+    /// Write a minimal working spec, its prompt and a tiny example dataset to start from.
+    Init(InitArgs),
     /// Inspect, check and prune the row cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    pub spec: PathBuf,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// The new spec's name: writes experiments/NAME.yaml, prompts/NAME.j2 and
+    /// experiments/data/NAME.jsonl (nothing is overwritten).
+    #[arg(default_value = "my-eval")]
+    pub name: String,
+    /// The folder to write into.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
 }
 
 #[derive(Args)]

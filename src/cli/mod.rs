@@ -11,6 +11,7 @@ mod plan;
 mod report;
 mod run;
 mod serve;
+mod start;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -42,6 +43,9 @@ fn dispatch(cli: &Cli) -> Result<ExitCode, AppError> {
         Command::Report(a) => report::command(cli, a),
         Command::Serve(a) => serve::command(cli, a),
         Command::Cache(c) => cache::command(&config(cli, None), c),
+        Command::Validate(a) => start::validate(a),
+        Command::Schema => start::schema(),
+        Command::Init(a) => start::init(a),
     }
 }
 
@@ -49,7 +53,10 @@ pub(crate) fn config(cli: &Cli, threads: Option<usize>) -> Config {
     Config {
         cache_dir: cli.cache_dir.clone(),
         reports_dir: cli.reports_dir.clone(),
-        models_dir: cli.models_dir.clone(),
+        models_dir: cli
+            .models_dir
+            .clone()
+            .or_else(crate::model::default_models_dir),
         threads: threads.unwrap_or_else(crate::exec::default_threads),
         backend: cli.backend,
         packing: crate::backend::Packing::for_device(cli.pack),

@@ -2,12 +2,14 @@
 //! relative paths against the spec file's directory, and validate it into [`Spec`].
 
 mod raw;
+mod spanned;
+pub mod starter;
 
 use std::path::{Path, PathBuf};
 
+use raw::Spanned;
 pub use raw::{MethodKind, ParseRule, Pooling, ServerApi, ShotOrder, ShotStrategy};
 use raw::{OneOrMany, RawCalibrate, RawPool, RawSpec, RawTruncate, TemplateRef};
-use serde_saphyr::Spanned;
 
 use crate::diag::{Diagnostic, SourceLoc};
 
@@ -671,6 +673,20 @@ pub struct ReportSpec {
 }
 
 /// Parse and validate a spec file.
+/// The spec's JSON Schema (draft 2020-12), generated from the types a spec is read into:
+/// every field, its type and its documentation, unknown fields refused. Editors give
+/// completion and checks from it (`# yaml-language-server: $schema=...`); `load` checks
+/// more than it can say (references between sections, files, ranges).
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(raw::RawSpec);
+    schema.insert("title".into(), "pipeline spec".into());
+    schema.insert(
+        "description".into(),
+        "An evaluation: a dataset, models × prompts × methods (× a sampling grid), and what to compare. Written by `pipeline schema`.".into(),
+    );
+    schema.to_value()
+}
+
 pub fn load(path: &Path) -> Result<Spec, Diagnostic> {
     let source = std::fs::read_to_string(path).map_err(|e| {
         Diagnostic::new(

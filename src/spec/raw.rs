@@ -4,11 +4,13 @@
 use std::fmt;
 use std::marker::PhantomData;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::Spanned;
 
-#[derive(Debug, Deserialize)]
+pub use super::spanned::Spanned;
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSpec {
     pub name: Spanned<String>,
@@ -33,7 +35,7 @@ pub struct RawSpec {
 }
 
 /// An ensemble: the members' label probabilities averaged, with weights or equally.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEnsemble {
     pub id: Spanned<String>,
@@ -44,7 +46,7 @@ pub struct RawEnsemble {
 
 /// A cascade: `first` answers every row; rows it is unsure of go on to `then` (a cell, or
 /// a list of cells for a longer chain).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCascade {
     pub id: Spanned<String>,
@@ -55,7 +57,7 @@ pub struct RawCascade {
 }
 
 /// When a row goes on to the next cell: `{margin: M}` or `{fraction: F, fit: {from, n, seed}}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEscalate {
     #[serde(default)]
@@ -67,7 +69,7 @@ pub struct RawEscalate {
 }
 
 /// A sentence-embedding model (llama.cpp with embeddings on).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEmbedder {
     pub id: Spanned<String>,
@@ -79,7 +81,7 @@ pub struct RawEmbedder {
 }
 
 /// Rows drawn from a labelled file: all of them, or a seeded sample.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub n: Spanned<usize>,
@@ -90,7 +92,7 @@ pub struct RawPool {
 }
 
 /// Which cells to compare on paired rows.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCompare {
     /// Compare every other cell with this one.
@@ -103,7 +105,7 @@ pub struct RawCompare {
     pub bootstrap: Option<RawBootstrap>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBootstrap {
     #[serde(default = "default_resamples")]
@@ -115,12 +117,12 @@ pub struct RawBootstrap {
 fn default_resamples() -> Spanned<usize> {
     Spanned::new(
         2000,
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
+        super::spanned::Location::UNKNOWN,
+        super::spanned::Location::UNKNOWN,
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDataset {
     pub path: Spanned<String>,
@@ -196,7 +198,7 @@ impl<'de> Deserialize<'de> for RawTruncate {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSample {
     pub n: Spanned<usize>,
@@ -209,8 +211,8 @@ pub struct RawSample {
 fn default_strategy() -> Spanned<ShotStrategy> {
     Spanned::new(
         ShotStrategy::default(),
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
+        super::spanned::Location::UNKNOWN,
+        super::spanned::Location::UNKNOWN,
     )
 }
 
@@ -218,7 +220,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawClean {
     #[serde(default)]
@@ -227,7 +229,7 @@ pub struct RawClean {
     pub collapse_whitespace: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub id: Spanned<String>,
@@ -254,7 +256,7 @@ pub struct RawModel {
 }
 
 /// `server:` of a model: where it is served and how to talk to it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub url: Spanned<String>,
@@ -276,7 +278,9 @@ pub struct RawServer {
 }
 
 /// Which endpoint a server model's prompts go to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema, serde::Serialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ServerApi {
     /// The tool applies the chat template and sends the text to the completions endpoint:
@@ -296,7 +300,7 @@ impl ServerApi {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrompt {
     pub id: Spanned<String>,
@@ -345,7 +349,7 @@ impl<'de> Deserialize<'de> for TemplateRef {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawShots {
     pub k: Spanned<usize>,
@@ -368,7 +372,7 @@ pub struct RawShots {
     pub order: Option<Spanned<ShotOrder>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShotStrategy {
     #[default]
@@ -379,7 +383,7 @@ pub enum ShotStrategy {
 }
 
 /// Order of retrieved examples in the prompt.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShotOrder {
     /// The most similar example last, right before the row.
@@ -388,7 +392,7 @@ pub enum ShotOrder {
     NearestFirst,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawMethod {
     pub id: Spanned<String>,
@@ -439,7 +443,7 @@ pub enum RawMethodPool {
 
 impl<'de> Deserialize<'de> for RawMethodPool {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
+        #[derive(Deserialize, JsonSchema)]
         #[serde(deny_unknown_fields)]
         struct Sample {
             n: usize,
@@ -517,7 +521,7 @@ impl<'de> Deserialize<'de> for RawLayer {
 }
 
 /// Which positions' hidden states a probe reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// The last prompt token: where the answer's first token is predicted.
@@ -537,7 +541,7 @@ impl Pooling {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MethodKind {
     Generate,
@@ -557,7 +561,7 @@ pub enum RawCalibrate {
     Fit(RawFit),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFit {
     pub from: String,
@@ -602,7 +606,7 @@ impl<'de> Deserialize<'de> for RawCalibrate {
 }
 
 /// How a generated answer is mapped to a label.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParseRule {
     /// The label name that occurs first, as a whole word, case-insensitively.
@@ -612,7 +616,7 @@ pub enum ParseRule {
     Exact,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSampling {
     #[serde(default)]
@@ -629,7 +633,7 @@ pub struct RawSampling {
     pub repeats: Option<Spanned<u32>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawReport {
     #[serde(default)]
@@ -728,5 +732,115 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
             }
         }
         d.deserialize_map(Vis(PhantomData))
+    }
+}
+
+// JSON Schema of the types read by hand above: what each accepts, as its visitor does.
+
+impl JsonSchema for RawTruncate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Truncate".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Which tokens of a long text are kept: `head` (the default), `head_tail` (a third from the start, two thirds from the end) or `{head: H, tail: T}`.",
+            "oneOf": [
+                {"type": "string", "enum": ["head", "head_tail"]},
+                {"type": "object", "properties": {"head": {"type": "integer", "minimum": 0}, "tail": {"type": "integer", "minimum": 0}},
+                 "required": ["head", "tail"], "additionalProperties": false}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for TemplateRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Template".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A minijinja template inline, or `{file: PATH}` (relative to the spec).",
+            "oneOf": [
+                {"type": "string"},
+                {"type": "object", "properties": {"file": {"type": "string"}}, "required": ["file"], "additionalProperties": false}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for RawMethodPool {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "MethodPool".into()
+    }
+    fn json_schema(g: &mut SchemaGenerator) -> Schema {
+        let pooling = g.subschema_for::<Pooling>();
+        json_schema!({
+            "description": "`knn_vote`: the pool sample `{n, seed, stratify}`; `probe`: the pooling of hidden states (`last`, `mean`, or a list).",
+            "oneOf": [
+                {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}, "seed": {"type": "integer", "minimum": 0}, "stratify": {"type": "boolean"}},
+                 "required": ["n"], "additionalProperties": false},
+                pooling,
+                {"type": "array", "items": pooling}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for RawLayer {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Layer".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A layer: its index (`12`), a fraction of the depth (`0.5`), or `last`.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                {"const": "last"}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for RawCalibrate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Calibrate".into()
+    }
+    fn json_schema(g: &mut SchemaGenerator) -> Schema {
+        let fit = g.subschema_for::<RawFit>();
+        json_schema!({
+            "description": "`content_free`, `batch`, or `{fit: {from: PATH, n: N, seed: S}}`.",
+            "oneOf": [
+                {"type": "string", "enum": ["content_free", "batch"]},
+                {"type": "object", "properties": {"fit": fit}, "required": ["fit"], "additionalProperties": false}
+            ]
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for OneOrMany<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("OneOrMany_{}", T::schema_name()).into()
+    }
+    fn json_schema(g: &mut SchemaGenerator) -> Schema {
+        let one = g.subschema_for::<T>();
+        json_schema!({
+            "description": "A value or a list of values.",
+            "anyOf": [one, {"type": "array", "items": one, "minItems": 1}]
+        })
+    }
+}
+
+impl<V: JsonSchema> JsonSchema for OrderedMap<V> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("Map_{}", V::schema_name()).into()
+    }
+    fn json_schema(g: &mut SchemaGenerator) -> Schema {
+        let value = g.subschema_for::<V>();
+        json_schema!({
+            "description": "A mapping whose keys may be any scalar (`0: negative`), kept in file order.",
+            "type": "object",
+            "additionalProperties": value
+        })
     }
 }

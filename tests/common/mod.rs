@@ -86,7 +86,9 @@ impl Project {
             .current_dir(self.dir.path())
             .env("PIPELINE_CACHE_DIR", self.path("cache"))
             .env("PIPELINE_REPORTS_DIR", self.path("reports"))
-            .env_remove("PIPELINE_MODELS_DIR")
+            // A models folder of the project's own, so that models fetched for the
+            // real-model tests (in the default folder) are not found by accident.
+            .env("PIPELINE_MODELS_DIR", self.path("models"))
             .env_remove("PIPELINE_FAKE_DELAY_MS")
             .env_remove("PIPELINE_FAKE_ENGINE")
             .env_remove("SLURM_ARRAY_TASK_ID")
