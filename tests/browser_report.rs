@@ -25,6 +25,10 @@ fn main() -> ExitCode {
                 "retrieval_and_calibration_charts_render",
                 retrieval_and_calibration_charts_render,
             ),
+            (
+                "a_large_grid_opens_with_its_summary_and_heatmap_and_its_tables_sort_and_filter",
+                a_large_grid_opens_with_its_summary_and_heatmap_and_its_tables_sort_and_filter,
+            ),
         ],
     );
     trials.push(Trial::test(
@@ -190,5 +194,172 @@ fn retrieval_and_calibration_charts_render() -> Result<(), Failed> {
     assert_eq!(rendered, Some(6), "{log}");
     assert_eq!(dom.matches("class=\"marks\"").count(), 6);
     assert!(dom.contains("Calibrated cells") && dom.contains("leak guard left out"));
+    Ok(())
+}
+
+/// A grid of 20 cells: two models × two prompts × (a log-likelihood cell and four sampled
+/// ones).
+const GRID_SPEC: &str = r#"name: grid
+dataset:
+  path: data/reviews.jsonl
+  id: id
+  text: text
+  label: label
+  labels: {0: negative, 1: positive}
+models:
+  - id: fake-a
+    gguf: models/a.gguf
+    n_ctx: 512
+    parameters: 100000000
+  - id: fake-b-with-a-long-name-for-the-legend
+    gguf: models/b.gguf
+    n_ctx: 512
+    parameters: 300000000
+prompts:
+  - id: p1
+    user: {file: prompts/p1.j2}
+  - id: p2
+    system: "You judge reviews."
+    user: {file: prompts/p2.j2}
+methods:
+  - id: gen
+    kind: generate
+    max_tokens: 4
+  - id: ll
+    kind: loglik
+sampling:
+  temperature: [0.2, 0.8]
+  seed: [1, 2]
+"#;
+
+/// The page as the browser leaves it at `width` pixels, after `script` ran on it (injected
+/// before `</body>`, after the page's own scripts).
+fn render_at(browser: &str, page: &Path, width: u32, script: &str) -> String {
+    let html = std::fs::read_to_string(page).unwrap();
+    // The page's own `</body>`, the last one (the inlined libraries hold the text too).
+    let end = html.rfind("</body>").expect("a body");
+    let with = format!("{}<script>{script}</script>{}", &html[..end], &html[end..]);
+    let copy = page.with_file_name("probe.html");
+    std::fs::write(&copy, with).unwrap();
+    let url = format!("file://{}", copy.canonicalize().unwrap().display());
+    let user_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=8000",
+            &format!("--window-size={width},1600"),
+            &format!("--user-data-dir={}", user_dir.path().display()),
+            "--dump-dom",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A screenshot of the page at `width` pixels, for a person to look at; its width as PNG
+/// says.
+fn screenshot(browser: &str, page: &Path, width: u32, out: &Path) -> u32 {
+    let url = format!("file://{}", page.canonicalize().unwrap().display());
+    let user_dir = tempfile::tempdir().unwrap();
+    let status = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=8000",
+            &format!("--window-size={width},2400"),
+            &format!("--user-data-dir={}", user_dir.path().display()),
+            &format!("--screenshot={}", out.display()),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let png = std::fs::read(out).unwrap();
+    assert_eq!(&png[1..4], b"PNG", "{} is a PNG", out.display());
+    u32::from_be_bytes([png[16], png[17], png[18], png[19]])
+}
+
+fn attribute<'a>(dom: &'a str, name: &str) -> Option<&'a str> {
+    dom.split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+}
+
+fn a_large_grid_opens_with_its_summary_and_heatmap_and_its_tables_sort_and_filter()
+-> Result<(), Failed> {
+    let browser = chromium()?;
+    let p = common::Project::new();
+    pipeline::model::write_fake_gguf(&p.path("models/b.gguf"), b"fake model b").unwrap();
+    p.write("spec.yaml", GRID_SPEC);
+    p.run_ok(&["run", "spec.yaml", "--backend", "fake", "--quiet"]);
+    let page = p.path("reports/grid/index.html");
+    let html = p.read("reports/grid/index.html");
+    // The summary comes first: each model's best cell with its honest estimate, then the
+    // key Findings, the rest folded, then the heatmap; the long tables after.
+    let at = |s: &str| html.find(s).unwrap_or_else(|| panic!("no {s}"));
+    assert!(at("id=\"summary\"") < at("id=\"more-findings\""));
+    assert!(at("id=\"more-findings\"") < at("<h2>Accuracy and cost</h2>"));
+    assert!(html.contains("honest estimate") && html.contains("GFLOP a row"));
+
+    let probe = r#"
+      var t = document.querySelectorAll("table.sortable")[1];
+      var th = Array.prototype.find.call(t.querySelectorAll("th"), function (h) { return h.textContent === "accuracy"; });
+      var col = Array.prototype.indexOf.call(th.parentNode.children, th);
+      th.click();
+      var values = Array.prototype.map.call(t.tBodies[0].rows, function (r) { return parseFloat(r.cells[col].textContent); });
+      var sorted = values.every(function (v, i) { return i === 0 || values[i - 1] <= v; });
+      var sel = t.parentNode.previousSibling.querySelector("select[data-facet=model]");
+      sel.value = "fake-a"; sel.dispatchEvent(new Event("change"));
+      var shown = Array.prototype.filter.call(t.tBodies[0].rows, function (r) { return !r.hidden; }).length;
+      var texts = Array.prototype.map.call(document.querySelectorAll("svg text"), function (x) { return x.textContent; });
+      var cut = texts.filter(function (x) { return x.indexOf("\u2026") >= 0; });
+      document.body.setAttribute("data-sorted", String(sorted) + ":" + th.getAttribute("aria-sort") + ":" + values.length);
+      document.body.setAttribute("data-shown", String(shown));
+      document.body.setAttribute("data-cut", String(cut.length) + ":" + cut.join("|"));
+      document.body.setAttribute("data-overflow", String(document.documentElement.scrollWidth > window.innerWidth));
+    "#;
+    for width in [1280, 480] {
+        let dom = render_at(&browser, &page, width, probe);
+        // accuracy, temperature, cost, heatmap, predicted labels, confusion, calibration
+        assert_eq!(
+            attribute(&dom, "data-charts-rendered"),
+            Some("7"),
+            "{width}px"
+        );
+        assert_eq!(
+            attribute(&dom, "data-sorted"),
+            Some("true:ascending:20"),
+            "{width}px"
+        );
+        assert_eq!(
+            attribute(&dom, "data-shown"),
+            Some("10"),
+            "{width}px: one model's cells"
+        );
+        assert_eq!(
+            attribute(&dom, "data-cut"),
+            Some("0:"),
+            "{width}px: no label cut to an ellipsis"
+        );
+        assert_eq!(
+            attribute(&dom, "data-overflow"),
+            Some("false"),
+            "{width}px: the page never scrolls sideways"
+        );
+        assert!(dom.matches("aria-sort=").count() > 40, "every header sorts");
+        let png = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("report-grid-{width}.png"));
+        assert_eq!(screenshot(&browser, &page, width, &png), width);
+        println!("screenshot: {}", png.display());
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ use vega_lite_4::{
     UrlData, UrlDataInlineDataset, Vegalite, X2Class, XClass, YClass,
 };
 
-use crate::metrics::CellMetrics;
+use crate::metrics::{CellKind, CellMetrics};
 
 fn field(name: &str) -> Option<Field> {
     Some(Field::String(name.to_string()))
@@ -615,4 +615,98 @@ pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
              "encoding": {"x": x, "y": y, "color": {"field": "series", "type": "nominal"}, "tooltip": tip}}
         ]
     }))
+}
+
+/// Cells a grid must have before the page draws its heatmap.
+pub const HEATMAP_FROM_CELLS: usize = 12;
+
+/// A large grid at a glance: accuracy by prompt (rows) and method with its sampler setting
+/// (columns), one panel per model; cascades, ensembles and votes are left to the tables.
+pub fn heatmap(metrics: &[CellMetrics]) -> Option<Value> {
+    let values: Vec<Value> = metrics
+        .iter()
+        .filter(|m| m.n > 0 && m.cascade.is_none() && !m.prompt.is_empty())
+        .filter(|m| !matches!(m.kind, CellKind::Ensemble | CellKind::KnnVote))
+        .map(|m| {
+            // The method with its sampler point: `generate@t=0.2,seed=1`, `loglik-fit`.
+            let column = m
+                .cell
+                .strip_prefix(&format!("{}/{}/", m.model, m.prompt))
+                .unwrap_or(&m.method)
+                .to_string();
+            serde_json::json!({
+                "model": m.model, "prompt": m.prompt, "method": column, "cell": m.cell,
+                "accuracy": m.accuracy, "lo": m.accuracy_lo, "hi": m.accuracy_hi,
+            })
+        })
+        .collect();
+    if values.len() <= HEATMAP_FROM_CELLS {
+        return None;
+    }
+    let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".1%"},
+        {"field": "lo", "format": ".1%", "title": "95% low"}, {"field": "hi", "format": ".1%", "title": "95% high"}]);
+    let x = serde_json::json!({"field": "method", "type": "nominal", "title": "method",
+        "axis": {"labelAngle": -40, "labelLimit": 0}});
+    let y = serde_json::json!({"field": "prompt", "type": "nominal", "title": "prompt",
+        "axis": {"labelLimit": 0}});
+    Some(serde_json::json!({
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "title": "Accuracy by prompt × method, per model",
+        "data": {"values": values},
+        "facet": {"column": {"field": "model", "type": "nominal", "title": null,
+                             "header": {"labelFontSize": 13, "labelLimit": 0}}},
+        "resolve": {"scale": {"x": "independent"}},
+        "spec": {
+            "width": {"step": 46},
+            "height": {"step": 26},
+            "layer": [
+                {"mark": "rect",
+                 "encoding": {"x": x, "y": y,
+                              "color": {"field": "accuracy", "type": "quantitative", "title": "accuracy",
+                                        "scale": {"scheme": "viridis"}, "legend": {"format": ".0%"}},
+                              "tooltip": tip}},
+                {"mark": {"type": "text", "fontSize": 10},
+                 "encoding": {"x": x, "y": y,
+                              "text": {"field": "accuracy", "type": "quantitative", "format": ".0%"},
+                              "color": {"condition": {"test": "datum.accuracy > 0.8", "value": "black"}, "value": "white"},
+                              "tooltip": tip}}
+            ]
+        }
+    }))
+}
+
+/// What every chart is drawn with: labels and legends at their full length (never cut to
+/// an ellipsis), and the drawing grown to hold them.
+pub fn with_full_labels(mut chart: Value) -> Value {
+    let config = chart
+        .as_object_mut()
+        .map(|c| c.entry("config").or_insert_with(|| serde_json::json!({})));
+    if let Some(Value::Object(config)) = config {
+        for (part, settings) in [
+            (
+                "legend",
+                serde_json::json!({"labelLimit": 0, "symbolLimit": 0, "titleLimit": 0}),
+            ),
+            (
+                "axis",
+                serde_json::json!({"labelLimit": 0, "titleLimit": 0}),
+            ),
+            (
+                "header",
+                serde_json::json!({"labelLimit": 0, "titleLimit": 0}),
+            ),
+        ] {
+            let entry = config.entry(part).or_insert_with(|| serde_json::json!({}));
+            if let (Value::Object(e), Value::Object(s)) = (entry, settings) {
+                for (k, v) in s {
+                    e.entry(k).or_insert(v);
+                }
+            }
+        }
+    }
+    if let Some(c) = chart.as_object_mut() {
+        c.entry("autosize")
+            .or_insert_with(|| serde_json::json!({"type": "pad"}));
+    }
+    chart
 }

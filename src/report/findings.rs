@@ -26,6 +26,57 @@ pub struct Finding {
     pub text: String,
 }
 
+/// A model's best cell, as the report's summary shows it: picked after the run, so beside
+/// it the honest estimate (the best chosen on half the rows, measured on the other half).
+#[derive(Debug, Clone, Serialize)]
+pub struct BestCell {
+    pub model: String,
+    pub cell: String,
+    /// Of how many cells of the model it is the best.
+    pub of: usize,
+    pub accuracy: f64,
+    pub honest: Option<f64>,
+    pub work: Option<Work>,
+}
+
+/// Each model's best cell, in spec order (models with no answered cell left out).
+pub fn best_cells(input: &Input) -> Vec<BestCell> {
+    input
+        .models
+        .iter()
+        .filter_map(|m| {
+            let b = best(input, model_cells(input, m))?;
+            Some(BestCell {
+                model: m.clone(),
+                cell: b.id.clone(),
+                of: model_cells(input, m).filter(|c| c.n() > 0).count(),
+                accuracy: b.accuracy(&input.gold)?,
+                honest: honest_best(input, model_cells(input, m)),
+                work: b.work,
+            })
+        })
+        .collect()
+}
+
+/// The Findings a reader should see first: how the models compare and what each cascade
+/// buys (at most `KEY_FINDINGS`); the page folds the rest.
+pub fn key(findings: &[Finding]) -> Vec<usize> {
+    let mut out: Vec<usize> = findings
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f.topic, "models" | "cascade" | "ensemble"))
+        .map(|(i, _)| i)
+        .take(KEY_FINDINGS)
+        .collect();
+    if out.is_empty() {
+        out = (0..findings.len().min(3)).collect();
+    }
+    out
+}
+
+/// Findings shown unfolded at the top of the page, at most.
+const KEY_FINDINGS: usize = 5;
+
 /// The findings as a Markdown list, one sentence an item, grouped by topic.
 pub fn markdown(findings: &[Finding]) -> String {
     let mut out = String::from(

@@ -61,12 +61,24 @@ impl Cell {
     }
 }
 
-/// A table: header, rows of cells, and the columns aligned left.
+/// A table: header, rows of cells, and the columns aligned left. Every table on the page
+/// sorts by any column; one whose rows name their cell's model, prompt and method
+/// (`facets`) can also be filtered by them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Table {
     pub head: Vec<String>,
     pub left: Vec<usize>,
     pub rows: Vec<Vec<Cell>>,
+    /// Each row's model, prompt and method; empty: no filters.
+    pub facets: Vec<Facets>,
+}
+
+/// What a row of a table of cells can be filtered by.
+#[derive(Debug, Clone, Serialize)]
+pub struct Facets {
+    pub model: String,
+    pub prompt: String,
+    pub method: String,
 }
 
 impl Table {
@@ -75,6 +87,7 @@ impl Table {
             head: head.iter().map(|h| h.to_string()).collect(),
             left: left.to_vec(),
             rows,
+            facets: Vec::new(),
         }
     }
 }
@@ -85,8 +98,14 @@ pub struct Page {
     pub title: String,
     pub subtitle: String,
     pub description: Option<String>,
-    /// Sentences derived from the statistics by rules (`findings.rs`).
-    pub findings: Vec<super::findings::Finding>,
+    /// Sentences derived from the statistics by rules (`findings.rs`): the key ones shown
+    /// first, the rest folded.
+    pub key_findings: Vec<super::findings::Finding>,
+    pub more_findings: Vec<super::findings::Finding>,
+    /// Each model's best cell, with its honest estimate and cost.
+    pub summary: Table,
+    /// The heatmap of a large grid, by chart index.
+    pub heatmap: Option<usize>,
     pub incomplete: usize,
     pub failed_total: usize,
     pub failed_kinds: Vec<KindCount>,

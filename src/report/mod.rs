@@ -225,6 +225,8 @@ impl Provenance {
 pub struct Analysis {
     /// What the statistics say, in sentences (rules in `findings.rs`).
     pub findings: Vec<findings::Finding>,
+    /// Each model's best cell, with its honest estimate.
+    pub best: Vec<findings::BestCell>,
     pub predictions: Vec<Prediction>,
     /// Rows whose last attempt failed.
     pub failures: Vec<Failure>,
@@ -267,13 +269,16 @@ fn analyse_while<T: Send>(
     });
     let mut a = Analysis {
         findings: Vec::new(),
+        best: Vec::new(),
         predictions,
         failures,
         metrics: cell_metrics,
         groups,
         comparisons,
     };
-    a.findings = findings::derive(&findings::Input::new(plan, &a));
+    let input = findings::Input::new(plan, &a);
+    a.findings = findings::derive(&input);
+    a.best = findings::best_cells(&input);
     Ok((a, out))
 }
 
@@ -486,6 +491,10 @@ fn render_page(
         charts.push(c);
         charts_accuracy.push(charts.len() - 1);
     }
+    let heatmap = charts::heatmap(m).map(|c| {
+        charts.push(c);
+        charts.len() - 1
+    });
     let gold = gold_shares(plan);
     charts.push(charts::label_shares(m, &labels, &gold));
     let mut charts_errors = vec![charts.len() - 1];
@@ -507,12 +516,25 @@ fn render_page(
             }),
         }
     }
+    let charts: Vec<serde_json::Value> = charts.into_iter().map(charts::with_full_labels).collect();
     let from_cache = a.predictions.iter().filter(|x| x.from_cache).count();
+    let key = findings::key(&a.findings);
+    let (key_findings, more_findings): (Vec<_>, Vec<_>) = a
+        .findings
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| key.contains(i));
+    let unindexed = |v: Vec<(usize, &findings::Finding)>| -> Vec<findings::Finding> {
+        v.into_iter().map(|(_, f)| f.clone()).collect()
+    };
     let page = Page {
         title,
         subtitle,
         description: plan.spec.description.clone(),
-        findings: a.findings.clone(),
+        key_findings: unindexed(key_findings),
+        more_findings: unindexed(more_findings),
+        summary: summary_table(&a.best),
+        heatmap,
         incomplete: m.iter().filter(|c| c.n < c.planned).count(),
         failed_total: a.failures.len(),
         failed_kinds: kinds,
@@ -639,7 +661,36 @@ fn metrics_table(m: &[CellMetrics], labels: &[String]) -> Table {
         head,
         left: vec![0],
         rows,
+        facets: m
+            .iter()
+            .map(|c| html::Facets {
+                model: c.model.clone(),
+                prompt: c.prompt.clone(),
+                method: c.method.clone(),
+            })
+            .collect(),
     }
+}
+
+/// Each model's best cell: picked after the run, so beside it the honest estimate.
+fn summary_table(best: &[findings::BestCell]) -> Table {
+    let rows = best
+        .iter()
+        .map(|b| {
+            vec![
+                Cell::code(&b.model),
+                Cell::code(&b.cell),
+                Cell::text(format!("{} (best of {})", pct(b.accuracy), b.of)),
+                Cell::text(b.honest.map_or("–".into(), pct)),
+                Cell::text(b.work.map_or("–".into(), |w| crate::cost::describe(&w))),
+            ]
+        })
+        .collect();
+    Table::new(
+        &["model", "best cell", "accuracy", "honest estimate", "cost"],
+        &[0, 1],
+        rows,
+    )
 }
 
 fn groups_table(a: &Analysis) -> Table {
