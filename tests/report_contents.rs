@@ -163,10 +163,10 @@ fn findings_open_the_page_and_match_findings_md() {
     p.run();
     let html = common::report_html(&p);
     let md = p.read("reports/t/findings.md");
-    let at = html.find("<h2>Findings</h2>").expect("a Findings section");
+    let at = html.find("<h2>Summary</h2>").expect("a Summary section");
     assert!(
         at < html.find("<h2>Accuracy and cost</h2>").unwrap(),
-        "findings come first"
+        "the summary and its findings come first"
     );
     // Every sentence of findings.md is on the page (HTML-escaped).
     let items: Vec<&str> = md.lines().filter(|l| l.starts_with("- **")).collect();
