@@ -72,7 +72,7 @@ impl Planned {
         );
         if engine != self.plan.engine_version {
             note.push_str(&format!(
-                "; this machine's engine is `{}`, and the engine is part of every row key, so rows cached by that run would not be reused here either (a binary built for the same CPU features reuses them: the portable x86-64-v3 build, README \"CPU features and the engine key\", gives `cpu sse3+ssse3+avx+avx2+f16c+fma+bmi2+llamafile` on any AVX2 machine)",
+                "; this machine's engine is `{}`, and the engine is part of every row key, so rows cached by that run would not be reused here either (a binary built for the same CPU features reuses them: the portable x86-64-v3 build, docs/book/engine.md, \"CPU features and the engine key\", gives `cpu sse3+ssse3+avx+avx2+f16c+fma+bmi2+llamafile` on any AVX2 machine)",
                 self.plan.engine_version
             ));
         }

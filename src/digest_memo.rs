@@ -18,7 +18,7 @@
 //!
 //! What this does not stop: someone who can write the cache folder can also write rows
 //! under any key; the cache folder is trusted as much as the account that owns it
-//! (README, "Threat model").
+//! (docs/book/threats.md).
 
 use std::path::{Path, PathBuf};
 

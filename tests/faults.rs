@@ -619,7 +619,7 @@ fn catalogue() -> Vec<(&'static str, Setup, Expect)> {
             }),
             Expect::Counted("corrupt cache segment"),
         ),
-        // Hostile or careless specs and rows (README, "Threat model").
+        // Hostile or careless specs and rows (docs/book/threats.md).
         (
             "spec name climbs out of reports/",
             spec_edit("name: t\n", "name: \"..\"\n"),

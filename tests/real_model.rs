@@ -705,7 +705,7 @@ fn chat_markers_in_texts_are_plain_text_never_control_tokens() -> Result<(), Fai
 
 /// What `n_ctx` changes, measured: the same prompt and tasks under contexts of 512, 2,048
 /// and 4,096 give the same bits. So `n_ctx` is not in the row key; it decides only whether a
-/// row fits (README, "What n_ctx changes").
+/// row fits (docs/book/caching.md, "What n_ctx changes").
 fn a_row_that_fits_gives_the_same_bits_under_any_n_ctx() -> Result<(), Failed> {
     let reviews = long_reviews(2);
     let prompts: Vec<Messages> = reviews

@@ -923,7 +923,7 @@ pub enum Lookup<'a> {
 impl Cache {
     /// The row `key` as a cell sees it whose prompts may have at most `prompt_limit` tokens
     /// (`None`: any). A row's numbers do not depend on `n_ctx` once it fits (measured:
-    /// README, "What n_ctx changes"), so a row computed under one context serves every cell
+    /// docs/book/caching.md, "What n_ctx changes"), so a row computed under one context serves every cell
     /// whose context it fits, and only those.
     pub fn lookup(&self, key: &Digest, prompt_limit: Option<u32>) -> Lookup<'_> {
         if let Some(h) = self.hits.get(key) {
