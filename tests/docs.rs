@@ -12,7 +12,10 @@ fn root() -> PathBuf {
 fn the_readme_is_short_and_keeps_the_two_commands() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let lines = readme.lines().count();
-    assert!(lines <= 150, "README.md has {lines} lines (at most 150: the rest is in docs/)");
+    assert!(
+        lines <= 150,
+        "README.md has {lines} lines (at most 150: the rest is in docs/)"
+    );
     for command in ["bash scripts/quickstart", "bash scripts/test"] {
         assert!(readme.contains(command), "README.md lost `{command}`");
     }
@@ -28,7 +31,10 @@ fn every_local_link_of_the_readme_exists() {
             continue;
         }
         let file = target.split('#').next().unwrap_or_default();
-        assert!(root().join(file).exists(), "README.md links to {target}, which does not exist");
+        assert!(
+            root().join(file).exists(),
+            "README.md links to {target}, which does not exist"
+        );
         checked += 1;
     }
     assert!(checked >= 10, "only {checked} local links");
@@ -40,7 +46,10 @@ fn every_page_of_the_book_is_in_its_navigation() {
     for entry in std::fs::read_dir(root().join("docs/book")).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         if name.ends_with(".md") {
-            assert!(nav.contains(&format!(": {name}")), "docs/book/{name} is not in docs/mkdocs.yml's nav");
+            assert!(
+                nav.contains(&format!(": {name}")),
+                "docs/book/{name} is not in docs/mkdocs.yml's nav"
+            );
         }
     }
 }
