@@ -6,13 +6,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use common::Project;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::collections::BTreeMap;
 
 const SMALL: f64 = 1e8;
 const LARGE: f64 = 4e8;
@@ -61,14 +58,6 @@ fn project() -> Project {
     );
     p.write("spec.yaml", SPEC);
     p
-}
-
-fn read(path: &Path) -> RecordBatch {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-    let schema = builder.schema().clone();
-    let batches: Vec<RecordBatch> = builder.build().unwrap().map(Result::unwrap).collect();
-    arrow::compute::concat_batches(&schema, &batches).unwrap()
 }
 
 fn numbers(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
@@ -120,7 +109,9 @@ fn compute_costs_and_findings_do_not_move_with_the_load_that_wall_clock_does() {
         );
     }
 
-    let report = |p: &Project, table: &str| read(&p.path(&format!("reports/cost/{table}.parquet")));
+    let report = |p: &Project, table: &str| {
+        common::read_parquet_batch(&p.path(&format!("reports/cost/{table}.parquet")))
+    };
     let (mq, mb) = (report(&quiet, "metrics"), report(&busy, "metrics"));
     // The wall-clock did move: the busy run's model cells are slower.
     let (speed_q, speed_b) = (by_cell(&mq, "rows_per_s"), by_cell(&mb, "rows_per_s"));

@@ -5,11 +5,12 @@
 //! engine the report was made with (its `run.json`), through the fake backend's engine
 //! override. `scripts/check-reports` does the same from the shell.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use arrow::array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// Columns that say when and how a row was read, not what it is.
 const VOLATILE: [&str; 3] = ["from_cache", "cached_rows", "computed_rows"];
@@ -21,15 +22,6 @@ const RENAMED: [(&str, &str); 2] = [
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &Path) -> RecordBatch {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-    let schema = builder.schema().clone();
-    let batches: Vec<RecordBatch> = builder.build().unwrap().map(Result::unwrap).collect();
-    // A table without rows has no batch.
-    arrow::compute::concat_batches(&schema, &batches).unwrap()
 }
 
 fn pipeline(cache: &Path, reports: &Path, engine: Option<&str>, args: &[&str]) {
@@ -113,8 +105,8 @@ fn every_published_report_rebuilds_from_its_rows_with_identical_tables() {
             let file = format!("{table}.parquet");
             bad.extend(differences(
                 table,
-                &read(&dir.join(&file)),
-                &read(&reports.join(&name).join(&file)),
+                &common::read_parquet_batch(&dir.join(&file)),
+                &common::read_parquet_batch(&reports.join(&name).join(&file)),
             ));
         }
         assert!(bad.is_empty(), "{name}: {}", bad.join("; "));
@@ -132,7 +124,7 @@ fn every_published_report_rebuilds_from_its_rows_with_identical_tables() {
 #[test]
 fn the_comparison_sees_a_changed_value() {
     let dir = root().join("reports/quickstart");
-    let published = read(&dir.join("metrics.parquet"));
+    let published = common::read_parquet_batch(&dir.join("metrics.parquet"));
     assert!(differences("metrics", &published, &published).is_empty());
     // The same table with one accuracy moved is reported as different.
     let i = published.schema().index_of("accuracy").unwrap();
