@@ -5,9 +5,11 @@
 //! prefix every row of its template shares, which is evaluated once and reused; plus the
 //! label tokens a log-likelihood row feeds after the prompt) and the tokens it generates.
 //! Compute is the usual estimate of a decoder's forward pass, 2 × parameters a token
-//! (Kaplan et al. 2020), counting every weight a token passes through once: all of the
-//! model's tensors but the token-embedding table, which is a lookup. Attention over the
-//! context is left out: at a few hundred tokens it is a few percent of a 0.5B model's. The time this work is
+//! (Kaplan et al. 2020), with their N, the non-embedding parameters: every tensor but the
+//! token-embedding table (a lookup) and the output head (whose product is computed only
+//! for the tokens whose logits are read), tied or not, so that models of either kind count
+//! alike. Attention over the context is left out: at a few hundred tokens it is a few
+//! percent of a 0.5B model's. The time this work is
 //! expected to take on this machine comes from the engine's rate measured once in a quiet
 //! moment ([`crate::rate`]); wall-clock times, which move with the load, are kept beside it
 //! and labelled as what they are.
@@ -57,17 +59,18 @@ impl RowTokens<'_> {
     }
 
     /// Label tokens fed after the prompt: all but each label's first, which the prompt's
-    /// own logits score.
-    fn label_tokens(&self) -> u32 {
-        self.choices
-            .map_or(0, |c| c.iter().map(|t| t.saturating_sub(1)).sum())
+    /// own logits score (summed wide: the counts come from a cache file).
+    fn label_tokens(&self) -> u64 {
+        self.choices.map_or(0, |c| {
+            c.iter().map(|t| u64::from(t.saturating_sub(1))).sum()
+        })
     }
 }
 
 impl Work {
     /// A row computed by `model`.
     pub fn of_row(t: RowTokens<'_>, model: &KnownModel) -> Self {
-        let prompt = f64::from(t.prompt - t.prefix() + t.label_tokens());
+        let prompt = (u64::from(t.prompt - t.prefix()) + t.label_tokens()) as f64;
         let generated = f64::from(t.generated);
         Self {
             prompt_tokens: prompt,

@@ -524,7 +524,7 @@ pub fn execute(
                         logprobs: o.logprobs,
                         hidden: o.hidden.map(crate::cache::stored_hidden),
                         choice_tokens: o.choice_tokens,
-                        prefix_tokens: Some(out.prefix_tokens),
+                        prefix_tokens: out.prefix_tokens,
                         prompt_tokens: out.prompt_tokens,
                         evaluated_tokens: paid.evaluated_tokens,
                         gen_tokens: o.gen_tokens,

@@ -40,28 +40,34 @@ const MAX_ARRAY: u64 = 1 << 24;
 /// The most dimensions of a tensor (ggml has 4).
 const MAX_DIMS: u32 = 8;
 
-/// The token-embedding table: a lookup per token, not a product, so it costs no compute.
+/// The token-embedding table: a lookup per token, not a product.
 const TOKEN_EMBEDDING: &[u8] = b"token_embd.weight";
+/// The output head of a model whose head is not the embedding table reused ("untied").
+const OUTPUT_HEAD: &[u8] = b"output.weight";
 
 /// A model's parameters as its GGUF header counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parameters {
-    /// Every tensor's elements (what gguf-py and model cards count).
+    /// Every tensor's elements (what gguf-py counts).
     pub total: u64,
-    /// The token-embedding table's elements.
+    /// The token-embedding table's elements, and an untied output head's (0 when the head
+    /// is the embedding table).
     pub embedding: u64,
+    pub head: u64,
 }
 
 impl Parameters {
-    /// The parameters a token passes through (every weight but the embedding lookup; an
-    /// untied output head counts): the N of `2 × N` FLOPs a token (Kaplan et al. 2020).
+    /// The non-embedding parameters: the N of `2 × N` FLOPs a token (Kaplan et al. 2020),
+    /// every weight but the embedding table and the output head, whether tied or not, so
+    /// that tied and untied models count alike. (The head's product is computed only for
+    /// the tokens whose logits are read: a prompt's last, and each generated one.)
     pub fn per_token(&self) -> u64 {
-        self.total - self.embedding
+        self.total - self.embedding - self.head
     }
 }
 
 /// The parameters of the model in the GGUF file at `path`: the sum of its tensors'
-/// element counts, and the token embedding's.
+/// element counts, the token embedding's and the output head's.
 pub fn parameters(path: &Path) -> Result<Parameters, GgufError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
@@ -91,9 +97,9 @@ pub fn parameters(path: &Path) -> Result<Parameters, GgufError> {
         let kind = r.u32()?;
         r.skip_value(kind, 0)?;
     }
-    let (mut total, mut embedding) = (0u64, 0u64);
+    let (mut total, mut embedding, mut head) = (0u64, 0u64, 0u64);
     for _ in 0..tensors {
-        let is_embedding = r.string_is(TOKEN_EMBEDDING)?;
+        let name = r.name_among(&[TOKEN_EMBEDDING, OUTPUT_HEAD])?;
         let dims = r.u32()?;
         if dims == 0 || dims > MAX_DIMS {
             return Err(r.bad(format!("a tensor with {dims} dimensions")));
@@ -110,11 +116,17 @@ pub fn parameters(path: &Path) -> Result<Parameters, GgufError> {
         total = total
             .checked_add(elements)
             .ok_or_else(|| r.bad("the parameter count overflows".into()))?;
-        if is_embedding {
-            embedding = elements;
+        match name {
+            Some(0) => embedding = elements,
+            Some(_) => head = elements,
+            None => {}
         }
     }
-    Ok(Parameters { total, embedding })
+    Ok(Parameters {
+        total,
+        embedding,
+        head,
+    })
 }
 
 struct Header<R> {
@@ -171,19 +183,20 @@ impl<R: Read + Seek> Header<R> {
         Ok(())
     }
 
-    /// Read a string and say whether it is `expected` (only one of that length is read).
-    fn string_is(&mut self, expected: &[u8]) -> Result<bool, GgufError> {
+    /// Read a string and say which of `names` it is (only a string as long as one of them
+    /// is read; the rest are skipped).
+    fn name_among(&mut self, names: &[&[u8]]) -> Result<Option<usize>, GgufError> {
         let n = self.u64()?;
         if n > MAX_STRING {
             return Err(self.bad(format!("a string of {n} bytes")));
         }
-        if n != expected.len() as u64 {
+        if !names.iter().any(|x| x.len() as u64 == n) {
             self.skip(n)?;
-            return Ok(false);
+            return Ok(None);
         }
-        let mut b = vec![0u8; expected.len()];
+        let mut b = vec![0u8; n as usize];
         self.read(&mut b)?;
-        Ok(b == expected)
+        Ok(names.iter().position(|x| *x == b.as_slice()))
     }
 
     fn skip_string(&mut self) -> Result<(), GgufError> {
@@ -263,6 +276,7 @@ mod tests {
         for (i, dims) in tensors.iter().enumerate() {
             let name = match i {
                 0 => "token_embd.weight".to_string(),
+                1 => "output.weight".to_string(),
                 _ => format!("blk.{i}.weight"),
             };
             string(&mut b, &name);
@@ -287,11 +301,14 @@ mod tests {
     fn parameters_sum_every_tensors_elements() {
         let p = count(&header(&[&[4, 3], &[7], &[2, 2, 2]])).unwrap();
         assert_eq!(
-            (p.total, p.embedding, p.per_token()),
-            (12 + 7 + 8, 12, 7 + 8)
+            (p.total, p.embedding, p.head, p.per_token()),
+            (12 + 7 + 8, 12, 7, 8)
         );
+        // A tied model (no output tensor): its head is the embedding table.
+        let tied = count(&header(&[&[4, 3]])).unwrap();
+        assert_eq!((tied.total, tied.head, tied.per_token()), (12, 0, 0));
         let none = count(&header(&[])).unwrap();
-        assert_eq!((none.total, none.embedding), (0, 0));
+        assert_eq!((none.total, none.embedding, none.head), (0, 0, 0));
     }
 
     #[test]

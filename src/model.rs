@@ -360,7 +360,7 @@ fn parameters(spec: &ModelSpec, file: Option<&ResolvedModel>) -> Result<Option<u
         .map(|p| p.per_token());
     match (header, stated) {
         (Some(h), Some(s)) if h != s.value => Err(s.error(format!(
-            "the model file's GGUF header counts {h} parameters outside its token embedding, not {}",
+            "the model file's GGUF header counts {h} non-embedding parameters (every tensor but the token embedding and the output head), not {}",
             s.value
         ))),
         (Some(h), _) => Ok(Some(h)),

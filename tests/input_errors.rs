@@ -200,8 +200,9 @@ fn unparseable_answers_are_counted_not_dropped() {
                 l.starts_with(&format!("{cell} |")) && l.split(" | ").nth(3) == Some("None")
             })
             .count();
+        // Rows carry their cell's model, prompt and method (`<tr data-model=...>`).
         let row = metrics_section
-            .split("<tr>")
+            .split("<tr")
             .find(|r| r.contains(&format!("<code>{cell}</code>")))
             .unwrap();
         // Columns: cell, n, accuracy, CI, macro-F1, invalid, ...

@@ -336,7 +336,7 @@ impl Session for FakeSession {
         Ok(PromptOutput {
             prompt_tokens: prompt_tokens as u32,
             evaluated_tokens: if reused { 0 } else { prompt_tokens as u32 },
-            prefix_tokens: prefix_tokens.min(prompt_tokens.saturating_sub(1)) as u32,
+            prefix_tokens: Some(prefix_tokens.min(prompt_tokens.saturating_sub(1)) as u32),
             prefill_ms: start.elapsed().as_secs_f64() * 1000.0,
             tasks: outs,
         })

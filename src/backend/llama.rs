@@ -645,7 +645,7 @@ impl LlamaSession<'_> {
         Ok(PromptOutput {
             prompt_tokens: n as u32,
             evaluated_tokens: evaluated as u32,
-            prefix_tokens: fixed as u32,
+            prefix_tokens: Some(fixed as u32),
             prefill_ms,
             tasks: outs,
         })

@@ -324,9 +324,9 @@ pub struct PromptOutput {
     pub evaluated_tokens: u32,
     /// Leading tokens every row of the prompt's template shares (its fixed text): they are
     /// evaluated once and reused, so a row's own work is the rest. Unlike
-    /// `evaluated_tokens` it does not depend on what ran before (issue #31); 0 where the
-    /// backend does not know.
-    pub prefix_tokens: u32,
+    /// `evaluated_tokens` it does not depend on what ran before (issue #31); `None` where
+    /// the backend does not know.
+    pub prefix_tokens: Option<u32>,
     pub prefill_ms: f64,
     pub tasks: Vec<TaskOutput>,
 }

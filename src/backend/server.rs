@@ -1211,7 +1211,7 @@ impl ServerSession<'_> {
         Ok(PromptOutput {
             prompt_tokens: usage.prompt_tokens,
             evaluated_tokens: usage.evaluated_tokens,
-            prefix_tokens: layout.get().map_or(0, |(_, fixed)| *fixed as u32),
+            prefix_tokens: layout.get().map(|(_, fixed)| *fixed as u32),
             prefill_ms: usage.prompt_ms,
             tasks: outputs,
         })

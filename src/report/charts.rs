@@ -617,8 +617,8 @@ pub fn cascade_frontier(metrics: &[CellMetrics]) -> Option<Value> {
     }))
 }
 
-/// Cells a grid must have before the page draws its heatmap.
-pub const HEATMAP_FROM_CELLS: usize = 12;
+/// A grid with more cells than this gets a heatmap.
+pub const HEATMAP_ABOVE_CELLS: usize = 12;
 
 /// A large grid at a glance: accuracy by prompt (rows) and method with its sampler setting
 /// (columns), one panel per model; cascades, ensembles and votes are left to the tables.
@@ -640,7 +640,7 @@ pub fn heatmap(metrics: &[CellMetrics]) -> Option<Value> {
             })
         })
         .collect();
-    if values.len() <= HEATMAP_FROM_CELLS {
+    if values.len() <= HEATMAP_ABOVE_CELLS {
         return None;
     }
     let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".1%"},

@@ -1263,11 +1263,11 @@ fn cascades(input: &Input, out: &mut Vec<Finding>) {
         let Some(acc) = c.accuracy(&input.gold) else {
             continue;
         };
-        let times =
+        let against =
             |r: Option<f64>, who: &str| r.map(|r| format!("{r:.2}× the compute of {who} alone"));
         let cost: Vec<String> = [
-            times(v.compute_vs_first, &v.first),
-            times(v.compute_vs_last, &v.last),
+            against(v.compute_vs_first, &v.first),
+            against(v.compute_vs_last, &v.last),
         ]
         .into_iter()
         .flatten()

@@ -1148,7 +1148,6 @@ fn disagreements(plan: &Plan, a: &Analysis) -> Vec<Disagreement> {
     out
 }
 
-/// Provenance as the page shows it (sizes in MB).
 /// Where the expected times come from: each model's engine rate, as measured.
 fn expected_note(p: &Provenance) -> String {
     let rated: Vec<String> = p
@@ -1231,6 +1230,7 @@ fn wall_note(p: &Provenance, computed_now: usize, from_cache: usize) -> String {
     )
 }
 
+/// Provenance as the page shows it (sizes in MB).
 fn provenance_json(p: &Provenance) -> serde_json::Value {
     let mut v = serde_json::to_value(p).expect("provenance serializes");
     if let Some(models) = v["models"].as_array_mut() {

@@ -977,7 +977,7 @@ fn served_row(
         logprobs: o.logprobs.clone(),
         hidden: o.hidden.clone().map(crate::cache::stored_hidden),
         choice_tokens: o.choice_tokens.clone(),
-        prefix_tokens: Some(out.prefix_tokens),
+        prefix_tokens: out.prefix_tokens,
         prompt_tokens: out.prompt_tokens,
         evaluated_tokens: out.evaluated_tokens,
         gen_tokens: o.gen_tokens,

@@ -672,7 +672,6 @@ pub struct ReportSpec {
     pub title: Option<String>,
 }
 
-/// Parse and validate a spec file.
 /// The spec's JSON Schema (draft 2020-12), generated from the types a spec is read into:
 /// every field, its type and its documentation, unknown fields refused. Editors give
 /// completion and checks from it (`# yaml-language-server: $schema=...`); `load` checks
@@ -687,6 +686,7 @@ pub fn json_schema() -> serde_json::Value {
     schema.to_value()
 }
 
+/// Parse and validate a spec file.
 pub fn load(path: &Path) -> Result<Spec, Diagnostic> {
     let source = std::fs::read_to_string(path).map_err(|e| {
         Diagnostic::new(
@@ -1394,7 +1394,7 @@ impl Validator<'_> {
                     return Err(self.err(
                         p,
                         format!("{field}.parameters"),
-                        "a model has at least one parameter (write the count, e.g. 494032768)",
+                        "a model has at least one parameter (write the count, e.g. 357898112)",
                     ));
                 }
                 Some(p) => Some(self.located(p, format!("{field}.parameters"), p.value)),

@@ -243,8 +243,9 @@ pub struct RawModel {
     pub sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub n_ctx: Option<Spanned<u32>>,
-    /// The model's parameter count: checked against the GGUF header where the file is
-    /// here, and the only source for a served model (compute cost, issue #31).
+    /// The model's non-embedding parameter count (every weight but the token embedding and
+    /// the output head): checked against the GGUF header where the file is here, and the
+    /// only source for a served model (compute cost, issue #31).
     #[serde(default)]
     pub parameters: Option<Spanned<u64>>,
     /// `false`: no cells of its own; the model runs only the rows a cascade escalates to it.
@@ -836,7 +837,12 @@ impl<V: JsonSchema> JsonSchema for OrderedMap<V> {
         format!("Map_{}", V::schema_name()).into()
     }
     fn json_schema(g: &mut SchemaGenerator) -> Schema {
-        let value = g.subschema_for::<V>();
+        // Plain scalars are read as text where text is expected (`1: 1`, `yes: no`).
+        let value = if V::schema_name() == "string" {
+            json_schema!({"type": ["string", "number", "boolean"]})
+        } else {
+            g.subschema_for::<V>()
+        };
         json_schema!({
             "description": "A mapping whose keys may be any scalar (`0: negative`), kept in file order.",
             "type": "object",

@@ -79,7 +79,7 @@ impl Starter {
 #   pipeline run experiments/{name}.yaml        # run it; the report is reports/{name}/index.html
 # Relative paths resolve against this file's folder. Replace the example data with your own
 # file (Parquet, CSV or JSONL) and name its columns below.
-name: {name}
+name: "{name}"
 dataset:
   path: data/{name}.jsonl
   id: id
@@ -92,7 +92,7 @@ models:
   - id: qwen2.5-coder-0.5b
     gguf: hf:bartowski/Qwen2.5-Coder-0.5B-Instruct-GGUF/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf
     sha256: 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-    parameters: 494032768
+    parameters: 357898112
     n_ctx: 2048
 prompts:
   - id: zero-shot

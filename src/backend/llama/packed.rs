@@ -82,7 +82,7 @@ impl LlamaSession<'_> {
                         results[*i] = Some(Ok(PromptOutput {
                             prompt_tokens: row.tokens.len() as u32,
                             evaluated_tokens: row.tokens.len() as u32,
-                            prefix_tokens: row.prefix as u32,
+                            prefix_tokens: Some(row.prefix as u32),
                             prefill_ms,
                             tasks: row.outs,
                         }));
