@@ -490,7 +490,7 @@ fn curve(
             let p = preds[k][r].as_ref()?;
             secs += p.latency_ms / 1000.0;
             tokens += f64::from(p.prompt_tokens);
-            work = Work::sum([&work, &p.work]);
+            work += &p.work;
             if k == steps || margin(p) >= thresholds[k]? {
                 return Some((p.correct(), secs, tokens, work));
             }
@@ -512,7 +512,7 @@ fn curve(
         correct += usize::from(p.correct());
         secs += p.latency_ms / 1000.0;
         tokens += f64::from(p.prompt_tokens);
-        work = Work::sum([&work, &p.work]);
+        work += &p.work;
     }
     let every = n.div_ceil(CURVE_POINTS - 1).max(1);
     let point = |j: usize, correct: usize, secs: f64, tokens: f64, work: &Work| CurvePoint {
@@ -537,7 +537,7 @@ fn curve(
         correct = correct + usize::from(right) - usize::from(p.correct());
         secs += s;
         tokens += t;
-        work = Work::sum([&work, &w]);
+        work += &w;
         if (j + 1) % every == 0 || j + 1 == n {
             out.push(point(j + 1, correct, secs, tokens, &work));
         }

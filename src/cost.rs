@@ -99,10 +99,7 @@ impl Work {
     pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Work>) -> Self {
         let mut out = Self::none();
         for w in parts {
-            out.prompt_tokens += w.prompt_tokens;
-            out.generated_tokens += w.generated_tokens;
-            out.flops = out.flops.zip(w.flops).map(|(a, b)| a + b);
-            out.expected_s = out.expected_s.zip(w.expected_s).map(|(a, b)| a + b);
+            out += w;
         }
         out
     }
@@ -121,24 +118,35 @@ impl Work {
     /// This work's compute against `other`'s, where both are known (compute weighs each
     /// model by its size, so works of different models compare).
     pub fn ratio(&self, other: &Work) -> Option<f64> {
-        let r = |a: f64, b: f64| (b > 0.0).then(|| a / b);
-        match (self.flops, other.flops) {
-            (Some(a), Some(b)) => r(a, b),
-            _ => None,
-        }
+        divided(self.flops, other.flops)
     }
 
     /// This work's expected time against `other`'s, where both are known.
     pub fn expected_ratio(&self, other: &Work) -> Option<f64> {
-        match (self.expected_s, other.expected_s) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        }
+        divided(self.expected_s, other.expected_s)
     }
 
     /// GFLOP, as tables and sentences state compute.
     pub fn gflop(&self) -> Option<f64> {
         self.flops.map(|f| f / 1e9)
+    }
+}
+
+/// Both work sums added; compute and expected time stay known only if both were.
+impl std::ops::AddAssign<&Work> for Work {
+    fn add_assign(&mut self, w: &Work) {
+        self.prompt_tokens += w.prompt_tokens;
+        self.generated_tokens += w.generated_tokens;
+        self.flops = self.flops.zip(w.flops).map(|(a, b)| a + b);
+        self.expected_s = self.expected_s.zip(w.expected_s).map(|(a, b)| a + b);
+    }
+}
+
+/// `a / b` where both are known and `b` is positive.
+fn divided(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
     }
 }
 

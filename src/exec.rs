@@ -395,7 +395,7 @@ pub fn execute(
     cancel: Arc<AtomicBool>,
 ) -> ExecOutcome {
     let start = Instant::now();
-    let cpu_at_start = crate::rate::process_cpu_seconds();
+    let cpu = crate::rate::CpuSince::now();
     let mut work = collect_work(plan, routing, cache, opts.only_cells.as_ref());
     if let Some(f) = &opts.shard {
         work.jobs.retain(|j| f.manifest.owner(&j.id()) == f.index);
@@ -602,9 +602,7 @@ pub fn execute(
     stats.interrupted = cancel.load(Ordering::SeqCst) && error.is_none();
     stats.wall_s = start.elapsed().as_secs_f64();
     stats.peak_rss_bytes = peak_rss_bytes();
-    stats.cpu_s = cpu_at_start
-        .zip(crate::rate::process_cpu_seconds())
-        .map(|(a, b)| b - a);
+    stats.cpu_s = cpu.seconds();
     stats.cpu_share = stats
         .cpu_s
         .and_then(|cpu| crate::rate::cpu_share(cpu, stats.wall_s, opts.threads));

@@ -40,6 +40,11 @@ impl EngineRate {
         prompt / self.prompt_tok_s + generated / self.gen_tok_s
     }
 
+    /// Whether this is the rate of that model, engine and thread count.
+    pub fn is_for(&self, sha256: &str, engine: &str, threads: usize) -> bool {
+        self.model_sha256 == sha256 && self.engine == engine && self.threads == threads
+    }
+
     fn usable(&self) -> bool {
         let positive = |x: f64| x.is_finite() && x > 0.0;
         positive(self.prompt_tok_s) && positive(self.gen_tok_s)
@@ -59,21 +64,26 @@ pub fn load(cache_dir: &Path, sha256: &str, engine: &str, threads: usize) -> Opt
     let bytes = std::fs::read(path(cache_dir, sha256, engine, threads)).ok()?;
     serde_json::from_slice::<EngineRate>(&bytes)
         .ok()
-        .filter(|r| r.model_sha256 == sha256 && r.engine == engine && r.threads == threads)
+        .filter(|r| r.is_for(sha256, engine, threads))
         .filter(EngineRate::usable)
 }
 
-/// The rate a `run.json` recorded for this model, engine and thread count (a report
-/// rebuilt on a machine where it was never measured keeps the one it was made with).
-pub fn recorded(run_json: &Path, sha256: &str, engine: &str, threads: usize) -> Option<EngineRate> {
-    let bytes = std::fs::read(run_json).ok()?;
-    let run: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+/// The usable rates a `run.json` recorded (a report rebuilt on a machine where they were
+/// never measured keeps the ones it was made with); none when it is absent or damaged.
+pub fn recorded(run_json: &Path) -> Vec<EngineRate> {
+    let Some(run) = std::fs::read(run_json)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return Vec::new();
+    };
     run["models"]
-        .as_array()?
-        .iter()
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter_map(|m| serde_json::from_value::<EngineRate>(m["rate"].clone()).ok())
-        .find(|r| r.model_sha256 == sha256 && r.engine == engine && r.threads == threads)
         .filter(EngineRate::usable)
+        .collect()
 }
 
 /// Keep a measured rate for later reports (written whole, then renamed into place).
@@ -87,9 +97,24 @@ pub fn save(cache_dir: &Path, rate: &EngineRate) -> std::io::Result<PathBuf> {
     Ok(p)
 }
 
+/// A start of the process's CPU clock: read again after some work, it says how much CPU
+/// time that work got (every thread, user and system), where the OS says.
+pub struct CpuSince(Option<f64>);
+
+impl CpuSince {
+    pub fn now() -> Self {
+        Self(process_cpu_seconds())
+    }
+
+    /// CPU seconds since [`CpuSince::now`].
+    pub fn seconds(&self) -> Option<f64> {
+        self.0.zip(process_cpu_seconds()).map(|(a, b)| b - a)
+    }
+}
+
 /// CPU time this process has used so far (user and system, every thread), where the OS
 /// says.
-pub fn process_cpu_seconds() -> Option<f64> {
+fn process_cpu_seconds() -> Option<f64> {
     #[cfg(unix)]
     {
         let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -178,11 +203,11 @@ mod tests {
         let r = rate();
         let run = serde_json::json!({"models": [{"id": "m", "rate": r}, {"id": "x"}]});
         std::fs::write(&p, serde_json::to_vec(&run).unwrap()).unwrap();
-        assert_eq!(
-            recorded(&p, &r.model_sha256, "engine 1", 2),
-            Some(r.clone())
-        );
-        assert_eq!(recorded(&p, &r.model_sha256, "engine 1", 3), None);
+        let rates = recorded(&p);
+        assert_eq!(rates, vec![r.clone()]);
+        assert!(rates[0].is_for(&r.model_sha256, "engine 1", 2));
+        assert!(!rates[0].is_for(&r.model_sha256, "engine 1", 3));
+        assert!(recorded(&dir.path().join("absent.json")).is_empty());
     }
 
     #[test]

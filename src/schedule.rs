@@ -54,11 +54,15 @@ pub fn load_plan(
     // The engine's rate for each model: measured on this machine (`engine-bench --save`),
     // else as the report this plan's report replaces recorded it.
     let engine = cfg.engine_version();
-    let last_run = cfg.reports_dir.join(&spec.name).join("run.json");
+    let recorded = crate::rate::recorded(&cfg.reports_dir.join(&spec.name).join("run.json"));
     for m in &mut known {
         m.rate = m.sha256.as_deref().and_then(|sha| {
-            crate::rate::load(&cfg.cache_dir, sha, &engine, cfg.threads)
-                .or_else(|| crate::rate::recorded(&last_run, sha, &engine, cfg.threads))
+            crate::rate::load(&cfg.cache_dir, sha, &engine, cfg.threads).or_else(|| {
+                recorded
+                    .iter()
+                    .find(|r| r.is_for(sha, &engine, cfg.threads))
+                    .cloned()
+            })
         });
     }
     let embedder_specs: Vec<_> = spec.embedders.iter().map(|e| e.model.clone()).collect();

@@ -36,14 +36,11 @@ pub(super) fn command(cli: &Cli, args: &EngineBenchArgs) -> Result<ExitCode, App
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let (wall, cpu) = (
-        std::time::Instant::now(),
-        crate::rate::process_cpu_seconds(),
-    );
+    let (wall, cpu) = (std::time::Instant::now(), crate::rate::CpuSince::now());
     let (pp, tg) = crate::backend::llama::raw_throughput(model, threads, *reps).map_err(failed)?;
     let cpu_share = cpu
-        .zip(crate::rate::process_cpu_seconds())
-        .and_then(|(a, b)| crate::rate::cpu_share(b - a, wall.elapsed().as_secs_f64(), threads));
+        .seconds()
+        .and_then(|c| crate::rate::cpu_share(c, wall.elapsed().as_secs_f64(), threads));
     let saved = if *save {
         Some(save_rate(cli, model, threads, pp, tg, cpu_share)?)
     } else {

@@ -645,16 +645,16 @@ pub fn heatmap(metrics: &[CellMetrics]) -> Option<Value> {
     }
     let tip = serde_json::json!([{"field": "cell"}, {"field": "accuracy", "format": ".1%"},
         {"field": "lo", "format": ".1%", "title": "95% low"}, {"field": "hi", "format": ".1%", "title": "95% high"}]);
+    // Labels at full length come from `with_full_labels`, as on every chart.
     let x = serde_json::json!({"field": "method", "type": "nominal", "title": "method",
-        "axis": {"labelAngle": -40, "labelLimit": 0}});
-    let y = serde_json::json!({"field": "prompt", "type": "nominal", "title": "prompt",
-        "axis": {"labelLimit": 0}});
+        "axis": {"labelAngle": -40}});
+    let y = serde_json::json!({"field": "prompt", "type": "nominal", "title": "prompt"});
     Some(serde_json::json!({
         "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
         "title": "Accuracy by prompt × method, per model",
         "data": {"values": values},
         "facet": {"column": {"field": "model", "type": "nominal", "title": null,
-                             "header": {"labelFontSize": 13, "labelLimit": 0}}},
+                             "header": {"labelFontSize": 13}}},
         "resolve": {"scale": {"x": "independent"}},
         "spec": {
             "width": {"step": 46},

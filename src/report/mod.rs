@@ -441,7 +441,12 @@ fn opt3(x: Option<f64>) -> String {
 }
 
 fn chart(charts: &mut Vec<serde_json::Value>, v: vega_lite_4::Vegalite) -> usize {
-    charts.push(serde_json::to_value(v).expect("charts serialize"));
+    chart_json(charts, serde_json::to_value(v).expect("charts serialize"))
+}
+
+/// Add a chart, its labels never cut short; its index on the page.
+fn chart_json(charts: &mut Vec<serde_json::Value>, v: serde_json::Value) -> usize {
+    charts.push(charts::with_full_labels(v));
     charts.len() - 1
 }
 
@@ -488,23 +493,20 @@ fn render_page(
     }
     charts_accuracy.push(chart(&mut charts, charts::cost_quality(m)));
     if let Some(c) = charts::cascade_frontier(m) {
-        charts.push(c);
-        charts_accuracy.push(charts.len() - 1);
+        charts_accuracy.push(chart_json(&mut charts, c));
     }
-    let heatmap = charts::heatmap(m).map(|c| {
-        charts.push(c);
-        charts.len() - 1
-    });
+    let heatmap = charts::heatmap(m).map(|c| chart_json(&mut charts, c));
     let gold = gold_shares(plan);
-    charts.push(charts::label_shares(m, &labels, &gold));
-    let mut charts_errors = vec![charts.len() - 1];
+    let mut charts_errors = vec![chart_json(
+        &mut charts,
+        charts::label_shares(m, &labels, &gold),
+    )];
     charts_errors.push(chart(&mut charts, charts::confusion(m, &labels)));
     if let Some(c) = charts::calibration(m) {
         charts_errors.push(chart(&mut charts, c));
     }
     if let Some(c) = charts::calibration_shift(m) {
-        charts.push(c);
-        charts_errors.push(charts.len() - 1);
+        charts_errors.push(chart_json(&mut charts, c));
     }
     let mut kinds: Vec<KindCount> = Vec::new();
     for f in &a.failures {
@@ -516,7 +518,6 @@ fn render_page(
             }),
         }
     }
-    let charts: Vec<serde_json::Value> = charts.into_iter().map(charts::with_full_labels).collect();
     let from_cache = a.predictions.iter().filter(|x| x.from_cache).count();
     let key = findings::key(&a.findings);
     let (key_findings, more_findings): (Vec<_>, Vec<_>) = a
